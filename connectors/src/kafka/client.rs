@@ -1,0 +1,169 @@
+//! rdkafka clients.
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::FutureProducer;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use super::config::{KafkaConfig, StartFrom};
+
+/// Kafka failures, with the topic they concern.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    /// Client creation or a request failed.
+    #[error("kafka {what}: {source}")]
+    Client {
+        /// What we were doing.
+        what: String,
+        /// The client error.
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    /// The topic does not exist (or has no partitions).
+    #[error("topic {0} not found on the broker")]
+    UnknownTopic(String),
+    /// Topic creation failed.
+    #[error("creating topic {topic}: {code}")]
+    CreateTopic {
+        /// Topic.
+        topic: String,
+        /// Broker's answer.
+        code: RDKafkaErrorCode,
+    },
+}
+
+fn client_error(what: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> KafkaError {
+    let what = what.into();
+    move |source| KafkaError::Client { what, source }
+}
+
+fn base_config(cfg: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &cfg.brokers);
+    for (k, v) in &cfg.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+/// A consumer for explicitly assigned partitions of one topic; never joins a group.
+pub struct PartitionReader {
+    consumer: BaseConsumer,
+    topic: String,
+}
+
+/// Creates an unassigned reader for `topic`.
+pub fn reader(cfg: &KafkaConfig, topic: &str, client_id: &str) -> Result<PartitionReader, KafkaError> {
+    let mut c = base_config(cfg);
+    c.set("group.id", "primespark")
+        .set("client.id", client_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set(
+            "auto.offset.reset",
+            match cfg.start {
+                StartFrom::Earliest => "earliest",
+                StartFrom::Latest => "latest",
+            },
+        )
+        // Keep the local prefetch queue modest: backpressure stops polling, and unbounded
+        // prefetch would turn that into memory growth.
+        .set("queued.max.messages.kbytes", "16384")
+        .set("fetch.wait.max.ms", "50");
+    let consumer: BaseConsumer = c.create().map_err(client_error(format!("creating consumer for {topic}")))?;
+    Ok(PartitionReader {
+        consumer,
+        topic: topic.to_owned(),
+    })
+}
+
+impl PartitionReader {
+    /// The topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Partition ids of the topic (blocking metadata request; call at start-up only).
+    pub fn partitions(&self, timeout: Duration) -> Result<Vec<i32>, KafkaError> {
+        partition_ids(&self.consumer, &self.topic, timeout)
+    }
+
+    /// Assigns `partitions`, each with the offset to start from (`None`: the configured start).
+    pub fn assign(&self, partitions: &[(i32, Option<i64>)], start: StartFrom) -> Result<(), KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        for (p, offset) in partitions {
+            let offset = match (offset, start) {
+                (Some(o), _) => Offset::Offset(*o),
+                (None, StartFrom::Earliest) => Offset::Beginning,
+                (None, StartFrom::Latest) => Offset::End,
+            };
+            tpl.add_partition_offset(&self.topic, *p, offset)
+                .map_err(client_error(format!("assigning {}:{p}", self.topic)))?;
+        }
+        self.consumer
+            .assign(&tpl)
+            .map_err(client_error(format!("assigning partitions of {}", self.topic)))
+    }
+
+    /// Polls without blocking.
+    pub fn poll(&self) -> Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>> {
+        self.consumer.poll(Duration::ZERO)
+    }
+
+    /// Low and high watermarks of a partition (blocking; not for worker threads' hot path).
+    pub fn watermarks(&self, partition: i32, timeout: Duration) -> Result<(i64, i64), KafkaError> {
+        self.consumer
+            .fetch_watermarks(&self.topic, partition, timeout)
+            .map_err(client_error(format!("watermarks of {}:{partition}", self.topic)))
+    }
+}
+
+/// Partition ids of `topic`.
+pub fn partition_ids<C: Consumer>(consumer: &C, topic: &str, timeout: Duration) -> Result<Vec<i32>, KafkaError> {
+    let md = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(client_error(format!("metadata of {topic}")))?;
+    let t = md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(|| KafkaError::UnknownTopic(topic.to_owned()))?;
+    if t.error().is_some() || t.partitions().is_empty() {
+        return Err(KafkaError::UnknownTopic(topic.to_owned()));
+    }
+    let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// A producer (for the synthetic fleet, tests and dead-letter topics).
+pub fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
+    let mut c = base_config(cfg);
+    c.set("linger.ms", "5").set("message.timeout.ms", "30000");
+    c.create().map_err(client_error("creating producer"))
+}
+
+/// Creates topics that do not exist yet; existing ones are left alone.
+pub async fn create_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<(), KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = base_config(cfg).create().map_err(client_error("creating admin client"))?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let results = admin
+        .create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+        .await
+        .map_err(client_error("creating topics"))?;
+    for r in results {
+        match r {
+            Ok(_) => {}
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => return Err(KafkaError::CreateTopic { topic, code }),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! `[kafka]` configuration.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::InvalidConfig;
+
+/// Where a partition with no stored offset starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartFrom {
+    /// The oldest retained record.
+    #[default]
+    Earliest,
+    /// Only records published after start-up.
+    Latest,
+}
+
+/// Topic names of the three streams.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    /// Device telemetry. Default `edge.telemetry`.
+    pub telemetry: String,
+    /// AI inference events. Default `edge.ai.inference`.
+    pub inference: String,
+    /// Task and API events. Default `analytics.events`.
+    pub events: String,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        Self {
+            telemetry: "edge.telemetry".into(),
+            inference: "edge.ai.inference".into(),
+            events: "analytics.events".into(),
+        }
+    }
+}
+
+/// `[kafka]`: the broker and topics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated `host:port`. Default `127.0.0.1:9092`.
+    #[serde(default = "default_brokers")]
+    pub brokers: String,
+    /// Topic names.
+    #[serde(default)]
+    pub topics: TopicsConfig,
+    /// Start of partitions with no stored offset: `earliest` (default) or `latest`.
+    #[serde(default)]
+    pub start: StartFrom,
+    /// Timeout of metadata requests at start-up, in milliseconds. Default 10000.
+    #[serde(default = "default_metadata_timeout_ms")]
+    pub metadata_timeout_ms: u64,
+    /// Extra librdkafka properties (e.g. `security.protocol`), passed through unchanged.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_brokers() -> String {
+    "127.0.0.1:9092".into()
+}
+
+fn default_metadata_timeout_ms() -> u64 {
+    10_000
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: default_brokers(),
+            topics: TopicsConfig::default(),
+            start: StartFrom::default(),
+            metadata_timeout_ms: default_metadata_timeout_ms(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// Pure validation.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        if self.brokers.trim().is_empty() {
+            return Err(InvalidConfig::new("kafka.brokers", "must list at least one host:port"));
+        }
+        for b in self.brokers.split(',') {
+            let b = b.trim();
+            let ok = b.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            if !ok {
+                return Err(InvalidConfig::new("kafka.brokers", format!("\"{b}\" is not host:port")));
+            }
+        }
+        for (key, topic) in [
+            ("kafka.topics.telemetry", &self.topics.telemetry),
+            ("kafka.topics.inference", &self.topics.inference),
+            ("kafka.topics.events", &self.topics.events),
+        ] {
+            let valid = !topic.is_empty()
+                && topic.len() <= 249
+                && topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            if !valid {
+                return Err(InvalidConfig::new(key, format!("\"{topic}\" is not a valid Kafka topic name")));
+            }
+        }
+        if self.metadata_timeout_ms == 0 {
+            return Err(InvalidConfig::new("kafka.metadata_timeout_ms", "must be positive"));
+        }
+        for key in ["bootstrap.servers", "enable.auto.commit", "group.id"] {
+            if self.properties.contains_key(key) {
+                return Err(InvalidConfig::new(
+                    format!("kafka.properties.{key}"),
+                    "is managed by primespark and cannot be overridden",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_validates() {
+        let c: KafkaConfig = toml::from_str("brokers = \"a:1,b:2\"\nstart = \"latest\"\n[topics]\ntelemetry = \"t\"").unwrap();
+        assert_eq!(c.start, StartFrom::Latest);
+        assert_eq!(c.topics.telemetry, "t");
+        assert_eq!(c.topics.events, "analytics.events");
+        c.validate().unwrap();
+        let bad = KafkaConfig { brokers: "nohost".into(), ..Default::default() };
+        assert_eq!(bad.validate().unwrap_err().key, "kafka.brokers");
+        assert!(toml::from_str::<KafkaConfig>("brokrs = \"a:1\"").is_err());
+    }
+}

@@ -1,0 +1,21 @@
+//! I/O of primespark: everything that talks to a service or a file system.
+//!
+//! One module per connector, each with the same shape (`config.rs`: typed, validated without
+//! I/O; the runtime piece; its tests):
+//! - [`kafka`]: consumers with explicit partition assignment, producers, topic creation.
+//! - [`postgres`]: migrations (TimescaleDB when present, plain PostgreSQL otherwise), binary
+//!   COPY of raw rows, batched upserts of aggregates, dead letters and source offsets in the
+//!   same transaction as the rows they cover.
+//! - [`nas`]: Parquet files on the NAS, partitioned by topic/date/hour, made visible atomically.
+//! - [`query`]: the DataFusion SQL endpoint over HTTP.
+//!
+//! Connectors know the row types of `primespark-schemas` and nothing of timely.
+
+pub mod config;
+pub mod kafka;
+pub mod metrics;
+pub mod nas;
+pub mod postgres;
+pub mod query;
+
+pub use config::InvalidConfig;

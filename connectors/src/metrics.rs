@@ -1,0 +1,257 @@
+//! Typed telemetry events of the connectors: each `emit()` logs and bumps its series.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of per-partition source series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: String,
+}
+
+/// Labels of per-sink series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabels {
+    /// Sink (`postgres`, `parquet`).
+    pub sink: String,
+    /// Table or dataset.
+    pub table: String,
+}
+
+/// Labels of query series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueryLabels {
+    /// Endpoint (`http`).
+    pub endpoint: String,
+    /// `ok` or `error`.
+    pub outcome: String,
+}
+
+struct Metrics {
+    records: Family<PartitionLabels, Counter>,
+    bytes: Family<PartitionLabels, Counter>,
+    rows_written: Family<SinkLabels, Counter>,
+    flush_seconds: Family<SinkLabels, Histogram>,
+    sink_errors: Family<SinkLabels, Counter>,
+    dead_letters: Family<PartitionLabels, Counter>,
+    queries: Family<QueryLabels, Counter>,
+    query_seconds: Family<QueryLabels, Histogram>,
+    sink_degraded: Family<SinkLabels, Gauge>,
+}
+
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_5, 2.0, 16))
+}
+
+fn metrics() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(|| Metrics {
+        records: Family::default(),
+        bytes: Family::default(),
+        rows_written: Family::default(),
+        flush_seconds: Family::new_with_constructor(seconds_histogram),
+        sink_errors: Family::default(),
+        dead_letters: Family::default(),
+        queries: Family::default(),
+        query_seconds: Family::new_with_constructor(seconds_histogram),
+        sink_degraded: Family::default(),
+    })
+}
+
+/// Registers the connectors' series.
+pub fn register(registry: &mut Registry) {
+    let m = metrics();
+    registry.register("primespark_source_records", "Kafka records consumed", m.records.clone());
+    registry.register("primespark_source_bytes", "Kafka payload bytes consumed", m.bytes.clone());
+    registry.register("primespark_sink_rows_written", "Rows made durable by a sink", m.rows_written.clone());
+    registry.register(
+        "primespark_sink_flush_duration_seconds",
+        "Duration of one sink flush (one transaction or one file roll)",
+        m.flush_seconds.clone(),
+    );
+    registry.register("primespark_sink_errors", "Failed sink flushes (retried)", m.sink_errors.clone());
+    registry.register("primespark_dead_letters", "Records stored in dead_letters", m.dead_letters.clone());
+    registry.register("primespark_queries", "SQL queries answered", m.queries.clone());
+    registry.register(
+        "primespark_query_duration_seconds",
+        "SQL query duration",
+        m.query_seconds.clone(),
+    );
+    registry.register(
+        "primespark_sink_degraded",
+        "1 while a sink is failing and retrying",
+        m.sink_degraded.clone(),
+    );
+}
+
+/// Records were read from a Kafka partition.
+pub struct KafkaRecordsReceived<'a> {
+    /// Topic.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// Records.
+    pub count: u64,
+    /// Payload bytes.
+    pub bytes: u64,
+}
+
+impl KafkaRecordsReceived<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        tracing::trace!(topic = self.topic, partition = self.partition, count = self.count, bytes = self.bytes, "records received");
+        let labels = PartitionLabels {
+            topic: self.topic.to_owned(),
+            partition: self.partition.to_string(),
+        };
+        metrics().records.get_or_create(&labels).inc_by(self.count);
+        metrics().bytes.get_or_create(&labels).inc_by(self.bytes);
+        RECORDS_TOTAL.fetch_add(self.count, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+static RECORDS_TOTAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static DEAD_LETTERS_TOTAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Records consumed by this process so far, all topics (for status lines).
+pub fn records_total() -> u64 {
+    RECORDS_TOTAL.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Dead letters stored by this process so far (for status lines).
+pub fn dead_letters_total() -> u64 {
+    DEAD_LETTERS_TOTAL.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A sink made rows durable.
+pub struct SinkRowsWritten<'a> {
+    /// Sink.
+    pub sink: &'a str,
+    /// Table.
+    pub table: &'a str,
+    /// Rows.
+    pub rows: u64,
+    /// How long the flush took.
+    pub duration: Duration,
+}
+
+impl SinkRowsWritten<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        tracing::debug!(sink = self.sink, table = self.table, rows = self.rows, duration_ms = self.duration.as_millis() as u64, "rows written");
+        let labels = SinkLabels {
+            sink: self.sink.to_owned(),
+            table: self.table.to_owned(),
+        };
+        metrics().rows_written.get_or_create(&labels).inc_by(self.rows);
+        metrics().flush_seconds.get_or_create(&labels).observe(self.duration.as_secs_f64());
+    }
+}
+
+/// A sink flush failed; it will be retried.
+pub struct SinkFailed<'a> {
+    /// Sink.
+    pub sink: &'a str,
+    /// Table.
+    pub table: &'a str,
+    /// The error.
+    pub error: &'a dyn std::fmt::Display,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+}
+
+impl SinkFailed<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        tracing::warn!(sink = self.sink, table = self.table, attempt = self.attempt, error = %self.error, "sink flush failed, retrying");
+        let labels = SinkLabels {
+            sink: self.sink.to_owned(),
+            table: self.table.to_owned(),
+        };
+        metrics().sink_errors.get_or_create(&labels).inc();
+        metrics().sink_degraded.get_or_create(&labels).set(1);
+    }
+}
+
+/// A sink recovered after failures.
+pub struct SinkRecovered<'a> {
+    /// Sink.
+    pub sink: &'a str,
+    /// Table.
+    pub table: &'a str,
+}
+
+impl SinkRecovered<'_> {
+    /// Logs and clears the degraded flag.
+    pub fn emit(&self) {
+        tracing::info!(sink = self.sink, table = self.table, "sink recovered");
+        metrics()
+            .sink_degraded
+            .get_or_create(&SinkLabels {
+                sink: self.sink.to_owned(),
+                table: self.table.to_owned(),
+            })
+            .set(0);
+    }
+}
+
+/// Dead letters were stored.
+pub struct DeadLettersWritten<'a> {
+    /// Topic.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// How many.
+    pub count: u64,
+}
+
+impl DeadLettersWritten<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        tracing::info!(topic = self.topic, partition = self.partition, count = self.count, "dead letters stored");
+        metrics()
+            .dead_letters
+            .get_or_create(&PartitionLabels {
+                topic: self.topic.to_owned(),
+                partition: self.partition.to_string(),
+            })
+            .inc_by(self.count);
+        DEAD_LETTERS_TOTAL.fetch_add(self.count, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A SQL query finished.
+pub struct QueryExecuted<'a> {
+    /// Endpoint.
+    pub endpoint: &'a str,
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// Rows returned.
+    pub rows: u64,
+    /// Duration.
+    pub duration: Duration,
+}
+
+impl QueryExecuted<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        let outcome = if self.ok { "ok" } else { "error" };
+        tracing::info!(endpoint = self.endpoint, outcome, rows = self.rows, duration_ms = self.duration.as_millis() as u64, "query");
+        let labels = QueryLabels {
+            endpoint: self.endpoint.to_owned(),
+            outcome: outcome.to_owned(),
+        };
+        metrics().queries.get_or_create(&labels).inc();
+        metrics().query_seconds.get_or_create(&labels).observe(self.duration.as_secs_f64());
+    }
+}

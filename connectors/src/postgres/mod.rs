@@ -1,0 +1,10 @@
+//! PostgreSQL / TimescaleDB: migrations, raw rows by binary COPY, aggregates by batched upsert,
+//! dead letters and source offsets, each batch in one transaction with the offsets it covers.
+
+mod config;
+mod sink;
+
+pub use config::PostgresConfig;
+pub use sink::{
+    commit_offsets, connect, load_state, migrate, write_aggregates, write_raw, Backend, PostgresError, StoredState,
+};

@@ -1,0 +1,217 @@
+//! DataFusion session and the HTTP routes.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type, UInt64Type};
+use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::prelude::SessionContext;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::metrics::QueryExecuted;
+
+/// Query endpoint failures.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// DataFusion rejected or failed the query (the user's to fix).
+    #[error("{0}")]
+    DataFusion(#[from] datafusion::error::DataFusionError),
+    /// Encoding the result failed.
+    #[error("encoding result: {0}")]
+    Encode(String),
+    /// Binding or serving failed.
+    #[error("serving on {addr}: {source}")]
+    Serve {
+        /// Address.
+        addr: SocketAddr,
+        /// Error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A session over the Parquet archive under `nas_root`: raw telemetry as `telemetry_raw`
+/// (partition columns `date` and `hour` come from the folder names and prune scans) and the
+/// 1-minute aggregates as `device_metrics_1m` (partition column `date`).
+pub fn session(nas_root: &Path, telemetry_topic: &str) -> Result<SessionContext, QueryError> {
+    let ctx = SessionContext::new();
+    register_listing(
+        &ctx,
+        "telemetry_raw",
+        &nas_root.join(format!("topic={telemetry_topic}")),
+        &["date", "hour"],
+        primespark_schemas::columnar::telemetry_raw(),
+    )?;
+    register_listing(
+        &ctx,
+        "device_metrics_1m",
+        &nas_root.join("table=device_metrics_1m"),
+        &["date"],
+        primespark_schemas::columnar::device_metrics_1m(),
+    )?;
+    Ok(ctx)
+}
+
+fn register_listing(
+    ctx: &SessionContext,
+    name: &str,
+    dir: &Path,
+    partition_cols: &[&str],
+    schema: datafusion::arrow::datatypes::SchemaRef,
+) -> Result<(), QueryError> {
+    std::fs::create_dir_all(dir).map_err(|e| QueryError::Encode(format!("creating {}: {e}", dir.display())))?;
+    let dir = dir.canonicalize().map_err(|e| QueryError::Encode(format!("resolving {}: {e}", dir.display())))?;
+    let table_url = ListingTableUrl::parse(format!("{}/", dir.display()))?;
+    let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+        .with_file_extension(".parquet")
+        .with_table_partition_cols(partition_cols.iter().map(|c| ((*c).to_owned(), DataType::Utf8)).collect());
+    let config = ListingTableConfig::new(table_url)
+        .with_listing_options(options)
+        .with_schema(schema);
+    ctx.register_table(name, Arc::new(ListingTable::try_new(config)?))?;
+    Ok(())
+}
+
+struct QueryState {
+    ctx: SessionContext,
+    max_rows: usize,
+}
+
+#[derive(Deserialize)]
+struct SqlRequest {
+    sql: String,
+}
+
+/// The routes: `POST /v1/sql`.
+pub fn router(ctx: SessionContext, max_rows: usize) -> Router {
+    Router::new()
+        .route("/v1/sql", post(sql))
+        .with_state(Arc::new(QueryState { ctx, max_rows }))
+}
+
+/// Serves `router` on `addr` until `shutdown` resolves.
+pub async fn serve(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), QueryError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| QueryError::Serve { addr, source })?;
+    tracing::info!(%addr, "sql endpoint listening");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|source| QueryError::Serve { addr, source })
+}
+
+async fn run(state: &QueryState, sql: &str) -> Result<Value, QueryError> {
+    let df = state.ctx.sql(sql).await?;
+    let columns: Vec<String> = df.schema().fields().iter().map(|f| f.name().clone()).collect();
+    let batches = df.limit(0, Some(state.max_rows + 1))?.collect().await?;
+    let mut rows = batches_to_json(&batches)?;
+    let truncated = rows.len() > state.max_rows;
+    rows.truncate(state.max_rows);
+    Ok(json!({"columns": columns, "rows": rows, "truncated": truncated}))
+}
+
+async fn sql(State(state): State<Arc<QueryState>>, Json(req): Json<SqlRequest>) -> Response {
+    let started = Instant::now();
+    let result = run(&state, &req.sql).await;
+    let rows = result
+        .as_ref()
+        .ok()
+        .and_then(|v| v["rows"].as_array().map(|r| r.len() as u64))
+        .unwrap_or(0);
+    QueryExecuted {
+        endpoint: "http",
+        ok: result.is_ok(),
+        rows,
+        duration: started.elapsed(),
+    }
+    .emit();
+    match result {
+        Ok(body) => Json(body).into_response(),
+        Err(QueryError::DataFusion(e)) => {
+            (StatusCode::BAD_REQUEST, Json(json!({"error": e.to_string()}))).into_response()
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": e.to_string()}))).into_response(),
+    }
+}
+
+fn column_values(array: &dyn Array) -> Result<Vec<Value>, QueryError> {
+    let enc = |e: datafusion::arrow::error::ArrowError| QueryError::Encode(e.to_string());
+    let n = array.len();
+    let values = match array.data_type() {
+        DataType::Null => vec![Value::Null; n],
+        DataType::Boolean => {
+            let a = array.as_boolean();
+            (0..n).map(|i| if a.is_null(i) { Value::Null } else { Value::Bool(a.value(i)) }).collect()
+        }
+        DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 | DataType::UInt8 | DataType::UInt16 | DataType::UInt32 => {
+            let c = cast(array, &DataType::Int64).map_err(enc)?;
+            let a = c.as_primitive::<Int64Type>();
+            (0..n).map(|i| if a.is_null(i) { Value::Null } else { json!(a.value(i)) }).collect()
+        }
+        DataType::UInt64 => {
+            let a = array.as_primitive::<UInt64Type>();
+            (0..n).map(|i| if a.is_null(i) { Value::Null } else { json!(a.value(i)) }).collect()
+        }
+        DataType::Float16 | DataType::Float32 | DataType::Float64 | DataType::Decimal128(_, _) | DataType::Decimal256(_, _) => {
+            let c = cast(array, &DataType::Float64).map_err(enc)?;
+            let a = c.as_primitive::<Float64Type>();
+            (0..n)
+                .map(|i| {
+                    if a.is_null(i) {
+                        Value::Null
+                    } else {
+                        // JSON has no NaN or infinity; send those as strings.
+                        serde_json::Number::from_f64(a.value(i))
+                            .map(Value::Number)
+                            .unwrap_or_else(|| Value::String(a.value(i).to_string()))
+                    }
+                })
+                .collect()
+        }
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
+            let c = cast(array, &DataType::Utf8).map_err(enc)?;
+            let a = c.as_string::<i32>();
+            (0..n).map(|i| if a.is_null(i) { Value::Null } else { Value::String(a.value(i).to_owned()) }).collect()
+        }
+        _ => {
+            let f = ArrayFormatter::try_new(array, &FormatOptions::default()).map_err(enc)?;
+            (0..n)
+                .map(|i| if array.is_null(i) { Value::Null } else { Value::String(f.value(i).to_string()) })
+                .collect()
+        }
+    };
+    Ok(values)
+}
+
+/// Rows of `batches` as JSON arrays, in column order.
+pub fn batches_to_json(batches: &[RecordBatch]) -> Result<Vec<Value>, QueryError> {
+    let mut rows = Vec::new();
+    for batch in batches {
+        let columns = batch
+            .columns()
+            .iter()
+            .map(|c| column_values(c.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        for i in 0..batch.num_rows() {
+            rows.push(Value::Array(columns.iter().map(|c| c[i].clone()).collect()));
+        }
+    }
+    Ok(rows)
+}

@@ -1,0 +1,204 @@
+//! The command line: `run`, `demo`, `produce`, `check-config`, `migrate`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use rdkafka::producer::BaseProducer;
+use rdkafka::ClientConfig;
+
+use crate::config::Config;
+
+/// primespark: Kafka -> timely dataflow -> TimescaleDB, Parquet and SQL.
+#[derive(Parser, Debug)]
+#[command(name = "primespark", version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the pipeline with a configuration file (environment overrides apply).
+    Run {
+        /// TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// Timely worker threads (overrides runtime.workers).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// The embedded demo: in-process broker, synthetic fleet, Parquet under ./data, SQL endpoint.
+    Demo {
+        /// Simulated devices.
+        #[arg(long, default_value_t = 50)]
+        devices: usize,
+        /// Events per second.
+        #[arg(long, default_value_t = 500)]
+        rate: u64,
+        /// Share of malformed events (0..1).
+        #[arg(long, default_value_t = 0.01)]
+        bad_share: f64,
+        /// Parquet folder.
+        #[arg(long, default_value = "./data")]
+        data: PathBuf,
+        /// SQL endpoint address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http_addr: String,
+        /// Stop after this many seconds (default: until Ctrl-C).
+        #[arg(long)]
+        duration_secs: Option<u64>,
+    },
+    /// Publish a synthetic fleet's telemetry to a real broker.
+    Produce {
+        /// Bootstrap servers.
+        #[arg(long, env = "PRIMESPARK_KAFKA__BROKERS", default_value = "127.0.0.1:9092")]
+        brokers: String,
+        /// Topic.
+        #[arg(long, default_value = "edge.telemetry")]
+        topic: String,
+        /// Devices.
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Events per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 10)]
+        duration_secs: u64,
+        /// Share of malformed events (0..1).
+        #[arg(long, default_value_t = 0.0)]
+        bad_share: f64,
+    },
+    /// Validate a configuration file without touching any service.
+    CheckConfig {
+        /// TOML configuration.
+        file: PathBuf,
+    },
+    /// Apply database migrations and exit.
+    Migrate {
+        /// TOML configuration.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn,datafusion=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+    Ok(Config::load(Some(path), std::env::vars())?)
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { config, workers } => {
+            let mut config = load(&config)?;
+            if let Some(w) = workers {
+                config.runtime.workers = w;
+            }
+            crate::run::run(&config, Arc::new(AtomicBool::new(false)), true)?;
+        }
+        Command::Demo {
+            devices,
+            rate,
+            bad_share,
+            data,
+            http_addr,
+            duration_secs,
+        } => {
+            let opts = crate::demo::DemoOptions {
+                devices,
+                rate,
+                bad_share,
+                data,
+                http_addr,
+                duration: duration_secs.map(Duration::from_secs),
+            };
+            crate::demo::demo(&opts, |line| {
+                let mut err = std::io::stderr().lock();
+                let _ = writeln!(err, "{line}");
+            })?;
+        }
+        Command::Produce {
+            brokers,
+            topic,
+            devices,
+            rate,
+            duration_secs,
+            bad_share,
+        } => {
+            let producer: BaseProducer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("linger.ms", "5")
+                .create()
+                .context("creating producer")?;
+            let mut fleet = crate::fleet::Fleet::new(devices, bad_share, rand::random());
+            let stop = AtomicBool::new(false);
+            let sent = crate::fleet::produce(&producer, &topic, &mut fleet, rate, Some(Duration::from_secs(duration_secs)), &stop);
+            tracing::info!(sent, topic, "produced");
+        }
+        Command::CheckConfig { file } => {
+            let config = load(&file)?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{}: ok", file.display())?;
+            writeln!(out, "{config:#?}")?;
+        }
+        Command::Migrate { config } => {
+            let config = load(&config)?;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(async {
+                let mut client = primespark_connectors::postgres::connect(&config.postgres.config.url).await?;
+                let backend = primespark_connectors::postgres::migrate(&mut client).await?;
+                tracing::info!(?backend, "migrations applied");
+                anyhow::Ok(())
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Entry point of the `primespark` binary. Exit codes: 0 clean, 1 runtime failure,
+/// 2 bad usage or configuration.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let is_config_error = |e: &anyhow::Error| {
+        e.downcast_ref::<crate::config::ConfigError>().is_some()
+            || matches!(e.downcast_ref::<crate::run::RunError>(), Some(crate::run::RunError::Config(_)))
+    };
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            let mut err = std::io::stderr().lock();
+            let _ = writeln!(err, "error: {e:#}");
+            if is_config_error(&e) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}

@@ -1,0 +1,301 @@
+//! The pipeline's configuration: TOML, then `PRIMESPARK_<SECTION>__<KEY>` environment overrides,
+//! then pure validation (no I/O) that names the wrong key.
+
+use std::path::Path;
+use std::time::Duration;
+
+use primespark_connectors::config::duration;
+use primespark_connectors::kafka::KafkaConfig;
+use primespark_connectors::nas::NasConfig;
+use primespark_connectors::postgres::PostgresConfig;
+use primespark_connectors::query::QueryConfig;
+use primespark_connectors::InvalidConfig;
+use serde::{Deserialize, Serialize};
+
+/// Configuration errors, each naming the file or key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TOML (after environment overrides) does not fit the schema.
+    #[error("{origin}: {message}")]
+    Parse {
+        /// File name or `environment`.
+        origin: String,
+        /// What is wrong, with the key.
+        message: String,
+    },
+    /// A value is invalid.
+    #[error(transparent)]
+    Invalid(#[from] InvalidConfig),
+}
+
+/// `[windows]`: event-time settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowsConfig {
+    /// How far out of order events may arrive: the watermark trails the highest event time seen
+    /// by this much. Default `5s`.
+    #[serde(default = "default_ooo", with = "duration")]
+    pub max_out_of_orderness: Duration,
+    /// A partition that delivered nothing for this long stops holding the watermark back.
+    /// Default `30s`.
+    #[serde(default = "default_idle", with = "duration")]
+    pub idle_timeout: Duration,
+}
+
+fn default_ooo() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for WindowsConfig {
+    fn default() -> Self {
+        Self {
+            max_out_of_orderness: default_ooo(),
+            idle_timeout: default_idle(),
+        }
+    }
+}
+
+/// `[runtime]`: timely workers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Timely worker threads in this process. Default 1.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Largest accepted message, bytes. Default 1048576.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// How long a shutdown may take to flush sinks before giving up. Default `30s`.
+    #[serde(default = "default_grace", with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+fn default_workers() -> usize {
+    1
+}
+fn default_max_message_bytes() -> usize {
+    1024 * 1024
+}
+fn default_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            workers: default_workers(),
+            max_message_bytes: default_max_message_bytes(),
+            shutdown_grace: default_grace(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Broker and topics.
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    /// PostgreSQL / TimescaleDB sink; `enabled = false` (the demo) keeps no database.
+    #[serde(default)]
+    pub postgres: PostgresSection,
+    /// Parquet on the NAS.
+    #[serde(default)]
+    pub nas: NasConfig,
+    /// SQL endpoint.
+    #[serde(default)]
+    pub query: QueryConfig,
+    /// Event time.
+    #[serde(default)]
+    pub windows: WindowsConfig,
+    /// Workers and limits.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+/// `[postgres]` with an on/off switch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSection {
+    /// Write to PostgreSQL at all. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Connection and flushing.
+    #[serde(flatten)]
+    pub config: PostgresConfig,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Default for PostgresSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            config: PostgresConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` (if any) and applies overrides from `env` (`PRIMESPARK_KAFKA__BROKERS=...`).
+    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "defaults".to_owned()),
+        };
+        Self::from_toml(&text, &origin, env)
+    }
+
+    /// Parses TOML text with environment overrides.
+    pub fn from_toml(text: &str, origin: &str, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        let mut overridden = Vec::new();
+        for (key, value) in env {
+            let Some(rest) = key.strip_prefix("PRIMESPARK_") else {
+                continue;
+            };
+            if !rest.contains("__") {
+                continue;
+            }
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            set_path(&mut table, &path, parse_env_value(&value));
+            overridden.push(path.join("."));
+        }
+        let origin = if overridden.is_empty() {
+            origin.to_owned()
+        } else {
+            format!("{origin} with environment overrides of {}", overridden.join(", "))
+        };
+        let config: Config = table.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
+            origin,
+            message: e.message().to_owned(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Pure validation of every section.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        self.kafka.validate()?;
+        if self.postgres.enabled {
+            self.postgres.config.validate()?;
+        }
+        self.nas.validate()?;
+        self.query.validate()?;
+        if self.windows.max_out_of_orderness > Duration::from_secs(3600) {
+            return Err(InvalidConfig::new("windows.max_out_of_orderness", "must be at most 1h"));
+        }
+        if self.windows.idle_timeout.is_zero() {
+            return Err(InvalidConfig::new("windows.idle_timeout", "must be positive"));
+        }
+        if !(1..=256).contains(&self.runtime.workers) {
+            return Err(InvalidConfig::new("runtime.workers", "must be between 1 and 256"));
+        }
+        if self.runtime.max_message_bytes < 64 {
+            return Err(InvalidConfig::new("runtime.max_message_bytes", "must be at least 64"));
+        }
+        if !self.postgres.enabled && !self.nas.enabled {
+            return Err(InvalidConfig::new("nas.enabled", "with postgres disabled too, nothing would be stored"));
+        }
+        Ok(())
+    }
+}
+
+/// Environment values are TOML scalars when they parse as one (`20000`, `true`), else strings.
+fn parse_env_value(raw: &str) -> toml::Value {
+    match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => match t.remove("v") {
+            Some(v @ (toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_))) => v,
+            _ => toml::Value::String(raw.to_owned()),
+        },
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    match path {
+        [] => {}
+        [last] => {
+            table.insert(last.clone(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = table
+                .entry(first.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if !entry.is_table() {
+                *entry = toml::Value::Table(toml::Table::new());
+            }
+            if let toml::Value::Table(t) = entry {
+                set_path(t, rest, value);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_local_config_parses() {
+        let text = include_str!("../../deploy/config/local.toml");
+        let c = Config::from_toml(text, "local.toml", []).unwrap();
+        assert_eq!(c.kafka.topics.telemetry, "edge.telemetry");
+    }
+
+    #[test]
+    fn env_overrides_files() {
+        let c = Config::from_toml(
+            "[kafka]\nbrokers = \"a:1\"",
+            "t",
+            [
+                ("PRIMESPARK_KAFKA__BROKERS".to_owned(), "b:2".to_owned()),
+                ("PRIMESPARK_RUNTIME__WORKERS".to_owned(), "3".to_owned()),
+                ("PRIMESPARK_WINDOWS__MAX_OUT_OF_ORDERNESS".to_owned(), "2s".to_owned()),
+                ("PRIMESPARK_KAFKA__TOPICS__TELEMETRY".to_owned(), "t.x".to_owned()),
+                ("UNRELATED".to_owned(), "x".to_owned()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "b:2");
+        assert_eq!(c.runtime.workers, 3);
+        assert_eq!(c.windows.max_out_of_orderness, Duration::from_secs(2));
+        assert_eq!(c.kafka.topics.telemetry, "t.x");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::from_toml("[kafka]\nbrokrs = \"a:1\"", "f.toml", []).unwrap_err().to_string();
+        assert!(e.contains("brokrs"), "{e}");
+        let e = Config::from_toml("[windows]\nmax_out_of_orderness = \"soon\"", "f.toml", []).unwrap_err().to_string();
+        assert!(e.contains("soon"), "{e}");
+        let e = Config::from_toml("[runtime]\nworkers = 0", "f.toml", []).unwrap_err().to_string();
+        assert!(e.contains("runtime.workers"), "{e}");
+        let e = Config::from_toml("[query]\nhttp_addr = \"nowhere\"", "f.toml", []).unwrap_err().to_string();
+        assert!(e.contains("query.http_addr"), "{e}");
+    }
+}

@@ -1,0 +1,24 @@
+//! Wires primespark's operators and connectors into dataflows, and the `primespark` binary.
+//!
+//! - [`config`]: the typed configuration (TOML + environment).
+//! - [`source`]: the Kafka source operator (explicit partition assignment, non-blocking polls,
+//!   per-partition watermarks, resume offsets).
+//! - [`sinks`]: timely operators that hand batches to the async writers with backpressure.
+//! - [`writers`]: the async writers (PostgreSQL, Parquet) with retries.
+//! - [`telemetry`]: the `edge.telemetry` dataflow.
+//! - [`run`]: process start-up and shutdown: runtime, migrations, state, timely workers.
+//! - [`fleet`]: a synthetic fleet producer (demo, `produce`, tests, benchmarks).
+//! - [`demo`]: the embedded default with an in-process Kafka-protocol broker.
+//! - [`ops`]: the process's metrics registry and HTTP routes (`/metrics`, `/healthz`).
+//! - [`cli`]: the command line.
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod fleet;
+pub mod ops;
+pub mod run;
+pub mod sinks;
+pub mod source;
+pub mod telemetry;
+pub mod writers;

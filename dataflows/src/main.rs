@@ -1,0 +1,5 @@
+//! The `primespark` binary: see `primespark --help`.
+
+fn main() -> std::process::ExitCode {
+    primespark_dataflows::cli::main()
+}

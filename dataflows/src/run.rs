@@ -1,0 +1,329 @@
+//! Process start-up and shutdown of the pipeline.
+//!
+//! Start-up: migrations, committed state (resume offsets, committed watermark), partition
+//! discovery, Parquet recovery, writers, the HTTP endpoint, then the timely workers. Shutdown
+//! (SIGINT/SIGTERM or the caller's flag): sources stop reading but keep their capabilities, so
+//! open windows are not emitted partial; sinks hand off their buffers; writers flush, commit
+//! their offsets and exit within `runtime.shutdown_grace`.
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use primespark_connectors::kafka::{self, KafkaError};
+use primespark_connectors::nas::{NasError, ParquetArchive};
+use primespark_connectors::postgres::{self, PostgresError, StoredState};
+use primespark_connectors::query::{self, QueryError};
+use primespark_connectors::InvalidConfig;
+use primespark_operators::checkpoint::CheckpointTracker;
+use primespark_operators::EventTime;
+use primespark_schemas::DecodeLimits;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::sinks::FlushPolicy;
+use crate::source::{Resume, SourceSpec};
+use crate::telemetry::{self, Drained, DATAFLOW, WINDOW_US};
+use crate::writers::{agg_writer, raw_writer, sink_names, ParquetTarget, PgTarget};
+
+/// Why the pipeline could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] InvalidConfig),
+    /// PostgreSQL unreachable or failing at start-up.
+    #[error(transparent)]
+    Postgres(#[from] PostgresError),
+    /// Kafka unreachable, or the topic missing.
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    /// The Parquet archive could not be recovered.
+    #[error(transparent)]
+    Nas(#[from] NasError),
+    /// The SQL endpoint could not start.
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    /// The async runtime could not start.
+    #[error("starting the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// Timely failed.
+    #[error("timely: {0}")]
+    Timely(String),
+    /// Writers did not finish within the grace period.
+    #[error("sinks did not flush within {0:?}; the next run resumes from the last committed offsets")]
+    ShutdownTimeout(Duration),
+}
+
+/// How often committed aggregates and their checkpoint are written at most.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
+
+async fn connect_with_retry(url: &str, deadline: Duration) -> Result<tokio_postgres::Client, PostgresError> {
+    let started = Instant::now();
+    loop {
+        match postgres::connect(url).await {
+            Ok(c) => return Ok(c),
+            Err(e) if started.elapsed() < deadline => {
+                tracing::warn!(error = %e, "postgres not reachable yet, retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn resume_of(state: &StoredState, partition: i32, pg: bool, parquet: bool) -> Resume {
+    Resume {
+        postgres: pg.then(|| state.offset(sink_names::POSTGRES_RAW, partition).map(|o| o.next_offset)).flatten(),
+        parquet: parquet
+            .then(|| state.offset(sink_names::PARQUET_RAW, partition).map(|o| o.next_offset))
+            .flatten(),
+        window: state
+            .offset(sink_names::AGGREGATES, partition)
+            .map(|o| (o.next_offset, o.max_event_us)),
+    }
+}
+
+/// Where a partition's consumer starts: the lowest offset any enabled sink still needs, or the
+/// configured start when some sink has nothing stored.
+fn start_offset(resume: &Resume, pg: bool, parquet: bool) -> Option<i64> {
+    let mut needed = Vec::new();
+    if pg {
+        needed.push(resume.postgres);
+    }
+    if parquet {
+        needed.push(resume.parquet);
+    }
+    needed.push(resume.window.map(|w| w.0));
+    needed.into_iter().try_fold(i64::MAX, |acc, o| o.map(|o| acc.min(o)))
+}
+
+/// Runs the pipeline until `shutdown` is set (or SIGINT/SIGTERM when `handle_signals`).
+pub fn run(config: &Config, shutdown: Arc<AtomicBool>, handle_signals: bool) -> Result<(), RunError> {
+    config.validate()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("primespark-io")
+        .build()
+        .map_err(RunError::Runtime)?;
+    if handle_signals {
+        let flag = shutdown.clone();
+        rt.spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested: draining");
+            flag.store(true, Ordering::SeqCst);
+        });
+    }
+    let topic = config.kafka.topics.telemetry.clone();
+    let pg_enabled = config.postgres.enabled;
+    let parquet_enabled = config.nas.enabled;
+
+    let state = if pg_enabled {
+        rt.block_on(async {
+            let mut client = connect_with_retry(&config.postgres.config.url, Duration::from_secs(30)).await?;
+            postgres::migrate(&mut client).await?;
+            postgres::load_state(&client, DATAFLOW, &topic).await
+        })?
+    } else {
+        StoredState::default()
+    };
+    let committed_watermark_us: EventTime = state
+        .committed_watermark_us
+        .and_then(|w| u64::try_from(w).ok())
+        .unwrap_or(0);
+
+    let partitions = discover_partitions(config, &topic)?;
+    tracing::info!(topic = %topic, partitions = partitions.len(), committed_watermark_us, "starting telemetry dataflow");
+
+    let parquet_target = if parquet_enabled {
+        let archive = ParquetArchive::new(&config.nas.path, &topic, config.nas.row_group_rows);
+        let committed: HashMap<i32, i64> = state
+            .offsets
+            .get(sink_names::PARQUET_RAW)
+            .map(|v| v.iter().map(|o| (o.partition, o.next_offset)).collect())
+            .unwrap_or_default();
+        let removed = archive.recover(&committed)?;
+        if removed > 0 {
+            tracing::info!(removed, "removed parquet files of uncommitted rolls");
+        }
+        Some(ParquetTarget {
+            archive,
+            root: config.nas.path.clone(),
+            roll_rows: config.nas.roll_rows,
+            roll_interval: config.nas.roll_interval,
+            row_group_rows: config.nas.row_group_rows,
+            committed,
+        })
+    } else {
+        None
+    };
+    let pg_target = pg_enabled.then(|| PgTarget {
+        url: config.postgres.config.url.clone(),
+        dataflow: DATAFLOW.into(),
+        topic: topic.clone(),
+    });
+
+    // SQL and ops endpoint.
+    let addr = config.query.validate()?;
+    let ctx = query::session(&config.nas.path, &topic)?;
+    let router = query::router(ctx, config.query.max_rows).merge(crate::ops::routes());
+    let server_shutdown = shutdown.clone();
+    let server = rt.spawn(query::serve(addr, router, async move {
+        while !server_shutdown.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }));
+
+    // Writers: one raw writer per worker, one aggregate writer.
+    let workers = config.runtime.workers;
+    let mut writer_handles = Vec::new();
+    let mut raw_txs = Vec::new();
+    for _ in 0..workers {
+        let (tx, rx) = mpsc::channel(2);
+        raw_txs.push(Some(tx));
+        writer_handles.push(rt.spawn(raw_writer(rx, pg_target.clone(), parquet_target.clone())));
+    }
+    let (agg_tx, agg_rx) = mpsc::channel(4);
+    writer_handles.push(rt.spawn(agg_writer(agg_rx, pg_target, parquet_target)));
+
+    let raw_txs = Arc::new(Mutex::new(raw_txs));
+    let state = Arc::new(state);
+    let kafka_cfg = config.kafka.clone();
+    let flush = FlushPolicy {
+        rows: config.postgres.config.flush_rows,
+        interval: config.postgres.config.flush_interval,
+    };
+    let windows = config.windows.clone();
+    let limits = DecodeLimits {
+        max_message_bytes: config.runtime.max_message_bytes,
+    };
+    let worker_shutdown = shutdown.clone();
+    let guards = timely::execute(timely::Config::process(workers), move |worker| -> Result<(), String> {
+        let index = worker.index();
+        let peers = worker.peers();
+        let mine: BTreeMap<i32, Resume> = partitions
+            .iter()
+            .filter(|p| (**p as usize) % peers == index)
+            .map(|p| (*p, resume_of(&state, *p, pg_enabled, parquet_enabled)))
+            .collect();
+        let reader = if mine.is_empty() {
+            None
+        } else {
+            let reader = kafka::reader(&kafka_cfg, &topic, &format!("primespark-{DATAFLOW}-{index}")).map_err(|e| e.to_string())?;
+            let assignment: Vec<(i32, Option<i64>)> = mine
+                .iter()
+                .map(|(p, r)| (*p, start_offset(r, pg_enabled, parquet_enabled)))
+                .collect();
+            for (p, start) in &assignment {
+                tracing::info!(topic = %topic, partition = p, start = ?start, worker = index, "assigned partition");
+            }
+            reader.assign(&assignment, kafka_cfg.start).map_err(|e| e.to_string())?;
+            Some(reader)
+        };
+        let restored: Vec<_> = state.offsets.get(sink_names::AGGREGATES).cloned().unwrap_or_default();
+        let tracker = CheckpointTracker::new(WINDOW_US, restored);
+        let raw_tx = raw_txs
+            .lock()
+            .map_err(|_| "writer registry poisoned".to_owned())?
+            .get_mut(index)
+            .and_then(Option::take)
+            .ok_or_else(|| format!("no raw writer for worker {index}"))?;
+        let drained = Drained::default();
+        let spec = SourceSpec {
+            topic: topic.clone(),
+            partitions: mine,
+            postgres_enabled: pg_enabled,
+            parquet_enabled,
+            out_of_orderness_us: i64::try_from(windows.max_out_of_orderness.as_micros()).unwrap_or(i64::MAX),
+            width_us: WINDOW_US,
+            idle_timeout: windows.idle_timeout,
+            committed_watermark_us,
+            limits,
+            shutdown: worker_shutdown.clone(),
+            pressure: Rc::new(Cell::new(false)),
+        };
+        let agg_tx = agg_tx.clone();
+        worker.dataflow::<EventTime, _, _>(|scope| {
+            telemetry::build(scope, spec, reader, tracker, raw_tx, agg_tx, flush, COMMIT_INTERVAL, &drained);
+        });
+        while !(worker_shutdown.load(Ordering::Relaxed) && drained.all()) {
+            worker.step_or_park(Some(Duration::from_millis(50)));
+        }
+        // Open windows are deliberately not completed: the next run replays them.
+        for id in worker.installed_dataflows() {
+            worker.drop_dataflow(id);
+        }
+        Ok(())
+    })
+    .map_err(RunError::Timely)?;
+    let mut failure = None;
+    for result in guards.join() {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) | Err(e) => {
+                tracing::error!(error = %e, "worker failed");
+                shutdown.store(true, Ordering::SeqCst);
+                failure = Some(e);
+            }
+        }
+    }
+    // The worker closure (and with it every sender) is gone: writers drain and exit.
+    let grace = config.runtime.shutdown_grace;
+    let finished = rt.block_on(async {
+        tokio::time::timeout(grace, async {
+            for h in writer_handles {
+                let _ = h.await;
+            }
+        })
+        .await
+    });
+    shutdown.store(true, Ordering::SeqCst);
+    let _ = rt.block_on(server);
+    if let Some(e) = failure {
+        return Err(RunError::Timely(e));
+    }
+    finished.map_err(|_| RunError::ShutdownTimeout(grace))?;
+    tracing::info!("pipeline stopped cleanly");
+    Ok(())
+}
+
+fn discover_partitions(config: &Config, topic: &str) -> Result<Vec<i32>, RunError> {
+    let reader = kafka::reader(&config.kafka, topic, "primespark-metadata")?;
+    let deadline = Instant::now() + Duration::from_millis(config.kafka.metadata_timeout_ms);
+    loop {
+        match reader.partitions(Duration::from_secs(5)) {
+            Ok(p) => return Ok(p),
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(topic, error = %e, "waiting for topic metadata");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The whole test suite in one command: start the private service stack, export
+# its addresses, run `cargo test --workspace`, and tear the stack down again.
+#   PRIMESPARK_KEEP_STACK=1  leave the stack running afterwards (for debugging)
+#   extra arguments are passed to `cargo test`
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$SCRIPT_DIR/../.." && pwd)"
+STACK="$SCRIPT_DIR/stack.sh"
+
+# Shared target dir outside the work tree so fresh clones reuse build artefacts.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/primespark-target}"
+
+cleanup() {
+    if [ "${PRIMESPARK_KEEP_STACK:-0}" = 1 ]; then
+        echo "test.sh: PRIMESPARK_KEEP_STACK=1, leaving the stack up ($STACK down to stop it)" >&2
+    else
+        "$STACK" down || true
+    fi
+}
+trap cleanup EXIT
+# Make Ctrl-C / kill still run the EXIT trap (and so stop the stack).
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+"$STACK" up
+eval "$("$STACK" env)"
+
+cd "$REPO_ROOT"
+rc=0
+cargo test --workspace --locked "$@" || rc=$?
+exit "$rc"

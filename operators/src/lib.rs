@@ -1,0 +1,32 @@
+//! Timely operators of primespark.
+//!
+//! Each operator is an extension trait on a timely `Stream`, named, non-blocking, and built on
+//! timely's generic `unary_frontier` builder:
+//! - [`decode`]: Kafka records to validated telemetry points; bad records become dead letters.
+//! - [`window`]: event-time tumbling windows, emitted when the watermark (the timely frontier)
+//!   passes their end.
+//! - [`checkpoint`]: the pure bookkeeping that decides where each Kafka partition must resume so
+//!   that a restart neither loses nor doubles an aggregate.
+//!
+//! Time in every dataflow is event time in microseconds since the epoch (`u64`): a source holds
+//! its capability at its watermark, so the frontier an operator sees *is* the watermark.
+//! The record types that flow between operators live in [`record`].
+
+pub mod checkpoint;
+pub mod decode;
+pub mod metrics;
+pub mod record;
+pub mod watermark;
+pub mod window;
+
+/// Timely time of every primespark dataflow: event-time watermark in microseconds since the epoch.
+pub type EventTime = u64;
+
+/// A deterministic 64-bit hash, identical in every process of a cluster, used to exchange
+/// records by key (std's `DefaultHasher::new()` is SipHash with fixed keys).
+pub fn stable_hash<K: std::hash::Hash + ?Sized>(key: &K) -> u64 {
+    use std::hash::{DefaultHasher, Hasher};
+    let mut h = DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}

@@ -1,0 +1,162 @@
+//! Typed telemetry events of the operators (Vector's `internal_events` style): each event's
+//! `emit()` logs at trace/debug level and bumps its Prometheus series, so logs and metrics never
+//! drift apart. [`register`] adds the series to the process registry.
+
+use std::sync::OnceLock;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+/// Labels of per-topic, per-reason series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Kafka topic.
+    pub topic: String,
+    /// Stable reason code.
+    pub reason: String,
+}
+
+/// Labels of per-operator series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperatorLabels {
+    /// Dataflow name (`telemetry`, ...).
+    pub dataflow: String,
+    /// Operator name.
+    pub operator: String,
+}
+
+struct Metrics {
+    decode_errors: Family<ReasonLabels, Counter>,
+    late_events: Family<OperatorLabels, Counter>,
+    windows_closed: Family<OperatorLabels, Counter>,
+}
+
+fn metrics() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(|| Metrics {
+        decode_errors: Family::default(),
+        late_events: Family::default(),
+        windows_closed: Family::default(),
+    })
+}
+
+/// Registers the operators' series.
+pub fn register(registry: &mut Registry) {
+    let m = metrics();
+    registry.register(
+        "primespark_decode_errors",
+        "Records that failed decoding or validation, by topic and reason",
+        m.decode_errors.clone(),
+    );
+    registry.register(
+        "primespark_late_events",
+        "Events behind the watermark, not counted in any window",
+        m.late_events.clone(),
+    );
+    registry.register(
+        "primespark_windows_closed",
+        "Event-time windows emitted because the watermark passed their end",
+        m.windows_closed.clone(),
+    );
+}
+
+/// A record failed decoding or validation.
+pub struct DecodeFailed<'a> {
+    /// Topic.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Reason code.
+    pub reason: &'static str,
+    /// Error message.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl DecodeFailed<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        tracing::debug!(
+            topic = self.topic,
+            partition = self.partition,
+            offset = self.offset,
+            reason = self.reason,
+            error = %self.error,
+            "record rejected"
+        );
+        metrics()
+            .decode_errors
+            .get_or_create(&ReasonLabels {
+                topic: self.topic.to_owned(),
+                reason: self.reason.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// Events arrived behind the watermark and were left out of their windows.
+pub struct LateEvents<'a> {
+    /// Dataflow.
+    pub dataflow: &'a str,
+    /// Operator.
+    pub operator: &'a str,
+    /// How many.
+    pub count: u64,
+}
+
+impl LateEvents<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        tracing::debug!(dataflow = self.dataflow, operator = self.operator, count = self.count, "late events");
+        metrics()
+            .late_events
+            .get_or_create(&OperatorLabels {
+                dataflow: self.dataflow.to_owned(),
+                operator: self.operator.to_owned(),
+            })
+            .inc_by(self.count);
+    }
+}
+
+/// Windows were closed and emitted.
+pub struct WindowsClosed<'a> {
+    /// Dataflow.
+    pub dataflow: &'a str,
+    /// Operator.
+    pub operator: &'a str,
+    /// How many (window, key) aggregates.
+    pub count: u64,
+    /// End of the latest closed window, microseconds.
+    pub window_end_us: u64,
+}
+
+impl WindowsClosed<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        WINDOWS_CLOSED_TOTAL.fetch_add(self.count, std::sync::atomic::Ordering::Relaxed);
+        tracing::trace!(
+            dataflow = self.dataflow,
+            operator = self.operator,
+            count = self.count,
+            window_end_us = self.window_end_us,
+            "windows closed"
+        );
+        metrics()
+            .windows_closed
+            .get_or_create(&OperatorLabels {
+                dataflow: self.dataflow.to_owned(),
+                operator: self.operator.to_owned(),
+            })
+            .inc_by(self.count);
+    }
+}
+
+/// Windows closed so far by every window operator of this process (for status lines).
+pub fn windows_closed_total() -> u64 {
+    WINDOWS_CLOSED_TOTAL.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static WINDOWS_CLOSED_TOTAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -1,0 +1,110 @@
+//! Records that flow between primespark's operators. All are serde so that timely can exchange
+//! them between processes of a cluster.
+
+use primespark_schemas::rows::{DeadLetterRow, TelemetryRow};
+use serde::{Deserialize, Serialize};
+
+/// Which sinks still need a record. On restart a partition is re-read from the lowest offset any
+/// sink still needs; each record then goes only to the sinks that have not stored it yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Delivery {
+    /// Raw rows (and dead letters) into PostgreSQL.
+    pub postgres: bool,
+    /// Raw rows into Parquet on the NAS.
+    pub parquet: bool,
+    /// Event-time windows (aggregates).
+    pub window: bool,
+}
+
+impl Delivery {
+    /// Every sink.
+    pub const ALL: Delivery = Delivery {
+        postgres: true,
+        parquet: true,
+        window: true,
+    };
+
+    /// Whether any raw sink needs the record.
+    pub fn raw(&self) -> bool {
+        self.postgres || self.parquet
+    }
+}
+
+/// One Kafka message as read by a source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceRecord {
+    /// Kafka partition.
+    pub partition: i32,
+    /// Offset within the partition.
+    pub offset: i64,
+    /// The message value, as published.
+    pub payload: Vec<u8>,
+    /// Which sinks need it.
+    pub delivery: Delivery,
+    /// The partition's watermark just before this record: an event earlier than this is late.
+    pub watermark_us: i64,
+}
+
+/// A telemetry row on its way to the sinks and windows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricPoint {
+    /// The row.
+    pub row: TelemetryRow,
+    /// Which sinks need it.
+    pub delivery: Delivery,
+    /// Event time earlier than its partition's watermark when read.
+    pub late: bool,
+}
+
+/// A dead letter on its way to the sinks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The row.
+    pub row: DeadLetterRow,
+    /// Which sinks need it (only `postgres` matters).
+    pub delivery: Delivery,
+}
+
+/// Progress a source reports so that the checkpoint knows where a partition must resume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SourceMark {
+    /// Everything below `next_offset` has been read; `max_event_us` is the partition's highest
+    /// event time so far (its watermark is that minus the out-of-orderness bound).
+    Progress {
+        /// Kafka partition.
+        partition: i32,
+        /// Next offset to read.
+        next_offset: i64,
+        /// Highest event time seen, or `i64::MIN` if none.
+        max_event_us: i64,
+    },
+    /// The first on-time record of window `window_start_us` in this partition is at `offset`;
+    /// `max_event_us` is the partition's highest event time just before it.
+    WindowOpened {
+        /// Kafka partition.
+        partition: i32,
+        /// Window start, microseconds since the epoch.
+        window_start_us: i64,
+        /// Offset of the window's first record in this partition.
+        offset: i64,
+        /// Highest event time seen before that record, or `i64::MIN`.
+        max_event_us: i64,
+    },
+}
+
+/// Start of the tumbling window of width `width_us` that contains `time_us`.
+pub fn window_start(time_us: i64, width_us: i64) -> i64 {
+    time_us.div_euclid(width_us) * width_us
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_start_floors() {
+        assert_eq!(window_start(125, 60), 120);
+        assert_eq!(window_start(120, 60), 120);
+        assert_eq!(window_start(-1, 60), -60);
+    }
+}

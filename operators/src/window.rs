@@ -1,0 +1,194 @@
+//! Event-time tumbling windows.
+//!
+//! Records are exchanged by key, so each (key, window) is aggregated on exactly one worker of the
+//! cluster. A window `[start, end)` is emitted, at timely time `end`, once the input frontier
+//! (the watermark) reaches `end`; state is therefore bounded by the open windows.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+
+use serde::{Deserialize, Serialize};
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::Capability;
+use timely::dataflow::StreamVec;
+use timely::ExchangeData;
+
+use crate::metrics::{LateEvents, WindowsClosed};
+use crate::record::window_start;
+use crate::{stable_hash, EventTime};
+
+/// A closed window's aggregate for one key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowResult<K, A> {
+    /// The key.
+    pub key: K,
+    /// Window start, microseconds since the epoch.
+    pub window_start_us: i64,
+    /// The aggregate.
+    pub agg: A,
+}
+
+/// Settings of a [`TumblingWindow`] operator.
+#[derive(Debug, Clone)]
+pub struct WindowSpec {
+    /// Operator name (shows in logs and metrics), e.g. `device_metrics_1m`.
+    pub name: String,
+    /// Dataflow name.
+    pub dataflow: String,
+    /// Window width in microseconds.
+    pub width_us: i64,
+    /// Windows ending at or before this were committed by an earlier run: records for them are
+    /// replays and are skipped.
+    pub committed_watermark_us: EventTime,
+}
+
+/// Tumbling event-time windows over `(key, event_time_us, value)` records.
+pub trait TumblingWindow<'scope, K, V> {
+    /// Folds each record into its (key, window) aggregate and emits closed windows.
+    ///
+    /// Records whose window already closed (its end is at or below the time they arrive at) are
+    /// late: they are counted and left out.
+    ///
+    /// ```
+    /// use timely::dataflow::operators::{ToStream, Capture, capture::Event};
+    /// use primespark_operators::window::{TumblingWindow, WindowSpec};
+    ///
+    /// let out = timely::example(|scope| {
+    ///     let spec = WindowSpec { name: "w".into(), dataflow: "d".into(), width_us: 10, committed_watermark_us: 0 };
+    ///     vec![("a".to_string(), 1i64, 2u64), ("a".to_string(), 5, 3), ("a".to_string(), 12, 4)]
+    ///         .to_stream(scope).container::<Vec<_>>()
+    ///         .tumbling_window(spec, |sum: &mut u64, v| *sum += v)
+    ///         .capture()
+    /// });
+    /// let mut rows: Vec<_> = out.try_iter()
+    ///     .flat_map(|e| match e { Event::Messages(_, rows) => rows, _ => Vec::new() })
+    ///     .collect();
+    /// rows.sort_by_key(|r| r.window_start_us);
+    /// assert_eq!((rows[0].window_start_us, rows[0].agg), (0, 5));
+    /// assert_eq!((rows[1].window_start_us, rows[1].agg), (10, 4));
+    /// ```
+    fn tumbling_window<A, F>(self, spec: WindowSpec, fold: F) -> StreamVec<'scope, EventTime, WindowResult<K, A>>
+    where
+        A: Default + ExchangeData + Clone,
+        F: FnMut(&mut A, V) + 'static;
+}
+
+impl<'scope, K, V> TumblingWindow<'scope, K, V> for StreamVec<'scope, EventTime, (K, i64, V)>
+where
+    K: ExchangeData + Hash + Eq + Clone,
+    V: ExchangeData,
+{
+    fn tumbling_window<A, F>(self, spec: WindowSpec, mut fold: F) -> StreamVec<'scope, EventTime, WindowResult<K, A>>
+    where
+        A: Default + ExchangeData + Clone,
+        F: FnMut(&mut A, V) + 'static,
+    {
+        let name = spec.name.clone();
+        let width = spec.width_us;
+        let committed = spec.committed_watermark_us;
+        self.unary_frontier(
+            Exchange::new(|record: &(K, i64, V)| stable_hash(&record.0)),
+            &name,
+            move |_cap, _info| {
+                // Open windows by end time, each with the capability to emit it.
+                let mut open: BTreeMap<EventTime, (Capability<EventTime>, HashMap<K, A>)> = BTreeMap::new();
+                move |(input, frontier), output| {
+                    let mut late = 0u64;
+                    input.for_each(|cap, data| {
+                        let Some(&now) = cap.least() else {
+                            return;
+                        };
+                        for (key, time_us, value) in data.drain(..) {
+                            let start = window_start(time_us, width);
+                            let Ok(end) = EventTime::try_from(start.saturating_add(width)) else {
+                                late += 1;
+                                continue;
+                            };
+                            if end <= committed {
+                                // Replayed record of a window an earlier run already committed.
+                                continue;
+                            }
+                            if end <= now {
+                                late += 1;
+                                continue;
+                            }
+                            let (_, aggs) = open
+                                .entry(end)
+                                .or_insert_with(|| (cap.delayed(&end, 0), HashMap::new()));
+                            fold(aggs.entry(key).or_default(), value);
+                        }
+                    });
+                    if late > 0 {
+                        LateEvents {
+                            dataflow: &spec.dataflow,
+                            operator: &spec.name,
+                            count: late,
+                        }
+                        .emit();
+                    }
+                    while let Some(entry) = open.first_entry() {
+                        let end = *entry.key();
+                        if frontier.frontier().less_than(&end) {
+                            break;
+                        }
+                        let (cap, aggs) = entry.remove();
+                        let count = aggs.len() as u64;
+                        let window_start_us = end as i64 - width;
+                        output.session(&cap).give_iterator(aggs.into_iter().map(|(key, agg)| WindowResult {
+                            key,
+                            window_start_us,
+                            agg,
+                        }));
+                        WindowsClosed {
+                            dataflow: &spec.dataflow,
+                            operator: &spec.name,
+                            count,
+                            window_end_us: end,
+                        }
+                        .emit();
+                    }
+                }
+            },
+        )
+    }
+}
+
+/// count, sum, min and max of a window's values: the `device_metrics_1m` aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Number of values.
+    pub count: u64,
+    /// Sum.
+    pub sum: f64,
+    /// Minimum.
+    pub min: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            count: 0,
+            sum: 0.0,
+            min: f64::INFINITY,
+            max: f64::NEG_INFINITY,
+        }
+    }
+}
+
+impl Stats {
+    /// Adds one value.
+    pub fn add(&mut self, v: f64) {
+        self.count += 1;
+        self.sum += v;
+        self.min = self.min.min(v);
+        self.max = self.max.max(v);
+    }
+
+    /// Mean, `NaN` when empty.
+    pub fn avg(&self) -> f64 {
+        self.sum / self.count as f64
+    }
+}

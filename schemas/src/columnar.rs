@@ -1,0 +1,64 @@
+//! Arrow schemas of the rows primespark writes to Parquet and serves over SQL.
+//!
+//! Raw rows carry their Kafka provenance (`kafka_partition`, `kafka_offset`) so an archive can
+//! be deduplicated and replayed (backfill) without the broker.
+
+use std::sync::{Arc, OnceLock};
+
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+
+/// Timestamp type of every time column: microseconds, UTC.
+pub fn time_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// Raw telemetry, one row per (device, metric, time): the Parquet files under
+/// `topic=edge.telemetry/` and the SQL table `telemetry_raw`.
+pub fn telemetry_raw() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("time", time_type(), false),
+                Field::new("device_id", DataType::Utf8, false),
+                Field::new("metric_name", DataType::Utf8, false),
+                Field::new("value", DataType::Float64, false),
+                Field::new("kafka_partition", DataType::Int32, false),
+                Field::new("kafka_offset", DataType::Int64, false),
+            ]))
+        })
+        .clone()
+}
+
+/// 1-minute aggregates, one row per (device, metric, bucket): the Parquet files under
+/// `table=device_metrics_1m/` and the SQL table `device_metrics_1m`.
+pub fn device_metrics_1m() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("bucket", time_type(), false),
+                Field::new("device_id", DataType::Utf8, false),
+                Field::new("metric_name", DataType::Utf8, false),
+                Field::new("count", DataType::Int64, false),
+                Field::new("sum", DataType::Float64, false),
+                Field::new("min", DataType::Float64, false),
+                Field::new("max", DataType::Float64, false),
+                Field::new("avg", DataType::Float64, false),
+            ]))
+        })
+        .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn telemetry_columns() {
+        let s = telemetry_raw();
+        let names: Vec<_> = s.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(names, ["time", "device_id", "metric_name", "value", "kafka_partition", "kafka_offset"]);
+        assert_eq!(s.field(0).data_type(), &time_type());
+    }
+}

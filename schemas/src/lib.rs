@@ -1,0 +1,54 @@
+//! The event contract of primespark.
+//!
+//! Producers on the platform publish JSON to three Kafka topics; this crate says what those
+//! messages must look like and what they become: typed events ([`telemetry`], [`inference`],
+//! [`analytics`]), the validation that turns bytes into them with errors that name the offending
+//! field ([`error`]), the Arrow schemas of the rows we write ([`columnar`]) and the DDL of the
+//! tables the sinks fill ([`ddl`]).
+//!
+//! It does no I/O: `connectors` and `operators` depend on it, never the other way round.
+
+pub mod analytics;
+pub mod columnar;
+pub mod ddl;
+pub mod error;
+pub mod inference;
+pub mod rows;
+mod json;
+pub mod telemetry;
+pub mod time;
+
+pub use error::{DecodeError, ErrorKind};
+
+/// Limits applied while decoding; a message that breaks one is an error, not a panic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Largest accepted message, in bytes. Default 1 MiB (Kafka's default `message.max.bytes`).
+    pub max_message_bytes: usize,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl DecodeLimits {
+    /// Fails with [`ErrorKind::Oversize`] when `payload` is larger than the limit.
+    pub fn check(&self, payload: &[u8]) -> Result<(), DecodeError> {
+        if payload.len() > self.max_message_bytes {
+            return Err(DecodeError::new(
+                ErrorKind::Oversize,
+                None,
+                format!(
+                    "message is {} bytes, over the limit of {} bytes",
+                    payload.len(),
+                    self.max_message_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,218 @@
+//! `edge.telemetry`: one device's metrics at one time.
+//!
+//! ```json
+//! {"device_id": "control-pc-1",
+//!  "metrics": {"cpu_percent": 45.2, "memory_percent": 65.1, "disk_percent": 18.0,
+//!              "temperature": 55.3, "load_avg": 1.25},
+//!  "timestamp": "2025-11-05T14:03:07.123456"}
+//! ```
+//! Every metric with a numeric value is a metric; `null` values are skipped (temperature is
+//! null on hosts without a sensor). Metrics named `*_percent` must lie in `0..=100`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DecodeError, ErrorKind};
+use crate::json;
+use crate::time::{parse_timestamp, Micros};
+use crate::DecodeLimits;
+
+/// Longest metric name, in bytes.
+pub const MAX_METRIC_NAME_LEN: usize = 128;
+/// Most metrics in one event.
+pub const MAX_METRICS_PER_EVENT: usize = 256;
+
+/// A decoded, validated telemetry event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryEvent {
+    /// The reporting device.
+    pub device_id: String,
+    /// Event time, microseconds since the epoch (UTC).
+    pub time_us: Micros,
+    /// Numeric metrics sorted by name; nulls already skipped.
+    pub metrics: Vec<Metric>,
+}
+
+/// One named metric value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metric {
+    /// Metric name, e.g. `cpu_percent`.
+    pub name: String,
+    /// Its value; always finite.
+    pub value: f64,
+}
+
+impl TelemetryEvent {
+    /// Decodes and validates one message.
+    pub fn decode(payload: &[u8], limits: &DecodeLimits) -> Result<Self, DecodeError> {
+        let obj = json::parse_object(payload, limits)?;
+        let device_id = json::required_ident(&obj, "device_id")?;
+        let time_us = parse_timestamp(json::required(&obj, "timestamp")?, "timestamp")?;
+        let metrics_value = json::required(&obj, "metrics")?;
+        let map = metrics_value.as_object().ok_or_else(|| {
+            DecodeError::field(
+                ErrorKind::WrongType,
+                "metrics",
+                format!("expected an object, got {}", json::type_name(metrics_value)),
+            )
+        })?;
+        if map.len() > MAX_METRICS_PER_EVENT {
+            return Err(DecodeError::field(
+                ErrorKind::OutOfRange,
+                "metrics",
+                format!("{} metrics, more than {MAX_METRICS_PER_EVENT}", map.len()),
+            ));
+        }
+        let mut metrics = Vec::with_capacity(map.len());
+        for (name, value) in map {
+            if value.is_null() {
+                continue;
+            }
+            let field = format!("metrics.{}", json::truncate(name, MAX_METRIC_NAME_LEN));
+            validate_metric_name(name, &field)?;
+            let value = json::number(value, &field)?;
+            if name.ends_with("_percent") && !(0.0..=100.0).contains(&value) {
+                return Err(DecodeError::field(
+                    ErrorKind::OutOfRange,
+                    &field,
+                    format!("{value} is outside 0..=100"),
+                ));
+            }
+            metrics.push(Metric {
+                name: name.clone(),
+                value,
+            });
+        }
+        if metrics.is_empty() {
+            return Err(DecodeError::field(
+                ErrorKind::MissingField,
+                "metrics",
+                "has no numeric metric",
+            ));
+        }
+        Ok(Self {
+            device_id,
+            time_us,
+            metrics,
+        })
+    }
+}
+
+fn validate_metric_name(name: &str, field: &str) -> Result<(), DecodeError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_METRIC_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(DecodeError::field(
+            ErrorKind::InvalidValue,
+            field,
+            "metric names are 1-128 characters of [A-Za-z0-9_.:-]",
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::format_micros;
+
+    fn decode(s: &str) -> Result<TelemetryEvent, DecodeError> {
+        TelemetryEvent::decode(s.as_bytes(), &DecodeLimits::default())
+    }
+
+    #[test]
+    fn platform_shape() {
+        let e = decode(
+            r#"{"device_id": "control-pc-1", "metrics": {"cpu_percent": 45.2, "memory_percent": 65.1,
+                "disk_percent": 18.0, "temperature": 55.3, "load_avg": 1.25},
+                "timestamp": "2025-11-05T14:03:07.123456"}"#,
+        )
+        .unwrap();
+        assert_eq!(e.device_id, "control-pc-1");
+        assert_eq!(format_micros(e.time_us), "2025-11-05T14:03:07.123456Z");
+        let names: Vec<_> = e.metrics.iter().map(|m| m.name.as_str()).collect();
+        assert_eq!(names, ["cpu_percent", "disk_percent", "load_avg", "memory_percent", "temperature"]);
+        assert_eq!(e.metrics[2].value, 1.25);
+    }
+
+    #[test]
+    fn null_metrics_are_skipped() {
+        let e = decode(r#"{"device_id":"pi-1","metrics":{"cpu_percent":1,"temperature":null},"timestamp":1762351387123}"#)
+            .unwrap();
+        assert_eq!(e.metrics.len(), 1);
+        assert_eq!(e.time_us, 1_762_351_387_123_000);
+    }
+
+    #[test]
+    fn offset_timestamps() {
+        let e = decode(r#"{"device_id":"pi-1","metrics":{"x":1},"timestamp":"2025-11-05T15:03:07+01:00"}"#).unwrap();
+        assert_eq!(format_micros(e.time_us), "2025-11-05T14:03:07.000000Z");
+    }
+
+    fn kind_and_message(s: &str) -> (ErrorKind, String) {
+        let e = decode(s).unwrap_err();
+        (e.kind, e.to_string())
+    }
+
+    #[test]
+    fn bad_inputs_name_the_field() {
+        let (k, m) = kind_and_message("{not json");
+        assert_eq!(k, ErrorKind::MalformedJson, "{m}");
+        let (k, _) = kind_and_message("[1,2]");
+        assert_eq!(k, ErrorKind::MalformedJson);
+        let (k, m) = kind_and_message(r#"{"metrics":{"x":1},"timestamp":1762351387123}"#);
+        assert_eq!((k, m.as_str()), (ErrorKind::MissingField, "field \"device_id\": required field is missing"));
+        let (k, m) = kind_and_message(r#"{"device_id":7,"metrics":{"x":1},"timestamp":1762351387123}"#);
+        assert_eq!(k, ErrorKind::WrongType, "{m}");
+        assert!(m.contains("device_id"));
+        let (k, m) = kind_and_message(r#"{"device_id":"a","metrics":{"cpu_percent":"high"},"timestamp":1762351387123}"#);
+        assert_eq!(k, ErrorKind::WrongType);
+        assert!(m.contains("metrics.cpu_percent"), "{m}");
+        let (k, m) = kind_and_message(r#"{"device_id":"a","metrics":{"cpu_percent":140},"timestamp":1762351387123}"#);
+        assert_eq!(k, ErrorKind::OutOfRange);
+        assert_eq!(m, "field \"metrics.cpu_percent\": 140 is outside 0..=100");
+        let (k, _) = kind_and_message(r#"{"device_id":"a","metrics":{"t":null},"timestamp":1762351387123}"#);
+        assert_eq!(k, ErrorKind::MissingField);
+        let (k, m) = kind_and_message(r#"{"device_id":"a","metrics":[1],"timestamp":1762351387123}"#);
+        assert_eq!(k, ErrorKind::WrongType, "{m}");
+        let (k, _) = kind_and_message(r#"{"device_id":"a","metrics":{"x":1},"timestamp":"soon"}"#);
+        assert_eq!(k, ErrorKind::BadTimestamp);
+        let (k, _) = kind_and_message(r#"{"device_id":"","metrics":{"x":1},"timestamp":1762351387123}"#);
+        assert_eq!(k, ErrorKind::InvalidValue);
+    }
+
+    #[test]
+    fn nan_and_overflow_are_rejected() {
+        // JSON has no NaN literal; producers that write one send invalid JSON.
+        let (k, _) = kind_and_message(r#"{"device_id":"a","metrics":{"x":NaN},"timestamp":1762351387123}"#);
+        assert_eq!(k, ErrorKind::MalformedJson);
+        let (k, _) = kind_and_message(r#"{"device_id":"a","metrics":{"x":1e999},"timestamp":1762351387123}"#);
+        assert_eq!(k, ErrorKind::MalformedJson);
+    }
+
+    #[test]
+    fn oversize() {
+        let limits = DecodeLimits { max_message_bytes: 64 };
+        let big = format!(r#"{{"device_id":"{}","metrics":{{"x":1}},"timestamp":1}}"#, "a".repeat(100));
+        let e = TelemetryEvent::decode(big.as_bytes(), &limits).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Oversize);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = TelemetryEvent::decode(&bytes, &DecodeLimits::default());
+        }
+
+        #[test]
+        fn valid_percentages_round_trip(v in 0.0f64..=100.0, ms in 1_000_000_000_000i64..4_000_000_000_000i64) {
+            let s = format!(r#"{{"device_id":"d","metrics":{{"cpu_percent":{v}}},"timestamp":{ms}}}"#);
+            let e = TelemetryEvent::decode(s.as_bytes(), &DecodeLimits::default()).unwrap();
+            proptest::prop_assert_eq!(e.metrics[0].value, v);
+            proptest::prop_assert_eq!(e.time_us, ms * 1000);
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Helpers for primespark's end-to-end suites: the service stack (started through
+//! `deploy/dev/stack.sh` when the environment does not already describe one), per-test
+//! databases and topics, producers, and the pipeline as a child process.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::ClientConfig;
+
+/// Addresses of the running stack.
+#[derive(Debug, Clone)]
+pub struct Stack {
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// PostgreSQL URL of the stack's main database.
+    pub postgres_url: String,
+    /// Python interpreter with confluent-kafka, pyarrow and duckdb.
+    pub python: String,
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The stack, brought up once per test process if the environment does not name one.
+pub fn stack() -> &'static Stack {
+    static STACK: OnceLock<Stack> = OnceLock::new();
+    STACK.get_or_init(|| {
+        let mut vars: HashMap<String, String> = std::env::vars().collect();
+        if !vars.contains_key("PRIMESPARK_KAFKA__BROKERS") {
+            let script = repo_root().join("deploy/dev/stack.sh");
+            let up = Command::new("bash").arg(&script).arg("up").status().expect("running stack.sh up");
+            assert!(up.success(), "stack.sh up failed");
+            let out = Command::new("bash").arg(&script).arg("env").output().expect("running stack.sh env");
+            assert!(out.status.success(), "stack.sh env failed");
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if let Some((k, v)) = line.trim_start_matches("export ").split_once('=') {
+                    vars.insert(k.to_owned(), v.trim_matches(|c| c == '"' || c == '\'').to_owned());
+                }
+            }
+        }
+        Stack {
+            brokers: vars["PRIMESPARK_KAFKA__BROKERS"].clone(),
+            postgres_url: vars["PRIMESPARK_POSTGRES__URL"].clone(),
+            python: vars.get("PRIMESPARK_STACK_PYTHON").cloned().unwrap_or_else(|| "python3".into()),
+        }
+    })
+}
+
+/// A unique lower-case suffix for per-test names.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}_{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+/// Creates a fresh database for one test and returns its URL.
+pub async fn fresh_database(stack: &Stack, name: &str) -> Result<String> {
+    let (client, conn) = tokio_postgres::connect(&stack.postgres_url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    client.batch_execute(&format!("CREATE DATABASE {name}")).await?;
+    let (base, _) = stack.postgres_url.rsplit_once('/').context("postgres url has no database")?;
+    Ok(format!("{base}/{name}"))
+}
+
+/// Connects to `url`.
+pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// Creates a topic.
+pub async fn create_topic(stack: &Stack, topic: &str, partitions: i32) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &stack.brokers).create()?;
+    let res = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await?;
+    for r in res {
+        if let Err((t, e)) = r {
+            bail!("creating {t}: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Produces `(partition, payload)` records in order and waits for delivery.
+pub fn produce(stack: &Stack, topic: &str, records: &[(i32, Vec<u8>)]) -> Result<()> {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &stack.brokers)
+        .set("linger.ms", "5")
+        .create()?;
+    for (partition, payload) in records {
+        let mut record = BaseRecord::<(), [u8]>::to(topic).partition(*partition).payload(payload.as_slice());
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    producer.poll(Duration::from_millis(10));
+                    record = r;
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// The pipeline as a child process.
+pub struct Pipeline {
+    child: Child,
+}
+
+impl Pipeline {
+    /// Starts `primespark run --config <config>` with `env` added.
+    pub fn start(config: &Path, env: &[(&str, &str)], log: &Path) -> Result<Self> {
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_primespark-under-test"));
+        cmd.arg("run").arg("--config").arg(config);
+        // The test names every address itself; the stack's exports must not override it.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("PRIMESPARK_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.envs(env.iter().copied())
+            .env("RUST_LOG", "info,primespark_connectors=debug")
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        Ok(Self { child: cmd.spawn()? })
+    }
+
+    /// SIGKILL: no flush, no goodbye.
+    pub fn kill(mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn terminate(mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").arg("-TERM").arg(&pid).status()?;
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if started.elapsed() > timeout {
+                self.child.kill()?;
+                bail!("pipeline did not exit within {timeout:?} after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(18080)
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool>>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await? {
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
