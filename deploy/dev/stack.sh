@@ -164,6 +164,8 @@ PG_LOG=$pg_base/postgres.log
 EOF
 }
 
+# KAFKA_PORT, PG_PORT, S3_PORT, PG_* come from ports.env (load_ports).
+# shellcheck disable=SC2153
 service_port() {
     case "$1" in
         kafka) echo "$KAFKA_PORT" ;;
@@ -186,9 +188,9 @@ service_up() {
     pid_alive "$pid" && port_open "$(service_port "$1")"
 }
 
-wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
-    local secs=$1 what=$2 i
-    shift 2
+wait_for() {  # wait_for SECONDS COMMAND...: retry COMMAND every 0.2s
+    local secs=$1 i
+    shift
     for ((i = 0; i < secs * 5; i++)); do
         "$@" && return 0
         sleep 0.2
@@ -211,7 +213,9 @@ start_kafka() {
     ensure_tansu
     local url="tcp://127.0.0.1:$KAFKA_PORT"
     # memory:// storage: nothing on disk, topics vanish on restart (fine for tests).
-    spawn kafka "$TANSU_BIN" broker \
+    # Tansu also reads these env vars; keep a user's settings out of the stack.
+    spawn kafka env -u CLUSTER_ID -u SCHEMA_REGISTRY -u OTEL_EXPORTER_OTLP_ENDPOINT \
+        "$TANSU_BIN" broker \
         --listener-url "$url" \
         --advertised-listener-url "$url" \
         --storage-engine "memory://tansu/"
@@ -265,7 +269,7 @@ start_postgres() {
     pg_init
     as_pg "$PG_BIN/pg_ctl" start -D "$PG_DATA" -l "$PG_LOG" -w -t 60 >/dev/null 9>&- 8>&- \
         || { tail -n 20 "$PG_LOG" >&2; die "postgres did not start"; }
-    wait_for 30 postgres "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" \
+    wait_for 30 "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" \
         || die "pg_isready never reported ready (see $STATE/postgres.log)"
     pg_bootstrap
 }
@@ -279,7 +283,7 @@ start_service() {
     fi
     log "starting $name on 127.0.0.1:$port"
     "start_$name"
-    wait_for 60 "$name" service_up "$name" \
+    wait_for 60 service_up "$name" \
         || { tail -n 20 "$STATE/$name.log" >&2; die "$name did not come up (log: $STATE/$name.log)"; }
 }
 

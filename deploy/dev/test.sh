@@ -12,6 +12,7 @@ STACK="$SCRIPT_DIR/stack.sh"
 # Shared target dir outside the work tree so fresh clones reuse build artefacts.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/primespark-target}"
 
+# shellcheck disable=SC2329  # invoked by the EXIT trap
 cleanup() {
     if [ "${PRIMESPARK_KEEP_STACK:-0}" = 1 ]; then
         echo "test.sh: PRIMESPARK_KEEP_STACK=1, leaving the stack up ($STACK down to stop it)" >&2
