@@ -52,7 +52,10 @@ fn main() {
     let started = Instant::now();
     let mut metrics = 0usize;
     for p in &data {
-        metrics += TelemetryEvent::decode(p, &limits).expect("valid").metrics.len();
+        metrics += TelemetryEvent::decode(p, &limits)
+            .expect("valid")
+            .metrics
+            .len();
     }
     let decode = started.elapsed();
 
@@ -76,9 +79,17 @@ fn main() {
         let probe = ProbeHandle::new();
         let counter = counter.clone();
         worker.dataflow(|scope| {
-            let (points, _dead) = scope.input_from(&mut input).decode_telemetry("bench", DecodeLimits::default());
+            let (points, _dead) = scope
+                .input_from(&mut input)
+                .decode_telemetry("bench", DecodeLimits::default());
             points
-                .map(|p| ((p.row.device_id, p.row.metric_name), p.row.time_us, p.row.value))
+                .map(|p| {
+                    (
+                        (p.row.device_id, p.row.metric_name),
+                        p.row.time_us,
+                        p.row.value,
+                    )
+                })
                 .tumbling_window(
                     WindowSpec {
                         name: "bench_1m".into(),
@@ -117,8 +128,16 @@ fn main() {
     let rate = |d: std::time::Duration| EVENTS as f64 / d.as_secs_f64();
     let mut out = std::io::stdout().lock();
     use std::io::Write;
-    let _ = writeln!(out, "decode_window: {EVENTS} telemetry events, {DEVICES} devices, {:.1} MB", bytes as f64 / 1e6);
-    let _ = writeln!(out, "  baseline serde_json::Value parse : {:>10.0} events/s", rate(baseline));
+    let _ = writeln!(
+        out,
+        "decode_window: {EVENTS} telemetry events, {DEVICES} devices, {:.1} MB",
+        bytes as f64 / 1e6
+    );
+    let _ = writeln!(
+        out,
+        "  baseline serde_json::Value parse : {:>10.0} events/s",
+        rate(baseline)
+    );
     let _ = writeln!(
         out,
         "  decode + validate                 : {:>10.0} events/s  ({:.2}x baseline, {metrics} samples)",

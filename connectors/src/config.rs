@@ -27,7 +27,9 @@ impl InvalidConfig {
 /// Parses `"250ms"`, `"5s"`, `"2m"`, `"1h"`, `"7d"` (or a bare number of seconds).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let value: f64 = num
         .parse()
@@ -38,7 +40,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => value * 60.0,
         "h" => value * 3600.0,
         "d" => value * 86_400.0,
-        other => return Err(format!("unknown duration unit \"{other}\" in \"{s}\" (use ms, s, m, h or d)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit \"{other}\" in \"{s}\" (use ms, s, m, h or d)"
+            ))
+        }
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("\"{s}\" is not a valid duration"));

@@ -71,17 +71,41 @@ fn metrics() -> &'static Metrics {
 /// Registers the connectors' series.
 pub fn register(registry: &mut Registry) {
     let m = metrics();
-    registry.register("primespark_source_records", "Kafka records consumed", m.records.clone());
-    registry.register("primespark_source_bytes", "Kafka payload bytes consumed", m.bytes.clone());
-    registry.register("primespark_sink_rows_written", "Rows made durable by a sink", m.rows_written.clone());
+    registry.register(
+        "primespark_source_records",
+        "Kafka records consumed",
+        m.records.clone(),
+    );
+    registry.register(
+        "primespark_source_bytes",
+        "Kafka payload bytes consumed",
+        m.bytes.clone(),
+    );
+    registry.register(
+        "primespark_sink_rows_written",
+        "Rows made durable by a sink",
+        m.rows_written.clone(),
+    );
     registry.register(
         "primespark_sink_flush_duration_seconds",
         "Duration of one sink flush (one transaction or one file roll)",
         m.flush_seconds.clone(),
     );
-    registry.register("primespark_sink_errors", "Failed sink flushes (retried)", m.sink_errors.clone());
-    registry.register("primespark_dead_letters", "Records stored in dead_letters", m.dead_letters.clone());
-    registry.register("primespark_queries", "SQL queries answered", m.queries.clone());
+    registry.register(
+        "primespark_sink_errors",
+        "Failed sink flushes (retried)",
+        m.sink_errors.clone(),
+    );
+    registry.register(
+        "primespark_dead_letters",
+        "Records stored in dead_letters",
+        m.dead_letters.clone(),
+    );
+    registry.register(
+        "primespark_queries",
+        "SQL queries answered",
+        m.queries.clone(),
+    );
     registry.register(
         "primespark_query_duration_seconds",
         "SQL query duration",
@@ -109,7 +133,13 @@ pub struct KafkaRecordsReceived<'a> {
 impl KafkaRecordsReceived<'_> {
     /// Logs and counts.
     pub fn emit(&self) {
-        tracing::trace!(topic = self.topic, partition = self.partition, count = self.count, bytes = self.bytes, "records received");
+        tracing::trace!(
+            topic = self.topic,
+            partition = self.partition,
+            count = self.count,
+            bytes = self.bytes,
+            "records received"
+        );
         let labels = PartitionLabels {
             topic: self.topic.to_owned(),
             partition: self.partition.to_string(),
@@ -148,13 +178,25 @@ pub struct SinkRowsWritten<'a> {
 impl SinkRowsWritten<'_> {
     /// Logs and counts.
     pub fn emit(&self) {
-        tracing::debug!(sink = self.sink, table = self.table, rows = self.rows, duration_ms = self.duration.as_millis() as u64, "rows written");
+        tracing::debug!(
+            sink = self.sink,
+            table = self.table,
+            rows = self.rows,
+            duration_ms = self.duration.as_millis() as u64,
+            "rows written"
+        );
         let labels = SinkLabels {
             sink: self.sink.to_owned(),
             table: self.table.to_owned(),
         };
-        metrics().rows_written.get_or_create(&labels).inc_by(self.rows);
-        metrics().flush_seconds.get_or_create(&labels).observe(self.duration.as_secs_f64());
+        metrics()
+            .rows_written
+            .get_or_create(&labels)
+            .inc_by(self.rows);
+        metrics()
+            .flush_seconds
+            .get_or_create(&labels)
+            .observe(self.duration.as_secs_f64());
     }
 }
 
@@ -218,7 +260,12 @@ pub struct DeadLettersWritten<'a> {
 impl DeadLettersWritten<'_> {
     /// Logs and counts.
     pub fn emit(&self) {
-        tracing::info!(topic = self.topic, partition = self.partition, count = self.count, "dead letters stored");
+        tracing::info!(
+            topic = self.topic,
+            partition = self.partition,
+            count = self.count,
+            "dead letters stored"
+        );
         metrics()
             .dead_letters
             .get_or_create(&PartitionLabels {
@@ -246,12 +293,21 @@ impl QueryExecuted<'_> {
     /// Logs and counts.
     pub fn emit(&self) {
         let outcome = if self.ok { "ok" } else { "error" };
-        tracing::info!(endpoint = self.endpoint, outcome, rows = self.rows, duration_ms = self.duration.as_millis() as u64, "query");
+        tracing::info!(
+            endpoint = self.endpoint,
+            outcome,
+            rows = self.rows,
+            duration_ms = self.duration.as_millis() as u64,
+            "query"
+        );
         let labels = QueryLabels {
             endpoint: self.endpoint.to_owned(),
             outcome: outcome.to_owned(),
         };
         metrics().queries.get_or_create(&labels).inc();
-        metrics().query_seconds.get_or_create(&labels).observe(self.duration.as_secs_f64());
+        metrics()
+            .query_seconds
+            .get_or_create(&labels)
+            .observe(self.duration.as_secs_f64());
     }
 }

@@ -66,7 +66,11 @@ enum Command {
     /// Publish a synthetic fleet's telemetry to a real broker.
     Produce {
         /// Bootstrap servers.
-        #[arg(long, env = "PRIMESPARK_KAFKA__BROKERS", default_value = "127.0.0.1:9092")]
+        #[arg(
+            long,
+            env = "PRIMESPARK_KAFKA__BROKERS",
+            default_value = "127.0.0.1:9092"
+        )]
         brokers: String,
         /// Topic.
         #[arg(long, default_value = "edge.telemetry")]
@@ -98,9 +102,12 @@ enum Command {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn,datafusion=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,rdkafka=warn,datafusion=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -156,7 +163,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 .context("creating producer")?;
             let mut fleet = crate::fleet::Fleet::new(devices, bad_share, rand::random());
             let stop = AtomicBool::new(false);
-            let sent = crate::fleet::produce(&producer, &topic, &mut fleet, rate, Some(Duration::from_secs(duration_secs)), &stop);
+            let sent = crate::fleet::produce(
+                &producer,
+                &topic,
+                &mut fleet,
+                rate,
+                Some(Duration::from_secs(duration_secs)),
+                &stop,
+            );
             tracing::info!(sent, topic, "produced");
         }
         Command::CheckConfig { file } => {
@@ -167,9 +181,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Migrate { config } => {
             let config = load(&config)?;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async {
-                let mut client = primespark_connectors::postgres::connect(&config.postgres.config.url).await?;
+                let mut client =
+                    primespark_connectors::postgres::connect(&config.postgres.config.url).await?;
                 let backend = primespark_connectors::postgres::migrate(&mut client).await?;
                 tracing::info!(?backend, "migrations applied");
                 anyhow::Ok(())
@@ -186,7 +203,10 @@ pub fn main() -> ExitCode {
     init_logging(cli.log_format);
     let is_config_error = |e: &anyhow::Error| {
         e.downcast_ref::<crate::config::ConfigError>().is_some()
-            || matches!(e.downcast_ref::<crate::run::RunError>(), Some(crate::run::RunError::Config(_)))
+            || matches!(
+                e.downcast_ref::<crate::run::RunError>(),
+                Some(crate::run::RunError::Config(_))
+            )
     };
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,

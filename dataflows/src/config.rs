@@ -153,7 +153,10 @@ impl Default for PostgresSection {
 
 impl Config {
     /// Reads `path` (if any) and applies overrides from `env` (`PRIMESPARK_KAFKA__BROKERS=...`).
-    pub fn load(path: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
         let (text, origin) = match path {
             Some(p) => (
                 std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
@@ -168,7 +171,11 @@ impl Config {
     }
 
     /// Parses TOML text with environment overrides.
-    pub fn from_toml(text: &str, origin: &str, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+    pub fn from_toml(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
             origin: origin.to_owned(),
             message: e.to_string(),
@@ -188,12 +195,17 @@ impl Config {
         let origin = if overridden.is_empty() {
             origin.to_owned()
         } else {
-            format!("{origin} with environment overrides of {}", overridden.join(", "))
+            format!(
+                "{origin} with environment overrides of {}",
+                overridden.join(", ")
+            )
         };
-        let config: Config = table.try_into().map_err(|e: toml::de::Error| ConfigError::Parse {
-            origin,
-            message: e.message().to_owned(),
-        })?;
+        let config: Config = table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                origin,
+                message: e.message().to_owned(),
+            })?;
         config.validate()?;
         Ok(config)
     }
@@ -207,19 +219,34 @@ impl Config {
         self.nas.validate()?;
         self.query.validate()?;
         if self.windows.max_out_of_orderness > Duration::from_secs(3600) {
-            return Err(InvalidConfig::new("windows.max_out_of_orderness", "must be at most 1h"));
+            return Err(InvalidConfig::new(
+                "windows.max_out_of_orderness",
+                "must be at most 1h",
+            ));
         }
         if self.windows.idle_timeout.is_zero() {
-            return Err(InvalidConfig::new("windows.idle_timeout", "must be positive"));
+            return Err(InvalidConfig::new(
+                "windows.idle_timeout",
+                "must be positive",
+            ));
         }
         if !(1..=256).contains(&self.runtime.workers) {
-            return Err(InvalidConfig::new("runtime.workers", "must be between 1 and 256"));
+            return Err(InvalidConfig::new(
+                "runtime.workers",
+                "must be between 1 and 256",
+            ));
         }
         if self.runtime.max_message_bytes < 64 {
-            return Err(InvalidConfig::new("runtime.max_message_bytes", "must be at least 64"));
+            return Err(InvalidConfig::new(
+                "runtime.max_message_bytes",
+                "must be at least 64",
+            ));
         }
         if !self.postgres.enabled && !self.nas.enabled {
-            return Err(InvalidConfig::new("nas.enabled", "with postgres disabled too, nothing would be stored"));
+            return Err(InvalidConfig::new(
+                "nas.enabled",
+                "with postgres disabled too, nothing would be stored",
+            ));
         }
         Ok(())
     }
@@ -229,7 +256,9 @@ impl Config {
 fn parse_env_value(raw: &str) -> toml::Value {
     match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         Ok(mut t) => match t.remove("v") {
-            Some(v @ (toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_))) => v,
+            Some(
+                v @ (toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_)),
+            ) => v,
             _ => toml::Value::String(raw.to_owned()),
         },
         Err(_) => toml::Value::String(raw.to_owned()),
@@ -275,8 +304,14 @@ mod tests {
             [
                 ("PRIMESPARK_KAFKA__BROKERS".to_owned(), "b:2".to_owned()),
                 ("PRIMESPARK_RUNTIME__WORKERS".to_owned(), "3".to_owned()),
-                ("PRIMESPARK_WINDOWS__MAX_OUT_OF_ORDERNESS".to_owned(), "2s".to_owned()),
-                ("PRIMESPARK_KAFKA__TOPICS__TELEMETRY".to_owned(), "t.x".to_owned()),
+                (
+                    "PRIMESPARK_WINDOWS__MAX_OUT_OF_ORDERNESS".to_owned(),
+                    "2s".to_owned(),
+                ),
+                (
+                    "PRIMESPARK_KAFKA__TOPICS__TELEMETRY".to_owned(),
+                    "t.x".to_owned(),
+                ),
                 ("UNRELATED".to_owned(), "x".to_owned()),
             ],
         )
@@ -289,13 +324,21 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let e = Config::from_toml("[kafka]\nbrokrs = \"a:1\"", "f.toml", []).unwrap_err().to_string();
+        let e = Config::from_toml("[kafka]\nbrokrs = \"a:1\"", "f.toml", [])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("brokrs"), "{e}");
-        let e = Config::from_toml("[windows]\nmax_out_of_orderness = \"soon\"", "f.toml", []).unwrap_err().to_string();
+        let e = Config::from_toml("[windows]\nmax_out_of_orderness = \"soon\"", "f.toml", [])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("soon"), "{e}");
-        let e = Config::from_toml("[runtime]\nworkers = 0", "f.toml", []).unwrap_err().to_string();
+        let e = Config::from_toml("[runtime]\nworkers = 0", "f.toml", [])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("runtime.workers"), "{e}");
-        let e = Config::from_toml("[query]\nhttp_addr = \"nowhere\"", "f.toml", []).unwrap_err().to_string();
+        let e = Config::from_toml("[query]\nhttp_addr = \"nowhere\"", "f.toml", [])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("query.http_addr"), "{e}");
     }
 }

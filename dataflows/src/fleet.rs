@@ -80,7 +80,9 @@ pub fn produce(
     let started = std::time::Instant::now();
     let mut sent = 0u64;
     let rate = rate.max(1);
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) && duration.is_none_or(|d| started.elapsed() < d) {
+    while !stop.load(std::sync::atomic::Ordering::Relaxed)
+        && duration.is_none_or(|d| started.elapsed() < d)
+    {
         let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
         while sent < due {
             let (key, payload) = fleet.next_event(Utc::now());

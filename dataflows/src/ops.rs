@@ -1,6 +1,6 @@
 //! The process's Prometheus registry and operational HTTP routes.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use axum::http::header;
@@ -22,12 +22,20 @@ fn process() -> &'static Process {
         primespark_connectors::metrics::register(&mut registry);
         let started = Instant::now();
         let uptime = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-        registry.register("primespark_start_time_seconds", "Process start, seconds since the epoch", {
-            let g = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
-            g.set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
-            g
-        });
-        registry.register("primespark_uptime_seconds", "Seconds since start", uptime.clone());
+        registry.register(
+            "primespark_start_time_seconds",
+            "Process start, seconds since the epoch",
+            {
+                let g = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+                g.set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+                g
+            },
+        );
+        registry.register(
+            "primespark_uptime_seconds",
+            "Seconds since start",
+            uptime.clone(),
+        );
         UPTIME.get_or_init(|| (started, uptime));
         Process { registry }
     })
@@ -57,7 +65,10 @@ pub fn routes() -> Router {
             "/metrics",
             get(|| async {
                 (
-                    [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
                     encode_metrics(),
                 )
                     .into_response()
@@ -65,4 +76,3 @@ pub fn routes() -> Router {
         )
         .route("/healthz", get(|| async { "ok" }))
 }
-

@@ -54,14 +54,19 @@ pub enum RunError {
     #[error("timely: {0}")]
     Timely(String),
     /// Writers did not finish within the grace period.
-    #[error("sinks did not flush within {0:?}; the next run resumes from the last committed offsets")]
+    #[error(
+        "sinks did not flush within {0:?}; the next run resumes from the last committed offsets"
+    )]
     ShutdownTimeout(Duration),
 }
 
 /// How often committed aggregates and their checkpoint are written at most.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
 
-async fn connect_with_retry(url: &str, deadline: Duration) -> Result<tokio_postgres::Client, PostgresError> {
+async fn connect_with_retry(
+    url: &str,
+    deadline: Duration,
+) -> Result<tokio_postgres::Client, PostgresError> {
     let started = Instant::now();
     loop {
         match postgres::connect(url).await {
@@ -77,9 +82,19 @@ async fn connect_with_retry(url: &str, deadline: Duration) -> Result<tokio_postg
 
 fn resume_of(state: &StoredState, partition: i32, pg: bool, parquet: bool) -> Resume {
     Resume {
-        postgres: pg.then(|| state.offset(sink_names::POSTGRES_RAW, partition).map(|o| o.next_offset)).flatten(),
+        postgres: pg
+            .then(|| {
+                state
+                    .offset(sink_names::POSTGRES_RAW, partition)
+                    .map(|o| o.next_offset)
+            })
+            .flatten(),
         parquet: parquet
-            .then(|| state.offset(sink_names::PARQUET_RAW, partition).map(|o| o.next_offset))
+            .then(|| {
+                state
+                    .offset(sink_names::PARQUET_RAW, partition)
+                    .map(|o| o.next_offset)
+            })
             .flatten(),
         window: state
             .offset(sink_names::AGGREGATES, partition)
@@ -98,11 +113,17 @@ fn start_offset(resume: &Resume, pg: bool, parquet: bool) -> Option<i64> {
         needed.push(resume.parquet);
     }
     needed.push(resume.window.map(|w| w.0));
-    needed.into_iter().try_fold(i64::MAX, |acc, o| o.map(|o| acc.min(o)))
+    needed
+        .into_iter()
+        .try_fold(i64::MAX, |acc, o| o.map(|o| acc.min(o)))
 }
 
 /// Runs the pipeline until `shutdown` is set (or SIGINT/SIGTERM when `handle_signals`).
-pub fn run(config: &Config, shutdown: Arc<AtomicBool>, handle_signals: bool) -> Result<(), RunError> {
+pub fn run(
+    config: &Config,
+    shutdown: Arc<AtomicBool>,
+    handle_signals: bool,
+) -> Result<(), RunError> {
     config.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -124,7 +145,8 @@ pub fn run(config: &Config, shutdown: Arc<AtomicBool>, handle_signals: bool) -> 
 
     let state = if pg_enabled {
         rt.block_on(async {
-            let mut client = connect_with_retry(&config.postgres.config.url, Duration::from_secs(30)).await?;
+            let mut client =
+                connect_with_retry(&config.postgres.config.url, Duration::from_secs(30)).await?;
             postgres::migrate(&mut client).await?;
             postgres::load_state(&client, DATAFLOW, &topic).await
         })?

@@ -23,6 +23,9 @@ use tokio::sync::mpsc::Sender;
 
 use crate::source::RawItem;
 
+/// The output of operators that emit nothing.
+type UnitBuilder = timely::container::CapacityContainerBuilder<Vec<()>>;
+
 /// A batch of raw items for one worker's raw writer.
 #[derive(Debug)]
 pub struct RawBatch {
@@ -62,53 +65,61 @@ pub fn raw_sink(
     drained: Rc<Cell<bool>>,
 ) {
     let scope = stream.scope();
-    let _: StreamVec<'_, EventTime, ()> = stream.unary_frontier(Pipeline, "RawSink", move |_cap, info| {
-        let activator = scope.activator_for(info.address);
-        let mut buffer = RawBatch {
-            items: Vec::new(),
-            next_offsets: BTreeMap::new(),
-        };
-        let mut last_flush = Instant::now();
-        move |(input, _frontier), _output| {
-            input.for_each(|_cap, data| {
-                for item in data.drain(..) {
-                    let (partition, offset) = item.position();
-                    let next = buffer.next_offsets.entry(partition).or_insert(offset + 1);
-                    *next = (*next).max(offset + 1);
-                    buffer.items.push(item);
-                }
-            });
-            let stopping = shutdown.load(Ordering::Relaxed);
-            let due = buffer.items.len() >= policy.rows
-                || (!buffer.next_offsets.is_empty() && (last_flush.elapsed() >= policy.interval || stopping));
-            if due {
-                let batch = std::mem::replace(
-                    &mut buffer,
-                    RawBatch {
-                        items: Vec::new(),
-                        next_offsets: BTreeMap::new(),
-                    },
-                );
-                match tx.try_send(batch) {
-                    Ok(()) => last_flush = Instant::now(),
-                    Err(TrySendError::Full(batch)) => buffer = batch,
-                    Err(TrySendError::Closed(batch)) => {
-                        tracing::error!(items = batch.items.len(), "raw writer stopped; batch kept for the next run");
-                        buffer = batch;
+    let _: StreamVec<'_, EventTime, ()> =
+        stream.unary_frontier::<UnitBuilder, _, _, _>(Pipeline, "RawSink", move |_cap, info| {
+            let activator = scope.activator_for(info.address);
+            let mut buffer = RawBatch {
+                items: Vec::new(),
+                next_offsets: BTreeMap::new(),
+            };
+            let mut last_flush = Instant::now();
+            move |(input, _frontier), _output| {
+                input.for_each(|_cap, data| {
+                    for item in data.drain(..) {
+                        let (partition, offset) = item.position();
+                        let next = buffer.next_offsets.entry(partition).or_insert(offset + 1);
+                        *next = (*next).max(offset + 1);
+                        buffer.items.push(item);
+                    }
+                });
+                let stopping = shutdown.load(Ordering::Relaxed);
+                let due = buffer.items.len() >= policy.rows
+                    || (!buffer.next_offsets.is_empty()
+                        && (last_flush.elapsed() >= policy.interval || stopping));
+                if due {
+                    let batch = std::mem::replace(
+                        &mut buffer,
+                        RawBatch {
+                            items: Vec::new(),
+                            next_offsets: BTreeMap::new(),
+                        },
+                    );
+                    match tx.try_send(batch) {
+                        Ok(()) => last_flush = Instant::now(),
+                        Err(TrySendError::Full(batch)) => buffer = batch,
+                        Err(TrySendError::Closed(batch)) => {
+                            tracing::error!(
+                                items = batch.items.len(),
+                                "raw writer stopped; batch kept for the next run"
+                            );
+                            buffer = batch;
+                        }
                     }
                 }
+                pressure.set(buffer.items.len() >= policy.rows.saturating_mul(2));
+                drained.set(stopping && buffer.next_offsets.is_empty());
+                // Come back for the age-based flush, and now and then to notice shutdown.
+                let wait = if buffer.next_offsets.is_empty() {
+                    Duration::from_millis(100)
+                } else {
+                    policy
+                        .interval
+                        .saturating_sub(last_flush.elapsed())
+                        .min(Duration::from_millis(20))
+                };
+                activator.activate_after(wait.max(Duration::from_millis(1)));
             }
-            pressure.set(buffer.items.len() >= policy.rows.saturating_mul(2));
-            drained.set(stopping && buffer.next_offsets.is_empty());
-            // Come back for the age-based flush, and now and then to notice shutdown.
-            let wait = if buffer.next_offsets.is_empty() {
-                Duration::from_millis(100)
-            } else {
-                policy.interval.saturating_sub(last_flush.elapsed()).min(Duration::from_millis(20))
-            };
-            activator.activate_after(wait.max(Duration::from_millis(1)));
-        }
-    });
+        });
 }
 
 /// On worker 0: collects closed windows and source marks, and whenever the watermark advances
@@ -126,7 +137,7 @@ pub fn commit_aggregates<'s>(
 ) {
     let scope = aggregates.scope();
     let is_committer = scope.index() == 0;
-    let _: StreamVec<'s, EventTime, ()> = aggregates.binary_frontier(
+    let _: StreamVec<'s, EventTime, ()> = aggregates.binary_frontier::<_, UnitBuilder, _, _, _, _>(
         marks,
         Exchange::new(|_: &MetricAggRow| 0),
         Exchange::new(|_: &SourceMark| 0),
@@ -154,17 +165,23 @@ pub fn commit_aggregates<'s>(
                 }
                 // Wake up now and then even when idle, so shutdown is noticed.
                 activator.activate_after(Duration::from_millis(100));
-                let frontier = [aggs_frontier.frontier().first(), marks_frontier.frontier().first()]
-                    .into_iter()
-                    .map(|t| t.copied().unwrap_or(EventTime::MAX))
-                    .min()
-                    .unwrap_or(EventTime::MAX);
+                let frontier = [
+                    aggs_frontier.frontier().first(),
+                    marks_frontier.frontier().first(),
+                ]
+                .into_iter()
+                .map(|t| t.copied().unwrap_or(EventTime::MAX))
+                .min()
+                .unwrap_or(EventTime::MAX);
                 let stopping = shutdown.load(Ordering::Relaxed);
                 if frontier > last_frontier {
                     let since = last_commit.elapsed();
                     if since >= interval || stopping {
                         let later = pending.split_off(&frontier);
-                        let rows: Vec<MetricAggRow> = std::mem::replace(&mut pending, later).into_values().flatten().collect();
+                        let rows: Vec<MetricAggRow> = std::mem::replace(&mut pending, later)
+                            .into_values()
+                            .flatten()
+                            .collect();
                         let checkpoint = tracker.checkpoint(frontier);
                         match outbox.as_mut() {
                             Some(o) => {

@@ -100,7 +100,8 @@ pub fn kafka_telemetry_source<'s>(
         let activator = scope.activator_for(info.address);
         let mut cap = reader.as_ref().map(|_| capability);
         let start = Instant::now();
-        let mut watermarks = Watermarks::new(spec.out_of_orderness_us, spec.width_us, spec.idle_timeout);
+        let mut watermarks =
+            Watermarks::new(spec.out_of_orderness_us, spec.width_us, spec.idle_timeout);
         for (p, resume) in &spec.partitions {
             watermarks.add_partition(*p, resume.window.map_or(i64::MIN, |w| w.1), start);
         }
@@ -141,7 +142,8 @@ pub fn kafka_telemetry_source<'s>(
                     stats.2 = stats.2.max(offset + 1);
                     let resume = spec.partitions.get(&partition).copied().unwrap_or_default();
                     let delivery = Delivery {
-                        postgres: spec.postgres_enabled && resume.postgres.is_none_or(|n| offset >= n),
+                        postgres: spec.postgres_enabled
+                            && resume.postgres.is_none_or(|n| offset >= n),
                         parquet: spec.parquet_enabled && resume.parquet.is_none_or(|n| offset >= n),
                         window: resume.window.is_none_or(|(n, _)| offset >= n),
                     };
@@ -159,17 +161,28 @@ pub fn kafka_telemetry_source<'s>(
                     match decode_telemetry_record(&spec.topic, &spec.limits, record) {
                         Ok(points) => {
                             let time_us = points.first().map_or(i64::MIN, |p| p.row.time_us);
-                            let obs = watermarks.observe(partition, offset, time_us, delivery.window, now);
+                            let obs = watermarks.observe(
+                                partition,
+                                offset,
+                                time_us,
+                                delivery.window,
+                                now,
+                            );
                             if let Some(mark) = obs.opened {
                                 session.give(Err(mark));
                             }
-                            session.give_iterator(points.into_iter().map(|p| Ok(RawItem::Point(p))));
+                            session
+                                .give_iterator(points.into_iter().map(|p| Ok(RawItem::Point(p))));
                         }
                         Err(dead) => session.give(Ok(RawItem::Dead(dead))),
                     }
                 }
                 for (partition, (count, bytes, next)) in &per_partition {
-                    let agg_next = spec.partitions.get(partition).and_then(|r| r.window).map_or(i64::MIN, |w| w.0);
+                    let agg_next = spec
+                        .partitions
+                        .get(partition)
+                        .and_then(|r| r.window)
+                        .map_or(i64::MIN, |w| w.0);
                     session.give(Err(SourceMark::Progress {
                         partition: *partition,
                         next_offset: (*next).max(agg_next),
@@ -185,7 +198,9 @@ pub fn kafka_telemetry_source<'s>(
                 }
             }
             if let Some(wm) = watermarks.combined(now) {
-                let t = u64::try_from(wm).unwrap_or(0).max(spec.committed_watermark_us);
+                let t = u64::try_from(wm)
+                    .unwrap_or(0)
+                    .max(spec.committed_watermark_us);
                 if t > *cap.time() {
                     cap.downgrade(&t);
                 }

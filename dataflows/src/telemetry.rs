@@ -62,12 +62,21 @@ pub fn build<'s>(
     let committed = spec.committed_watermark_us;
     let (raw, marks) = kafka_telemetry_source(scope, spec, reader).ok_err(|item| item);
     let windowed = raw.clone().flat_map(|item: RawItem| match item {
-        RawItem::Point(p) if p.delivery.window && !p.late => {
-            Some(((p.row.device_id, p.row.metric_name), p.row.time_us, p.row.value))
-        }
+        RawItem::Point(p) if p.delivery.window && !p.late => Some((
+            (p.row.device_id, p.row.metric_name),
+            p.row.time_us,
+            p.row.value,
+        )),
         _ => None,
     });
-    raw_sink(raw, raw_tx, flush, pressure, shutdown.clone(), drained.raw.clone());
+    raw_sink(
+        raw,
+        raw_tx,
+        flush,
+        pressure,
+        shutdown.clone(),
+        drained.raw.clone(),
+    );
     let aggregates = windowed
         .tumbling_window(
             WindowSpec {
@@ -87,5 +96,13 @@ pub fn build<'s>(
             min: w.agg.min,
             max: w.agg.max,
         });
-    commit_aggregates(aggregates, marks, tracker, agg_tx, commit_interval, shutdown, drained.aggregates.clone());
+    commit_aggregates(
+        aggregates,
+        marks,
+        tracker,
+        agg_tx,
+        commit_interval,
+        shutdown,
+        drained.aggregates.clone(),
+    );
 }

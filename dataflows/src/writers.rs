@@ -108,13 +108,23 @@ macro_rules! pg_retry {
             match result {
                 Ok(v) => {
                     if attempt > 0 {
-                        SinkRecovered { sink: "postgres", table: $table }.emit();
+                        SinkRecovered {
+                            sink: "postgres",
+                            table: $table,
+                        }
+                        .emit();
                     }
                     break v;
                 }
                 Err(e) => {
                     attempt += 1;
-                    SinkFailed { sink: "postgres", table: $table, error: &e, attempt }.emit();
+                    SinkFailed {
+                        sink: "postgres",
+                        table: $table,
+                        error: &e,
+                        attempt,
+                    }
+                    .emit();
                     $pg.client = None;
                     backoff(&mut delay).await;
                 }
@@ -152,8 +162,15 @@ struct PartitionRoll {
 
 /// One worker's raw writer: raw rows and dead letters into PostgreSQL (with offsets, one
 /// transaction per batch), raw rows into Parquet rolls (offsets committed after the rename).
-pub async fn raw_writer(mut rx: Receiver<RawBatch>, pg: Option<PgTarget>, parquet: Option<ParquetTarget>) {
-    let mut pg = pg.map(|target| Pg { target, client: None });
+pub async fn raw_writer(
+    mut rx: Receiver<RawBatch>,
+    pg: Option<PgTarget>,
+    parquet: Option<ParquetTarget>,
+) {
+    let mut pg = pg.map(|target| Pg {
+        target,
+        client: None,
+    });
     let mut rolls: BTreeMap<i32, PartitionRoll> = BTreeMap::new();
     if let Some(pq) = &parquet {
         for (p, next) in &pq.committed {
@@ -249,7 +266,9 @@ fn write_dead_letters_file(pq: &ParquetTarget, batch: &RawBatch) {
                 .emit();
             }
         }
-        Err(e) => tracing::error!(path = %path.display(), error = %e, "writing dead letters failed"),
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "writing dead letters failed")
+        }
     }
 }
 
@@ -291,7 +310,11 @@ async fn write_pg_batch(pg: &mut Pg, batch: &RawBatch) {
     ));
 }
 
-fn take_due(pq: &ParquetTarget, rolls: &mut BTreeMap<i32, PartitionRoll>, all: bool) -> Vec<(i32, i64, i64, Vec<TelemetryRow>)> {
+fn take_due(
+    pq: &ParquetTarget,
+    rolls: &mut BTreeMap<i32, PartitionRoll>,
+    all: bool,
+) -> Vec<(i32, i64, i64, Vec<TelemetryRow>)> {
     let mut due = Vec::new();
     for (p, roll) in rolls.iter_mut() {
         let Some(first) = roll.first else { continue };
@@ -305,7 +328,10 @@ fn take_due(pq: &ParquetTarget, rolls: &mut BTreeMap<i32, PartitionRoll>, all: b
     due
 }
 
-async fn write_rolls(pq: &ParquetTarget, due: Vec<(i32, i64, i64, Vec<TelemetryRow>)>) -> Vec<PartitionOffset> {
+async fn write_rolls(
+    pq: &ParquetTarget,
+    due: Vec<(i32, i64, i64, Vec<TelemetryRow>)>,
+) -> Vec<PartitionOffset> {
     let mut committed = Vec::new();
     for (partition, first, next, rows) in due {
         if !rows.is_empty() {
@@ -317,10 +343,12 @@ async fn write_rolls(pq: &ParquetTarget, due: Vec<(i32, i64, i64, Vec<TelemetryR
                 let archive = archive.clone();
                 let rows = rows.clone();
                 async move {
-                    tokio::task::spawn_blocking(move || archive.write_roll(partition, first, next - 1, &rows))
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())
+                    tokio::task::spawn_blocking(move || {
+                        archive.write_roll(partition, first, next - 1, &rows)
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())
                 }
             })
             .await;
@@ -341,7 +369,12 @@ async fn write_rolls(pq: &ParquetTarget, due: Vec<(i32, i64, i64, Vec<TelemetryR
     committed
 }
 
-async fn roll_due(pq: &ParquetTarget, pg: &mut Pg, rolls: &mut BTreeMap<i32, PartitionRoll>, all: bool) {
+async fn roll_due(
+    pq: &ParquetTarget,
+    pg: &mut Pg,
+    rolls: &mut BTreeMap<i32, PartitionRoll>,
+    all: bool,
+) {
     let due = take_due(pq, rolls, all);
     if due.is_empty() {
         return;
@@ -374,8 +407,15 @@ async fn roll_due_no_pg(pq: &ParquetTarget, rolls: &mut BTreeMap<i32, PartitionR
 
 /// The aggregate writer: Parquet files per bucket (deterministic names), then the PostgreSQL
 /// transaction of rows, committed watermark and resume offsets.
-pub async fn agg_writer(mut rx: Receiver<AggCommit>, pg: Option<PgTarget>, parquet: Option<ParquetTarget>) {
-    let mut pg = pg.map(|target| Pg { target, client: None });
+pub async fn agg_writer(
+    mut rx: Receiver<AggCommit>,
+    pg: Option<PgTarget>,
+    parquet: Option<ParquetTarget>,
+) {
+    let mut pg = pg.map(|target| Pg {
+        target,
+        client: None,
+    });
     while let Some(commit) = rx.recv().await {
         if let Some(pq) = &parquet {
             if !commit.rows.is_empty() {
@@ -386,10 +426,12 @@ pub async fn agg_writer(mut rx: Receiver<AggCommit>, pg: Option<PgTarget>, parqu
                     let root = pq.root.clone();
                     let rg = pq.row_group_rows;
                     async move {
-                        tokio::task::spawn_blocking(move || write_aggregate_files(&root, "device_metrics_1m", &rows, rg))
-                            .await
-                            .map_err(|e| e.to_string())?
-                            .map_err(|e| e.to_string())
+                        tokio::task::spawn_blocking(move || {
+                            write_aggregate_files(&root, "device_metrics_1m", &rows, rg)
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())
                     }
                 })
                 .await;
@@ -404,16 +446,21 @@ pub async fn agg_writer(mut rx: Receiver<AggCommit>, pg: Option<PgTarget>, parqu
         }
         if let Some(pg) = pg.as_mut() {
             let (dataflow, topic) = (pg.target.dataflow.clone(), pg.target.topic.clone());
-            let watermark = i64::try_from(commit.checkpoint.committed_watermark_us).unwrap_or(i64::MAX);
-            pg_retry!(pg, "device_metrics_1m", |client| postgres::write_aggregates(
-                client,
-                &dataflow,
-                sink_names::AGGREGATES,
-                &topic,
-                &commit.rows,
-                watermark,
-                &commit.checkpoint.partitions
-            ));
+            let watermark =
+                i64::try_from(commit.checkpoint.committed_watermark_us).unwrap_or(i64::MAX);
+            pg_retry!(
+                pg,
+                "device_metrics_1m",
+                |client| postgres::write_aggregates(
+                    client,
+                    &dataflow,
+                    sink_names::AGGREGATES,
+                    &topic,
+                    &commit.rows,
+                    watermark,
+                    &commit.checkpoint.partitions
+                )
+            );
         }
     }
 }

@@ -64,14 +64,20 @@ impl CheckpointTracker {
     /// The checkpoint at frontier `frontier` (every mark and aggregate before it has arrived).
     pub fn checkpoint(&mut self, frontier: EventTime) -> Checkpoint {
         let later = self.pending.split_off(&frontier);
-        for mark in std::mem::replace(&mut self.pending, later).into_values().flatten() {
+        for mark in std::mem::replace(&mut self.pending, later)
+            .into_values()
+            .flatten()
+        {
             match mark {
                 SourceMark::Progress {
                     partition,
                     next_offset,
                     max_event_us,
                 } => {
-                    let entry = self.progress.entry(partition).or_insert((next_offset, max_event_us));
+                    let entry = self
+                        .progress
+                        .entry(partition)
+                        .or_insert((next_offset, max_event_us));
                     if next_offset >= entry.0 {
                         *entry = (next_offset, max_event_us);
                     }
@@ -94,9 +100,11 @@ impl CheckpointTracker {
         }
         // Windows ending before the frontier are committed with this checkpoint.
         let width = self.width_us;
-        self.open
-            .retain(|(_, start), _| u64::try_from(start.saturating_add(width)).is_ok_and(|end| end >= frontier));
-        let mut resume: BTreeMap<i32, (i64, i64)> = self.progress.iter().map(|(p, v)| (*p, *v)).collect();
+        self.open.retain(|(_, start), _| {
+            u64::try_from(start.saturating_add(width)).is_ok_and(|end| end >= frontier)
+        });
+        let mut resume: BTreeMap<i32, (i64, i64)> =
+            self.progress.iter().map(|(p, v)| (*p, *v)).collect();
         for ((partition, _), (offset, max_event)) in &self.open {
             let entry = resume.entry(*partition).or_insert((*offset, *max_event));
             if *offset < entry.0 {
@@ -143,27 +151,65 @@ mod tests {
         let mut t = CheckpointTracker::new(100, []);
         // Partition 0 read offsets 0..10 at time 0; window [0,100) opened at offset 0,
         // window [100,200) at offset 6.
-        t.add_marks(0, [opened(0, 0, 0, i64::MIN), opened(0, 100, 6, 95), progress(0, 10, 150)]);
+        t.add_marks(
+            0,
+            [
+                opened(0, 0, 0, i64::MIN),
+                opened(0, 100, 6, 95),
+                progress(0, 10, 150),
+            ],
+        );
         // Nothing final yet: resume from the start.
         let c = t.checkpoint(50);
         assert_eq!(c.committed_watermark_us, 49);
-        assert_eq!(c.partitions, vec![PartitionResume { partition: 0, next_offset: 0, max_event_us: i64::MIN }]);
+        assert_eq!(
+            c.partitions,
+            vec![PartitionResume {
+                partition: 0,
+                next_offset: 0,
+                max_event_us: i64::MIN
+            }]
+        );
         // Watermark 120: window [0,100) is final, [100,200) is not.
         let c = t.checkpoint(120);
-        assert_eq!(c.partitions, vec![PartitionResume { partition: 0, next_offset: 6, max_event_us: 95 }]);
+        assert_eq!(
+            c.partitions,
+            vec![PartitionResume {
+                partition: 0,
+                next_offset: 6,
+                max_event_us: 95
+            }]
+        );
         // A window ending at the frontier is not final yet: its aggregate is emitted at time 200.
         assert_eq!(t.checkpoint(200).partitions[0].next_offset, 6);
         // Everything final: resume after the last read record.
         let c = t.checkpoint(201);
-        assert_eq!(c.partitions, vec![PartitionResume { partition: 0, next_offset: 10, max_event_us: 150 }]);
+        assert_eq!(
+            c.partitions,
+            vec![PartitionResume {
+                partition: 0,
+                next_offset: 10,
+                max_event_us: 150
+            }]
+        );
     }
 
     #[test]
     fn marks_at_or_after_frontier_wait() {
-        let mut t = CheckpointTracker::new(100, [PartitionResume { partition: 1, next_offset: 40, max_event_us: 7 }]);
+        let mut t = CheckpointTracker::new(
+            100,
+            [PartitionResume {
+                partition: 1,
+                next_offset: 40,
+                max_event_us: 7,
+            }],
+        );
         t.add_marks(300, [progress(1, 50, 310)]);
         let c = t.checkpoint(300);
-        assert_eq!(c.partitions[0].next_offset, 40, "a mark at the frontier is not yet complete");
+        assert_eq!(
+            c.partitions[0].next_offset, 40,
+            "a mark at the frontier is not yet complete"
+        );
         let c = t.checkpoint(301);
         assert_eq!(c.partitions[0].next_offset, 50);
     }
@@ -171,13 +217,24 @@ mod tests {
     #[test]
     fn partitions_are_independent() {
         let mut t = CheckpointTracker::new(100, []);
-        t.add_marks(10, [opened(0, 0, 3, 1), progress(0, 5, 20), progress(1, 9, 20)]);
+        t.add_marks(
+            10,
+            [opened(0, 0, 3, 1), progress(0, 5, 20), progress(1, 9, 20)],
+        );
         let c = t.checkpoint(50);
         assert_eq!(
             c.partitions,
             vec![
-                PartitionResume { partition: 0, next_offset: 3, max_event_us: 1 },
-                PartitionResume { partition: 1, next_offset: 9, max_event_us: 20 },
+                PartitionResume {
+                    partition: 0,
+                    next_offset: 3,
+                    max_event_us: 1
+                },
+                PartitionResume {
+                    partition: 1,
+                    next_offset: 9,
+                    max_event_us: 20
+                },
             ]
         );
     }

@@ -5,8 +5,8 @@ use primespark_schemas::rows::{DeadLetterRow, TelemetryRow};
 use primespark_schemas::telemetry::TelemetryEvent;
 use primespark_schemas::DecodeLimits;
 use timely::dataflow::channels::pact::Pipeline;
-use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::operators::core::OkErr;
+use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::StreamVec;
 
 use crate::metrics::DecodeFailed;
@@ -56,7 +56,10 @@ pub fn decode_telemetry_record(
                     partition: record.partition,
                     offset: record.offset,
                     reason: e.kind.as_str().to_owned(),
-                    error: format!("topic {topic} partition {} offset {}: {e}", record.partition, record.offset),
+                    error: format!(
+                        "topic {topic} partition {} offset {}: {e}",
+                        record.partition, record.offset
+                    ),
                     payload: record.payload,
                 },
                 delivery: record.delivery,
@@ -97,7 +100,10 @@ pub trait DecodeTelemetry<'scope> {
         self,
         topic: &str,
         limits: DecodeLimits,
-    ) -> (StreamVec<'scope, EventTime, MetricPoint>, StreamVec<'scope, EventTime, DeadLetter>);
+    ) -> (
+        StreamVec<'scope, EventTime, MetricPoint>,
+        StreamVec<'scope, EventTime, DeadLetter>,
+    );
 }
 
 impl<'scope> DecodeTelemetry<'scope> for StreamVec<'scope, EventTime, SourceRecord> {
@@ -105,10 +111,13 @@ impl<'scope> DecodeTelemetry<'scope> for StreamVec<'scope, EventTime, SourceReco
         self,
         topic: &str,
         limits: DecodeLimits,
-    ) -> (StreamVec<'scope, EventTime, MetricPoint>, StreamVec<'scope, EventTime, DeadLetter>) {
+    ) -> (
+        StreamVec<'scope, EventTime, MetricPoint>,
+        StreamVec<'scope, EventTime, DeadLetter>,
+    ) {
         let topic = topic.to_owned();
-        let decoded: StreamVec<'scope, EventTime, Result<MetricPoint, DeadLetter>> = self
-            .unary(Pipeline, "DecodeTelemetry", move |_cap, _info| {
+        let decoded: StreamVec<'scope, EventTime, Result<MetricPoint, DeadLetter>> =
+            self.unary(Pipeline, "DecodeTelemetry", move |_cap, _info| {
                 move |input, output| {
                     input.for_each(|cap, data| {
                         let mut session = output.session(&cap);

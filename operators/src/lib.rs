@@ -5,6 +5,9 @@
 //! - [`decode`]: Kafka records to validated telemetry points; bad records become dead letters.
 //! - [`window`]: event-time tumbling windows, emitted when the watermark (the timely frontier)
 //!   passes their end.
+//! - [`routing`]: inference and edge-vs-cloud routing statistics, mergeable window folds.
+//! - [`sketch`]: a mergeable quantile sketch (DDSketch) for percentiles with a 0.5% relative
+//!   error, so partial aggregates from many workers merge exactly.
 //! - [`checkpoint`]: the pure bookkeeping that decides where each Kafka partition must resume so
 //!   that a restart neither loses nor doubles an aggregate.
 //!
@@ -16,6 +19,8 @@ pub mod checkpoint;
 pub mod decode;
 pub mod metrics;
 pub mod record;
+pub mod routing;
+pub mod sketch;
 pub mod watermark;
 pub mod window;
 

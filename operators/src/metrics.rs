@@ -110,7 +110,12 @@ pub struct LateEvents<'a> {
 impl LateEvents<'_> {
     /// Logs and counts.
     pub fn emit(&self) {
-        tracing::debug!(dataflow = self.dataflow, operator = self.operator, count = self.count, "late events");
+        tracing::debug!(
+            dataflow = self.dataflow,
+            operator = self.operator,
+            count = self.count,
+            "late events"
+        );
         metrics()
             .late_events
             .get_or_create(&OperatorLabels {

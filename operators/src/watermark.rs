@@ -73,14 +73,24 @@ impl Watermarks {
 
     /// Accounts one event at `offset`. `windowed` says whether the windows still need this
     /// record (replays of committed windows do not open windows).
-    pub fn observe(&mut self, partition: i32, offset: i64, event_us: i64, windowed: bool, now: Instant) -> Observation {
+    pub fn observe(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        event_us: i64,
+        windowed: bool,
+        now: Instant,
+    ) -> Observation {
         let out_of_orderness = self.out_of_orderness_us;
         let width = self.width_us;
-        let clock = self.partitions.entry(partition).or_insert_with(|| PartitionClock {
-            max_event_us: i64::MIN,
-            last_seen: now,
-            open_windows: BTreeSet::new(),
-        });
+        let clock = self
+            .partitions
+            .entry(partition)
+            .or_insert_with(|| PartitionClock {
+                max_event_us: i64::MIN,
+                last_seen: now,
+                open_windows: BTreeSet::new(),
+            });
         clock.last_seen = now;
         let before = clock.max_event_us;
         let watermark_us = before.saturating_sub(out_of_orderness);
@@ -159,7 +169,12 @@ mod tests {
         let o = w.observe(3, 10, 120, true, now);
         assert_eq!(
             o.opened,
-            Some(SourceMark::WindowOpened { partition: 3, window_start_us: 100, offset: 10, max_event_us: i64::MIN })
+            Some(SourceMark::WindowOpened {
+                partition: 3,
+                window_start_us: 100,
+                offset: 10,
+                max_event_us: i64::MIN
+            })
         );
         assert_eq!(w.observe(3, 11, 150, true, now).opened, None);
         assert!(w.observe(3, 12, 90, true, now).late);

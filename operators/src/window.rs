@@ -68,7 +68,11 @@ pub trait TumblingWindow<'scope, K, V> {
     /// assert_eq!((rows[0].window_start_us, rows[0].agg), (0, 5));
     /// assert_eq!((rows[1].window_start_us, rows[1].agg), (10, 4));
     /// ```
-    fn tumbling_window<A, F>(self, spec: WindowSpec, fold: F) -> StreamVec<'scope, EventTime, WindowResult<K, A>>
+    fn tumbling_window<A, F>(
+        self,
+        spec: WindowSpec,
+        fold: F,
+    ) -> StreamVec<'scope, EventTime, WindowResult<K, A>>
     where
         A: Default + ExchangeData + Clone,
         F: FnMut(&mut A, V) + 'static;
@@ -79,7 +83,11 @@ where
     K: ExchangeData + Hash + Eq + Clone,
     V: ExchangeData,
 {
-    fn tumbling_window<A, F>(self, spec: WindowSpec, mut fold: F) -> StreamVec<'scope, EventTime, WindowResult<K, A>>
+    fn tumbling_window<A, F>(
+        self,
+        spec: WindowSpec,
+        mut fold: F,
+    ) -> StreamVec<'scope, EventTime, WindowResult<K, A>>
     where
         A: Default + ExchangeData + Clone,
         F: FnMut(&mut A, V) + 'static,
@@ -92,7 +100,8 @@ where
             &name,
             move |_cap, _info| {
                 // Open windows by end time, each with the capability to emit it.
-                let mut open: BTreeMap<EventTime, (Capability<EventTime>, HashMap<K, A>)> = BTreeMap::new();
+                let mut open: BTreeMap<EventTime, (Capability<EventTime>, HashMap<K, A>)> =
+                    BTreeMap::new();
                 move |(input, frontier), output| {
                     let mut late = 0u64;
                     input.for_each(|cap, data| {
@@ -135,11 +144,13 @@ where
                         let (cap, aggs) = entry.remove();
                         let count = aggs.len() as u64;
                         let window_start_us = end as i64 - width;
-                        output.session(&cap).give_iterator(aggs.into_iter().map(|(key, agg)| WindowResult {
-                            key,
-                            window_start_us,
-                            agg,
-                        }));
+                        output
+                            .session(&cap)
+                            .give_iterator(aggs.into_iter().map(|(key, agg)| WindowResult {
+                                key,
+                                window_start_us,
+                                agg,
+                            }));
                         WindowsClosed {
                             dataflow: &spec.dataflow,
                             operator: &spec.name,

@@ -154,7 +154,11 @@ impl AnalyticsEvent {
         }
         let endpoint = json::required_ident(&obj, "endpoint")?;
         if !endpoint.starts_with('/') {
-            return Err(DecodeError::field(ErrorKind::InvalidValue, "endpoint", "must start with '/'"));
+            return Err(DecodeError::field(
+                ErrorKind::InvalidValue,
+                "endpoint",
+                "must start with '/'",
+            ));
         }
         let data = match obj.get("data") {
             None | Some(Value::Null) => None,
@@ -187,25 +191,42 @@ mod tests {
 
     #[test]
     fn task_lifecycle() {
-        let e = decode(r#"{"event_type": "task_created", "task_id": "t-1", "task_type": "voice_recognition",
-            "priority": "HIGH", "agent_id": "spark-agent-1", "timestamp": "2025-11-05T14:03:07"}"#)
+        let e = decode(
+            r#"{"event_type": "task_created", "task_id": "t-1", "task_type": "voice_recognition",
+            "priority": "HIGH", "agent_id": "spark-agent-1", "timestamp": "2025-11-05T14:03:07"}"#,
+        )
         .unwrap();
-        let AnalyticsEvent::Task(t) = e else { panic!("expected a task event") };
+        let AnalyticsEvent::Task(t) = e else {
+            panic!("expected a task event")
+        };
         assert_eq!(t.kind, TaskEventKind::Created);
         assert_eq!(t.task_type.as_deref(), Some("voice_recognition"));
-        for kind in ["task_assigned", "task_started", "task_completed", "task_failed"] {
-            let s = format!(r#"{{"event_type":"{kind}","task_id":"t-1","agent_id":"a","timestamp":1762351387123}}"#);
-            let AnalyticsEvent::Task(t) = decode(&s).unwrap() else { panic!("task") };
+        for kind in [
+            "task_assigned",
+            "task_started",
+            "task_completed",
+            "task_failed",
+        ] {
+            let s = format!(
+                r#"{{"event_type":"{kind}","task_id":"t-1","agent_id":"a","timestamp":1762351387123}}"#
+            );
+            let AnalyticsEvent::Task(t) = decode(&s).unwrap() else {
+                panic!("task")
+            };
             assert_eq!(t.kind.as_str(), kind);
         }
     }
 
     #[test]
     fn api_event_with_null_user() {
-        let e = decode(r#"{"event_type": "llm_generate", "endpoint": "/api/llm/generate",
-            "data": {"model": "m"}, "user_id": null, "timestamp": "2025-11-05T14:03:07.5"}"#)
+        let e = decode(
+            r#"{"event_type": "llm_generate", "endpoint": "/api/llm/generate",
+            "data": {"model": "m"}, "user_id": null, "timestamp": "2025-11-05T14:03:07.5"}"#,
+        )
         .unwrap();
-        let AnalyticsEvent::Api(a) = e else { panic!("expected an api event") };
+        let AnalyticsEvent::Api(a) = e else {
+            panic!("expected an api event")
+        };
         assert_eq!(a.endpoint, "/api/llm/generate");
         assert_eq!(a.user_id, None);
         assert_eq!(a.data.as_deref(), Some(r#"{"model":"m"}"#));
@@ -214,18 +235,54 @@ mod tests {
     #[test]
     fn bad_inputs() {
         let cases = [
-            (r#"{"event_type":"task_created","task_id":"t","timestamp":1762351387123}"#, ErrorKind::MissingField, "task_type"),
-            (r#"{"event_type":"task_assigned","task_id":"t","timestamp":1762351387123}"#, ErrorKind::MissingField, "agent_id"),
-            (r#"{"event_type":"task_started","timestamp":1762351387123}"#, ErrorKind::MissingField, "task_id"),
-            (r#"{"event_type":"task_exploded","task_id":"t","timestamp":1762351387123}"#, ErrorKind::InvalidValue, "event_type"),
-            (r#"{"event_type":"llm_generate","timestamp":1762351387123}"#, ErrorKind::MissingField, "endpoint"),
-            (r#"{"event_type":"llm_generate","endpoint":"x","timestamp":1762351387123}"#, ErrorKind::InvalidValue, "endpoint"),
-            (r#"{"event_type":"llm_generate","endpoint":"/x","data":[1],"timestamp":1762351387123}"#, ErrorKind::WrongType, "data"),
-            (r#"{"endpoint":"/x","timestamp":1762351387123}"#, ErrorKind::MissingField, "event_type"),
+            (
+                r#"{"event_type":"task_created","task_id":"t","timestamp":1762351387123}"#,
+                ErrorKind::MissingField,
+                "task_type",
+            ),
+            (
+                r#"{"event_type":"task_assigned","task_id":"t","timestamp":1762351387123}"#,
+                ErrorKind::MissingField,
+                "agent_id",
+            ),
+            (
+                r#"{"event_type":"task_started","timestamp":1762351387123}"#,
+                ErrorKind::MissingField,
+                "task_id",
+            ),
+            (
+                r#"{"event_type":"task_exploded","task_id":"t","timestamp":1762351387123}"#,
+                ErrorKind::InvalidValue,
+                "event_type",
+            ),
+            (
+                r#"{"event_type":"llm_generate","timestamp":1762351387123}"#,
+                ErrorKind::MissingField,
+                "endpoint",
+            ),
+            (
+                r#"{"event_type":"llm_generate","endpoint":"x","timestamp":1762351387123}"#,
+                ErrorKind::InvalidValue,
+                "endpoint",
+            ),
+            (
+                r#"{"event_type":"llm_generate","endpoint":"/x","data":[1],"timestamp":1762351387123}"#,
+                ErrorKind::WrongType,
+                "data",
+            ),
+            (
+                r#"{"endpoint":"/x","timestamp":1762351387123}"#,
+                ErrorKind::MissingField,
+                "event_type",
+            ),
         ];
         for (input, kind, field) in cases {
             let e = decode(input).unwrap_err();
-            assert_eq!((e.kind, e.field.as_deref()), (kind, Some(field)), "{input}: {e}");
+            assert_eq!(
+                (e.kind, e.field.as_deref()),
+                (kind, Some(field)),
+                "{input}: {e}"
+            );
         }
     }
 }

@@ -58,7 +58,17 @@ mod tests {
     fn telemetry_columns() {
         let s = telemetry_raw();
         let names: Vec<_> = s.fields().iter().map(|f| f.name().as_str()).collect();
-        assert_eq!(names, ["time", "device_id", "metric_name", "value", "kafka_partition", "kafka_offset"]);
+        assert_eq!(
+            names,
+            [
+                "time",
+                "device_id",
+                "metric_name",
+                "value",
+                "kafka_partition",
+                "kafka_offset"
+            ]
+        );
         assert_eq!(s.field(0).data_type(), &time_type());
     }
 }

@@ -163,8 +163,10 @@ mod tests {
 
     #[test]
     fn platform_shape_with_defaults() {
-        let e = decode(r#"{"model": "llama3.2:latest", "prompt_length": 120, "response_length": 480,
-            "latency_ms": 812.5, "source": "edge", "timestamp": "2025-11-05T14:03:07.123456"}"#)
+        let e = decode(
+            r#"{"model": "llama3.2:latest", "prompt_length": 120, "response_length": 480,
+            "latency_ms": 812.5, "source": "edge", "timestamp": "2025-11-05T14:03:07.123456"}"#,
+        )
         .unwrap();
         assert_eq!(e.model, "llama3.2:latest");
         assert_eq!((e.prompt_length, e.response_length), (120, 480));
@@ -176,9 +178,11 @@ mod tests {
 
     #[test]
     fn optional_fields() {
-        let e = decode(r#"{"model":"m","prompt_length":1,"response_length":2,"latency_ms":3,
+        let e = decode(
+            r#"{"model":"m","prompt_length":1,"response_length":2,"latency_ms":3,
             "source":"cloud","timestamp":1762351387123,"device_id":"pi-2","request_id":"r-9",
-            "status":"error","routing_strategy":"edge_first","fallback":true}"#)
+            "status":"error","routing_strategy":"edge_first","fallback":true}"#,
+        )
         .unwrap();
         assert_eq!(e.source, Source::Cloud);
         assert_eq!(e.status, Status::Error);
@@ -203,7 +207,11 @@ mod tests {
         ];
         for (input, kind, field) in cases {
             let e = decode(&input).unwrap_err();
-            assert_eq!((e.kind, e.field.as_deref()), (kind, Some(field)), "{input}: {e}");
+            assert_eq!(
+                (e.kind, e.field.as_deref()),
+                (kind, Some(field)),
+                "{input}: {e}"
+            );
         }
     }
 }

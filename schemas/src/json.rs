@@ -49,7 +49,10 @@ fn wrong_type(field: &str, expected: &str, got: &Value) -> DecodeError {
 }
 
 /// A present, non-null value or a `MissingField` error.
-pub(crate) fn required<'a>(obj: &'a Map<String, Value>, field: &str) -> Result<&'a Value, DecodeError> {
+pub(crate) fn required<'a>(
+    obj: &'a Map<String, Value>,
+    field: &str,
+) -> Result<&'a Value, DecodeError> {
     match obj.get(field) {
         None | Some(Value::Null) => Err(DecodeError::field(
             ErrorKind::MissingField,
@@ -64,7 +67,11 @@ pub(crate) fn required<'a>(obj: &'a Map<String, Value>, field: &str) -> Result<&
 pub(crate) fn ident(v: &Value, field: &str) -> Result<String, DecodeError> {
     let s = v.as_str().ok_or_else(|| wrong_type(field, "a string", v))?;
     if s.trim().is_empty() {
-        return Err(DecodeError::field(ErrorKind::InvalidValue, field, "must not be empty"));
+        return Err(DecodeError::field(
+            ErrorKind::InvalidValue,
+            field,
+            "must not be empty",
+        ));
     }
     if s.len() > MAX_IDENT_LEN {
         return Err(DecodeError::field(
@@ -94,7 +101,11 @@ pub(crate) fn optional_ident(
 pub(crate) fn number(v: &Value, field: &str) -> Result<f64, DecodeError> {
     let n = v.as_f64().ok_or_else(|| wrong_type(field, "a number", v))?;
     if !n.is_finite() {
-        return Err(DecodeError::field(ErrorKind::NonFinite, field, "must be a finite number"));
+        return Err(DecodeError::field(
+            ErrorKind::NonFinite,
+            field,
+            "must be a finite number",
+        ));
     }
     Ok(n)
 }
@@ -108,16 +119,27 @@ pub(crate) fn count(obj: &Map<String, Value>, field: &str) -> Result<u32, Decode
     };
     if let Some(u) = n.as_u64() {
         return u32::try_from(u).map_err(|_| {
-            DecodeError::field(ErrorKind::OutOfRange, field, format!("{u} is larger than {}", u32::MAX))
+            DecodeError::field(
+                ErrorKind::OutOfRange,
+                field,
+                format!("{u} is larger than {}", u32::MAX),
+            )
         });
     }
     if n.as_i64().is_some() {
-        return Err(DecodeError::field(ErrorKind::OutOfRange, field, format!("{n} is negative")));
+        return Err(DecodeError::field(
+            ErrorKind::OutOfRange,
+            field,
+            format!("{n} is negative"),
+        ));
     }
     Err(wrong_type(field, "a non-negative integer", v))
 }
 
-pub(crate) fn optional_bool(obj: &Map<String, Value>, field: &str) -> Result<Option<bool>, DecodeError> {
+pub(crate) fn optional_bool(
+    obj: &Map<String, Value>,
+    field: &str,
+) -> Result<Option<bool>, DecodeError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -126,7 +148,11 @@ pub(crate) fn optional_bool(obj: &Map<String, Value>, field: &str) -> Result<Opt
 }
 
 /// One of `allowed` (case-insensitive), returned lower-cased.
-pub(crate) fn one_of<'a>(v: &Value, field: &str, allowed: &[&'a str]) -> Result<&'a str, DecodeError> {
+pub(crate) fn one_of<'a>(
+    v: &Value,
+    field: &str,
+    allowed: &[&'a str],
+) -> Result<&'a str, DecodeError> {
     let s = v.as_str().ok_or_else(|| wrong_type(field, "a string", v))?;
     allowed
         .iter()
@@ -136,7 +162,11 @@ pub(crate) fn one_of<'a>(v: &Value, field: &str, allowed: &[&'a str]) -> Result<
             DecodeError::field(
                 ErrorKind::InvalidValue,
                 field,
-                format!("\"{}\" is not one of {}", truncate(s, 64), allowed.join(", ")),
+                format!(
+                    "\"{}\" is not one of {}",
+                    truncate(s, 64),
+                    allowed.join(", ")
+                ),
             )
         })
 }

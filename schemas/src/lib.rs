@@ -13,8 +13,8 @@ pub mod columnar;
 pub mod ddl;
 pub mod error;
 pub mod inference;
-pub mod rows;
 mod json;
+pub mod rows;
 pub mod telemetry;
 pub mod time;
 

@@ -134,7 +134,16 @@ mod tests {
         assert_eq!(e.device_id, "control-pc-1");
         assert_eq!(format_micros(e.time_us), "2025-11-05T14:03:07.123456Z");
         let names: Vec<_> = e.metrics.iter().map(|m| m.name.as_str()).collect();
-        assert_eq!(names, ["cpu_percent", "disk_percent", "load_avg", "memory_percent", "temperature"]);
+        assert_eq!(
+            names,
+            [
+                "cpu_percent",
+                "disk_percent",
+                "load_avg",
+                "memory_percent",
+                "temperature"
+            ]
+        );
         assert_eq!(e.metrics[2].value, 1.25);
     }
 
@@ -148,7 +157,10 @@ mod tests {
 
     #[test]
     fn offset_timestamps() {
-        let e = decode(r#"{"device_id":"pi-1","metrics":{"x":1},"timestamp":"2025-11-05T15:03:07+01:00"}"#).unwrap();
+        let e = decode(
+            r#"{"device_id":"pi-1","metrics":{"x":1},"timestamp":"2025-11-05T15:03:07+01:00"}"#,
+        )
+        .unwrap();
         assert_eq!(format_micros(e.time_us), "2025-11-05T14:03:07.000000Z");
     }
 
@@ -164,39 +176,61 @@ mod tests {
         let (k, _) = kind_and_message("[1,2]");
         assert_eq!(k, ErrorKind::MalformedJson);
         let (k, m) = kind_and_message(r#"{"metrics":{"x":1},"timestamp":1762351387123}"#);
-        assert_eq!((k, m.as_str()), (ErrorKind::MissingField, "field \"device_id\": required field is missing"));
-        let (k, m) = kind_and_message(r#"{"device_id":7,"metrics":{"x":1},"timestamp":1762351387123}"#);
+        assert_eq!(
+            (k, m.as_str()),
+            (
+                ErrorKind::MissingField,
+                "field \"device_id\": required field is missing"
+            )
+        );
+        let (k, m) =
+            kind_and_message(r#"{"device_id":7,"metrics":{"x":1},"timestamp":1762351387123}"#);
         assert_eq!(k, ErrorKind::WrongType, "{m}");
         assert!(m.contains("device_id"));
-        let (k, m) = kind_and_message(r#"{"device_id":"a","metrics":{"cpu_percent":"high"},"timestamp":1762351387123}"#);
+        let (k, m) = kind_and_message(
+            r#"{"device_id":"a","metrics":{"cpu_percent":"high"},"timestamp":1762351387123}"#,
+        );
         assert_eq!(k, ErrorKind::WrongType);
         assert!(m.contains("metrics.cpu_percent"), "{m}");
-        let (k, m) = kind_and_message(r#"{"device_id":"a","metrics":{"cpu_percent":140},"timestamp":1762351387123}"#);
+        let (k, m) = kind_and_message(
+            r#"{"device_id":"a","metrics":{"cpu_percent":140},"timestamp":1762351387123}"#,
+        );
         assert_eq!(k, ErrorKind::OutOfRange);
         assert_eq!(m, "field \"metrics.cpu_percent\": 140 is outside 0..=100");
-        let (k, _) = kind_and_message(r#"{"device_id":"a","metrics":{"t":null},"timestamp":1762351387123}"#);
+        let (k, _) =
+            kind_and_message(r#"{"device_id":"a","metrics":{"t":null},"timestamp":1762351387123}"#);
         assert_eq!(k, ErrorKind::MissingField);
-        let (k, m) = kind_and_message(r#"{"device_id":"a","metrics":[1],"timestamp":1762351387123}"#);
+        let (k, m) =
+            kind_and_message(r#"{"device_id":"a","metrics":[1],"timestamp":1762351387123}"#);
         assert_eq!(k, ErrorKind::WrongType, "{m}");
         let (k, _) = kind_and_message(r#"{"device_id":"a","metrics":{"x":1},"timestamp":"soon"}"#);
         assert_eq!(k, ErrorKind::BadTimestamp);
-        let (k, _) = kind_and_message(r#"{"device_id":"","metrics":{"x":1},"timestamp":1762351387123}"#);
+        let (k, _) =
+            kind_and_message(r#"{"device_id":"","metrics":{"x":1},"timestamp":1762351387123}"#);
         assert_eq!(k, ErrorKind::InvalidValue);
     }
 
     #[test]
     fn nan_and_overflow_are_rejected() {
         // JSON has no NaN literal; producers that write one send invalid JSON.
-        let (k, _) = kind_and_message(r#"{"device_id":"a","metrics":{"x":NaN},"timestamp":1762351387123}"#);
+        let (k, _) =
+            kind_and_message(r#"{"device_id":"a","metrics":{"x":NaN},"timestamp":1762351387123}"#);
         assert_eq!(k, ErrorKind::MalformedJson);
-        let (k, _) = kind_and_message(r#"{"device_id":"a","metrics":{"x":1e999},"timestamp":1762351387123}"#);
+        let (k, _) = kind_and_message(
+            r#"{"device_id":"a","metrics":{"x":1e999},"timestamp":1762351387123}"#,
+        );
         assert_eq!(k, ErrorKind::MalformedJson);
     }
 
     #[test]
     fn oversize() {
-        let limits = DecodeLimits { max_message_bytes: 64 };
-        let big = format!(r#"{{"device_id":"{}","metrics":{{"x":1}},"timestamp":1}}"#, "a".repeat(100));
+        let limits = DecodeLimits {
+            max_message_bytes: 64,
+        };
+        let big = format!(
+            r#"{{"device_id":"{}","metrics":{{"x":1}},"timestamp":1}}"#,
+            "a".repeat(100)
+        );
         let e = TelemetryEvent::decode(big.as_bytes(), &limits).unwrap_err();
         assert_eq!(e.kind, ErrorKind::Oversize);
     }

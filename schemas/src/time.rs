@@ -39,7 +39,11 @@ pub fn parse_timestamp(v: &Value, field: &str) -> Result<Micros, DecodeError> {
                 )
             })?;
             ms.checked_mul(1000).ok_or_else(|| {
-                DecodeError::field(ErrorKind::OutOfRange, field, format!("{ms} is out of range"))
+                DecodeError::field(
+                    ErrorKind::OutOfRange,
+                    field,
+                    format!("{ms} is out of range"),
+                )
             })?
         }
         other => {
@@ -69,7 +73,11 @@ fn parse_str(s: &str) -> Option<Micros> {
         return Some(dt.with_timezone(&Utc).timestamp_micros());
     }
     // Naive times: `isoformat()` uses 'T'; some producers use a space. No offset means UTC.
-    for fmt in ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M"] {
+    for fmt in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M",
+    ] {
         if let Ok(naive) = NaiveDateTime::parse_from_str(s, fmt) {
             return Some(Utc.from_utc_datetime(&naive).timestamp_micros());
         }
@@ -114,11 +122,22 @@ mod tests {
         let e = parse_timestamp(&json!("yesterday"), "timestamp").unwrap_err();
         assert_eq!(e.kind, ErrorKind::BadTimestamp);
         assert!(e.to_string().starts_with("field \"timestamp\""), "{e}");
-        assert_eq!(parse_timestamp(&json!(1.5), "t").unwrap_err().kind, ErrorKind::BadTimestamp);
-        assert_eq!(parse_timestamp(&json!(true), "t").unwrap_err().kind, ErrorKind::WrongType);
-        assert_eq!(parse_timestamp(&json!(5), "t").unwrap_err().kind, ErrorKind::OutOfRange);
         assert_eq!(
-            parse_timestamp(&json!("2150-01-01T00:00:00Z"), "t").unwrap_err().kind,
+            parse_timestamp(&json!(1.5), "t").unwrap_err().kind,
+            ErrorKind::BadTimestamp
+        );
+        assert_eq!(
+            parse_timestamp(&json!(true), "t").unwrap_err().kind,
+            ErrorKind::WrongType
+        );
+        assert_eq!(
+            parse_timestamp(&json!(5), "t").unwrap_err().kind,
+            ErrorKind::OutOfRange
+        );
+        assert_eq!(
+            parse_timestamp(&json!("2150-01-01T00:00:00Z"), "t")
+                .unwrap_err()
+                .kind,
             ErrorKind::OutOfRange
         );
     }

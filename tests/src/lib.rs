@@ -37,35 +37,59 @@ pub fn stack() -> &'static Stack {
         let mut vars: HashMap<String, String> = std::env::vars().collect();
         if !vars.contains_key("PRIMESPARK_KAFKA__BROKERS") {
             let script = repo_root().join("deploy/dev/stack.sh");
-            let up = Command::new("bash").arg(&script).arg("up").status().expect("running stack.sh up");
+            let up = Command::new("bash")
+                .arg(&script)
+                .arg("up")
+                .status()
+                .expect("running stack.sh up");
             assert!(up.success(), "stack.sh up failed");
-            let out = Command::new("bash").arg(&script).arg("env").output().expect("running stack.sh env");
+            let out = Command::new("bash")
+                .arg(&script)
+                .arg("env")
+                .output()
+                .expect("running stack.sh env");
             assert!(out.status.success(), "stack.sh env failed");
             for line in String::from_utf8_lossy(&out.stdout).lines() {
                 if let Some((k, v)) = line.trim_start_matches("export ").split_once('=') {
-                    vars.insert(k.to_owned(), v.trim_matches(|c| c == '"' || c == '\'').to_owned());
+                    vars.insert(
+                        k.to_owned(),
+                        v.trim_matches(|c| c == '"' || c == '\'').to_owned(),
+                    );
                 }
             }
         }
         Stack {
             brokers: vars["PRIMESPARK_KAFKA__BROKERS"].clone(),
             postgres_url: vars["PRIMESPARK_POSTGRES__URL"].clone(),
-            python: vars.get("PRIMESPARK_STACK_PYTHON").cloned().unwrap_or_else(|| "python3".into()),
+            python: vars
+                .get("PRIMESPARK_STACK_PYTHON")
+                .cloned()
+                .unwrap_or_else(|| "python3".into()),
         }
     })
 }
 
 /// A unique lower-case suffix for per-test names.
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}_{}_{:08x}", std::process::id(), rand::random::<u32>())
+    format!(
+        "{prefix}_{}_{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 /// Creates a fresh database for one test and returns its URL.
 pub async fn fresh_database(stack: &Stack, name: &str) -> Result<String> {
-    let (client, conn) = tokio_postgres::connect(&stack.postgres_url, tokio_postgres::NoTls).await?;
+    let (client, conn) =
+        tokio_postgres::connect(&stack.postgres_url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
-    client.batch_execute(&format!("CREATE DATABASE {name}")).await?;
-    let (base, _) = stack.postgres_url.rsplit_once('/').context("postgres url has no database")?;
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await?;
+    let (base, _) = stack
+        .postgres_url
+        .rsplit_once('/')
+        .context("postgres url has no database")?;
     Ok(format!("{base}/{name}"))
 }
 
@@ -78,8 +102,9 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
 
 /// Creates a topic.
 pub async fn create_topic(stack: &Stack, topic: &str, partitions: i32) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", &stack.brokers).create()?;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &stack.brokers)
+        .create()?;
     let res = admin
         .create_topics(
             &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
@@ -101,7 +126,9 @@ pub fn produce(stack: &Stack, topic: &str, records: &[(i32, Vec<u8>)]) -> Result
         .set("linger.ms", "5")
         .create()?;
     for (partition, payload) in records {
-        let mut record = BaseRecord::<(), [u8]>::to(topic).partition(*partition).payload(payload.as_slice());
+        let mut record = BaseRecord::<(), [u8]>::to(topic)
+            .partition(*partition)
+            .payload(payload.as_slice());
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -117,6 +144,29 @@ pub fn produce(stack: &Stack, topic: &str, records: &[(i32, Vec<u8>)]) -> Result
     Ok(())
 }
 
+/// The `primespark-under-test` binary. Cargo builds it with the integration tests and puts it
+/// in `target/<profile>/`, one level above the test executables in `deps/`
+/// (`CARGO_BIN_EXE_*` is only set for the test crates, not for this library).
+/// `PRIMESPARK_TEST_BINARY` overrides.
+pub fn pipeline_binary() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("PRIMESPARK_TEST_BINARY") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().context("test executable has no folder")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("deps folder has no parent")?;
+    }
+    let bin = dir.join("primespark-under-test");
+    if !bin.exists() {
+        bail!(
+            "{} not found; build it with `cargo test -p primespark-tests`",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
 /// The pipeline as a child process.
 pub struct Pipeline {
     child: Child,
@@ -125,8 +175,11 @@ pub struct Pipeline {
 impl Pipeline {
     /// Starts `primespark run --config <config>` with `env` added.
     pub fn start(config: &Path, env: &[(&str, &str)], log: &Path) -> Result<Self> {
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_primespark-under-test"));
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let mut cmd = Command::new(pipeline_binary()?);
         cmd.arg("run").arg("--config").arg(config);
         // The test names every address itself; the stack's exports must not override it.
         for (k, _) in std::env::vars() {
@@ -138,7 +191,9 @@ impl Pipeline {
             .env("RUST_LOG", "info,primespark_connectors=debug")
             .stdout(Stdio::null())
             .stderr(log_file);
-        Ok(Self { child: cmd.spawn()? })
+        Ok(Self {
+            child: cmd.spawn()?,
+        })
     }
 
     /// SIGKILL: no flush, no goodbye.

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use chrono::{DateTime, Utc};
-use primespark_tests::{connect, create_topic, fresh_database, free_port, produce, stack, unique, wait_until, Pipeline};
+use primespark_tests::{
+    connect, create_topic, free_port, fresh_database, produce, stack, unique, wait_until, Pipeline,
+};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -36,7 +38,9 @@ fn events(seed: u64, per_partition: usize) -> (Vec<Vec<Vec<u8>>>, Expected) {
     };
     let mut partitions = Vec::new();
     for p in 0..PARTITIONS {
-        let mut times: Vec<i64> = (0..per_partition as i64).map(|i| T0_US + i * 100_000 + i64::from(p) * 7).collect();
+        let mut times: Vec<i64> = (0..per_partition as i64)
+            .map(|i| T0_US + i * 100_000 + i64::from(p) * 7)
+            .collect();
         for i in (0..times.len() - 1).step_by(3) {
             times.swap(i, i + 1);
         }
@@ -67,8 +71,16 @@ fn events(seed: u64, per_partition: usize) -> (Vec<Vec<Vec<u8>>>, Expected) {
                 1 => json!(time.to_rfc3339_opts(chrono::SecondsFormat::Micros, false)),
                 _ => json!(t / 1000),
             };
-            let t = if offset % 3 == 2 { (t / 1000) * 1000 } else { t };
-            let temp = if with_temp { json!(40.0 + load) } else { serde_json::Value::Null };
+            let t = if offset % 3 == 2 {
+                (t / 1000) * 1000
+            } else {
+                t
+            };
+            let temp = if with_temp {
+                json!(40.0 + load)
+            } else {
+                serde_json::Value::Null
+            };
             payloads.push(
                 json!({"device_id": device, "metrics": {"cpu_percent": cpu, "load_avg": load, "temperature": temp}, "timestamp": ts})
                     .to_string()
@@ -79,7 +91,9 @@ fn events(seed: u64, per_partition: usize) -> (Vec<Vec<Vec<u8>>>, Expected) {
                 samples.push(("temperature", 40.0 + load));
             }
             for (metric, value) in samples {
-                expected.raw.insert((t, device.clone(), metric.to_owned()), value);
+                expected
+                    .raw
+                    .insert((t, device.clone(), metric.to_owned()), value);
                 let bucket = t.div_euclid(60_000_000) * 60_000_000;
                 let e = expected
                     .aggs
@@ -93,7 +107,11 @@ fn events(seed: u64, per_partition: usize) -> (Vec<Vec<Vec<u8>>>, Expected) {
         }
         // Sentinel: one hour ahead; its own window stays open.
         let t = T0_US + 3_600_000_000;
-        payloads.push(json!({"device_id": "sentinel", "metrics": {"up": 1.0}, "timestamp": t / 1000}).to_string().into_bytes());
+        payloads.push(
+            json!({"device_id": "sentinel", "metrics": {"up": 1.0}, "timestamp": t / 1000})
+                .to_string()
+                .into_bytes(),
+        );
         partitions.push(payloads);
     }
     (partitions, expected)
@@ -115,7 +133,9 @@ fn parquet_rows(dir: &std::path::Path) -> Result<Vec<(i64, String, String, f64)>
                 stack.push(path);
             } else if path.extension().is_some_and(|e| e == "parquet") {
                 let file = std::fs::File::open(&path)?;
-                let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
+                let reader =
+                    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?
+                        .build()?;
                 for batch in reader {
                     let batch = batch?;
                     let time = batch.column(0).as_primitive::<TimestampMicrosecondType>();
@@ -124,7 +144,12 @@ fn parquet_rows(dir: &std::path::Path) -> Result<Vec<(i64, String, String, f64)>
                     let value = batch.column(3).as_primitive::<Float64Type>();
                     for i in 0..batch.num_rows() {
                         assert!(!time.is_null(i));
-                        rows.push((time.value(i), device.value(i).to_owned(), metric.value(i).to_owned(), value.value(i)));
+                        rows.push((
+                            time.value(i),
+                            device.value(i).to_owned(),
+                            metric.value(i).to_owned(),
+                            value.value(i),
+                        ));
                     }
                 }
             }
@@ -161,13 +186,20 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
     let half: Vec<(i32, Vec<u8>)> = partitions
         .iter()
         .enumerate()
-        .flat_map(|(p, evs)| evs[..evs.len() / 2].iter().map(move |e| (p as i32, e.clone())))
+        .flat_map(|(p, evs)| {
+            evs[..evs.len() / 2]
+                .iter()
+                .map(move |e| (p as i32, e.clone()))
+        })
         .collect();
     produce(stack, &topic, &half)?;
     let pipeline = Pipeline::start(&config, &[], &log)?;
     let client = connect(&url).await?;
     wait_until(Duration::from_secs(120), "some raw rows", || async {
-        Ok(count(&client, "SELECT count(*) FROM device_metrics").await.unwrap_or(0) > 3000)
+        Ok(count(&client, "SELECT count(*) FROM device_metrics")
+            .await
+            .unwrap_or(0)
+            > 3000)
     })
     .await?;
     pipeline.kill()?;
@@ -177,33 +209,51 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
     let rest: Vec<(i32, String)> = partitions
         .iter()
         .enumerate()
-        .flat_map(|(p, evs)| evs[evs.len() / 2..].iter().map(move |e| (p as i32, String::from_utf8_lossy(e).into_owned())))
+        .flat_map(|(p, evs)| {
+            evs[evs.len() / 2..]
+                .iter()
+                .map(move |e| (p as i32, String::from_utf8_lossy(e).into_owned()))
+        })
         .collect();
     std::fs::write(&rest_file, serde_json::to_vec(&rest)?)?;
     let py = format!(
         "import json,sys\nfrom confluent_kafka import Producer\np=Producer({{'bootstrap.servers':'{}'}})\nfor part,payload in json.load(open(sys.argv[1])):\n    p.produce('{topic}', payload.encode(), partition=part)\n    p.poll(0)\nassert p.flush(30)==0\n",
         stack.brokers
     );
-    let status = std::process::Command::new(&stack.python).arg("-c").arg(&py).arg(&rest_file).status()?;
+    let status = std::process::Command::new(&stack.python)
+        .arg("-c")
+        .arg(&py)
+        .arg(&rest_file)
+        .status()?;
     assert!(status.success(), "python producer failed");
 
     let mut pipeline = Pipeline::start(&config, &[], &log)?;
     let expected_aggs = expected.aggs.len() as i64;
     let expected_dead = expected.dead.len() as i64;
-    wait_until(Duration::from_secs(180), "all rows, aggregates and dead letters", || async {
-        let raw = count(&client, "SELECT count(*) FROM device_metrics").await?;
-        let aggs = count(&client, "SELECT count(*) FROM device_metrics_1m").await?;
-        let dead = count(&client, "SELECT count(*) FROM dead_letters").await?;
-        let parquet = count(
+    wait_until(
+        Duration::from_secs(180),
+        "all rows, aggregates and dead letters",
+        || async {
+            let raw = count(&client, "SELECT count(*) FROM device_metrics").await?;
+            let aggs = count(&client, "SELECT count(*) FROM device_metrics_1m").await?;
+            let dead = count(&client, "SELECT count(*) FROM dead_letters").await?;
+            let parquet = count(
             &client,
             "SELECT coalesce(min(next_offset), 0) FROM source_offsets WHERE sink = 'parquet_raw'",
         )
         .await?;
-        let last_offsets: i64 = partitions.iter().map(|p| p.len() as i64).min().unwrap_or(0);
-        Ok(raw >= valid_points && aggs >= expected_aggs && dead >= expected_dead && parquet >= last_offsets)
-    })
+            let last_offsets: i64 = partitions.iter().map(|p| p.len() as i64).min().unwrap_or(0);
+            Ok(raw >= valid_points
+                && aggs >= expected_aggs
+                && dead >= expected_dead
+                && parquet >= last_offsets)
+        },
+    )
     .await?;
-    assert!(pipeline.is_running(), "pipeline keeps running with malformed input");
+    assert!(
+        pipeline.is_running(),
+        "pipeline keeps running with malformed input"
+    );
 
     // Raw rows: exactly the valid samples, none doubled by the kill.
     let rows = client
@@ -218,7 +268,11 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
         let n = got.get(&(*t, d.clone(), m.clone())).copied().unwrap_or(0);
         assert_eq!(n, 1, "raw row ({t}, {d}, {m}) = {v}");
     }
-    let sentinel = (T0_US + 3_600_000_000, "sentinel".to_owned(), "up".to_owned());
+    let sentinel = (
+        T0_US + 3_600_000_000,
+        "sentinel".to_owned(),
+        "up".to_owned(),
+    );
     assert_eq!(got.get(&sentinel).copied(), Some(PARTITIONS as usize));
 
     // Aggregates: equal to the independent computation.
@@ -231,22 +285,39 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
     assert_eq!(aggs.len(), expected.aggs.len(), "aggregate row count");
     for r in &aggs {
         let key: (i64, String, String) = (r.get(0), r.get(1), r.get(2));
-        let want = expected.aggs.get(&key).unwrap_or_else(|| panic!("unexpected aggregate {key:?}"));
-        let (c, s, mn, mx, avg): (i64, f64, f64, f64, f64) = (r.get(3), r.get(4), r.get(5), r.get(6), r.get(7));
+        let want = expected
+            .aggs
+            .get(&key)
+            .unwrap_or_else(|| panic!("unexpected aggregate {key:?}"));
+        let (c, s, mn, mx, avg): (i64, f64, f64, f64, f64) =
+            (r.get(3), r.get(4), r.get(5), r.get(6), r.get(7));
         assert_eq!(c, want.0, "count of {key:?}");
-        assert!((s - want.1).abs() < 1e-6, "sum of {key:?}: {s} vs {}", want.1);
+        assert!(
+            (s - want.1).abs() < 1e-6,
+            "sum of {key:?}: {s} vs {}",
+            want.1
+        );
         assert_eq!((mn, mx), (want.2, want.3), "min/max of {key:?}");
         assert!((avg - want.1 / want.0 as f64).abs() < 1e-9);
     }
 
     // Dead letters: every malformed record, with its reason and offset.
-    let dead = client.query("SELECT partition, \"offset\", reason, error FROM dead_letters", &[]).await?;
+    let dead = client
+        .query(
+            "SELECT partition, \"offset\", reason, error FROM dead_letters",
+            &[],
+        )
+        .await?;
     assert_eq!(dead.len(), expected.dead.len());
     for r in &dead {
         let key: (i32, i64) = (r.get(0), r.get(1));
         let reason: String = r.get(2);
         let error: String = r.get(3);
-        assert_eq!(Some(&reason.as_str()), expected.dead.get(&key), "dead letter {key:?}: {error}");
+        assert_eq!(
+            Some(&reason.as_str()),
+            expected.dead.get(&key),
+            "dead letter {key:?}: {error}"
+        );
         assert!(error.contains(&format!("offset {}", key.1)), "{error}");
     }
 
@@ -255,26 +326,47 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
     let mut pq = parquet_rows(&topic_dir)?;
     assert_eq!(pq.len() as i64, valid_points, "parquet row count");
     pq.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
-    let mut pg_rows: Vec<(i64, String, String, f64)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    let mut pg_rows: Vec<(i64, String, String, f64)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
     pg_rows.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
     assert_eq!(pq, pg_rows);
 
     // DuckDB and pyarrow read the same files with the same row count.
     let check = format!(
-        "import duckdb, pyarrow.dataset as ds\nd = duckdb.sql(\"select count(*) from read_parquet('{0}/**/*.parquet', hive_partitioning=true)\").fetchone()[0]\na = ds.dataset('{0}', format='parquet', partitioning='hive').count_rows()\nprint(d, a)\n",
+        "import duckdb, pyarrow.dataset as ds\nd = duckdb.connect().execute(\"select count(*) from read_parquet('{0}/**/*.parquet', hive_partitioning=true)\").fetchall()[0][0]\na = ds.dataset('{0}', format='parquet', partitioning='hive').count_rows()\nprint(d, a)\n",
         topic_dir.display()
     );
-    let out = std::process::Command::new(&stack.python).arg("-c").arg(&check).output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("{valid_points} {valid_points}"));
+    let out = std::process::Command::new(&stack.python)
+        .arg("-c")
+        .arg(&check)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{valid_points} {valid_points}")
+    );
 
     // The SQL endpoint answers over the same files; a bad query is a 400 with the reason.
-    let body = http_post(&http, "/v1/sql", r#"{"sql": "SELECT count(*) AS n FROM telemetry_raw"}"#)?;
+    let body = http_post(
+        &http,
+        "/v1/sql",
+        r#"{"sql": "SELECT count(*) AS n FROM telemetry_raw"}"#,
+    )?;
     let v: serde_json::Value = serde_json::from_str(&body.1)?;
     assert_eq!(body.0, 200, "{}", body.1);
     assert_eq!(v["columns"], json!(["n"]));
     assert_eq!(v["rows"][0][0], json!(valid_points));
-    let bad = http_post(&http, "/v1/sql", r#"{"sql": "SELECT nope FROM telemetry_raw"}"#)?;
+    let bad = http_post(
+        &http,
+        "/v1/sql",
+        r#"{"sql": "SELECT nope FROM telemetry_raw"}"#,
+    )?;
     assert_eq!(bad.0, 400);
     assert!(bad.1.contains("nope"), "{}", bad.1);
 
@@ -296,7 +388,10 @@ fn http_post(addr: &str, path: &str, body: &str) -> Result<(u16, String)> {
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let status: u16 = resp.split_whitespace().nth(1).unwrap_or("0").parse()?;
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     // Chunked bodies: keep only the JSON.
     let body = match (body.find('{'), body.rfind('}')) {
         (Some(a), Some(b)) => body[a..=b].to_owned(),

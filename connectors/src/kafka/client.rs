@@ -57,7 +57,11 @@ pub struct PartitionReader {
 }
 
 /// Creates an unassigned reader for `topic`.
-pub fn reader(cfg: &KafkaConfig, topic: &str, client_id: &str) -> Result<PartitionReader, KafkaError> {
+pub fn reader(
+    cfg: &KafkaConfig,
+    topic: &str,
+    client_id: &str,
+) -> Result<PartitionReader, KafkaError> {
     let mut c = base_config(cfg);
     c.set("group.id", "primespark")
         .set("client.id", client_id)
@@ -74,7 +78,9 @@ pub fn reader(cfg: &KafkaConfig, topic: &str, client_id: &str) -> Result<Partiti
         // prefetch would turn that into memory growth.
         .set("queued.max.messages.kbytes", "16384")
         .set("fetch.wait.max.ms", "50");
-    let consumer: BaseConsumer = c.create().map_err(client_error(format!("creating consumer for {topic}")))?;
+    let consumer: BaseConsumer = c
+        .create()
+        .map_err(client_error(format!("creating consumer for {topic}")))?;
     Ok(PartitionReader {
         consumer,
         topic: topic.to_owned(),
@@ -93,7 +99,11 @@ impl PartitionReader {
     }
 
     /// Assigns `partitions`, each with the offset to start from (`None`: the configured start).
-    pub fn assign(&self, partitions: &[(i32, Option<i64>)], start: StartFrom) -> Result<(), KafkaError> {
+    pub fn assign(
+        &self,
+        partitions: &[(i32, Option<i64>)],
+        start: StartFrom,
+    ) -> Result<(), KafkaError> {
         let mut tpl = TopicPartitionList::new();
         for (p, offset) in partitions {
             let offset = match (offset, start) {
@@ -104,13 +114,16 @@ impl PartitionReader {
             tpl.add_partition_offset(&self.topic, *p, offset)
                 .map_err(client_error(format!("assigning {}:{p}", self.topic)))?;
         }
-        self.consumer
-            .assign(&tpl)
-            .map_err(client_error(format!("assigning partitions of {}", self.topic)))
+        self.consumer.assign(&tpl).map_err(client_error(format!(
+            "assigning partitions of {}",
+            self.topic
+        )))
     }
 
     /// Polls without blocking.
-    pub fn poll(&self) -> Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>> {
+    pub fn poll(
+        &self,
+    ) -> Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>> {
         self.consumer.poll(Duration::ZERO)
     }
 
@@ -118,12 +131,19 @@ impl PartitionReader {
     pub fn watermarks(&self, partition: i32, timeout: Duration) -> Result<(i64, i64), KafkaError> {
         self.consumer
             .fetch_watermarks(&self.topic, partition, timeout)
-            .map_err(client_error(format!("watermarks of {}:{partition}", self.topic)))
+            .map_err(client_error(format!(
+                "watermarks of {}:{partition}",
+                self.topic
+            )))
     }
 }
 
 /// Partition ids of `topic`.
-pub fn partition_ids<C: Consumer>(consumer: &C, topic: &str, timeout: Duration) -> Result<Vec<i32>, KafkaError> {
+pub fn partition_ids<C: Consumer>(
+    consumer: &C,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<i32>, KafkaError> {
     let md = consumer
         .fetch_metadata(Some(topic), timeout)
         .map_err(client_error(format!("metadata of {topic}")))?;
@@ -149,13 +169,18 @@ pub fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
 
 /// Creates topics that do not exist yet; existing ones are left alone.
 pub async fn create_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = base_config(cfg).create().map_err(client_error("creating admin client"))?;
+    let admin: AdminClient<DefaultClientContext> = base_config(cfg)
+        .create()
+        .map_err(client_error("creating admin client"))?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
         .collect();
     let results = admin
-        .create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
         .await
         .map_err(client_error("creating topics"))?;
     for r in results {

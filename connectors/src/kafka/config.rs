@@ -84,13 +84,21 @@ impl KafkaConfig {
     /// Pure validation.
     pub fn validate(&self) -> Result<(), InvalidConfig> {
         if self.brokers.trim().is_empty() {
-            return Err(InvalidConfig::new("kafka.brokers", "must list at least one host:port"));
+            return Err(InvalidConfig::new(
+                "kafka.brokers",
+                "must list at least one host:port",
+            ));
         }
         for b in self.brokers.split(',') {
             let b = b.trim();
-            let ok = b.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+            let ok = b
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
             if !ok {
-                return Err(InvalidConfig::new("kafka.brokers", format!("\"{b}\" is not host:port")));
+                return Err(InvalidConfig::new(
+                    "kafka.brokers",
+                    format!("\"{b}\" is not host:port"),
+                ));
             }
         }
         for (key, topic) in [
@@ -100,13 +108,21 @@ impl KafkaConfig {
         ] {
             let valid = !topic.is_empty()
                 && topic.len() <= 249
-                && topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+                && topic
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
             if !valid {
-                return Err(InvalidConfig::new(key, format!("\"{topic}\" is not a valid Kafka topic name")));
+                return Err(InvalidConfig::new(
+                    key,
+                    format!("\"{topic}\" is not a valid Kafka topic name"),
+                ));
             }
         }
         if self.metadata_timeout_ms == 0 {
-            return Err(InvalidConfig::new("kafka.metadata_timeout_ms", "must be positive"));
+            return Err(InvalidConfig::new(
+                "kafka.metadata_timeout_ms",
+                "must be positive",
+            ));
         }
         for key in ["bootstrap.servers", "enable.auto.commit", "group.id"] {
             if self.properties.contains_key(key) {
@@ -126,12 +142,18 @@ mod tests {
 
     #[test]
     fn parses_and_validates() {
-        let c: KafkaConfig = toml::from_str("brokers = \"a:1,b:2\"\nstart = \"latest\"\n[topics]\ntelemetry = \"t\"").unwrap();
+        let c: KafkaConfig = toml::from_str(
+            "brokers = \"a:1,b:2\"\nstart = \"latest\"\n[topics]\ntelemetry = \"t\"",
+        )
+        .unwrap();
         assert_eq!(c.start, StartFrom::Latest);
         assert_eq!(c.topics.telemetry, "t");
         assert_eq!(c.topics.events, "analytics.events");
         c.validate().unwrap();
-        let bad = KafkaConfig { brokers: "nohost".into(), ..Default::default() };
+        let bad = KafkaConfig {
+            brokers: "nohost".into(),
+            ..Default::default()
+        };
         assert_eq!(bad.validate().unwrap_err().key, "kafka.brokers");
         assert!(toml::from_str::<KafkaConfig>("brokrs = \"a:1\"").is_err());
     }

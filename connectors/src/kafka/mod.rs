@@ -1,8 +1,8 @@
 //! Kafka: consumers with explicit partition assignment (no consumer-group join: Tansu's is slow
 //! and we own offsets ourselves), producers, and topic creation.
 
-mod config;
 mod client;
+mod config;
 
 pub use client::{create_topics, partition_ids, producer, reader, KafkaError, PartitionReader};
 pub use config::{KafkaConfig, StartFrom, TopicsConfig};

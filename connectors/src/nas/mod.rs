@@ -8,4 +8,6 @@ mod config;
 mod writer;
 
 pub use config::NasConfig;
-pub use writer::{aggregate_batch, telemetry_batch, write_aggregate_files, NasError, ParquetArchive};
+pub use writer::{
+    aggregate_batch, telemetry_batch, write_aggregate_files, NasError, ParquetArchive,
+};

@@ -5,7 +5,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow::array::{Float64Array, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray};
+use arrow::array::{
+    Float64Array, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
 use chrono::{DateTime, Utc};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
@@ -39,7 +41,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NasError + '_ {
 
 /// Builds the Arrow batch of raw telemetry rows.
 pub fn telemetry_batch(rows: &[TelemetryRow]) -> Result<RecordBatch, NasError> {
-    let time = TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.time_us)).with_timezone("UTC");
+    let time = TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.time_us))
+        .with_timezone("UTC");
     let device = StringArray::from_iter_values(rows.iter().map(|r| r.device_id.as_str()));
     let metric = StringArray::from_iter_values(rows.iter().map(|r| r.metric_name.as_str()));
     let value = Float64Array::from_iter_values(rows.iter().map(|r| r.value));
@@ -61,7 +64,8 @@ pub fn telemetry_batch(rows: &[TelemetryRow]) -> Result<RecordBatch, NasError> {
 
 /// Builds the Arrow batch of 1-minute aggregate rows.
 pub fn aggregate_batch(rows: &[MetricAggRow]) -> Result<RecordBatch, NasError> {
-    let bucket = TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.bucket_us)).with_timezone("UTC");
+    let bucket = TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.bucket_us))
+        .with_timezone("UTC");
     let device = StringArray::from_iter_values(rows.iter().map(|r| r.device_id.as_str()));
     let metric = StringArray::from_iter_values(rows.iter().map(|r| r.metric_name.as_str()));
     let count = Int64Array::from_iter_values(rows.iter().map(|r| r.count));
@@ -87,7 +91,12 @@ pub fn aggregate_batch(rows: &[MetricAggRow]) -> Result<RecordBatch, NasError> {
 
 /// Writes closed windows under `<root>/table=<table>/date=YYYY-MM-DD/`, one file per bucket
 /// named by the bucket start: a replayed window rewrites the same file with the same rows.
-pub fn write_aggregate_files(root: &Path, table: &str, rows: &[MetricAggRow], row_group_rows: usize) -> Result<Vec<PathBuf>, NasError> {
+pub fn write_aggregate_files(
+    root: &Path,
+    table: &str,
+    rows: &[MetricAggRow],
+    row_group_rows: usize,
+) -> Result<Vec<PathBuf>, NasError> {
     let mut by_bucket: BTreeMap<i64, Vec<MetricAggRow>> = BTreeMap::new();
     for r in rows {
         by_bucket.entry(r.bucket_us).or_default().push(r.clone());
@@ -95,29 +104,45 @@ pub fn write_aggregate_files(root: &Path, table: &str, rows: &[MetricAggRow], ro
     let mut written = Vec::new();
     for (bucket, mut rows) in by_bucket {
         rows.sort_by(|a, b| (&a.device_id, &a.metric_name).cmp(&(&b.device_id, &b.metric_name)));
-        let start = DateTime::<Utc>::from_timestamp_micros(bucket).unwrap_or(DateTime::<Utc>::MIN_UTC);
-        let dir = root.join(format!("table={table}")).join(format!("date={}", start.format("%Y-%m-%d")));
+        let start =
+            DateTime::<Utc>::from_timestamp_micros(bucket).unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let dir = root
+            .join(format!("table={table}"))
+            .join(format!("date={}", start.format("%Y-%m-%d")));
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         let name = format!("part-b{bucket:020}.parquet");
         let final_path = dir.join(&name);
         let tmp_path = dir.join(format!(".{name}.inprogress"));
         write_batch_file(&tmp_path, &aggregate_batch(&rows)?, row_group_rows)?;
         fs::rename(&tmp_path, &final_path).map_err(io(&final_path))?;
-        fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))?;
+        fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&dir))?;
         written.push(final_path);
     }
     Ok(written)
 }
 
-fn write_batch_file(path: &Path, batch: &RecordBatch, row_group_rows: usize) -> Result<(), NasError> {
+fn write_batch_file(
+    path: &Path,
+    batch: &RecordBatch,
+    row_group_rows: usize,
+) -> Result<(), NasError> {
     let file = fs::File::create(path).map_err(io(path))?;
     let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).map_err(|e| NasError::Encode(e.to_string()))?))
-        .set_max_row_group_size(row_group_rows)
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).map_err(|e| NasError::Encode(e.to_string()))?,
+        ))
+        .set_max_row_group_row_count(Some(row_group_rows.max(1)))
         .build();
-    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props)).map_err(|e| NasError::Encode(e.to_string()))?;
-    writer.write(batch).map_err(|e| NasError::Encode(e.to_string()))?;
-    let file = writer.into_inner().map_err(|e| NasError::Encode(e.to_string()))?;
+    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props))
+        .map_err(|e| NasError::Encode(e.to_string()))?;
+    writer
+        .write(batch)
+        .map_err(|e| NasError::Encode(e.to_string()))?;
+    let file = writer
+        .into_inner()
+        .map_err(|e| NasError::Encode(e.to_string()))?;
     file.sync_all().map_err(io(path))?;
     Ok(())
 }
@@ -195,11 +220,15 @@ impl ParquetArchive {
     ) -> Result<Vec<PathBuf>, NasError> {
         let mut by_hour: BTreeMap<i64, Vec<TelemetryRow>> = BTreeMap::new();
         for r in rows {
-            by_hour.entry(r.time_us.div_euclid(3_600_000_000)).or_default().push(r.clone());
+            by_hour
+                .entry(r.time_us.div_euclid(3_600_000_000))
+                .or_default()
+                .push(r.clone());
         }
         let mut written = Vec::with_capacity(by_hour.len());
         for (hour, rows) in by_hour {
-            let start = DateTime::<Utc>::from_timestamp(hour * 3600, 0).unwrap_or(DateTime::<Utc>::MIN_UTC);
+            let start =
+                DateTime::<Utc>::from_timestamp(hour * 3600, 0).unwrap_or(DateTime::<Utc>::MIN_UTC);
             let dir = self
                 .topic_dir
                 .join(format!("date={}", start.format("%Y-%m-%d")))
@@ -212,7 +241,9 @@ impl ParquetArchive {
             self.write_file(&tmp_path, &rows)?;
             fs::rename(&tmp_path, &final_path).map_err(io(&final_path))?;
             // Make the rename itself durable.
-            fs::File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))?;
+            fs::File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(&dir))?;
             written.push(final_path);
         }
         Ok(written)
@@ -244,10 +275,17 @@ mod tests {
         let archive = ParquetArchive::new(dir.path(), "edge.telemetry", 1024);
         let t0 = 1_762_351_387_000_000; // 2025-11-05T14:03:07Z
         let files = archive
-            .write_roll(1, 10, 12, &[row(t0, 10), row(t0 + 3_600_000_000, 11), row(t0, 12)])
+            .write_roll(
+                1,
+                10,
+                12,
+                &[row(t0, 10), row(t0 + 3_600_000_000, 11), row(t0, 12)],
+            )
             .unwrap();
         assert_eq!(files.len(), 2);
-        assert!(files[0].to_string_lossy().contains("topic=edge.telemetry/date=2025-11-05/hour=14/part-p001-o"));
+        assert!(files[0]
+            .to_string_lossy()
+            .contains("topic=edge.telemetry/date=2025-11-05/hour=14/part-p001-o"));
         let later = archive.write_roll(1, 13, 13, &[row(t0, 13)]).unwrap();
         // Offsets committed up to 13: the roll starting at 13 is an orphan.
         let removed = archive.recover(&HashMap::from([(1, 13)])).unwrap();
@@ -258,7 +296,10 @@ mod tests {
 
     #[test]
     fn names_parse() {
-        assert_eq!(parse_name("part-p003-o00000000000000000042-00000000000000000997.parquet"), Some((3, 42)));
+        assert_eq!(
+            parse_name("part-p003-o00000000000000000042-00000000000000000997.parquet"),
+            Some((3, 42))
+        );
         assert_eq!(parse_name("other.parquet"), None);
     }
 }

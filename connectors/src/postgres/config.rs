@@ -72,14 +72,20 @@ pub fn redact(url: &str) -> String {
 impl PostgresConfig {
     /// Pure validation: the URL parses, flush settings are sane.
     pub fn validate(&self) -> Result<(), InvalidConfig> {
-        self.url
-            .parse::<tokio_postgres::Config>()
-            .map_err(|e| InvalidConfig::new("postgres.url", format!("not a PostgreSQL URL: {e}")))?;
+        self.url.parse::<tokio_postgres::Config>().map_err(|e| {
+            InvalidConfig::new("postgres.url", format!("not a PostgreSQL URL: {e}"))
+        })?;
         if self.flush_rows == 0 {
-            return Err(InvalidConfig::new("postgres.flush_rows", "must be positive"));
+            return Err(InvalidConfig::new(
+                "postgres.flush_rows",
+                "must be positive",
+            ));
         }
         if self.flush_interval.is_zero() {
-            return Err(InvalidConfig::new("postgres.flush_interval", "must be positive"));
+            return Err(InvalidConfig::new(
+                "postgres.flush_interval",
+                "must be positive",
+            ));
         }
         Ok(())
     }
@@ -91,18 +97,28 @@ mod tests {
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact("postgres://u:secret@h:5432/d"), "postgres://u:***@h:5432/d");
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/d"),
+            "postgres://u:***@h:5432/d"
+        );
         assert_eq!(redact("postgres://u@h/d"), "postgres://u@h/d");
-        let c = PostgresConfig { url: "postgres://u:secret@h/d".into(), ..Default::default() };
+        let c = PostgresConfig {
+            url: "postgres://u:secret@h/d".into(),
+            ..Default::default()
+        };
         assert!(!format!("{c:?}").contains("secret"));
     }
 
     #[test]
     fn validates() {
         PostgresConfig::default().validate().unwrap();
-        let bad = PostgresConfig { url: "postgres://h:notaport/d".into(), ..Default::default() };
+        let bad = PostgresConfig {
+            url: "postgres://h:notaport/d".into(),
+            ..Default::default()
+        };
         assert_eq!(bad.validate().unwrap_err().key, "postgres.url");
-        let c: PostgresConfig = toml::from_str("url = \"postgres://a@b/c\"\nflush_interval = \"250ms\"").unwrap();
+        let c: PostgresConfig =
+            toml::from_str("url = \"postgres://a@b/c\"\nflush_interval = \"250ms\"").unwrap();
         assert_eq!(c.flush_interval, Duration::from_millis(250));
     }
 }

@@ -45,7 +45,9 @@ pub enum Backend {
 
 /// Connects and drives the connection on the current tokio runtime.
 pub async fn connect(url: &str) -> Result<Client, PostgresError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(PostgresError::Connect)?;
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(PostgresError::Connect)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "postgres connection closed");
@@ -57,7 +59,10 @@ pub async fn connect(url: &str) -> Result<Client, PostgresError> {
 /// Applies pending migrations (idempotent; serialized across processes by an advisory lock) and,
 /// when the `timescaledb` extension is available, makes the time-series tables hypertables.
 pub async fn migrate(client: &mut Client) -> Result<Backend, PostgresError> {
-    let tx = client.transaction().await.map_err(stmt("beginning migration"))?;
+    let mut tx = client
+        .transaction()
+        .await
+        .map_err(stmt("beginning migration"))?;
     // One migrator at a time across a cluster's processes.
     tx.execute("SELECT pg_advisory_xact_lock(7262)", &[])
         .await
@@ -76,7 +81,9 @@ pub async fn migrate(client: &mut Client) -> Result<Backend, PostgresError> {
         .map(|r| r.get(0))
         .collect();
     for m in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
-        tx.batch_execute(m.sql).await.map_err(stmt("applying a migration"))?;
+        tx.batch_execute(m.sql)
+            .await
+            .map_err(stmt("applying a migration"))?;
         tx.execute(
             "INSERT INTO primespark_migrations (version, name) VALUES ($1, $2)",
             &[&m.version, &m.name],
@@ -85,21 +92,53 @@ pub async fn migrate(client: &mut Client) -> Result<Backend, PostgresError> {
         .map_err(stmt("recording a migration"))?;
         tracing::info!(version = m.version, name = m.name, "migration applied");
     }
-    let timescale = tx
-        .query_opt("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'", &[])
+    let available = tx
+        .query_opt(
+            "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'",
+            &[],
+        )
         .await
         .map_err(stmt("looking for timescaledb"))?
         .is_some();
-    if timescale {
+    // Installed but not loadable (e.g. missing from shared_preload_libraries) must not stop the
+    // pipeline: the savepoint lets us fall back to the plain tables in the same transaction.
+    let mut timescale = false;
+    if available {
+        let sp = tx
+            .savepoint("timescaledb_setup")
+            .await
+            .map_err(stmt("setting up timescaledb"))?;
+        let mut failure = None;
         for sql in TIMESCALE_SETUP {
-            tx.batch_execute(sql).await.map_err(stmt("setting up timescaledb"))?;
+            if let Err(e) = sp.batch_execute(sql).await {
+                failure = Some(e);
+                break;
+            }
+        }
+        match failure {
+            None => {
+                sp.commit().await.map_err(stmt("setting up timescaledb"))?;
+                timescale = true;
+            }
+            Some(e) => {
+                tracing::warn!(error = %e, "timescaledb is available but could not be set up; using plain tables");
+                sp.rollback()
+                    .await
+                    .map_err(stmt("setting up timescaledb"))?;
+            }
         }
     }
     tx.commit().await.map_err(stmt("committing migrations"))?;
-    let backend = if timescale { Backend::Timescale } else { Backend::Plain };
+    let backend = if timescale {
+        Backend::Timescale
+    } else {
+        Backend::Plain
+    };
     match backend {
         Backend::Timescale => tracing::info!("timescaledb found: device_metrics is a hypertable"),
-        Backend::Plain => tracing::info!("timescaledb not installed: plain PostgreSQL tables with the same indexes"),
+        Backend::Plain => tracing::info!(
+            "timescaledb not installed: plain PostgreSQL tables with the same indexes"
+        ),
     }
     Ok(backend)
 }
@@ -116,12 +155,20 @@ pub struct StoredState {
 impl StoredState {
     /// The resume point of `sink` for `partition`.
     pub fn offset(&self, sink: &str, partition: i32) -> Option<PartitionOffset> {
-        self.offsets.get(sink)?.iter().find(|o| o.partition == partition).copied()
+        self.offsets
+            .get(sink)?
+            .iter()
+            .find(|o| o.partition == partition)
+            .copied()
     }
 }
 
 /// Loads the committed state of `dataflow` reading `topic`.
-pub async fn load_state(client: &Client, dataflow: &str, topic: &str) -> Result<StoredState, PostgresError> {
+pub async fn load_state(
+    client: &Client,
+    dataflow: &str,
+    topic: &str,
+) -> Result<StoredState, PostgresError> {
     let mut state = StoredState::default();
     if let Some(row) = client
         .query_opt(
@@ -191,13 +238,19 @@ pub async fn write_raw(
     offsets: &[PartitionOffset],
 ) -> Result<(), PostgresError> {
     let started = Instant::now();
-    let tx = client.transaction().await.map_err(stmt("beginning raw batch"))?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(stmt("beginning raw batch"))?;
     if !rows.is_empty() {
         let copy = tx
             .copy_in("COPY device_metrics (time, device_id, metric_name, value) FROM STDIN (FORMAT binary)")
             .await
             .map_err(stmt("starting COPY into device_metrics"))?;
-        let writer = BinaryCopyInWriter::new(copy, &[Type::TIMESTAMPTZ, Type::TEXT, Type::TEXT, Type::FLOAT8]);
+        let writer = BinaryCopyInWriter::new(
+            copy,
+            &[Type::TIMESTAMPTZ, Type::TEXT, Type::TEXT, Type::FLOAT8],
+        );
         pin_mut!(writer);
         for r in rows {
             writer
@@ -206,7 +259,10 @@ pub async fn write_raw(
                 .await
                 .map_err(stmt("copying into device_metrics"))?;
         }
-        writer.finish().await.map_err(stmt("finishing COPY into device_metrics"))?;
+        writer
+            .finish()
+            .await
+            .map_err(stmt("finishing COPY into device_metrics"))?;
     }
     if !dead.is_empty() {
         let partitions: Vec<i32> = dead.iter().map(|d| d.partition).collect();
@@ -237,7 +293,12 @@ pub async fn write_raw(
         *by_partition.entry(d.partition).or_default() += 1;
     }
     for (partition, count) in by_partition {
-        DeadLettersWritten { topic, partition, count }.emit();
+        DeadLettersWritten {
+            topic,
+            partition,
+            count,
+        }
+        .emit();
     }
     Ok(())
 }
@@ -254,7 +315,10 @@ pub async fn write_aggregates(
     offsets: &[PartitionOffset],
 ) -> Result<(), PostgresError> {
     let started = Instant::now();
-    let tx = client.transaction().await.map_err(stmt("beginning aggregate batch"))?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(stmt("beginning aggregate batch"))?;
     if !rows.is_empty() {
         let buckets: Vec<DateTime<Utc>> = rows.iter().map(|r| time(r.bucket_us)).collect();
         let devices: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
@@ -284,7 +348,9 @@ pub async fn write_aggregates(
     .await
     .map_err(stmt("storing the committed watermark"))?;
     upsert_offsets(&tx, dataflow, sink, topic, offsets).await?;
-    tx.commit().await.map_err(stmt("committing aggregate batch"))?;
+    tx.commit()
+        .await
+        .map_err(stmt("committing aggregate batch"))?;
     if !rows.is_empty() {
         SinkRowsWritten {
             sink: "postgres",
@@ -306,7 +372,10 @@ pub async fn commit_offsets(
     topic: &str,
     offsets: &[PartitionOffset],
 ) -> Result<(), PostgresError> {
-    let tx = client.transaction().await.map_err(stmt("beginning offset commit"))?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(stmt("beginning offset commit"))?;
     upsert_offsets(&tx, dataflow, sink, topic, offsets).await?;
     tx.commit().await.map_err(stmt("committing offsets"))
 }

@@ -37,10 +37,12 @@ impl Default for QueryConfig {
 impl QueryConfig {
     /// Pure validation.
     pub fn validate(&self) -> Result<SocketAddr, InvalidConfig> {
-        let addr: SocketAddr = self
-            .http_addr
-            .parse()
-            .map_err(|e| InvalidConfig::new("query.http_addr", format!("\"{}\" is not ip:port: {e}", self.http_addr)))?;
+        let addr: SocketAddr = self.http_addr.parse().map_err(|e| {
+            InvalidConfig::new(
+                "query.http_addr",
+                format!("\"{}\" is not ip:port: {e}", self.http_addr),
+            )
+        })?;
         if self.max_rows == 0 {
             return Err(InvalidConfig::new("query.max_rows", "must be positive"));
         }

@@ -15,7 +15,9 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type, UInt64Type};
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl};
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
 use datafusion::prelude::SessionContext;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -71,12 +73,20 @@ fn register_listing(
     partition_cols: &[&str],
     schema: datafusion::arrow::datatypes::SchemaRef,
 ) -> Result<(), QueryError> {
-    std::fs::create_dir_all(dir).map_err(|e| QueryError::Encode(format!("creating {}: {e}", dir.display())))?;
-    let dir = dir.canonicalize().map_err(|e| QueryError::Encode(format!("resolving {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| QueryError::Encode(format!("creating {}: {e}", dir.display())))?;
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| QueryError::Encode(format!("resolving {}: {e}", dir.display())))?;
     let table_url = ListingTableUrl::parse(format!("{}/", dir.display()))?;
     let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
         .with_file_extension(".parquet")
-        .with_table_partition_cols(partition_cols.iter().map(|c| ((*c).to_owned(), DataType::Utf8)).collect());
+        .with_table_partition_cols(
+            partition_cols
+                .iter()
+                .map(|c| ((*c).to_owned(), DataType::Utf8))
+                .collect(),
+        );
     let config = ListingTableConfig::new(table_url)
         .with_listing_options(options)
         .with_schema(schema);
@@ -119,7 +129,12 @@ pub async fn serve(
 
 async fn run(state: &QueryState, sql: &str) -> Result<Value, QueryError> {
     let df = state.ctx.sql(sql).await?;
-    let columns: Vec<String> = df.schema().fields().iter().map(|f| f.name().clone()).collect();
+    let columns: Vec<String> = df
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
     let batches = df.limit(0, Some(state.max_rows + 1))?.collect().await?;
     let mut rows = batches_to_json(&batches)?;
     let truncated = rows.len() > state.max_rows;
@@ -144,10 +159,16 @@ async fn sql(State(state): State<Arc<QueryState>>, Json(req): Json<SqlRequest>) 
     .emit();
     match result {
         Ok(body) => Json(body).into_response(),
-        Err(QueryError::DataFusion(e)) => {
-            (StatusCode::BAD_REQUEST, Json(json!({"error": e.to_string()}))).into_response()
-        }
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"error": e.to_string()}))).into_response(),
+        Err(QueryError::DataFusion(e)) => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
     }
 }
 
@@ -158,18 +179,52 @@ fn column_values(array: &dyn Array) -> Result<Vec<Value>, QueryError> {
         DataType::Null => vec![Value::Null; n],
         DataType::Boolean => {
             let a = array.as_boolean();
-            (0..n).map(|i| if a.is_null(i) { Value::Null } else { Value::Bool(a.value(i)) }).collect()
+            (0..n)
+                .map(|i| {
+                    if a.is_null(i) {
+                        Value::Null
+                    } else {
+                        Value::Bool(a.value(i))
+                    }
+                })
+                .collect()
         }
-        DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 | DataType::UInt8 | DataType::UInt16 | DataType::UInt32 => {
+        DataType::Int8
+        | DataType::Int16
+        | DataType::Int32
+        | DataType::Int64
+        | DataType::UInt8
+        | DataType::UInt16
+        | DataType::UInt32 => {
             let c = cast(array, &DataType::Int64).map_err(enc)?;
             let a = c.as_primitive::<Int64Type>();
-            (0..n).map(|i| if a.is_null(i) { Value::Null } else { json!(a.value(i)) }).collect()
+            (0..n)
+                .map(|i| {
+                    if a.is_null(i) {
+                        Value::Null
+                    } else {
+                        json!(a.value(i))
+                    }
+                })
+                .collect()
         }
         DataType::UInt64 => {
             let a = array.as_primitive::<UInt64Type>();
-            (0..n).map(|i| if a.is_null(i) { Value::Null } else { json!(a.value(i)) }).collect()
+            (0..n)
+                .map(|i| {
+                    if a.is_null(i) {
+                        Value::Null
+                    } else {
+                        json!(a.value(i))
+                    }
+                })
+                .collect()
         }
-        DataType::Float16 | DataType::Float32 | DataType::Float64 | DataType::Decimal128(_, _) | DataType::Decimal256(_, _) => {
+        DataType::Float16
+        | DataType::Float32
+        | DataType::Float64
+        | DataType::Decimal128(_, _)
+        | DataType::Decimal256(_, _) => {
             let c = cast(array, &DataType::Float64).map_err(enc)?;
             let a = c.as_primitive::<Float64Type>();
             (0..n)
@@ -188,12 +243,26 @@ fn column_values(array: &dyn Array) -> Result<Vec<Value>, QueryError> {
         DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => {
             let c = cast(array, &DataType::Utf8).map_err(enc)?;
             let a = c.as_string::<i32>();
-            (0..n).map(|i| if a.is_null(i) { Value::Null } else { Value::String(a.value(i).to_owned()) }).collect()
+            (0..n)
+                .map(|i| {
+                    if a.is_null(i) {
+                        Value::Null
+                    } else {
+                        Value::String(a.value(i).to_owned())
+                    }
+                })
+                .collect()
         }
         _ => {
             let f = ArrayFormatter::try_new(array, &FormatOptions::default()).map_err(enc)?;
             (0..n)
-                .map(|i| if array.is_null(i) { Value::Null } else { Value::String(f.value(i).to_string()) })
+                .map(|i| {
+                    if array.is_null(i) {
+                        Value::Null
+                    } else {
+                        Value::String(f.value(i).to_string())
+                    }
+                })
                 .collect()
         }
     };
