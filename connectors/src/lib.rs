@@ -11,6 +11,9 @@
 //!
 //! Connectors know the row types of `primespark-schemas` and nothing of timely.
 
+// Tests may unwrap: a panic there is a failed test with its message.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod config;
 pub mod kafka;
 pub mod metrics;

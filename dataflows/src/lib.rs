@@ -12,6 +12,9 @@
 //! - [`ops`]: the process's metrics registry and HTTP routes (`/metrics`, `/healthz`).
 //! - [`cli`]: the command line.
 
+// Tests may unwrap: a panic there is a failed test with its message.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod cli;
 pub mod config;
 pub mod demo;

@@ -29,6 +29,12 @@ trap 'exit 143' TERM
 eval "$("$STACK" env)"
 
 cd "$REPO_ROOT"
+# cargo prints one "test result" line per test binary, the last often a doc-test run with no
+# tests; close with one total so a reader (or CI) sees at once what ran.
+out="$(mktemp)"
 rc=0
-cargo test --workspace --locked "$@" || rc=$?
+cargo test --workspace --locked "$@" 2>&1 | tee "$out" || rc=$?
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "total: %d passed, %d failed\n", p, f }' "$out"
+rm -f "$out"
 exit "$rc"

@@ -15,6 +15,9 @@
 //! its capability at its watermark, so the frontier an operator sees *is* the watermark.
 //! The record types that flow between operators live in [`record`].
 
+// Tests may unwrap: a panic there is a failed test with its message.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod checkpoint;
 pub mod decode;
 pub mod metrics;

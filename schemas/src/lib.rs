@@ -8,6 +8,9 @@
 //!
 //! It does no I/O: `connectors` and `operators` depend on it, never the other way round.
 
+// Tests may unwrap: a panic there is a failed test with its message.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
 pub mod analytics;
 pub mod columnar;
 pub mod ddl;

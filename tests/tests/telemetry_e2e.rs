@@ -17,11 +17,14 @@ use serde_json::json;
 const T0_US: i64 = 1_762_351_200_000_000; // 2025-11-05T14:00:00Z
 const PARTITIONS: i32 = 3;
 
+/// (bucket_us, device, metric).
+type AggKey = (i64, String, String);
+
 struct Expected {
     /// (time_us, device, metric) -> value for every valid sample.
     raw: BTreeMap<(i64, String, String), f64>,
     /// (bucket_us, device, metric) -> (count, sum, min, max) for windows that must close.
-    aggs: BTreeMap<(i64, String, String), (i64, f64, f64, f64)>,
+    aggs: BTreeMap<AggKey, (i64, f64, f64, f64)>,
     /// (partition, offset) -> reason of malformed records.
     dead: BTreeMap<(i32, i64), &'static str>,
 }
