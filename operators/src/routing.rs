@@ -17,9 +17,14 @@
 //! - percentiles come from [`QuantileSketch`] (0.5% relative error).
 
 use primespark_schemas::inference::{InferenceEvent, RoutingStrategy, Source, Status};
+use primespark_schemas::rows::{InferenceStatsRow, RoutingStatsRow};
 use serde::{Deserialize, Serialize};
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::StreamVec;
 
 use crate::sketch::QuantileSketch;
+use crate::window::{TumblingWindow, WindowSpec};
+use crate::EventTime;
 
 /// Running statistics of one (model, source) in one window.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -73,6 +78,26 @@ impl InferenceStats {
     pub fn output_tokens_per_second(&self) -> Option<f64> {
         (self.latency_ms_sum > 0.0)
             .then(|| self.output_tokens as f64 / (self.latency_ms_sum / 1000.0))
+    }
+}
+
+impl InferenceStats {
+    /// The row of a closed window.
+    pub fn to_row(&self, bucket_us: i64, model: String, source: Source) -> InferenceStatsRow {
+        let q = |p| self.latency.quantile(p).unwrap_or(0.0);
+        InferenceStatsRow {
+            bucket_us,
+            model,
+            source: source.as_str().to_owned(),
+            count: i64::try_from(self.count).unwrap_or(i64::MAX),
+            errors: i64::try_from(self.errors).unwrap_or(i64::MAX),
+            latency_p50_ms: q(0.50),
+            latency_p95_ms: q(0.95),
+            latency_p99_ms: q(0.99),
+            avg_input_tokens: self.avg_input_tokens(),
+            avg_output_tokens: self.avg_output_tokens(),
+            output_tokens_per_s: self.output_tokens_per_second(),
+        }
     }
 }
 
@@ -207,6 +232,91 @@ impl RoutingStats {
     }
 }
 
+impl RoutingStats {
+    /// The row of a closed window.
+    pub fn to_row(&self, bucket_us: i64, slice: RoutingSlice) -> RoutingStatsRow {
+        RoutingStatsRow {
+            bucket_us,
+            routing_strategy: slice.as_str().to_owned(),
+            edge_requests: i64::try_from(self.edge).unwrap_or(i64::MAX),
+            cloud_requests: i64::try_from(self.cloud).unwrap_or(i64::MAX),
+            edge_share: self.edge_share(),
+            cloud_fallback_rate: self.fallback_rate(),
+            edge_success_rate: self.edge_success_rate(),
+            cloud_success_rate: self.cloud_success_rate(),
+            edge_p95_ms: self.edge_latency.quantile(0.95),
+            cloud_p95_ms: self.cloud_latency.quantile(0.95),
+        }
+    }
+}
+
+/// Settings of [`InferenceWindows::inference_windows`].
+#[derive(Debug, Clone)]
+pub struct InferenceWindowSpec {
+    /// Dataflow name (logs, metrics).
+    pub dataflow: String,
+    /// Window width, microseconds (1 minute for `*_1m`, 1 hour for `*_1h`).
+    pub width_us: i64,
+    /// Table-name suffix of the windows, e.g. `1m`; operators are named `inference_stats_<suffix>`
+    /// and `routing_stats_<suffix>`.
+    pub suffix: String,
+    /// Windows ending at or before this were committed by an earlier run.
+    pub committed_watermark_us: EventTime,
+}
+
+/// Event-time windows over inference events: per-(model, source) statistics and routing
+/// statistics per slice.
+pub trait InferenceWindows<'scope> {
+    /// Aggregates every window and emits one row per (model, source) and one per routing slice
+    /// once the watermark passes the window's end. Late events (window already closed) are
+    /// counted by the window operators and left out.
+    fn inference_windows(
+        self,
+        spec: InferenceWindowSpec,
+    ) -> (
+        StreamVec<'scope, EventTime, InferenceStatsRow>,
+        StreamVec<'scope, EventTime, RoutingStatsRow>,
+    );
+}
+
+impl<'scope> InferenceWindows<'scope> for StreamVec<'scope, EventTime, InferenceEvent> {
+    fn inference_windows(
+        self,
+        spec: InferenceWindowSpec,
+    ) -> (
+        StreamVec<'scope, EventTime, InferenceStatsRow>,
+        StreamVec<'scope, EventTime, RoutingStatsRow>,
+    ) {
+        let window = |name: &str| WindowSpec {
+            name: format!("{name}_{}", spec.suffix),
+            dataflow: spec.dataflow.clone(),
+            width_us: spec.width_us,
+            committed_watermark_us: spec.committed_watermark_us,
+        };
+        let stats = self
+            .clone()
+            .map(|e: InferenceEvent| ((e.model.clone(), e.source), e.time_us, e))
+            .tumbling_window(
+                window("inference_stats"),
+                |s: &mut InferenceStats, e: InferenceEvent| s.add(&e),
+            )
+            .map(|w| w.agg.to_row(w.window_start_us, w.key.0, w.key.1));
+        // The `all` slice of a window lands on one worker: routing statistics are one small row
+        // per slice, and a request is folded into at most two slices.
+        let routing = self
+            .flat_map(|e: InferenceEvent| {
+                let slices: Vec<RoutingSlice> = RoutingSlice::of(&e).collect();
+                slices.into_iter().map(move |s| (s, e.time_us, e.clone()))
+            })
+            .tumbling_window(
+                window("routing_stats"),
+                |s: &mut RoutingStats, e: InferenceEvent| s.add(&e),
+            )
+            .map(|w| w.agg.to_row(w.window_start_us, w.key));
+        (stats, routing)
+    }
+}
+
 fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 {
         a / b
@@ -274,7 +384,181 @@ mod tests {
         assert_eq!(RoutingSlice::of(&e).count(), 1);
     }
 
+    /// A from-scratch reference of both tables over the same events, compared with what the
+    /// window operators emit (differential's `reduce_reference.rs` style).
+    fn check_against_reference(
+        events: Vec<InferenceEvent>,
+        width_us: i64,
+    ) -> Result<(), TestCaseError> {
+        use std::collections::BTreeMap;
+        use timely::dataflow::operators::capture::{Capture, Event};
+        use timely::dataflow::operators::ToStream;
+
+        let input = events.clone();
+        let (stats, routing) = timely::example(move |scope| {
+            let spec = InferenceWindowSpec {
+                dataflow: "test".into(),
+                width_us,
+                suffix: "1m".into(),
+                committed_watermark_us: 0,
+            };
+            let (s, r) = input
+                .to_stream(scope)
+                .container::<Vec<_>>()
+                .inference_windows(spec);
+            (s.capture(), r.capture())
+        });
+        fn collect<R>(rx: std::sync::mpsc::Receiver<Event<EventTime, Vec<R>>>) -> Vec<R> {
+            rx.try_iter()
+                .flat_map(|e| match e {
+                    Event::Messages(_, rows) => rows,
+                    Event::Progress(_) => Vec::new(),
+                })
+                .collect()
+        }
+        let stats: Vec<InferenceStatsRow> = collect(stats);
+        let routing: Vec<RoutingStatsRow> = collect(routing);
+
+        let bucket = |t: i64| t.div_euclid(width_us) * width_us;
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * b.abs().max(1.0);
+        let lower_quantile =
+            |sorted: &[f64], q: f64| sorted[(q * (sorted.len() - 1) as f64).floor() as usize];
+        let near = |est: f64, exact: f64| {
+            (est - exact).abs() <= crate::sketch::RELATIVE_ERROR * exact + 1e-9
+        };
+
+        // inference_stats
+        let mut groups: BTreeMap<(i64, String, &str), Vec<&InferenceEvent>> = BTreeMap::new();
+        for e in &events {
+            groups
+                .entry((bucket(e.time_us), e.model.clone(), e.source.as_str()))
+                .or_default()
+                .push(e);
+        }
+        prop_assert_eq!(stats.len(), groups.len());
+        for row in &stats {
+            let key = (row.bucket_us, row.model.clone(), row.source.as_str());
+            let group = groups
+                .get(&key)
+                .ok_or_else(|| TestCaseError::fail(format!("unexpected {key:?}")))?;
+            let n = group.len() as f64;
+            prop_assert_eq!(row.count, group.len() as i64);
+            prop_assert_eq!(
+                row.errors,
+                group.iter().filter(|e| e.status == Status::Error).count() as i64
+            );
+            let input: f64 = group.iter().map(|e| f64::from(e.prompt_length)).sum();
+            let output: f64 = group.iter().map(|e| f64::from(e.response_length)).sum();
+            let latency: f64 = group.iter().map(|e| e.latency_ms).sum();
+            prop_assert!(close(row.avg_input_tokens, input / n));
+            prop_assert!(close(row.avg_output_tokens, output / n));
+            match row.output_tokens_per_s {
+                Some(tps) => prop_assert!(close(tps, output / (latency / 1000.0))),
+                None => prop_assert!(latency == 0.0),
+            }
+            let mut sorted: Vec<f64> = group.iter().map(|e| e.latency_ms).collect();
+            sorted.sort_by(f64::total_cmp);
+            for (q, got) in [
+                (0.5, row.latency_p50_ms),
+                (0.95, row.latency_p95_ms),
+                (0.99, row.latency_p99_ms),
+            ] {
+                let want = lower_quantile(&sorted, q);
+                prop_assert!(
+                    near(got, want),
+                    "p{} of {:?}: {} vs exact {}",
+                    q * 100.0,
+                    key,
+                    got,
+                    want
+                );
+            }
+        }
+
+        // routing_stats
+        let mut slices: BTreeMap<(i64, &str), Vec<&InferenceEvent>> = BTreeMap::new();
+        for e in &events {
+            slices
+                .entry((bucket(e.time_us), "all"))
+                .or_default()
+                .push(e);
+            if let Some(s) = e.routing_strategy {
+                slices
+                    .entry((bucket(e.time_us), s.as_str()))
+                    .or_default()
+                    .push(e);
+            }
+        }
+        prop_assert_eq!(routing.len(), slices.len());
+        for row in &routing {
+            let key = (row.bucket_us, row.routing_strategy.as_str());
+            let group = slices
+                .get(&key)
+                .ok_or_else(|| TestCaseError::fail(format!("unexpected {key:?}")))?;
+            let side = |src: Source| group.iter().filter(move |e| e.source == src);
+            let edge = side(Source::Edge).count();
+            let cloud = side(Source::Cloud).count();
+            prop_assert_eq!(
+                (row.edge_requests, row.cloud_requests),
+                (edge as i64, cloud as i64)
+            );
+            prop_assert!(close(row.edge_share, edge as f64 / group.len() as f64));
+            let tried = group
+                .iter()
+                .filter(|e| {
+                    e.fallback
+                        || (e.source == Source::Edge
+                            && e.routing_strategy != Some(RoutingStrategy::CloudFirst))
+                })
+                .count();
+            let fallbacks = group.iter().filter(|e| e.fallback).count();
+            let rate = |a: usize, b: usize| (b > 0).then(|| a as f64 / b as f64);
+            prop_assert_eq!(row.cloud_fallback_rate, rate(fallbacks, tried));
+            let ok = |src: Source| side(src).filter(|e| e.status == Status::Ok).count();
+            prop_assert_eq!(row.edge_success_rate, rate(ok(Source::Edge), edge));
+            prop_assert_eq!(row.cloud_success_rate, rate(ok(Source::Cloud), cloud));
+            for (src, got) in [
+                (Source::Edge, row.edge_p95_ms),
+                (Source::Cloud, row.cloud_p95_ms),
+            ] {
+                let mut sorted: Vec<f64> = side(src).map(|e| e.latency_ms).collect();
+                sorted.sort_by(f64::total_cmp);
+                match got {
+                    Some(got) => prop_assert!(near(got, lower_quantile(&sorted, 0.95))),
+                    None => prop_assert!(sorted.is_empty()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn arbitrary_event() -> impl Strategy<Value = InferenceEvent> {
+        (0u8..3, any::<bool>(), 0u8..10, 0u8..4, 0i64..600_000_000, 0.0f64..20_000.0, 0u32..2000, 0u32..4000).prop_map(
+            |(model, edge, status, strat, dt, latency, prompt, response)| {
+                let strategy = [None, Some("edge_first"), Some("cloud_first"), Some("balanced")][strat as usize];
+                let fallback = !edge && strategy == Some("edge_first") && status % 2 == 0;
+                let strategy = strategy.map_or("null".to_owned(), |s| format!("\"{s}\""));
+                let json = format!(
+                    r#"{{"model":"model-{model}","prompt_length":{prompt},"response_length":{response},
+                        "latency_ms":{latency},"source":"{}","status":"{}","routing_strategy":{strategy},
+                        "fallback":{fallback},"timestamp":{}}}"#,
+                    if edge { "edge" } else { "cloud" },
+                    if status == 0 { "error" } else { "ok" },
+                    (1_762_351_200_000_000 + dt) / 1000,
+                );
+                InferenceEvent::decode(json.as_bytes(), &DecodeLimits::default()).expect("valid event")
+            },
+        )
+    }
+
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn windows_equal_the_reference(events in proptest::collection::vec(arbitrary_event(), 0..400)) {
+            check_against_reference(events, 60_000_000)?;
+        }
+
         #[test]
         fn merging_parts_equals_folding_all(
             spec in proptest::collection::vec((any::<bool>(), any::<bool>(), 0u8..4, 0.0f64..10_000.0), 0..200),

@@ -64,3 +64,55 @@ pub struct PartitionOffset {
     /// Highest event time in the partition before `next_offset` (`i64::MIN` for none).
     pub max_event_us: i64,
 }
+
+/// One closed window of one (model, source) (`inference_stats_1m`, `inference_stats_1h`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferenceStatsRow {
+    /// Window start, microseconds since the epoch.
+    pub bucket_us: i64,
+    /// Model name.
+    pub model: String,
+    /// `edge` or `cloud`.
+    pub source: String,
+    /// Requests.
+    pub count: i64,
+    /// Requests with `status = error`.
+    pub errors: i64,
+    /// Latency percentiles, milliseconds (0.5% relative error).
+    pub latency_p50_ms: f64,
+    /// 95th percentile.
+    pub latency_p95_ms: f64,
+    /// 99th percentile.
+    pub latency_p99_ms: f64,
+    /// Mean `prompt_length`.
+    pub avg_input_tokens: f64,
+    /// Mean `response_length`.
+    pub avg_output_tokens: f64,
+    /// `sum(response_length) / sum(latency seconds)`; `None` when no time was spent.
+    pub output_tokens_per_s: Option<f64>,
+}
+
+/// One closed window of one routing slice (`routing_stats_1m`, `routing_stats_1h`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoutingStatsRow {
+    /// Window start, microseconds since the epoch.
+    pub bucket_us: i64,
+    /// `all`, or one strategy: `edge_first`, `cloud_first`, `balanced`.
+    pub routing_strategy: String,
+    /// Requests served at the edge.
+    pub edge_requests: i64,
+    /// Requests served in the cloud.
+    pub cloud_requests: i64,
+    /// Edge requests among all.
+    pub edge_share: f64,
+    /// Fallbacks among requests that tried the edge first; `None` when none did.
+    pub cloud_fallback_rate: Option<f64>,
+    /// `ok` among edge requests; `None` without edge requests.
+    pub edge_success_rate: Option<f64>,
+    /// `ok` among cloud requests; `None` without cloud requests.
+    pub cloud_success_rate: Option<f64>,
+    /// 95th percentile edge latency, milliseconds; `None` without edge requests.
+    pub edge_p95_ms: Option<f64>,
+    /// 95th percentile cloud latency, milliseconds; `None` without cloud requests.
+    pub cloud_p95_ms: Option<f64>,
+}
