@@ -38,9 +38,18 @@ enum Command {
         /// TOML configuration.
         #[arg(long)]
         config: PathBuf,
-        /// Timely worker threads (overrides runtime.workers).
+        /// Timely worker threads in this process (overrides runtime.workers).
         #[arg(long)]
         workers: Option<usize>,
+        /// Processes in the timely cluster (overrides runtime.processes).
+        #[arg(long)]
+        processes: Option<usize>,
+        /// This process's index in the cluster (overrides runtime.process_id).
+        #[arg(long)]
+        process_id: Option<usize>,
+        /// One `host:port` per line, per process (overrides runtime.hostfile).
+        #[arg(long)]
+        hostfile: Option<PathBuf>,
     },
     /// The embedded demo: in-process broker, synthetic fleet, Parquet under ./data, SQL endpoint.
     Demo {
@@ -120,11 +129,30 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config, workers } => {
+        Command::Run {
+            config,
+            workers,
+            processes,
+            process_id,
+            hostfile,
+        } => {
             let mut config = load(&config)?;
             if let Some(w) = workers {
                 config.runtime.workers = w;
             }
+            if let Some(p) = processes {
+                config.runtime.processes = p;
+            }
+            if let Some(p) = process_id {
+                config.runtime.process_id = p;
+            }
+            if let Some(h) = hostfile {
+                config.runtime.hostfile = Some(h);
+                config.runtime.addresses.clear();
+            }
+            config
+                .validate()
+                .map_err(crate::config::ConfigError::from)?;
             crate::run::run(&config, Arc::new(AtomicBool::new(false)), true)?;
         }
         Command::Demo {

@@ -80,6 +80,24 @@ pub struct RuntimeConfig {
     /// How long a shutdown may take to flush sinks before giving up. Default `30s`.
     #[serde(default = "default_grace", with = "duration")]
     pub shutdown_grace: Duration,
+    /// Processes in the timely cluster (each runs `workers` threads). Default 1.
+    #[serde(default = "default_processes")]
+    pub processes: usize,
+    /// This process's index in the cluster, `0..processes`. Default 0.
+    #[serde(default)]
+    pub process_id: usize,
+    /// File with one `host:port` per line, one line per process in process-id order: where
+    /// the processes of the cluster reach each other. Required when `processes > 1` unless
+    /// `addresses` is set.
+    #[serde(default)]
+    pub hostfile: Option<std::path::PathBuf>,
+    /// The same as `hostfile`, inline. Default empty.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+fn default_processes() -> usize {
+    1
 }
 
 fn default_workers() -> usize {
@@ -98,6 +116,10 @@ impl Default for RuntimeConfig {
             workers: default_workers(),
             max_message_bytes: default_max_message_bytes(),
             shutdown_grace: default_grace(),
+            processes: default_processes(),
+            process_id: 0,
+            hostfile: None,
+            addresses: Vec::new(),
         }
     }
 }
@@ -236,6 +258,49 @@ impl Config {
                 "must be between 1 and 256",
             ));
         }
+        if !(1..=1024).contains(&self.runtime.processes) {
+            return Err(InvalidConfig::new(
+                "runtime.processes",
+                "must be between 1 and 1024",
+            ));
+        }
+        if self.runtime.process_id >= self.runtime.processes {
+            return Err(InvalidConfig::new(
+                "runtime.process_id",
+                format!(
+                    "is {} but must be below runtime.processes ({})",
+                    self.runtime.process_id, self.runtime.processes
+                ),
+            ));
+        }
+        if self.runtime.processes > 1 {
+            match (&self.runtime.hostfile, self.runtime.addresses.len()) {
+                (Some(_), 0) => {}
+                (None, n) if n == self.runtime.processes => {
+                    if let Some(bad) = self.runtime.addresses.iter().find(|a| !is_host_port(a)) {
+                        return Err(InvalidConfig::new(
+                            "runtime.addresses",
+                            format!("{bad:?} is not host:port"),
+                        ));
+                    }
+                }
+                (Some(_), _) => {
+                    return Err(InvalidConfig::new(
+                        "runtime.hostfile",
+                        "set either hostfile or addresses, not both",
+                    ))
+                }
+                (None, n) => {
+                    return Err(InvalidConfig::new(
+                        "runtime.addresses",
+                        format!(
+                            "a cluster of {} processes needs a hostfile or {} addresses, got {n}",
+                            self.runtime.processes, self.runtime.processes
+                        ),
+                    ))
+                }
+            }
+        }
         if self.runtime.max_message_bytes < 64 {
             return Err(InvalidConfig::new(
                 "runtime.max_message_bytes",
@@ -249,6 +314,68 @@ impl Config {
             ));
         }
         Ok(())
+    }
+}
+
+fn is_host_port(s: &str) -> bool {
+    s.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
+impl RuntimeConfig {
+    /// The cluster's addresses, one per process, from `addresses` or the hostfile (reads the
+    /// file: call at start-up, not in `check-config`'s pure validation).
+    pub fn cluster_addresses(&self) -> Result<Vec<String>, InvalidConfig> {
+        let Some(path) = &self.hostfile else {
+            return Ok(self.addresses.clone());
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            InvalidConfig::new(
+                "runtime.hostfile",
+                format!("reading {}: {e}", path.display()),
+            )
+        })?;
+        let addresses: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_owned)
+            .collect();
+        if addresses.len() != self.processes {
+            return Err(InvalidConfig::new(
+                "runtime.hostfile",
+                format!(
+                    "{} lists {} addresses for {} processes",
+                    path.display(),
+                    addresses.len(),
+                    self.processes
+                ),
+            ));
+        }
+        if let Some(bad) = addresses.iter().find(|a| !is_host_port(a)) {
+            return Err(InvalidConfig::new(
+                "runtime.hostfile",
+                format!("{}: {bad:?} is not host:port", path.display()),
+            ));
+        }
+        Ok(addresses)
+    }
+
+    /// The timely configuration: threads in one process, or this process of a cluster.
+    pub fn timely(&self) -> Result<timely::Config, InvalidConfig> {
+        if self.processes <= 1 {
+            return Ok(timely::Config::process(self.workers));
+        }
+        Ok(timely::Config {
+            communication: timely::CommunicationConfig::Cluster {
+                threads: self.workers,
+                process: self.process_id,
+                addresses: self.cluster_addresses()?,
+                report: false,
+                zerocopy: false,
+            },
+            worker: timely::WorkerConfig::default(),
+        })
     }
 }
 
@@ -320,6 +447,46 @@ mod tests {
         assert_eq!(c.runtime.workers, 3);
         assert_eq!(c.windows.max_out_of_orderness, Duration::from_secs(2));
         assert_eq!(c.kafka.topics.telemetry, "t.x");
+    }
+
+    #[test]
+    fn cluster_settings_are_checked() {
+        let ok = Config::from_toml(
+            "[runtime]\nprocesses = 2\nprocess_id = 1\naddresses = [\"127.0.0.1:2101\", \"127.0.0.1:2102\"]",
+            "t",
+            [],
+        )
+        .unwrap();
+        assert_eq!(ok.runtime.cluster_addresses().unwrap().len(), 2);
+        let e = Config::from_toml("[runtime]\nprocesses = 2\nprocess_id = 2", "t", [])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("runtime.process_id"), "{e}");
+        let e = Config::from_toml("[runtime]\nprocesses = 2", "t", [])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("runtime.addresses"), "{e}");
+        let e = Config::from_toml(
+            "[runtime]\nprocesses = 2\naddresses = [\"a:1\", \"b\"]",
+            "t",
+            [],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("\"b\" is not host:port"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, "# pis\npi-1:2101\npi-2:2101\npi-3:2101\n").unwrap();
+        let c = Config::from_toml(
+            &format!(
+                "[runtime]\nprocesses = 3\nhostfile = {:?}",
+                hosts.display().to_string()
+            ),
+            "t",
+            [],
+        )
+        .unwrap();
+        assert_eq!(c.runtime.cluster_addresses().unwrap()[2], "pi-3:2101");
     }
 
     #[test]

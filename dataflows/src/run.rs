@@ -158,6 +158,9 @@ pub fn run(
         .and_then(|w| u64::try_from(w).ok())
         .unwrap_or(0);
 
+    let workers = config.runtime.workers;
+    let process_id = config.runtime.process_id;
+    let timely_config = config.runtime.timely()?;
     let partitions = discover_partitions(config, &topic)?;
     tracing::info!(topic = %topic, partitions = partitions.len(), committed_watermark_us, "starting telemetry dataflow");
 
@@ -168,7 +171,8 @@ pub fn run(
             .get(sink_names::PARQUET_RAW)
             .map(|v| v.iter().map(|o| (o.partition, o.next_offset)).collect())
             .unwrap_or_default();
-        let removed = archive.recover(&committed)?;
+        let owned = |p: i32| owner_process(p, workers, config.runtime.processes) == process_id;
+        let removed = archive.recover(&committed, &owned)?;
         if removed > 0 {
             tracing::info!(removed, "removed parquet files of uncommitted rolls");
         }
@@ -201,7 +205,6 @@ pub fn run(
     }));
 
     // Writers: one raw writer per worker, one aggregate writer.
-    let workers = config.runtime.workers;
     let mut writer_handles = Vec::new();
     let mut raw_txs = Vec::new();
     for _ in 0..workers {
@@ -224,7 +227,7 @@ pub fn run(
         max_message_bytes: config.runtime.max_message_bytes,
     };
     let worker_shutdown = shutdown.clone();
-    let guards = timely::execute(timely::Config::process(workers), move |worker| -> Result<(), String> {
+    let guards = timely::execute(timely_config, move |worker| -> Result<(), String> {
         let index = worker.index();
         let peers = worker.peers();
         let mine: BTreeMap<i32, Resume> = partitions
@@ -251,7 +254,7 @@ pub fn run(
         let raw_tx = raw_txs
             .lock()
             .map_err(|_| "writer registry poisoned".to_owned())?
-            .get_mut(index)
+            .get_mut(index - process_id * workers)
             .and_then(Option::take)
             .ok_or_else(|| format!("no raw writer for worker {index}"))?;
         let drained = Drained::default();
@@ -313,6 +316,13 @@ pub fn run(
     Ok(())
 }
 
+/// The process whose workers read `partition`: partition `p` goes to global worker
+/// `p mod (processes * workers)`, and process `i` runs workers `i * workers .. (i + 1) * workers`.
+pub fn owner_process(partition: i32, workers: usize, processes: usize) -> usize {
+    let peers = (workers * processes).max(1);
+    (partition.unsigned_abs() as usize % peers) / workers.max(1)
+}
+
 fn discover_partitions(config: &Config, topic: &str) -> Result<Vec<i32>, RunError> {
     let reader = kafka::reader(&config.kafka, topic, "primespark-metadata")?;
     let deadline = Instant::now() + Duration::from_millis(config.kafka.metadata_timeout_ms);
@@ -347,5 +357,18 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::owner_process;
+
+    #[test]
+    fn partitions_spread_over_every_worker_of_every_process() {
+        // 2 processes x 2 workers: partitions 0..8 go to workers 0,1,2,3,0,1,2,3.
+        let owners: Vec<usize> = (0..8).map(|p| owner_process(p, 2, 2)).collect();
+        assert_eq!(owners, [0, 0, 1, 1, 0, 0, 1, 1]);
+        assert!((0..5).all(|p| owner_process(p, 4, 1) == 0));
     }
 }

@@ -179,7 +179,14 @@ impl ParquetArchive {
     /// Removes temporary files and rolls at or beyond the committed offsets (left by a crash
     /// between rename and offset commit); they are rewritten by the replay. Returns how many
     /// files were removed.
-    pub fn recover(&self, committed: &HashMap<i32, i64>) -> Result<usize, NasError> {
+    ///
+    /// Only partitions for which `owned` is true are touched: in a cluster each process
+    /// recovers the partitions its workers read, never files another process is writing.
+    pub fn recover(
+        &self,
+        committed: &HashMap<i32, i64>,
+        owned: &dyn Fn(i32) -> bool,
+    ) -> Result<usize, NasError> {
         fs::create_dir_all(&self.topic_dir).map_err(io(&self.topic_dir))?;
         let mut removed = 0;
         let mut stack = vec![self.topic_dir.clone()];
@@ -192,10 +199,14 @@ impl ParquetArchive {
                     continue;
                 }
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let orphan = if name.starts_with('.') && name.ends_with(".inprogress") {
-                    true
+                let in_progress = name
+                    .strip_prefix('.')
+                    .and_then(|n| n.strip_suffix(".inprogress"));
+                let orphan = if let Some(inner) = in_progress {
+                    // Unparsable temp names are ours too (nobody else writes `.inprogress`).
+                    parse_name(inner).is_none_or(|(partition, _)| owned(partition))
                 } else if let Some((partition, first)) = parse_name(&name) {
-                    first >= committed.get(&partition).copied().unwrap_or(0)
+                    owned(partition) && first >= committed.get(&partition).copied().unwrap_or(0)
                 } else {
                     false
                 };
@@ -288,7 +299,9 @@ mod tests {
             .contains("topic=edge.telemetry/date=2025-11-05/hour=14/part-p001-o"));
         let later = archive.write_roll(1, 13, 13, &[row(t0, 13)]).unwrap();
         // Offsets committed up to 13: the roll starting at 13 is an orphan.
-        let removed = archive.recover(&HashMap::from([(1, 13)])).unwrap();
+        let removed = archive
+            .recover(&HashMap::from([(1, 13)]), &|_| true)
+            .unwrap();
         assert_eq!(removed, 1);
         assert!(!later[0].exists());
         assert!(files.iter().all(|f| f.exists()));
