@@ -6,6 +6,7 @@ use std::time::Instant;
 use primespark_operators::decode::DecodeTelemetry;
 use primespark_operators::record::{Delivery, SourceRecord};
 use primespark_operators::window::{Stats, TumblingWindow, WindowSpec};
+use primespark_schemas::rows::RawRow;
 use primespark_schemas::telemetry::TelemetryEvent;
 use primespark_schemas::DecodeLimits;
 use timely::dataflow::operators::vec::Map;
@@ -83,12 +84,11 @@ fn main() {
                 .input_from(&mut input)
                 .decode_telemetry("bench", DecodeLimits::default());
             points
-                .map(|p| {
-                    (
-                        (p.row.device_id, p.row.metric_name),
-                        p.row.time_us,
-                        p.row.value,
-                    )
+                .flat_map(|p| match p.row {
+                    RawRow::Telemetry(r) => {
+                        Some(((r.device_id, r.metric_name), r.time_us, r.value))
+                    }
+                    RawRow::Inference(_) => None,
                 })
                 .tumbling_window(
                     WindowSpec {

@@ -96,6 +96,10 @@ enum Command {
         /// Share of malformed events (0..1).
         #[arg(long, default_value_t = 0.0)]
         bad_share: f64,
+        /// Also publish one inference request per five telemetry events to this topic
+        /// (e.g. `edge.ai.inference`).
+        #[arg(long)]
+        inference_topic: Option<String>,
     },
     /// Validate a configuration file without touching any service.
     CheckConfig {
@@ -183,6 +187,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             rate,
             duration_secs,
             bad_share,
+            inference_topic,
         } => {
             let producer: BaseProducer = ClientConfig::new()
                 .set("bootstrap.servers", &brokers)
@@ -194,6 +199,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let sent = crate::fleet::produce(
                 &producer,
                 &topic,
+                inference_topic.as_deref(),
                 &mut fleet,
                 rate,
                 Some(Duration::from_secs(duration_secs)),

@@ -10,6 +10,7 @@ use primespark_connectors::nas::NasConfig;
 use primespark_connectors::postgres::PostgresConfig;
 use primespark_connectors::query::QueryConfig;
 use primespark_connectors::InvalidConfig;
+use primespark_operators::decode::StreamKind;
 use serde::{Deserialize, Serialize};
 
 /// Configuration errors, each naming the file or key at fault.
@@ -124,6 +125,42 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// `[dataflows]`: which streams run. A disabled stream's topic is not read (and need not exist).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataflowsConfig {
+    /// `edge.telemetry` -> `device_metrics`, `device_metrics_1m`. Default true.
+    #[serde(default = "default_true")]
+    pub telemetry: bool,
+    /// `edge.ai.inference` -> `ai_inference_results`, `inference_stats_1m`, `routing_stats_1m`.
+    /// Default true.
+    #[serde(default = "default_true")]
+    pub inference: bool,
+}
+
+impl Default for DataflowsConfig {
+    fn default() -> Self {
+        Self {
+            telemetry: true,
+            inference: true,
+        }
+    }
+}
+
+impl DataflowsConfig {
+    /// The enabled streams, in a fixed order.
+    pub fn enabled(&self) -> Vec<StreamKind> {
+        let mut kinds = Vec::new();
+        if self.telemetry {
+            kinds.push(StreamKind::Telemetry);
+        }
+        if self.inference {
+            kinds.push(StreamKind::Inference);
+        }
+        kinds
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -146,6 +183,9 @@ pub struct Config {
     /// Workers and limits.
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// Which streams run.
+    #[serde(default)]
+    pub dataflows: DataflowsConfig,
 }
 
 /// `[postgres]` with an on/off switch.
@@ -305,6 +345,12 @@ impl Config {
             return Err(InvalidConfig::new(
                 "runtime.max_message_bytes",
                 "must be at least 64",
+            ));
+        }
+        if self.dataflows.enabled().is_empty() {
+            return Err(InvalidConfig::new(
+                "dataflows",
+                "every stream is disabled; enable telemetry or inference",
             ));
         }
         if !self.postgres.enabled && !self.nas.enabled {

@@ -48,7 +48,9 @@ pub fn demo(opts: &DemoOptions, status: impl Fn(&str) + Send + 'static) -> Resul
     let cluster = MockCluster::new(1)?;
     let mut config = Config::default();
     let topic = config.kafka.topics.telemetry.clone();
+    let inference_topic = config.kafka.topics.inference.clone();
     cluster.create_topic(&topic, 3, 1)?;
+    cluster.create_topic(&inference_topic, 2, 1)?;
     let brokers = cluster.bootstrap_servers();
     tracing::info!(%brokers, topic = %topic, "embedded broker up; producers may publish here too");
     config.kafka.brokers = brokers.clone();
@@ -69,7 +71,15 @@ pub fn demo(opts: &DemoOptions, status: impl Fn(&str) + Send + 'static) -> Resul
     let producer_topic = topic.clone();
     let producer_thread = std::thread::spawn(move || {
         let mut fleet = Fleet::new(devices, bad, 42);
-        produce(&producer, &producer_topic, &mut fleet, rate, None, &stop)
+        produce(
+            &producer,
+            &producer_topic,
+            Some(&inference_topic),
+            &mut fleet,
+            rate,
+            None,
+            &stop,
+        )
     });
 
     let stop = shutdown.clone();

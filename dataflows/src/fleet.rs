@@ -67,16 +67,56 @@ impl Fleet {
     }
 }
 
-/// Produces `rate` events per second for `duration` (or until `stop`), to `topic`.
+impl Fleet {
+    /// The next inference request at `time`: the Kafka key (model) and the JSON payload. Edge
+    /// nodes answer most requests; `edge_first` requests that the edge fails fall back to the
+    /// cloud; a few requests fail.
+    pub fn next_inference(&mut self, time: DateTime<Utc>) -> (String, Vec<u8>) {
+        const MODELS: [&str; 3] = ["llama3.2:latest", "whisper-small", "yolov8n"];
+        let model = MODELS[self.rng.random_range(0..MODELS.len())];
+        let strategy =
+            ["edge_first", "edge_first", "cloud_first", "balanced"][self.rng.random_range(0..4)];
+        let edge_tried = strategy != "cloud_first";
+        let fallback = strategy == "edge_first" && self.rng.random_bool(0.15);
+        let edge = edge_tried && !fallback && self.rng.random_bool(0.8);
+        let prompt = self.rng.random_range(10..600_u32);
+        let response = self.rng.random_range(20..1200_u32);
+        let latency: f64 = if edge {
+            self.rng.random_range(80.0..900.0)
+        } else {
+            self.rng.random_range(300.0..2500.0)
+        };
+        let device = self.rng.random_range(0..self.devices);
+        let payload = json!({
+            "model": model,
+            "prompt_length": prompt,
+            "response_length": response,
+            "latency_ms": latency,
+            "source": if edge { "edge" } else { "cloud" },
+            "status": if self.rng.random_bool(0.03) { "error" } else { "ok" },
+            "routing_strategy": strategy,
+            "fallback": fallback,
+            "device_id": format!("pi-{device:05}"),
+            "request_id": format!("r-{}", self.rng.random::<u32>()),
+            "timestamp": time.naive_utc().format("%Y-%m-%dT%H:%M:%S%.6f").to_string(),
+        });
+        (model.to_owned(), payload.to_string().into_bytes())
+    }
+}
+
+/// Produces `rate` telemetry events per second for `duration` (or until `stop`), to `topic`;
+/// with `inference_topic`, also one inference request per five telemetry events there.
+#[allow(clippy::too_many_arguments)]
 pub fn produce(
     producer: &rdkafka::producer::BaseProducer,
     topic: &str,
+    inference_topic: Option<&str>,
     fleet: &mut Fleet,
     rate: u64,
     duration: Option<Duration>,
     stop: &std::sync::atomic::AtomicBool,
 ) -> u64 {
-    use rdkafka::producer::{BaseRecord, Producer};
+    use rdkafka::producer::Producer;
     let started = std::time::Instant::now();
     let mut sent = 0u64;
     let rate = rate.max(1);
@@ -86,16 +126,10 @@ pub fn produce(
         let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
         while sent < due {
             let (key, payload) = fleet.next_event(Utc::now());
-            let mut record = BaseRecord::to(topic).key(&key).payload(&payload);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((e, r)) => {
-                        tracing::debug!(error = %e, "producer queue full, waiting");
-                        producer.poll(Duration::from_millis(10));
-                        record = r;
-                    }
-                }
+            send(producer, topic, &key, &payload);
+            if let Some(inference) = inference_topic.filter(|_| sent.is_multiple_of(5)) {
+                let (key, payload) = fleet.next_inference(Utc::now());
+                send(producer, inference, &key, &payload);
             }
             sent += 1;
         }
@@ -103,6 +137,21 @@ pub fn produce(
     }
     let _ = producer.flush(Duration::from_secs(10));
     sent
+}
+
+fn send(producer: &rdkafka::producer::BaseProducer, topic: &str, key: &str, payload: &[u8]) {
+    use rdkafka::producer::BaseRecord;
+    let mut record = BaseRecord::to(topic).key(key).payload(payload);
+    loop {
+        match producer.send(record) {
+            Ok(()) => break,
+            Err((e, r)) => {
+                tracing::debug!(error = %e, "producer queue full, waiting");
+                producer.poll(std::time::Duration::from_millis(10));
+                record = r;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -124,5 +173,18 @@ mod tests {
         }
         assert!(bad > 200 && bad < 400, "bad {bad}");
         assert_eq!(good + bad, 1000);
+    }
+
+    #[test]
+    fn inference_requests_decode() {
+        let mut fleet = Fleet::new(10, 0.0, 7);
+        for _ in 0..500 {
+            let (_, payload) = fleet.next_inference(Utc::now());
+            primespark_schemas::inference::InferenceEvent::decode(
+                &payload,
+                &DecodeLimits::default(),
+            )
+            .unwrap();
+        }
     }
 }

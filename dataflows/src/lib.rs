@@ -5,7 +5,7 @@
 //!   per-partition watermarks, resume offsets).
 //! - [`sinks`]: timely operators that hand batches to the async writers with backpressure.
 //! - [`writers`]: the async writers (PostgreSQL, Parquet) with retries.
-//! - [`telemetry`]: the `edge.telemetry` dataflow.
+//! - [`dataflow`]: the dataflow of one topic (telemetry, inference) and its windows.
 //! - [`run`]: process start-up and shutdown: runtime, migrations, state, timely workers.
 //! - [`fleet`]: a synthetic fleet producer (demo, `produce`, tests, benchmarks).
 //! - [`demo`]: the embedded default with an in-process Kafka-protocol broker.
@@ -17,11 +17,11 @@
 
 pub mod cli;
 pub mod config;
+pub mod dataflow;
 pub mod demo;
 pub mod fleet;
 pub mod ops;
 pub mod run;
 pub mod sinks;
 pub mod source;
-pub mod telemetry;
 pub mod writers;

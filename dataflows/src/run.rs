@@ -24,10 +24,11 @@ use primespark_schemas::DecodeLimits;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
+use crate::dataflow::{self, dataflow_name, Drained, WINDOW_US};
 use crate::sinks::FlushPolicy;
 use crate::source::{Resume, SourceSpec};
-use crate::telemetry::{self, Drained, DATAFLOW, WINDOW_US};
 use crate::writers::{agg_writer, raw_writer, sink_names, ParquetTarget, PgTarget};
+use primespark_operators::decode::StreamKind;
 
 /// Why the pipeline could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -139,63 +140,112 @@ pub fn run(
             flag.store(true, Ordering::SeqCst);
         });
     }
-    let topic = config.kafka.topics.telemetry.clone();
     let pg_enabled = config.postgres.enabled;
     let parquet_enabled = config.nas.enabled;
-
-    let state = if pg_enabled {
-        rt.block_on(async {
-            let mut client =
-                connect_with_retry(&config.postgres.config.url, Duration::from_secs(30)).await?;
-            postgres::migrate(&mut client).await?;
-            postgres::load_state(&client, DATAFLOW, &topic).await
-        })?
-    } else {
-        StoredState::default()
-    };
-    let committed_watermark_us: EventTime = state
-        .committed_watermark_us
-        .and_then(|w| u64::try_from(w).ok())
-        .unwrap_or(0);
-
     let workers = config.runtime.workers;
     let process_id = config.runtime.process_id;
     let timely_config = config.runtime.timely()?;
-    let partitions = discover_partitions(config, &topic)?;
-    tracing::info!(topic = %topic, partitions = partitions.len(), committed_watermark_us, "starting telemetry dataflow");
+    let owned = |p: i32| owner_process(p, workers, config.runtime.processes) == process_id;
 
-    let parquet_target = if parquet_enabled {
-        let archive = ParquetArchive::new(&config.nas.path, &topic, config.nas.row_group_rows);
-        let committed: HashMap<i32, i64> = state
-            .offsets
-            .get(sink_names::PARQUET_RAW)
-            .map(|v| v.iter().map(|o| (o.partition, o.next_offset)).collect())
-            .unwrap_or_default();
-        let owned = |p: i32| owner_process(p, workers, config.runtime.processes) == process_id;
-        let removed = archive.recover(&committed, &owned)?;
-        if removed > 0 {
-            tracing::info!(removed, "removed parquet files of uncommitted rolls");
+    if pg_enabled {
+        rt.block_on(async {
+            let mut client =
+                connect_with_retry(&config.postgres.config.url, Duration::from_secs(30)).await?;
+            postgres::migrate(&mut client).await.map(|_| ())
+        })?;
+    }
+
+    // One dataflow per enabled stream, each with its own topic, resume state and writers.
+    let mut writer_handles = Vec::new();
+    let mut plans = Vec::new();
+    for kind in config.dataflows.enabled() {
+        let dataflow = dataflow_name(kind);
+        let topic = match kind {
+            StreamKind::Telemetry => config.kafka.topics.telemetry.clone(),
+            StreamKind::Inference => config.kafka.topics.inference.clone(),
+        };
+        let state = if pg_enabled {
+            rt.block_on(async {
+                let client = postgres::connect(&config.postgres.config.url).await?;
+                postgres::load_state(&client, dataflow, &topic).await
+            })?
+        } else {
+            StoredState::default()
+        };
+        let committed_watermark_us: EventTime = state
+            .committed_watermark_us
+            .and_then(|w| u64::try_from(w).ok())
+            .unwrap_or(0);
+        let partitions = discover_partitions(config, &topic)?;
+        tracing::info!(dataflow, topic = %topic, partitions = partitions.len(), committed_watermark_us, "starting dataflow");
+
+        let parquet_target = if parquet_enabled {
+            let archive = ParquetArchive::new(&config.nas.path, &topic, config.nas.row_group_rows);
+            let committed: HashMap<i32, i64> = state
+                .offsets
+                .get(sink_names::PARQUET_RAW)
+                .map(|v| v.iter().map(|o| (o.partition, o.next_offset)).collect())
+                .unwrap_or_default();
+            let removed = archive.recover(&committed, &owned)?;
+            if removed > 0 {
+                tracing::info!(
+                    dataflow,
+                    removed,
+                    "removed parquet files of uncommitted rolls"
+                );
+            }
+            Some(ParquetTarget {
+                topic: topic.clone(),
+                table: match kind {
+                    StreamKind::Telemetry => "telemetry_raw",
+                    StreamKind::Inference => "inference_raw",
+                },
+                archive,
+                root: config.nas.path.clone(),
+                roll_rows: config.nas.roll_rows,
+                roll_interval: config.nas.roll_interval,
+                row_group_rows: config.nas.row_group_rows,
+                committed,
+            })
+        } else {
+            None
+        };
+        let pg_target = pg_enabled.then(|| PgTarget {
+            url: config.postgres.config.url.clone(),
+            dataflow: dataflow.into(),
+            topic: topic.clone(),
+        });
+        // Writers: one raw writer per local worker, one aggregate writer.
+        let mut raw_txs = Vec::new();
+        for _ in 0..workers {
+            let (tx, rx) = mpsc::channel(2);
+            raw_txs.push(Some(tx));
+            writer_handles.push(rt.spawn(raw_writer(
+                rx,
+                pg_target.clone(),
+                parquet_target.clone(),
+            )));
         }
-        Some(ParquetTarget {
-            archive,
-            root: config.nas.path.clone(),
-            roll_rows: config.nas.roll_rows,
-            roll_interval: config.nas.roll_interval,
-            row_group_rows: config.nas.row_group_rows,
-            committed,
-        })
-    } else {
-        None
-    };
-    let pg_target = pg_enabled.then(|| PgTarget {
-        url: config.postgres.config.url.clone(),
-        dataflow: DATAFLOW.into(),
-        topic: topic.clone(),
-    });
+        let (agg_tx, agg_rx) = mpsc::channel(4);
+        writer_handles.push(rt.spawn(agg_writer(agg_rx, pg_target, parquet_target)));
+        plans.push(StreamPlan {
+            kind,
+            topic,
+            state: Arc::new(state),
+            committed_watermark_us,
+            partitions,
+            raw_txs: Arc::new(Mutex::new(raw_txs)),
+            agg_tx,
+        });
+    }
 
     // SQL and ops endpoint.
     let addr = config.query.validate()?;
-    let ctx = query::session(&config.nas.path, &topic)?;
+    let ctx = query::session(
+        &config.nas.path,
+        &config.kafka.topics.telemetry,
+        &config.kafka.topics.inference,
+    )?;
     let router = query::router(ctx, config.query.max_rows).merge(crate::ops::routes());
     let server_shutdown = shutdown.clone();
     let server = rt.spawn(query::serve(addr, router, async move {
@@ -204,19 +254,6 @@ pub fn run(
         }
     }));
 
-    // Writers: one raw writer per worker, one aggregate writer.
-    let mut writer_handles = Vec::new();
-    let mut raw_txs = Vec::new();
-    for _ in 0..workers {
-        let (tx, rx) = mpsc::channel(2);
-        raw_txs.push(Some(tx));
-        writer_handles.push(rt.spawn(raw_writer(rx, pg_target.clone(), parquet_target.clone())));
-    }
-    let (agg_tx, agg_rx) = mpsc::channel(4);
-    writer_handles.push(rt.spawn(agg_writer(agg_rx, pg_target, parquet_target)));
-
-    let raw_txs = Arc::new(Mutex::new(raw_txs));
-    let state = Arc::new(state);
     let kafka_cfg = config.kafka.clone();
     let flush = FlushPolicy {
         rows: config.postgres.config.flush_rows,
@@ -230,52 +267,62 @@ pub fn run(
     let guards = timely::execute(timely_config, move |worker| -> Result<(), String> {
         let index = worker.index();
         let peers = worker.peers();
-        let mine: BTreeMap<i32, Resume> = partitions
-            .iter()
-            .filter(|p| (**p as usize) % peers == index)
-            .map(|p| (*p, resume_of(&state, *p, pg_enabled, parquet_enabled)))
-            .collect();
-        let reader = if mine.is_empty() {
-            None
-        } else {
-            let reader = kafka::reader(&kafka_cfg, &topic, &format!("primespark-{DATAFLOW}-{index}")).map_err(|e| e.to_string())?;
-            let assignment: Vec<(i32, Option<i64>)> = mine
+        let mut all_drained = Vec::new();
+        for plan in &plans {
+            let dataflow = dataflow_name(plan.kind);
+            let topic = &plan.topic;
+            let mine: BTreeMap<i32, Resume> = plan
+                .partitions
                 .iter()
-                .map(|(p, r)| (*p, start_offset(r, pg_enabled, parquet_enabled)))
+                .filter(|p| (p.unsigned_abs() as usize) % peers == index)
+                .map(|p| (*p, resume_of(&plan.state, *p, pg_enabled, parquet_enabled)))
                 .collect();
-            for (p, start) in &assignment {
-                tracing::info!(topic = %topic, partition = p, start = ?start, worker = index, "assigned partition");
-            }
-            reader.assign(&assignment, kafka_cfg.start).map_err(|e| e.to_string())?;
-            Some(reader)
-        };
-        let restored: Vec<_> = state.offsets.get(sink_names::AGGREGATES).cloned().unwrap_or_default();
-        let tracker = CheckpointTracker::new(WINDOW_US, restored);
-        let raw_tx = raw_txs
-            .lock()
-            .map_err(|_| "writer registry poisoned".to_owned())?
-            .get_mut(index - process_id * workers)
-            .and_then(Option::take)
-            .ok_or_else(|| format!("no raw writer for worker {index}"))?;
-        let drained = Drained::default();
-        let spec = SourceSpec {
-            topic: topic.clone(),
-            partitions: mine,
-            postgres_enabled: pg_enabled,
-            parquet_enabled,
-            out_of_orderness_us: i64::try_from(windows.max_out_of_orderness.as_micros()).unwrap_or(i64::MAX),
-            width_us: WINDOW_US,
-            idle_timeout: windows.idle_timeout,
-            committed_watermark_us,
-            limits,
-            shutdown: worker_shutdown.clone(),
-            pressure: Rc::new(Cell::new(false)),
-        };
-        let agg_tx = agg_tx.clone();
-        worker.dataflow::<EventTime, _, _>(|scope| {
-            telemetry::build(scope, spec, reader, tracker, raw_tx, agg_tx, flush, COMMIT_INTERVAL, &drained);
-        });
-        while !(worker_shutdown.load(Ordering::Relaxed) && drained.all()) {
+            let reader = if mine.is_empty() {
+                None
+            } else {
+                let reader = kafka::reader(&kafka_cfg, topic, &format!("primespark-{dataflow}-{index}"))
+                    .map_err(|e| e.to_string())?;
+                let assignment: Vec<(i32, Option<i64>)> = mine
+                    .iter()
+                    .map(|(p, r)| (*p, start_offset(r, pg_enabled, parquet_enabled)))
+                    .collect();
+                for (p, start) in &assignment {
+                    tracing::info!(dataflow, topic = %topic, partition = p, start = ?start, worker = index, "assigned partition");
+                }
+                reader.assign(&assignment, kafka_cfg.start).map_err(|e| e.to_string())?;
+                Some(reader)
+            };
+            let restored: Vec<_> = plan.state.offsets.get(sink_names::AGGREGATES).cloned().unwrap_or_default();
+            let tracker = CheckpointTracker::new(WINDOW_US, restored);
+            let raw_tx = plan
+                .raw_txs
+                .lock()
+                .map_err(|_| "writer registry poisoned".to_owned())?
+                .get_mut(index - process_id * workers)
+                .and_then(Option::take)
+                .ok_or_else(|| format!("no raw writer for worker {index}"))?;
+            let drained = Drained::default();
+            let spec = SourceSpec {
+                topic: topic.clone(),
+                kind: plan.kind,
+                partitions: mine,
+                postgres_enabled: pg_enabled,
+                parquet_enabled,
+                out_of_orderness_us: i64::try_from(windows.max_out_of_orderness.as_micros()).unwrap_or(i64::MAX),
+                width_us: WINDOW_US,
+                idle_timeout: windows.idle_timeout,
+                committed_watermark_us: plan.committed_watermark_us,
+                limits,
+                shutdown: worker_shutdown.clone(),
+                pressure: Rc::new(Cell::new(false)),
+            };
+            let agg_tx = plan.agg_tx.clone();
+            worker.dataflow::<EventTime, _, _>(|scope| {
+                dataflow::build(scope, spec, reader, tracker, raw_tx, agg_tx, flush, COMMIT_INTERVAL, &drained);
+            });
+            all_drained.push(drained);
+        }
+        while !(worker_shutdown.load(Ordering::Relaxed) && all_drained.iter().all(Drained::all)) {
             worker.step_or_park(Some(Duration::from_millis(50)));
         }
         // Open windows are deliberately not completed: the next run replays them.
@@ -314,6 +361,17 @@ pub fn run(
     finished.map_err(|_| RunError::ShutdownTimeout(grace))?;
     tracing::info!("pipeline stopped cleanly");
     Ok(())
+}
+
+/// Everything a worker needs to build one stream's dataflow.
+struct StreamPlan {
+    kind: StreamKind,
+    topic: String,
+    state: Arc<StoredState>,
+    committed_watermark_us: EventTime,
+    partitions: Vec<i32>,
+    raw_txs: Arc<Mutex<Vec<Option<mpsc::Sender<crate::sinks::RawBatch>>>>>,
+    agg_tx: mpsc::Sender<crate::sinks::AggCommit>,
 }
 
 /// The process whose workers read `partition`: partition `p` goes to global worker

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use primespark_operators::checkpoint::{Checkpoint, CheckpointTracker};
 use primespark_operators::record::SourceMark;
 use primespark_operators::EventTime;
-use primespark_schemas::rows::MetricAggRow;
+use primespark_schemas::rows::AggRow;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::StreamVec;
@@ -39,7 +39,7 @@ pub struct RawBatch {
 #[derive(Debug)]
 pub struct AggCommit {
     /// Aggregates of windows ending before the checkpoint's frontier.
-    pub rows: Vec<MetricAggRow>,
+    pub rows: Vec<AggRow>,
     /// Resume offsets and committed watermark.
     pub checkpoint: Checkpoint,
 }
@@ -127,7 +127,7 @@ pub fn raw_sink(
 /// the aggregate writer. Other workers only forward to worker 0.
 #[allow(clippy::too_many_arguments)]
 pub fn commit_aggregates<'s>(
-    aggregates: StreamVec<'s, EventTime, MetricAggRow>,
+    aggregates: StreamVec<'s, EventTime, AggRow>,
     marks: StreamVec<'s, EventTime, SourceMark>,
     mut tracker: CheckpointTracker,
     tx: Sender<AggCommit>,
@@ -139,12 +139,12 @@ pub fn commit_aggregates<'s>(
     let is_committer = scope.index() == 0;
     let _: StreamVec<'s, EventTime, ()> = aggregates.binary_frontier::<_, UnitBuilder, _, _, _, _>(
         marks,
-        Exchange::new(|_: &MetricAggRow| 0),
+        Exchange::new(|_: &AggRow| 0),
         Exchange::new(|_: &SourceMark| 0),
         "CommitAggregates",
         move |_cap, info| {
             let activator = scope.activator_for(info.address);
-            let mut pending: BTreeMap<EventTime, Vec<MetricAggRow>> = BTreeMap::new();
+            let mut pending: BTreeMap<EventTime, Vec<AggRow>> = BTreeMap::new();
             let mut last_frontier: EventTime = 0;
             let mut last_commit = Instant::now();
             let mut outbox: Option<AggCommit> = None;
@@ -178,7 +178,7 @@ pub fn commit_aggregates<'s>(
                     let since = last_commit.elapsed();
                     if since >= interval || stopping {
                         let later = pending.split_off(&frontier);
-                        let rows: Vec<MetricAggRow> = std::mem::replace(&mut pending, later)
+                        let rows: Vec<AggRow> = std::mem::replace(&mut pending, later)
                             .into_values()
                             .flatten()
                             .collect();

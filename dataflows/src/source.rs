@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use primespark_connectors::kafka::PartitionReader;
 use primespark_connectors::metrics::KafkaRecordsReceived;
-use primespark_operators::decode::decode_telemetry_record;
-use primespark_operators::record::{DeadLetter, Delivery, MetricPoint, SourceMark, SourceRecord};
+use primespark_operators::decode::StreamKind;
+use primespark_operators::record::{DeadLetter, Delivery, Point, SourceMark, SourceRecord};
 use primespark_operators::watermark::Watermarks;
 use primespark_operators::EventTime;
 use primespark_schemas::DecodeLimits;
@@ -33,7 +33,7 @@ pub const MAX_RECORDS_PER_ACTIVATION: usize = 4096;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RawItem {
     /// One metric sample.
-    Point(MetricPoint),
+    Point(Point),
     /// A record that failed decoding or validation.
     Dead(DeadLetter),
 }
@@ -42,7 +42,7 @@ impl RawItem {
     /// Kafka partition and offset.
     pub fn position(&self) -> (i32, i64) {
         match self {
-            RawItem::Point(p) => (p.row.partition, p.row.offset),
+            RawItem::Point(p) => p.row.position(),
             RawItem::Dead(d) => (d.row.partition, d.row.offset),
         }
     }
@@ -63,6 +63,8 @@ pub struct Resume {
 pub struct SourceSpec {
     /// Topic.
     pub topic: String,
+    /// The event shape it carries.
+    pub kind: StreamKind,
     /// Partitions this worker reads, with their resume points.
     pub partitions: BTreeMap<i32, Resume>,
     /// Which raw sinks are enabled.
@@ -90,7 +92,7 @@ pub type SourceItem = Result<RawItem, SourceMark>;
 
 /// Builds the source operator. `reader` is `None` on workers with no partitions: their source
 /// releases its capability at once so it never holds the watermark back.
-pub fn kafka_telemetry_source<'s>(
+pub fn kafka_source<'s>(
     scope: Scope<'s, EventTime>,
     spec: SourceSpec,
     reader: Option<PartitionReader>,
@@ -158,9 +160,9 @@ pub fn kafka_telemetry_source<'s>(
                         delivery,
                         watermark_us,
                     };
-                    match decode_telemetry_record(&spec.topic, &spec.limits, record) {
+                    match spec.kind.decode(&spec.topic, &spec.limits, record) {
                         Ok(points) => {
-                            let time_us = points.first().map_or(i64::MIN, |p| p.row.time_us);
+                            let time_us = points.first().map_or(i64::MIN, |p| p.row.time_us());
                             let obs = watermarks.observe(
                                 partition,
                                 offset,

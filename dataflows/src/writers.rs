@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use primespark_connectors::metrics::{SinkFailed, SinkRecovered, SinkRowsWritten};
 use primespark_connectors::nas::{write_aggregate_files, ParquetArchive};
 use primespark_connectors::postgres;
-use primespark_schemas::rows::{PartitionOffset, TelemetryRow};
+use primespark_schemas::rows::{PartitionOffset, RawRow};
 use rand::Rng;
 use tokio::sync::mpsc::Receiver;
 use tokio_postgres::Client;
@@ -42,6 +42,10 @@ pub struct PgTarget {
 /// Where a writer's Parquet output goes.
 #[derive(Clone)]
 pub struct ParquetTarget {
+    /// The topic.
+    pub topic: String,
+    /// SQL name of the raw files (`telemetry_raw`, `inference_raw`), for metrics and logs.
+    pub table: &'static str,
     /// The topic's archive.
     pub archive: ParquetArchive,
     /// NAS root (aggregate files).
@@ -153,7 +157,7 @@ impl Pg {
 
 #[derive(Default)]
 struct PartitionRoll {
-    rows: Vec<TelemetryRow>,
+    rows: Vec<RawRow>,
     first: Option<i64>,
     next: i64,
     committed: Option<i64>,
@@ -241,25 +245,29 @@ fn write_dead_letters_file(pq: &ParquetTarget, batch: &RawBatch) {
         return;
     }
     let path = pq.root.join("dead_letters.jsonl");
-    let result = std::fs::OpenOptions::new().create(true).append(true).open(&path).and_then(|mut f| {
-        for d in &dead {
-            let line = serde_json::json!({
-                "topic": pq.archive.topic_dir().file_name().map(|n| n.to_string_lossy().trim_start_matches("topic=").to_owned()),
-                "partition": d.partition,
-                "offset": d.offset,
-                "reason": d.reason,
-                "error": d.error,
-                "payload": String::from_utf8_lossy(&d.payload),
-            });
-            writeln!(f, "{line}")?;
-        }
-        Ok(())
-    });
+    let result = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| {
+            for d in &dead {
+                let line = serde_json::json!({
+                    "topic": pq.topic,
+                    "partition": d.partition,
+                    "offset": d.offset,
+                    "reason": d.reason,
+                    "error": d.error,
+                    "payload": String::from_utf8_lossy(&d.payload),
+                });
+                writeln!(f, "{line}")?;
+            }
+            Ok(())
+        });
     match result {
         Ok(()) => {
             for d in dead {
                 primespark_connectors::metrics::DeadLettersWritten {
-                    topic: "edge.telemetry",
+                    topic: &pq.topic,
                     partition: d.partition,
                     count: 1,
                 }
@@ -273,7 +281,7 @@ fn write_dead_letters_file(pq: &ParquetTarget, batch: &RawBatch) {
 }
 
 async fn write_pg_batch(pg: &mut Pg, batch: &RawBatch) {
-    let rows: Vec<TelemetryRow> = batch
+    let rows: Vec<RawRow> = batch
         .items
         .iter()
         .filter_map(|i| match i {
@@ -314,7 +322,7 @@ fn take_due(
     pq: &ParquetTarget,
     rolls: &mut BTreeMap<i32, PartitionRoll>,
     all: bool,
-) -> Vec<(i32, i64, i64, Vec<TelemetryRow>)> {
+) -> Vec<(i32, i64, i64, Vec<RawRow>)> {
     let mut due = Vec::new();
     for (p, roll) in rolls.iter_mut() {
         let Some(first) = roll.first else { continue };
@@ -330,7 +338,7 @@ fn take_due(
 
 async fn write_rolls(
     pq: &ParquetTarget,
-    due: Vec<(i32, i64, i64, Vec<TelemetryRow>)>,
+    due: Vec<(i32, i64, i64, Vec<RawRow>)>,
 ) -> Vec<PartitionOffset> {
     let mut committed = Vec::new();
     for (partition, first, next, rows) in due {
@@ -339,7 +347,7 @@ async fn write_rolls(
             let started = Instant::now();
             let count = rows.len() as u64;
             let rows = std::sync::Arc::new(rows);
-            retry("parquet", "telemetry_raw", || {
+            retry("parquet", pq.table, || {
                 let archive = archive.clone();
                 let rows = rows.clone();
                 async move {
@@ -354,7 +362,7 @@ async fn write_rolls(
             .await;
             SinkRowsWritten {
                 sink: "parquet",
-                table: "telemetry_raw",
+                table: pq.table,
                 rows: count,
                 duration: started.elapsed(),
             }
@@ -421,23 +429,21 @@ pub async fn agg_writer(
             if !commit.rows.is_empty() {
                 let rows = std::sync::Arc::new(commit.rows.clone());
                 let started = Instant::now();
-                retry("parquet", "device_metrics_1m", || {
+                retry("parquet", "aggregates", || {
                     let rows = rows.clone();
                     let root = pq.root.clone();
                     let rg = pq.row_group_rows;
                     async move {
-                        tokio::task::spawn_blocking(move || {
-                            write_aggregate_files(&root, "device_metrics_1m", &rows, rg)
-                        })
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())
+                        tokio::task::spawn_blocking(move || write_aggregate_files(&root, &rows, rg))
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .map_err(|e| e.to_string())
                     }
                 })
                 .await;
                 SinkRowsWritten {
                     sink: "parquet",
-                    table: "device_metrics_1m",
+                    table: "aggregates",
                     rows: rows.len() as u64,
                     duration: started.elapsed(),
                 }
@@ -448,19 +454,15 @@ pub async fn agg_writer(
             let (dataflow, topic) = (pg.target.dataflow.clone(), pg.target.topic.clone());
             let watermark =
                 i64::try_from(commit.checkpoint.committed_watermark_us).unwrap_or(i64::MAX);
-            pg_retry!(
-                pg,
-                "device_metrics_1m",
-                |client| postgres::write_aggregates(
-                    client,
-                    &dataflow,
-                    sink_names::AGGREGATES,
-                    &topic,
-                    &commit.rows,
-                    watermark,
-                    &commit.checkpoint.partitions
-                )
-            );
+            pg_retry!(pg, "aggregates", |client| postgres::write_aggregates(
+                client,
+                &dataflow,
+                sink_names::AGGREGATES,
+                &topic,
+                &commit.rows,
+                watermark,
+                &commit.checkpoint.partitions
+            ));
         }
     }
 }

@@ -1,71 +1,116 @@
 //! Decode and validate Kafka records into typed points; bad records become [`DeadLetter`]s with
 //! their reason and source offset instead of failing anything.
 
-use primespark_schemas::rows::{DeadLetterRow, TelemetryRow};
+use primespark_schemas::inference::InferenceEvent;
+use primespark_schemas::rows::{DeadLetterRow, InferenceRow, RawRow, TelemetryRow};
 use primespark_schemas::telemetry::TelemetryEvent;
-use primespark_schemas::DecodeLimits;
+use primespark_schemas::{DecodeError, DecodeLimits};
+use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::StreamVec;
 
 use crate::metrics::DecodeFailed;
-use crate::record::{DeadLetter, MetricPoint, SourceRecord};
+use crate::record::{DeadLetter, Point, SourceRecord};
 use crate::EventTime;
 
-/// Decodes one telemetry record into one point per metric, or a dead letter.
-///
-/// A point is `late` when its event time is below the partition's watermark at read time.
+/// Which event shape a topic carries: how its records become raw rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum StreamKind {
+    /// `edge.telemetry`: one row per metric.
+    Telemetry,
+    /// `edge.ai.inference`: one row per request.
+    Inference,
+}
+
+impl StreamKind {
+    /// Decodes and validates one record into its points, or a dead letter with the reason and
+    /// source offset (and a counted, logged decode error).
+    pub fn decode(
+        self,
+        topic: &str,
+        limits: &DecodeLimits,
+        record: SourceRecord,
+    ) -> Result<Vec<Point>, DeadLetter> {
+        let decoded: Result<(i64, Vec<RawRow>), DecodeError> = match self {
+            StreamKind::Telemetry => TelemetryEvent::decode(&record.payload, limits).map(|event| {
+                let device_id = event.device_id;
+                let rows = event
+                    .metrics
+                    .into_iter()
+                    .map(|m| {
+                        RawRow::Telemetry(TelemetryRow {
+                            time_us: event.time_us,
+                            device_id: device_id.clone(),
+                            metric_name: m.name,
+                            value: m.value,
+                            partition: record.partition,
+                            offset: record.offset,
+                        })
+                    })
+                    .collect();
+                (event.time_us, rows)
+            }),
+            StreamKind::Inference => InferenceEvent::decode(&record.payload, limits).map(|event| {
+                (
+                    event.time_us,
+                    vec![RawRow::Inference(InferenceRow {
+                        event,
+                        partition: record.partition,
+                        offset: record.offset,
+                    })],
+                )
+            }),
+        };
+        match decoded {
+            Ok((time_us, rows)) => {
+                let late = time_us < record.watermark_us;
+                Ok(rows
+                    .into_iter()
+                    .map(|row| Point {
+                        row,
+                        delivery: record.delivery,
+                        late,
+                    })
+                    .collect())
+            }
+            Err(e) => Err(dead_letter(topic, record, &e)),
+        }
+    }
+}
+
+fn dead_letter(topic: &str, record: SourceRecord, e: &DecodeError) -> DeadLetter {
+    DecodeFailed {
+        topic,
+        partition: record.partition,
+        offset: record.offset,
+        reason: e.kind.as_str(),
+        error: e,
+    }
+    .emit();
+    DeadLetter {
+        row: DeadLetterRow {
+            partition: record.partition,
+            offset: record.offset,
+            reason: e.kind.as_str().to_owned(),
+            error: format!(
+                "topic {topic} partition {} offset {}: {e}",
+                record.partition, record.offset
+            ),
+            payload: record.payload,
+        },
+        delivery: record.delivery,
+    }
+}
+
+/// Decodes one telemetry record: one point per numeric metric, or a dead letter.
 pub fn decode_telemetry_record(
     topic: &str,
     limits: &DecodeLimits,
     record: SourceRecord,
-) -> Result<Vec<MetricPoint>, DeadLetter> {
-    match TelemetryEvent::decode(&record.payload, limits) {
-        Ok(event) => {
-            let late = event.time_us < record.watermark_us;
-            let device_id = event.device_id;
-            Ok(event
-                .metrics
-                .into_iter()
-                .map(|m| MetricPoint {
-                    row: TelemetryRow {
-                        time_us: event.time_us,
-                        device_id: device_id.clone(),
-                        metric_name: m.name,
-                        value: m.value,
-                        partition: record.partition,
-                        offset: record.offset,
-                    },
-                    delivery: record.delivery,
-                    late,
-                })
-                .collect())
-        }
-        Err(e) => {
-            DecodeFailed {
-                topic,
-                partition: record.partition,
-                offset: record.offset,
-                reason: e.kind.as_str(),
-                error: &e,
-            }
-            .emit();
-            Err(DeadLetter {
-                row: DeadLetterRow {
-                    partition: record.partition,
-                    offset: record.offset,
-                    reason: e.kind.as_str().to_owned(),
-                    error: format!(
-                        "topic {topic} partition {} offset {}: {e}",
-                        record.partition, record.offset
-                    ),
-                    payload: record.payload,
-                },
-                delivery: record.delivery,
-            })
-        }
-    }
+) -> Result<Vec<Point>, DeadLetter> {
+    StreamKind::Telemetry.decode(topic, limits, record)
 }
 
 /// Decodes Kafka records of `edge.telemetry`.
@@ -93,7 +138,7 @@ pub trait DecodeTelemetry<'scope> {
     ///         .flat_map(|e| match e { Event::Messages(_, rows) => rows, _ => Vec::new() })
     ///         .collect()
     /// }
-    /// assert_eq!(messages(points)[0].row.value, 5.0);
+    /// assert!(matches!(&messages(points)[0].row, primespark_schemas::rows::RawRow::Telemetry(r) if r.value == 5.0));
     /// assert_eq!(messages(dead)[0].row.offset, 8);
     /// ```
     fn decode_telemetry(
@@ -101,7 +146,7 @@ pub trait DecodeTelemetry<'scope> {
         topic: &str,
         limits: DecodeLimits,
     ) -> (
-        StreamVec<'scope, EventTime, MetricPoint>,
+        StreamVec<'scope, EventTime, Point>,
         StreamVec<'scope, EventTime, DeadLetter>,
     );
 }
@@ -112,11 +157,11 @@ impl<'scope> DecodeTelemetry<'scope> for StreamVec<'scope, EventTime, SourceReco
         topic: &str,
         limits: DecodeLimits,
     ) -> (
-        StreamVec<'scope, EventTime, MetricPoint>,
+        StreamVec<'scope, EventTime, Point>,
         StreamVec<'scope, EventTime, DeadLetter>,
     ) {
         let topic = topic.to_owned();
-        let decoded: StreamVec<'scope, EventTime, Result<MetricPoint, DeadLetter>> =
+        let decoded: StreamVec<'scope, EventTime, Result<Point, DeadLetter>> =
             self.unary(Pipeline, "DecodeTelemetry", move |_cap, _info| {
                 move |input, output| {
                     input.for_each(|cap, data| {

@@ -1,7 +1,7 @@
 //! Records that flow between primespark's operators. All are serde so that timely can exchange
 //! them between processes of a cluster.
 
-use primespark_schemas::rows::{DeadLetterRow, TelemetryRow};
+use primespark_schemas::rows::{DeadLetterRow, RawRow};
 use serde::{Deserialize, Serialize};
 
 /// Which sinks still need a record. On restart a partition is re-read from the lowest offset any
@@ -45,11 +45,11 @@ pub struct SourceRecord {
     pub watermark_us: i64,
 }
 
-/// A telemetry row on its way to the sinks and windows.
+/// A raw row of any stream on its way to the sinks and windows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MetricPoint {
+pub struct Point {
     /// The row.
-    pub row: TelemetryRow,
+    pub row: RawRow,
     /// Which sinks need it.
     pub delivery: Delivery,
     /// Event time earlier than its partition's watermark when read.

@@ -50,6 +50,74 @@ pub fn device_metrics_1m() -> SchemaRef {
         .clone()
 }
 
+/// Raw inference requests, one row per request: the Parquet files under
+/// `topic=edge.ai.inference/` and the SQL table `inference_raw`.
+pub fn inference_raw() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("time", time_type(), false),
+                Field::new("model_name", DataType::Utf8, false),
+                Field::new("input_tokens", DataType::Int64, false),
+                Field::new("output_tokens", DataType::Int64, false),
+                Field::new("latency_ms", DataType::Float64, false),
+                Field::new("source", DataType::Utf8, false),
+                Field::new("status", DataType::Utf8, false),
+                Field::new("device_id", DataType::Utf8, true),
+                Field::new("request_id", DataType::Utf8, true),
+                Field::new("routing_strategy", DataType::Utf8, true),
+                Field::new("fallback", DataType::Boolean, false),
+                Field::new("kafka_partition", DataType::Int32, false),
+                Field::new("kafka_offset", DataType::Int64, false),
+            ]))
+        })
+        .clone()
+}
+
+/// Per-(model, source) inference windows: `table=inference_stats_1m/`.
+pub fn inference_stats_1m() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("bucket", time_type(), false),
+                Field::new("model_name", DataType::Utf8, false),
+                Field::new("source", DataType::Utf8, false),
+                Field::new("count", DataType::Int64, false),
+                Field::new("errors", DataType::Int64, false),
+                Field::new("latency_p50_ms", DataType::Float64, false),
+                Field::new("latency_p95_ms", DataType::Float64, false),
+                Field::new("latency_p99_ms", DataType::Float64, false),
+                Field::new("avg_input_tokens", DataType::Float64, false),
+                Field::new("avg_output_tokens", DataType::Float64, false),
+                Field::new("output_tokens_per_s", DataType::Float64, true),
+            ]))
+        })
+        .clone()
+}
+
+/// Routing-statistics windows per slice: `table=routing_stats_1m/`.
+pub fn routing_stats_1m() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("bucket", time_type(), false),
+                Field::new("routing_strategy", DataType::Utf8, false),
+                Field::new("edge_requests", DataType::Int64, false),
+                Field::new("cloud_requests", DataType::Int64, false),
+                Field::new("edge_share", DataType::Float64, false),
+                Field::new("cloud_fallback_rate", DataType::Float64, true),
+                Field::new("edge_success_rate", DataType::Float64, true),
+                Field::new("cloud_success_rate", DataType::Float64, true),
+                Field::new("edge_p95_ms", DataType::Float64, true),
+                Field::new("cloud_p95_ms", DataType::Float64, true),
+            ]))
+        })
+        .clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,10 +17,11 @@ pub struct Migration {
 }
 
 /// Every migration, in order.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "telemetry, dead letters and source offsets",
-    sql: r#"
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "telemetry, dead letters and source offsets",
+        sql: r#"
 CREATE TABLE IF NOT EXISTS device_metrics (
     time        TIMESTAMPTZ      NOT NULL,
     device_id   TEXT             NOT NULL,
@@ -75,7 +76,62 @@ CREATE TABLE IF NOT EXISTS dataflow_state (
     updated_at         TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 "#,
-}];
+    },
+    Migration {
+        version: 2,
+        name: "inference results, inference and routing statistics",
+        sql: r#"
+-- The table the platform's Grafana panels already query.
+CREATE TABLE IF NOT EXISTS ai_inference_results (
+    time             TIMESTAMPTZ      NOT NULL,
+    model_name       TEXT             NOT NULL,
+    input_tokens     BIGINT           NOT NULL,
+    output_tokens    BIGINT           NOT NULL,
+    latency_ms       DOUBLE PRECISION NOT NULL,
+    source           TEXT             NOT NULL,
+    status           TEXT             NOT NULL,
+    device_id        TEXT,
+    request_id       TEXT,
+    routing_strategy TEXT,
+    fallback         BOOLEAN          NOT NULL DEFAULT false
+);
+CREATE INDEX IF NOT EXISTS ai_inference_results_model_time_idx ON ai_inference_results (model_name, time DESC);
+CREATE INDEX IF NOT EXISTS ai_inference_results_source_time_idx ON ai_inference_results (source, time DESC);
+CREATE INDEX IF NOT EXISTS ai_inference_results_time_idx ON ai_inference_results (time DESC);
+
+CREATE TABLE IF NOT EXISTS inference_stats_1m (
+    bucket              TIMESTAMPTZ      NOT NULL,
+    model_name          TEXT             NOT NULL,
+    source              TEXT             NOT NULL,
+    count               BIGINT           NOT NULL,
+    errors              BIGINT           NOT NULL,
+    latency_p50_ms      DOUBLE PRECISION NOT NULL,
+    latency_p95_ms      DOUBLE PRECISION NOT NULL,
+    latency_p99_ms      DOUBLE PRECISION NOT NULL,
+    avg_input_tokens    DOUBLE PRECISION NOT NULL,
+    avg_output_tokens   DOUBLE PRECISION NOT NULL,
+    output_tokens_per_s DOUBLE PRECISION,
+    PRIMARY KEY (model_name, source, bucket)
+);
+CREATE INDEX IF NOT EXISTS inference_stats_1m_bucket_idx ON inference_stats_1m (bucket DESC);
+
+CREATE TABLE IF NOT EXISTS routing_stats_1m (
+    bucket              TIMESTAMPTZ      NOT NULL,
+    routing_strategy    TEXT             NOT NULL,
+    edge_requests       BIGINT           NOT NULL,
+    cloud_requests      BIGINT           NOT NULL,
+    edge_share          DOUBLE PRECISION NOT NULL,
+    cloud_fallback_rate DOUBLE PRECISION,
+    edge_success_rate   DOUBLE PRECISION,
+    cloud_success_rate  DOUBLE PRECISION,
+    edge_p95_ms         DOUBLE PRECISION,
+    cloud_p95_ms        DOUBLE PRECISION,
+    PRIMARY KEY (routing_strategy, bucket)
+);
+CREATE INDEX IF NOT EXISTS routing_stats_1m_bucket_idx ON routing_stats_1m (bucket DESC);
+"#,
+    },
+];
 
 /// Run once after the migrations when the `timescaledb` extension is available: hypertables
 /// for the time-series tables (TimescaleDB 2.x `create_hypertable` with `migrate_data`, so it is
@@ -84,6 +140,9 @@ pub const TIMESCALE_SETUP: &[&str] = &[
     "CREATE EXTENSION IF NOT EXISTS timescaledb",
     "SELECT create_hypertable('device_metrics', 'time', if_not_exists => TRUE, migrate_data => TRUE)",
     "SELECT create_hypertable('device_metrics_1m', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
+    "SELECT create_hypertable('ai_inference_results', 'time', if_not_exists => TRUE, migrate_data => TRUE)",
+    "SELECT create_hypertable('inference_stats_1m', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
+    "SELECT create_hypertable('routing_stats_1m', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
 ];
 
 #[cfg(test)]

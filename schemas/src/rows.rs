@@ -2,6 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::inference::InferenceEvent;
+
 /// One metric of one device at one time, with its Kafka provenance (`device_metrics`,
 /// `telemetry_raw`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,6 +20,76 @@ pub struct TelemetryRow {
     pub partition: i32,
     /// Kafka offset it came from.
     pub offset: i64,
+}
+
+/// One inference request with its Kafka provenance (`ai_inference_results`,
+/// `inference_raw`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferenceRow {
+    /// The validated event.
+    pub event: InferenceEvent,
+    /// Kafka partition it came from.
+    pub partition: i32,
+    /// Kafka offset it came from.
+    pub offset: i64,
+}
+
+/// A raw row of any stream, on its way to the raw sinks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RawRow {
+    /// `edge.telemetry` -> `device_metrics`.
+    Telemetry(TelemetryRow),
+    /// `edge.ai.inference` -> `ai_inference_results`.
+    Inference(InferenceRow),
+}
+
+impl RawRow {
+    /// Event time, microseconds since the epoch.
+    pub fn time_us(&self) -> i64 {
+        match self {
+            RawRow::Telemetry(r) => r.time_us,
+            RawRow::Inference(r) => r.event.time_us,
+        }
+    }
+
+    /// Kafka partition and offset.
+    pub fn position(&self) -> (i32, i64) {
+        match self {
+            RawRow::Telemetry(r) => (r.partition, r.offset),
+            RawRow::Inference(r) => (r.partition, r.offset),
+        }
+    }
+}
+
+/// A closed window's row of any aggregate table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AggRow {
+    /// `device_metrics_1m`.
+    Metrics(MetricAggRow),
+    /// `inference_stats_1m`.
+    Inference(InferenceStatsRow),
+    /// `routing_stats_1m`.
+    Routing(RoutingStatsRow),
+}
+
+impl AggRow {
+    /// Window start, microseconds since the epoch.
+    pub fn bucket_us(&self) -> i64 {
+        match self {
+            AggRow::Metrics(r) => r.bucket_us,
+            AggRow::Inference(r) => r.bucket_us,
+            AggRow::Routing(r) => r.bucket_us,
+        }
+    }
+
+    /// The table the row belongs to.
+    pub fn table(&self) -> &'static str {
+        match self {
+            AggRow::Metrics(_) => "device_metrics_1m",
+            AggRow::Inference(_) => "inference_stats_1m",
+            AggRow::Routing(_) => "routing_stats_1m",
+        }
+    }
 }
 
 /// A record that could not become an event (`dead_letters`).

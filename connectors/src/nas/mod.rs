@@ -9,5 +9,6 @@ mod writer;
 
 pub use config::NasConfig;
 pub use writer::{
-    aggregate_batch, telemetry_batch, write_aggregate_files, NasError, ParquetArchive,
+    agg_batch, aggregate_batch, inference_batch, raw_batch, telemetry_batch, write_aggregate_files,
+    NasError, ParquetArchive,
 };

@@ -6,14 +6,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
-    Float64Array, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+    ArrayRef, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray,
 };
 use chrono::{DateTime, Utc};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use primespark_schemas::columnar;
-use primespark_schemas::rows::{MetricAggRow, TelemetryRow};
+use primespark_schemas::rows::{
+    AggRow, InferenceRow, InferenceStatsRow, MetricAggRow, RawRow, RoutingStatsRow, TelemetryRow,
+};
 
 /// Archive failures.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,165 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NasError + '_ {
     move |source| NasError::Io {
         path: path.to_owned(),
         source,
+    }
+}
+
+fn encode(e: impl std::fmt::Display) -> NasError {
+    NasError::Encode(e.to_string())
+}
+
+fn times(values: impl Iterator<Item = i64>) -> ArrayRef {
+    Arc::new(TimestampMicrosecondArray::from_iter_values(values).with_timezone("UTC"))
+}
+
+/// Builds the Arrow batch of raw rows of one stream (all rows of one kind, as a topic's rolls
+/// are).
+pub fn raw_batch(rows: &[RawRow]) -> Result<RecordBatch, NasError> {
+    let telemetry: Vec<TelemetryRow> = rows
+        .iter()
+        .filter_map(|r| match r {
+            RawRow::Telemetry(t) => Some(t.clone()),
+            RawRow::Inference(_) => None,
+        })
+        .collect();
+    if !telemetry.is_empty() || rows.is_empty() {
+        if telemetry.len() != rows.len() {
+            return Err(NasError::Encode(
+                "a roll mixes telemetry and inference rows".into(),
+            ));
+        }
+        return telemetry_batch(&telemetry);
+    }
+    let inference: Vec<&InferenceRow> = rows
+        .iter()
+        .filter_map(|r| match r {
+            RawRow::Inference(i) => Some(i),
+            RawRow::Telemetry(_) => None,
+        })
+        .collect();
+    inference_batch(&inference)
+}
+
+/// Builds the Arrow batch of raw inference rows.
+pub fn inference_batch(rows: &[&InferenceRow]) -> Result<RecordBatch, NasError> {
+    let e = |f: fn(&InferenceRow) -> Option<&str>| -> ArrayRef {
+        Arc::new(StringArray::from(
+            rows.iter().map(|r| f(r)).collect::<Vec<_>>(),
+        ))
+    };
+    RecordBatch::try_new(
+        columnar::inference_raw(),
+        vec![
+            times(rows.iter().map(|r| r.event.time_us)),
+            e(|r| Some(r.event.model.as_str())),
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|r| i64::from(r.event.prompt_length)),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|r| i64::from(r.event.response_length)),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                rows.iter().map(|r| r.event.latency_ms),
+            )),
+            e(|r| Some(r.event.source.as_str())),
+            e(|r| Some(r.event.status.as_str())),
+            e(|r| r.event.device_id.as_deref()),
+            e(|r| r.event.request_id.as_deref()),
+            e(|r| r.event.routing_strategy.map(|s| s.as_str())),
+            Arc::new(BooleanArray::from(
+                rows.iter().map(|r| r.event.fallback).collect::<Vec<_>>(),
+            )),
+            Arc::new(Int32Array::from_iter_values(
+                rows.iter().map(|r| r.partition),
+            )),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.offset))),
+        ],
+    )
+    .map_err(encode)
+}
+
+/// Builds the Arrow batch of `inference_stats_1m` rows.
+pub fn inference_stats_batch(rows: &[&InferenceStatsRow]) -> Result<RecordBatch, NasError> {
+    let f = |g: fn(&InferenceStatsRow) -> f64| -> ArrayRef {
+        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| g(r))))
+    };
+    RecordBatch::try_new(
+        columnar::inference_stats_1m(),
+        vec![
+            times(rows.iter().map(|r| r.bucket_us)),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.model.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.source.as_str()),
+            )),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.count))),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.errors))),
+            f(|r| r.latency_p50_ms),
+            f(|r| r.latency_p95_ms),
+            f(|r| r.latency_p99_ms),
+            f(|r| r.avg_input_tokens),
+            f(|r| r.avg_output_tokens),
+            Arc::new(Float64Array::from(
+                rows.iter()
+                    .map(|r| r.output_tokens_per_s)
+                    .collect::<Vec<_>>(),
+            )),
+        ],
+    )
+    .map_err(encode)
+}
+
+/// Builds the Arrow batch of `routing_stats_1m` rows.
+pub fn routing_stats_batch(rows: &[&RoutingStatsRow]) -> Result<RecordBatch, NasError> {
+    let opt = |g: fn(&RoutingStatsRow) -> Option<f64>| -> ArrayRef {
+        Arc::new(Float64Array::from(
+            rows.iter().map(|r| g(r)).collect::<Vec<_>>(),
+        ))
+    };
+    RecordBatch::try_new(
+        columnar::routing_stats_1m(),
+        vec![
+            times(rows.iter().map(|r| r.bucket_us)),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.routing_strategy.as_str()),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|r| r.edge_requests),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|r| r.cloud_requests),
+            )),
+            Arc::new(Float64Array::from_iter_values(
+                rows.iter().map(|r| r.edge_share),
+            )),
+            opt(|r| r.cloud_fallback_rate),
+            opt(|r| r.edge_success_rate),
+            opt(|r| r.cloud_success_rate),
+            opt(|r| r.edge_p95_ms),
+            opt(|r| r.cloud_p95_ms),
+        ],
+    )
+    .map_err(encode)
+}
+
+/// Builds the Arrow batch of aggregate rows of one table.
+pub fn agg_batch(rows: &[AggRow]) -> Result<RecordBatch, NasError> {
+    let mut metrics = Vec::new();
+    let mut inference = Vec::new();
+    let mut routing = Vec::new();
+    for r in rows {
+        match r {
+            AggRow::Metrics(m) => metrics.push(m.clone()),
+            AggRow::Inference(i) => inference.push(i),
+            AggRow::Routing(x) => routing.push(x),
+        }
+    }
+    match (metrics.is_empty(), inference.is_empty(), routing.is_empty()) {
+        (false, true, true) | (true, true, true) => aggregate_batch(&metrics),
+        (true, false, true) => inference_stats_batch(&inference),
+        (true, true, false) => routing_stats_batch(&routing),
+        _ => Err(NasError::Encode("an aggregate file mixes tables".into())),
     }
 }
 
@@ -89,21 +251,24 @@ pub fn aggregate_batch(rows: &[MetricAggRow]) -> Result<RecordBatch, NasError> {
     .map_err(|e| NasError::Encode(e.to_string()))
 }
 
-/// Writes closed windows under `<root>/table=<table>/date=YYYY-MM-DD/`, one file per bucket
-/// named by the bucket start: a replayed window rewrites the same file with the same rows.
+/// Writes closed windows under `<root>/table=<table>/date=YYYY-MM-DD/`, one file per table and
+/// bucket named by the bucket start: a replayed window rewrites the same file with the same rows.
 pub fn write_aggregate_files(
     root: &Path,
-    table: &str,
-    rows: &[MetricAggRow],
+    rows: &[AggRow],
     row_group_rows: usize,
 ) -> Result<Vec<PathBuf>, NasError> {
-    let mut by_bucket: BTreeMap<i64, Vec<MetricAggRow>> = BTreeMap::new();
+    let mut by_bucket: BTreeMap<(&'static str, i64), Vec<AggRow>> = BTreeMap::new();
     for r in rows {
-        by_bucket.entry(r.bucket_us).or_default().push(r.clone());
+        by_bucket
+            .entry((r.table(), r.bucket_us()))
+            .or_default()
+            .push(r.clone());
     }
     let mut written = Vec::new();
-    for (bucket, mut rows) in by_bucket {
-        rows.sort_by(|a, b| (&a.device_id, &a.metric_name).cmp(&(&b.device_id, &b.metric_name)));
+    for ((table, bucket), mut rows) in by_bucket {
+        // Same rows, same bytes: sort by the table's key.
+        rows.sort_by(|a, b| agg_key(a).cmp(&agg_key(b)));
         let start =
             DateTime::<Utc>::from_timestamp_micros(bucket).unwrap_or(DateTime::<Utc>::MIN_UTC);
         let dir = root
@@ -113,7 +278,7 @@ pub fn write_aggregate_files(
         let name = format!("part-b{bucket:020}.parquet");
         let final_path = dir.join(&name);
         let tmp_path = dir.join(format!(".{name}.inprogress"));
-        write_batch_file(&tmp_path, &aggregate_batch(&rows)?, row_group_rows)?;
+        write_batch_file(&tmp_path, &agg_batch(&rows)?, row_group_rows)?;
         fs::rename(&tmp_path, &final_path).map_err(io(&final_path))?;
         fs::File::open(&dir)
             .and_then(|d| d.sync_all())
@@ -121,6 +286,14 @@ pub fn write_aggregate_files(
         written.push(final_path);
     }
     Ok(written)
+}
+
+fn agg_key(r: &AggRow) -> (&str, &str) {
+    match r {
+        AggRow::Metrics(m) => (m.device_id.as_str(), m.metric_name.as_str()),
+        AggRow::Inference(i) => (i.model.as_str(), i.source.as_str()),
+        AggRow::Routing(x) => (x.routing_strategy.as_str(), ""),
+    }
 }
 
 fn write_batch_file(
@@ -227,12 +400,12 @@ impl ParquetArchive {
         partition: i32,
         first: i64,
         last: i64,
-        rows: &[TelemetryRow],
+        rows: &[RawRow],
     ) -> Result<Vec<PathBuf>, NasError> {
-        let mut by_hour: BTreeMap<i64, Vec<TelemetryRow>> = BTreeMap::new();
+        let mut by_hour: BTreeMap<i64, Vec<RawRow>> = BTreeMap::new();
         for r in rows {
             by_hour
-                .entry(r.time_us.div_euclid(3_600_000_000))
+                .entry(r.time_us().div_euclid(3_600_000_000))
                 .or_default()
                 .push(r.clone());
         }
@@ -260,8 +433,8 @@ impl ParquetArchive {
         Ok(written)
     }
 
-    fn write_file(&self, path: &Path, rows: &[TelemetryRow]) -> Result<(), NasError> {
-        write_batch_file(path, &telemetry_batch(rows)?, self.row_group_rows)
+    fn write_file(&self, path: &Path, rows: &[RawRow]) -> Result<(), NasError> {
+        write_batch_file(path, &raw_batch(rows)?, self.row_group_rows)
     }
 }
 
@@ -269,15 +442,15 @@ impl ParquetArchive {
 mod tests {
     use super::*;
 
-    fn row(time_us: i64, offset: i64) -> TelemetryRow {
-        TelemetryRow {
+    fn row(time_us: i64, offset: i64) -> RawRow {
+        RawRow::Telemetry(TelemetryRow {
             time_us,
             device_id: "d".into(),
             metric_name: "m".into(),
             value: offset as f64,
             partition: 1,
             offset,
-        }
+        })
     }
 
     #[test]

@@ -6,7 +6,10 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use futures::pin_mut;
 use primespark_schemas::ddl::{MIGRATIONS, TIMESCALE_SETUP};
-use primespark_schemas::rows::{DeadLetterRow, MetricAggRow, PartitionOffset, TelemetryRow};
+use primespark_schemas::rows::{
+    AggRow, DeadLetterRow, InferenceStatsRow, MetricAggRow, PartitionOffset, RawRow,
+    RoutingStatsRow,
+};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls, Transaction};
@@ -233,7 +236,7 @@ pub async fn write_raw(
     dataflow: &str,
     sink: &str,
     topic: &str,
-    rows: &[TelemetryRow],
+    rows: &[RawRow],
     dead: &[DeadLetterRow],
     offsets: &[PartitionOffset],
 ) -> Result<(), PostgresError> {
@@ -242,7 +245,16 @@ pub async fn write_raw(
         .transaction()
         .await
         .map_err(stmt("beginning raw batch"))?;
-    if !rows.is_empty() {
+    let telemetry = rows.iter().filter_map(|r| match r {
+        RawRow::Telemetry(t) => Some(t),
+        RawRow::Inference(_) => None,
+    });
+    let inference = rows.iter().filter_map(|r| match r {
+        RawRow::Inference(i) => Some(i),
+        RawRow::Telemetry(_) => None,
+    });
+    let (mut telemetry_rows, mut inference_rows) = (0u64, 0u64);
+    if rows.iter().any(|r| matches!(r, RawRow::Telemetry(_))) {
         let copy = tx
             .copy_in("COPY device_metrics (time, device_id, metric_name, value) FROM STDIN (FORMAT binary)")
             .await
@@ -252,7 +264,8 @@ pub async fn write_raw(
             &[Type::TIMESTAMPTZ, Type::TEXT, Type::TEXT, Type::FLOAT8],
         );
         pin_mut!(writer);
-        for r in rows {
+        for r in telemetry {
+            telemetry_rows += 1;
             writer
                 .as_mut()
                 .write(&[&time(r.time_us), &r.device_id, &r.metric_name, &r.value])
@@ -263,6 +276,57 @@ pub async fn write_raw(
             .finish()
             .await
             .map_err(stmt("finishing COPY into device_metrics"))?;
+    }
+    if rows.iter().any(|r| matches!(r, RawRow::Inference(_))) {
+        let copy = tx
+            .copy_in(
+                "COPY ai_inference_results (time, model_name, input_tokens, output_tokens, latency_ms, source, status, \
+                 device_id, request_id, routing_strategy, fallback) FROM STDIN (FORMAT binary)",
+            )
+            .await
+            .map_err(stmt("starting COPY into ai_inference_results"))?;
+        let writer = BinaryCopyInWriter::new(
+            copy,
+            &[
+                Type::TIMESTAMPTZ,
+                Type::TEXT,
+                Type::INT8,
+                Type::INT8,
+                Type::FLOAT8,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::BOOL,
+            ],
+        );
+        pin_mut!(writer);
+        for r in inference {
+            inference_rows += 1;
+            let e = &r.event;
+            writer
+                .as_mut()
+                .write(&[
+                    &time(e.time_us),
+                    &e.model,
+                    &i64::from(e.prompt_length),
+                    &i64::from(e.response_length),
+                    &e.latency_ms,
+                    &e.source.as_str(),
+                    &e.status.as_str(),
+                    &e.device_id,
+                    &e.request_id,
+                    &e.routing_strategy.map(|s| s.as_str()),
+                    &e.fallback,
+                ])
+                .await
+                .map_err(stmt("copying into ai_inference_results"))?;
+        }
+        writer
+            .finish()
+            .await
+            .map_err(stmt("finishing COPY into ai_inference_results"))?;
     }
     if !dead.is_empty() {
         let partitions: Vec<i32> = dead.iter().map(|d| d.partition).collect();
@@ -281,13 +345,20 @@ pub async fn write_raw(
     }
     upsert_offsets(&tx, dataflow, sink, topic, offsets).await?;
     tx.commit().await.map_err(stmt("committing raw batch"))?;
-    SinkRowsWritten {
-        sink: "postgres",
-        table: "device_metrics",
-        rows: rows.len() as u64,
-        duration: started.elapsed(),
+    for (table, rows) in [
+        ("device_metrics", telemetry_rows),
+        ("ai_inference_results", inference_rows),
+    ] {
+        if rows > 0 {
+            SinkRowsWritten {
+                sink: "postgres",
+                table,
+                rows,
+                duration: started.elapsed(),
+            }
+            .emit();
+        }
     }
-    .emit();
     let mut by_partition: HashMap<i32, u64> = HashMap::new();
     for d in dead {
         *by_partition.entry(d.partition).or_default() += 1;
@@ -303,14 +374,14 @@ pub async fn write_raw(
     Ok(())
 }
 
-/// Upserts closed windows and, in the same transaction, the dataflow's committed watermark and
-/// the resume offsets of its windows.
+/// Upserts closed windows of every aggregate table and, in the same transaction, the
+/// dataflow's committed watermark and the resume offsets of its windows.
 pub async fn write_aggregates(
     client: &mut Client,
     dataflow: &str,
     sink: &str,
     topic: &str,
-    rows: &[MetricAggRow],
+    rows: &[AggRow],
     committed_watermark_us: i64,
     offsets: &[PartitionOffset],
 ) -> Result<(), PostgresError> {
@@ -319,27 +390,19 @@ pub async fn write_aggregates(
         .transaction()
         .await
         .map_err(stmt("beginning aggregate batch"))?;
-    if !rows.is_empty() {
-        let buckets: Vec<DateTime<Utc>> = rows.iter().map(|r| time(r.bucket_us)).collect();
-        let devices: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
-        let metrics: Vec<&str> = rows.iter().map(|r| r.metric_name.as_str()).collect();
-        let counts: Vec<i64> = rows.iter().map(|r| r.count).collect();
-        let sums: Vec<f64> = rows.iter().map(|r| r.sum).collect();
-        let mins: Vec<f64> = rows.iter().map(|r| r.min).collect();
-        let maxs: Vec<f64> = rows.iter().map(|r| r.max).collect();
-        tx.execute(
-            "INSERT INTO device_metrics_1m (bucket, device_id, metric_name, count, sum, min, max, avg)
-             SELECT b, d, m, c, s, mn, mx, s / c
-             FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::int8[], $5::float8[], $6::float8[], $7::float8[])
-               AS u(b, d, m, c, s, mn, mx)
-             ON CONFLICT (device_id, metric_name, bucket) DO UPDATE
-               SET count = EXCLUDED.count, sum = EXCLUDED.sum, min = EXCLUDED.min,
-                   max = EXCLUDED.max, avg = EXCLUDED.avg",
-            &[&buckets, &devices, &metrics, &counts, &sums, &mins, &maxs],
-        )
-        .await
-        .map_err(stmt("upserting device_metrics_1m"))?;
+    let mut metrics = Vec::new();
+    let mut inference = Vec::new();
+    let mut routing = Vec::new();
+    for r in rows {
+        match r {
+            AggRow::Metrics(m) => metrics.push(m),
+            AggRow::Inference(i) => inference.push(i),
+            AggRow::Routing(x) => routing.push(x),
+        }
     }
+    upsert_metrics(&tx, &metrics).await?;
+    upsert_inference_stats(&tx, &inference).await?;
+    upsert_routing_stats(&tx, &routing).await?;
     tx.execute(
         "INSERT INTO dataflow_state (dataflow, committed_watermark_us, updated_at) VALUES ($1, $2, now())
          ON CONFLICT (dataflow) DO UPDATE SET committed_watermark_us = EXCLUDED.committed_watermark_us, updated_at = now()",
@@ -351,15 +414,116 @@ pub async fn write_aggregates(
     tx.commit()
         .await
         .map_err(stmt("committing aggregate batch"))?;
-    if !rows.is_empty() {
-        SinkRowsWritten {
-            sink: "postgres",
-            table: "device_metrics_1m",
-            rows: rows.len() as u64,
-            duration: started.elapsed(),
+    for (table, n) in [
+        ("device_metrics_1m", metrics.len()),
+        ("inference_stats_1m", inference.len()),
+        ("routing_stats_1m", routing.len()),
+    ] {
+        if n > 0 {
+            SinkRowsWritten {
+                sink: "postgres",
+                table,
+                rows: n as u64,
+                duration: started.elapsed(),
+            }
+            .emit();
         }
-        .emit();
     }
+    Ok(())
+}
+
+async fn upsert_metrics(tx: &Transaction<'_>, rows: &[&MetricAggRow]) -> Result<(), PostgresError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let buckets: Vec<DateTime<Utc>> = rows.iter().map(|r| time(r.bucket_us)).collect();
+    let devices: Vec<&str> = rows.iter().map(|r| r.device_id.as_str()).collect();
+    let metrics: Vec<&str> = rows.iter().map(|r| r.metric_name.as_str()).collect();
+    let counts: Vec<i64> = rows.iter().map(|r| r.count).collect();
+    let sums: Vec<f64> = rows.iter().map(|r| r.sum).collect();
+    let mins: Vec<f64> = rows.iter().map(|r| r.min).collect();
+    let maxs: Vec<f64> = rows.iter().map(|r| r.max).collect();
+    tx.execute(
+        "INSERT INTO device_metrics_1m (bucket, device_id, metric_name, count, sum, min, max, avg)
+         SELECT b, d, m, c, s, mn, mx, s / c
+         FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::int8[], $5::float8[], $6::float8[], $7::float8[])
+           AS u(b, d, m, c, s, mn, mx)
+         ON CONFLICT (device_id, metric_name, bucket) DO UPDATE
+           SET count = EXCLUDED.count, sum = EXCLUDED.sum, min = EXCLUDED.min,
+               max = EXCLUDED.max, avg = EXCLUDED.avg",
+        &[&buckets, &devices, &metrics, &counts, &sums, &mins, &maxs],
+    )
+    .await
+    .map_err(stmt("upserting device_metrics_1m"))?;
+    Ok(())
+}
+
+async fn upsert_inference_stats(
+    tx: &Transaction<'_>,
+    rows: &[&InferenceStatsRow],
+) -> Result<(), PostgresError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let buckets: Vec<DateTime<Utc>> = rows.iter().map(|r| time(r.bucket_us)).collect();
+    let models: Vec<&str> = rows.iter().map(|r| r.model.as_str()).collect();
+    let sources: Vec<&str> = rows.iter().map(|r| r.source.as_str()).collect();
+    let counts: Vec<i64> = rows.iter().map(|r| r.count).collect();
+    let errors: Vec<i64> = rows.iter().map(|r| r.errors).collect();
+    let p50: Vec<f64> = rows.iter().map(|r| r.latency_p50_ms).collect();
+    let p95: Vec<f64> = rows.iter().map(|r| r.latency_p95_ms).collect();
+    let p99: Vec<f64> = rows.iter().map(|r| r.latency_p99_ms).collect();
+    let input: Vec<f64> = rows.iter().map(|r| r.avg_input_tokens).collect();
+    let output: Vec<f64> = rows.iter().map(|r| r.avg_output_tokens).collect();
+    let tps: Vec<Option<f64>> = rows.iter().map(|r| r.output_tokens_per_s).collect();
+    tx.execute(
+        "INSERT INTO inference_stats_1m (bucket, model_name, source, count, errors, latency_p50_ms, latency_p95_ms,
+                                         latency_p99_ms, avg_input_tokens, avg_output_tokens, output_tokens_per_s)
+         SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::float8[],
+                              $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::float8[])
+         ON CONFLICT (model_name, source, bucket) DO UPDATE
+           SET count = EXCLUDED.count, errors = EXCLUDED.errors, latency_p50_ms = EXCLUDED.latency_p50_ms,
+               latency_p95_ms = EXCLUDED.latency_p95_ms, latency_p99_ms = EXCLUDED.latency_p99_ms,
+               avg_input_tokens = EXCLUDED.avg_input_tokens, avg_output_tokens = EXCLUDED.avg_output_tokens,
+               output_tokens_per_s = EXCLUDED.output_tokens_per_s",
+        &[&buckets, &models, &sources, &counts, &errors, &p50, &p95, &p99, &input, &output, &tps],
+    )
+    .await
+    .map_err(stmt("upserting inference_stats_1m"))?;
+    Ok(())
+}
+
+async fn upsert_routing_stats(
+    tx: &Transaction<'_>,
+    rows: &[&RoutingStatsRow],
+) -> Result<(), PostgresError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let buckets: Vec<DateTime<Utc>> = rows.iter().map(|r| time(r.bucket_us)).collect();
+    let slices: Vec<&str> = rows.iter().map(|r| r.routing_strategy.as_str()).collect();
+    let edge: Vec<i64> = rows.iter().map(|r| r.edge_requests).collect();
+    let cloud: Vec<i64> = rows.iter().map(|r| r.cloud_requests).collect();
+    let share: Vec<f64> = rows.iter().map(|r| r.edge_share).collect();
+    let fallback: Vec<Option<f64>> = rows.iter().map(|r| r.cloud_fallback_rate).collect();
+    let edge_ok: Vec<Option<f64>> = rows.iter().map(|r| r.edge_success_rate).collect();
+    let cloud_ok: Vec<Option<f64>> = rows.iter().map(|r| r.cloud_success_rate).collect();
+    let edge_p95: Vec<Option<f64>> = rows.iter().map(|r| r.edge_p95_ms).collect();
+    let cloud_p95: Vec<Option<f64>> = rows.iter().map(|r| r.cloud_p95_ms).collect();
+    tx.execute(
+        "INSERT INTO routing_stats_1m (bucket, routing_strategy, edge_requests, cloud_requests, edge_share,
+                                       cloud_fallback_rate, edge_success_rate, cloud_success_rate, edge_p95_ms, cloud_p95_ms)
+         SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::int8[], $4::int8[], $5::float8[], $6::float8[],
+                              $7::float8[], $8::float8[], $9::float8[], $10::float8[])
+         ON CONFLICT (routing_strategy, bucket) DO UPDATE
+           SET edge_requests = EXCLUDED.edge_requests, cloud_requests = EXCLUDED.cloud_requests,
+               edge_share = EXCLUDED.edge_share, cloud_fallback_rate = EXCLUDED.cloud_fallback_rate,
+               edge_success_rate = EXCLUDED.edge_success_rate, cloud_success_rate = EXCLUDED.cloud_success_rate,
+               edge_p95_ms = EXCLUDED.edge_p95_ms, cloud_p95_ms = EXCLUDED.cloud_p95_ms",
+        &[&buckets, &slices, &edge, &cloud, &share, &fallback, &edge_ok, &cloud_ok, &edge_p95, &cloud_p95],
+    )
+    .await
+    .map_err(stmt("upserting routing_stats_1m"))?;
     Ok(())
 }
 

@@ -47,8 +47,40 @@ pub enum QueryError {
 /// A session over the Parquet archive under `nas_root`: raw telemetry as `telemetry_raw`
 /// (partition columns `date` and `hour` come from the folder names and prune scans) and the
 /// 1-minute aggregates as `device_metrics_1m` (partition column `date`).
-pub fn session(nas_root: &Path, telemetry_topic: &str) -> Result<SessionContext, QueryError> {
+///
+/// Raw inference requests are `inference_raw`; the inference aggregates `inference_stats_1m`
+/// and `routing_stats_1m` (partition column `date`).
+pub fn session(
+    nas_root: &Path,
+    telemetry_topic: &str,
+    inference_topic: &str,
+) -> Result<SessionContext, QueryError> {
     let ctx = SessionContext::new();
+    register_listing(
+        &ctx,
+        "inference_raw",
+        &nas_root.join(format!("topic={inference_topic}")),
+        &["date", "hour"],
+        primespark_schemas::columnar::inference_raw(),
+    )?;
+    for (name, schema) in [
+        (
+            "inference_stats_1m",
+            primespark_schemas::columnar::inference_stats_1m(),
+        ),
+        (
+            "routing_stats_1m",
+            primespark_schemas::columnar::routing_stats_1m(),
+        ),
+    ] {
+        register_listing(
+            &ctx,
+            name,
+            &nas_root.join(format!("table={name}")),
+            &["date"],
+            schema,
+        )?;
+    }
     register_listing(
         &ctx,
         "telemetry_raw",

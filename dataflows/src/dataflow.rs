@@ -1,0 +1,157 @@
+//! The dataflow of one topic; the same shape for every stream, with the windows its kind needs:
+//!
+//! ```text
+//! KafkaSource ─┬─ raw items ─> RawSink ─> raw writer (PostgreSQL COPY + Parquet rolls)
+//!              ├─ points ─> exchange by key ─> 1-minute windows ───────────────┐
+//!              └─ marks ──────────────────────────────────────────────────────┴─> CommitAggregates (worker 0)
+//! ```
+//!
+//! - `edge.telemetry`: windows per (device, metric) -> `device_metrics_1m`.
+//! - `edge.ai.inference`: windows per (model, source) -> `inference_stats_1m`, and per routing
+//!   slice -> `routing_stats_1m` (`primespark_operators::routing`).
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use primespark_connectors::kafka::PartitionReader;
+use primespark_operators::checkpoint::CheckpointTracker;
+use primespark_operators::decode::StreamKind;
+use primespark_operators::routing::{InferenceWindowSpec, InferenceWindows};
+use primespark_operators::window::{Stats, TumblingWindow, WindowSpec};
+use primespark_operators::EventTime;
+use primespark_schemas::inference::InferenceEvent;
+use primespark_schemas::rows::{AggRow, MetricAggRow, RawRow};
+use timely::dataflow::operators::core::OkErr;
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::Concat;
+use timely::dataflow::{Scope, StreamVec};
+use tokio::sync::mpsc::Sender;
+
+use crate::sinks::{commit_aggregates, raw_sink, AggCommit, FlushPolicy, RawBatch};
+use crate::source::{kafka_source, RawItem, SourceSpec};
+
+/// Window width: 1 minute.
+pub const WINDOW_US: i64 = 60_000_000;
+
+/// Name of a stream's dataflow in `source_offsets`, `dataflow_state` and metrics.
+pub fn dataflow_name(kind: StreamKind) -> &'static str {
+    match kind {
+        StreamKind::Telemetry => "telemetry",
+        StreamKind::Inference => "inference",
+    }
+}
+
+/// Flags the worker loop watches to know when a shutdown has flushed everything.
+#[derive(Clone, Default)]
+pub struct Drained {
+    /// The raw sink handed off its buffer.
+    pub raw: Rc<Cell<bool>>,
+    /// The commit operator handed off its last checkpoint.
+    pub aggregates: Rc<Cell<bool>>,
+}
+
+impl Drained {
+    /// Both done.
+    pub fn all(&self) -> bool {
+        self.raw.get() && self.aggregates.get()
+    }
+}
+
+/// The windows of `kind` over the on-time points that still need windowing.
+fn windows<'s>(
+    kind: StreamKind,
+    raw: StreamVec<'s, EventTime, RawItem>,
+    committed: EventTime,
+) -> StreamVec<'s, EventTime, AggRow> {
+    let dataflow = dataflow_name(kind).to_owned();
+    match kind {
+        StreamKind::Telemetry => raw
+            .flat_map(|item: RawItem| match item {
+                RawItem::Point(p) if p.delivery.window && !p.late => match p.row {
+                    RawRow::Telemetry(r) => {
+                        Some(((r.device_id, r.metric_name), r.time_us, r.value))
+                    }
+                    RawRow::Inference(_) => None,
+                },
+                _ => None,
+            })
+            .tumbling_window(
+                WindowSpec {
+                    name: "device_metrics_1m".into(),
+                    dataflow,
+                    width_us: WINDOW_US,
+                    committed_watermark_us: committed,
+                },
+                |stats: &mut Stats, value: f64| stats.add(value),
+            )
+            .map(|w| {
+                AggRow::Metrics(MetricAggRow {
+                    bucket_us: w.window_start_us,
+                    device_id: w.key.0,
+                    metric_name: w.key.1,
+                    count: w.agg.count as i64,
+                    sum: w.agg.sum,
+                    min: w.agg.min,
+                    max: w.agg.max,
+                })
+            }),
+        StreamKind::Inference => {
+            let events = raw.flat_map(|item: RawItem| match item {
+                RawItem::Point(p) if p.delivery.window && !p.late => match p.row {
+                    RawRow::Inference(r) => Some(r.event),
+                    RawRow::Telemetry(_) => None,
+                },
+                _ => None,
+            });
+            let events: StreamVec<'s, EventTime, InferenceEvent> = events;
+            let (stats, routing) = events.inference_windows(InferenceWindowSpec {
+                dataflow,
+                width_us: WINDOW_US,
+                suffix: "1m".into(),
+                committed_watermark_us: committed,
+            });
+            stats
+                .map(AggRow::Inference)
+                .concat(routing.map(AggRow::Routing))
+        }
+    }
+}
+
+/// Builds the dataflow in `scope`.
+#[allow(clippy::too_many_arguments)]
+pub fn build<'s>(
+    scope: Scope<'s, EventTime>,
+    spec: SourceSpec,
+    reader: Option<PartitionReader>,
+    tracker: CheckpointTracker,
+    raw_tx: Sender<RawBatch>,
+    agg_tx: Sender<AggCommit>,
+    flush: FlushPolicy,
+    commit_interval: Duration,
+    drained: &Drained,
+) {
+    let pressure = spec.pressure.clone();
+    let shutdown = spec.shutdown.clone();
+    let committed = spec.committed_watermark_us;
+    let spec_kind = spec.kind;
+    let (raw, marks) = kafka_source(scope, spec, reader).ok_err(|item| item);
+    let aggregates = windows(spec_kind, raw.clone(), committed);
+    raw_sink(
+        raw,
+        raw_tx,
+        flush,
+        pressure,
+        shutdown.clone(),
+        drained.raw.clone(),
+    );
+    commit_aggregates(
+        aggregates,
+        marks,
+        tracker,
+        agg_tx,
+        commit_interval,
+        shutdown,
+        drained.aggregates.clone(),
+    );
+}
