@@ -21,7 +21,7 @@ use primespark_operators::routing::{InferenceWindowSpec, InferenceWindows};
 use primespark_operators::window::{Stats, TumblingWindow, WindowSpec};
 use primespark_operators::EventTime;
 use primespark_schemas::inference::InferenceEvent;
-use primespark_schemas::rows::{AggRow, MetricAggRow, RawRow};
+use primespark_schemas::rows::{Agg, AggRow, MetricAggRow, RawRow, Rollup};
 use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::Concat;
@@ -31,8 +31,9 @@ use tokio::sync::mpsc::Sender;
 use crate::sinks::{commit_aggregates, raw_sink, AggCommit, FlushPolicy, RawBatch};
 use crate::source::{kafka_source, RawItem, SourceSpec};
 
-/// Window width: 1 minute.
-pub const WINDOW_US: i64 = 60_000_000;
+/// The widest window: the checkpoint keeps every partition's records from the first record of
+/// its oldest open 1-hour window, so a restart can rebuild every open window.
+pub const WINDOW_US: i64 = 3_600_000_000;
 
 /// Name of a stream's dataflow in `source_offsets`, `dataflow_state` and metrics.
 pub fn dataflow_name(kind: StreamKind) -> &'static str {
@@ -58,16 +59,18 @@ impl Drained {
     }
 }
 
-/// The windows of `kind` over the on-time points that still need windowing.
+/// The windows of `kind` over the on-time points that still need windowing, for every rollup
+/// (1 minute and 1 hour, each computed from the events, so percentiles stay exact to the sketch).
 fn windows<'s>(
     kind: StreamKind,
     raw: StreamVec<'s, EventTime, RawItem>,
     committed: EventTime,
 ) -> StreamVec<'s, EventTime, AggRow> {
     let dataflow = dataflow_name(kind).to_owned();
+    let mut outputs = Vec::new();
     match kind {
-        StreamKind::Telemetry => raw
-            .flat_map(|item: RawItem| match item {
+        StreamKind::Telemetry => {
+            let points = raw.flat_map(|item: RawItem| match item {
                 RawItem::Point(p) if p.delivery.window && !p.late => match p.row {
                     RawRow::Telemetry(r) => {
                         Some(((r.device_id, r.metric_name), r.time_us, r.value))
@@ -75,47 +78,65 @@ fn windows<'s>(
                     RawRow::Inference(_) => None,
                 },
                 _ => None,
-            })
-            .tumbling_window(
-                WindowSpec {
-                    name: "device_metrics_1m".into(),
-                    dataflow,
-                    width_us: WINDOW_US,
-                    committed_watermark_us: committed,
-                },
-                |stats: &mut Stats, value: f64| stats.add(value),
-            )
-            .map(|w| {
-                AggRow::Metrics(MetricAggRow {
-                    bucket_us: w.window_start_us,
-                    device_id: w.key.0,
-                    metric_name: w.key.1,
-                    count: w.agg.count as i64,
-                    sum: w.agg.sum,
-                    min: w.agg.min,
-                    max: w.agg.max,
-                })
-            }),
+            });
+            for rollup in Rollup::ALL {
+                outputs.push(
+                    points
+                        .clone()
+                        .tumbling_window(
+                            WindowSpec {
+                                name: format!("device_metrics_{}", rollup.suffix()),
+                                dataflow: dataflow.clone(),
+                                width_us: rollup.width_us(),
+                                committed_watermark_us: committed,
+                            },
+                            |stats: &mut Stats, value: f64| stats.add(value),
+                        )
+                        .map(move |w| AggRow {
+                            rollup,
+                            row: Agg::Metrics(MetricAggRow {
+                                bucket_us: w.window_start_us,
+                                device_id: w.key.0,
+                                metric_name: w.key.1,
+                                count: w.agg.count as i64,
+                                sum: w.agg.sum,
+                                min: w.agg.min,
+                                max: w.agg.max,
+                            }),
+                        }),
+                );
+            }
+        }
         StreamKind::Inference => {
-            let events = raw.flat_map(|item: RawItem| match item {
-                RawItem::Point(p) if p.delivery.window && !p.late => match p.row {
-                    RawRow::Inference(r) => Some(r.event),
-                    RawRow::Telemetry(_) => None,
-                },
-                _ => None,
-            });
-            let events: StreamVec<'s, EventTime, InferenceEvent> = events;
-            let (stats, routing) = events.inference_windows(InferenceWindowSpec {
-                dataflow,
-                width_us: WINDOW_US,
-                suffix: "1m".into(),
-                committed_watermark_us: committed,
-            });
-            stats
-                .map(AggRow::Inference)
-                .concat(routing.map(AggRow::Routing))
+            let events: StreamVec<'s, EventTime, InferenceEvent> =
+                raw.flat_map(|item: RawItem| match item {
+                    RawItem::Point(p) if p.delivery.window && !p.late => match p.row {
+                        RawRow::Inference(r) => Some(r.event),
+                        RawRow::Telemetry(_) => None,
+                    },
+                    _ => None,
+                });
+            for rollup in Rollup::ALL {
+                let (stats, routing) = events.clone().inference_windows(InferenceWindowSpec {
+                    dataflow: dataflow.clone(),
+                    width_us: rollup.width_us(),
+                    suffix: rollup.suffix().into(),
+                    committed_watermark_us: committed,
+                });
+                outputs.push(stats.map(move |r| AggRow {
+                    rollup,
+                    row: Agg::Inference(r),
+                }));
+                outputs.push(routing.map(move |r| AggRow {
+                    rollup,
+                    row: Agg::Routing(r),
+                }));
+            }
         }
     }
+    let mut outputs = outputs.into_iter();
+    let first = outputs.next().expect("every stream has windows");
+    outputs.fold(first, |all, next| all.concat(next))
 }
 
 /// Builds the dataflow in `scope`.

@@ -131,6 +131,16 @@ CREATE TABLE IF NOT EXISTS routing_stats_1m (
 CREATE INDEX IF NOT EXISTS routing_stats_1m_bucket_idx ON routing_stats_1m (bucket DESC);
 "#,
     },
+    Migration {
+        version: 3,
+        name: "1-hour rollups",
+        // Same columns, keys and indexes as the 1-minute tables.
+        sql: r#"
+CREATE TABLE IF NOT EXISTS device_metrics_1h (LIKE device_metrics_1m INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS inference_stats_1h (LIKE inference_stats_1m INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS routing_stats_1h (LIKE routing_stats_1m INCLUDING ALL);
+"#,
+    },
 ];
 
 /// Run once after the migrations when the `timescaledb` extension is available: hypertables
@@ -143,6 +153,9 @@ pub const TIMESCALE_SETUP: &[&str] = &[
     "SELECT create_hypertable('ai_inference_results', 'time', if_not_exists => TRUE, migrate_data => TRUE)",
     "SELECT create_hypertable('inference_stats_1m', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
     "SELECT create_hypertable('routing_stats_1m', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
+    "SELECT create_hypertable('device_metrics_1h', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
+    "SELECT create_hypertable('inference_stats_1h', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
+    "SELECT create_hypertable('routing_stats_1h', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
 ];
 
 #[cfg(test)]

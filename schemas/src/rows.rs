@@ -61,33 +61,75 @@ impl RawRow {
     }
 }
 
+/// The window width of an aggregate table: `*_1m` or `*_1h`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Rollup {
+    /// 1-minute windows (`*_1m`).
+    Minute,
+    /// 1-hour windows (`*_1h`), for long dashboard ranges.
+    Hour,
+}
+
+impl Rollup {
+    /// Every rollup, narrowest first.
+    pub const ALL: [Rollup; 2] = [Rollup::Minute, Rollup::Hour];
+
+    /// Window width, microseconds.
+    pub fn width_us(self) -> i64 {
+        match self {
+            Rollup::Minute => 60_000_000,
+            Rollup::Hour => 3_600_000_000,
+        }
+    }
+
+    /// Table-name suffix: `1m` or `1h`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Rollup::Minute => "1m",
+            Rollup::Hour => "1h",
+        }
+    }
+}
+
+/// The row of one aggregate table family.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Agg {
+    /// `device_metrics_*`.
+    Metrics(MetricAggRow),
+    /// `inference_stats_*`.
+    Inference(InferenceStatsRow),
+    /// `routing_stats_*`.
+    Routing(RoutingStatsRow),
+}
+
 /// A closed window's row of any aggregate table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub enum AggRow {
-    /// `device_metrics_1m`.
-    Metrics(MetricAggRow),
-    /// `inference_stats_1m`.
-    Inference(InferenceStatsRow),
-    /// `routing_stats_1m`.
-    Routing(RoutingStatsRow),
+pub struct AggRow {
+    /// Window width.
+    pub rollup: Rollup,
+    /// The row.
+    pub row: Agg,
 }
 
 impl AggRow {
     /// Window start, microseconds since the epoch.
     pub fn bucket_us(&self) -> i64 {
-        match self {
-            AggRow::Metrics(r) => r.bucket_us,
-            AggRow::Inference(r) => r.bucket_us,
-            AggRow::Routing(r) => r.bucket_us,
+        match &self.row {
+            Agg::Metrics(r) => r.bucket_us,
+            Agg::Inference(r) => r.bucket_us,
+            Agg::Routing(r) => r.bucket_us,
         }
     }
 
-    /// The table the row belongs to.
+    /// The table the row belongs to, e.g. `device_metrics_1m`.
     pub fn table(&self) -> &'static str {
-        match self {
-            AggRow::Metrics(_) => "device_metrics_1m",
-            AggRow::Inference(_) => "inference_stats_1m",
-            AggRow::Routing(_) => "routing_stats_1m",
+        match (&self.row, self.rollup) {
+            (Agg::Metrics(_), Rollup::Minute) => "device_metrics_1m",
+            (Agg::Metrics(_), Rollup::Hour) => "device_metrics_1h",
+            (Agg::Inference(_), Rollup::Minute) => "inference_stats_1m",
+            (Agg::Inference(_), Rollup::Hour) => "inference_stats_1h",
+            (Agg::Routing(_), Rollup::Minute) => "routing_stats_1m",
+            (Agg::Routing(_), Rollup::Hour) => "routing_stats_1h",
         }
     }
 }

@@ -64,7 +64,7 @@ fn events() -> (Vec<(i32, Vec<u8>)>, i64, Aggregates) {
         }
         records.push((
             p,
-            json!({"device_id": "sentinel", "metrics": {"up": 1.0}, "timestamp": T0_MS + 3_600_000})
+            json!({"device_id": "sentinel", "metrics": {"up": 1.0}, "timestamp": T0_MS + 7_200_000})
                 .to_string()
                 .into_bytes(),
         ));

@@ -29,7 +29,11 @@ const STRATEGIES: [Option<&str>; 4] = [
 /// (time ms, model, input, output, source, status, strategy, fallback) of one raw row.
 type RawResult = (i64, String, i64, i64, String, String, Option<String>, bool);
 /// Records to produce, the valid requests among them, and the malformed ones' reasons.
-type Events = (Vec<(i32, Vec<u8>)>, Vec<Request>, BTreeMap<(i32, i64), &'static str>);
+type Events = (
+    Vec<(i32, Vec<u8>)>,
+    Vec<Request>,
+    BTreeMap<(i32, i64), &'static str>,
+);
 
 #[derive(Clone)]
 struct Request {
@@ -92,7 +96,8 @@ fn events() -> Events {
             valid.push(r);
         }
         let sentinel = Request {
-            time_ms: T0_MS + 3_600_000,
+            // Two hours ahead: the first hour's 1-hour windows close too.
+            time_ms: T0_MS + 7_200_000,
             model: "sentinel",
             edge: true,
             ok: true,
@@ -195,6 +200,19 @@ async fn inference_end_to_end_with_restart() -> Result<()> {
         }
     }
     let (want_stats, want_routing) = (by_model.len() as i64, by_slice.len() as i64);
+    // Every request lies in the first hour: one 1-hour row per (model, source) and per slice.
+    let mut hourly_models: BTreeMap<(String, &str), Vec<&Request>> = BTreeMap::new();
+    for ((_, model, source), group) in &by_model {
+        hourly_models
+            .entry((model.clone(), source))
+            .or_default()
+            .extend(group.iter().copied());
+    }
+    let want_hourly_slices = by_slice
+        .keys()
+        .map(|(_, s)| *s)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len() as i64;
     let waited = wait_until(Duration::from_secs(180), "every row and window", || async {
         let n = |sql: &'static str| {
             let client = &client;
@@ -204,6 +222,7 @@ async fn inference_end_to_end_with_restart() -> Result<()> {
             n("SELECT count(*) FROM ai_inference_results").await? >= raw_rows
                 && n("SELECT count(*) FROM inference_stats_1m").await? >= want_stats
                 && n("SELECT count(*) FROM routing_stats_1m").await? >= want_routing
+                && n("SELECT count(*) FROM routing_stats_1h").await? >= want_hourly_slices
                 && n("SELECT count(*) FROM dead_letters").await? >= dead.len() as i64,
         )
     })
@@ -359,6 +378,47 @@ async fn inference_end_to_end_with_restart() -> Result<()> {
             }
         }
     }
+
+    // 1-hour rollups: computed from the events (not from the 1-minute rows), so the
+    // percentiles are as exact as the 1-minute ones.
+    let hourly = client
+        .query(
+            "SELECT (extract(epoch FROM bucket) * 1000)::int8, model_name, source, count, errors, latency_p95_ms
+             FROM inference_stats_1h",
+            &[],
+        )
+        .await?;
+    assert_eq!(hourly.len(), hourly_models.len(), "inference_stats_1h rows");
+    for row in &hourly {
+        let source: String = row.get(2);
+        let key = (row.get::<_, String>(1), source.as_str());
+        assert_eq!(row.get::<_, i64>(0), T0_MS, "hour of {key:?}");
+        let group = hourly_models
+            .get(&key)
+            .unwrap_or_else(|| panic!("unexpected {key:?}"));
+        assert_eq!(
+            row.get::<_, i64>(3),
+            group.len() as i64,
+            "hourly count {key:?}"
+        );
+        assert_eq!(
+            row.get::<_, i64>(4),
+            group.iter().filter(|r| !r.ok).count() as i64
+        );
+        let latencies: Vec<f64> = group.iter().map(|r| r.latency).collect();
+        assert!(
+            near(row.get(5), lower_quantile(&latencies, 0.95)),
+            "hourly p95 {key:?}"
+        );
+    }
+    let all: i64 = client
+        .query_one(
+            "SELECT edge_requests + cloud_requests FROM routing_stats_1h WHERE routing_strategy = 'all'",
+            &[],
+        )
+        .await?
+        .get(0);
+    assert_eq!(all, valid.len() as i64, "routing_stats_1h all");
 
     // Dead letters with reason and offset.
     let dl = client

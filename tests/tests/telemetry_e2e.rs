@@ -109,7 +109,8 @@ fn events(seed: u64, per_partition: usize) -> (Vec<Vec<Vec<u8>>>, Expected) {
             }
         }
         // Sentinel: one hour ahead; its own window stays open.
-        let t = T0_US + 3_600_000_000;
+        // Two hours ahead: past the end of the first hour too, so its 1-hour windows close.
+        let t = T0_US + 7_200_000_000;
         payloads.push(
             json!({"device_id": "sentinel", "metrics": {"up": 1.0}, "timestamp": t / 1000})
                 .to_string()
@@ -232,6 +233,21 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
 
     let mut pipeline = Pipeline::start(&config, &[], &log)?;
     let expected_aggs = expected.aggs.len() as i64;
+    // The 1-hour rollup, from the same samples: (hour, device, metric) -> (count, sum, min, max).
+    let mut expected_hourly: BTreeMap<AggKey, (i64, f64, f64, f64)> = BTreeMap::new();
+    for ((t, d, m), v) in &expected.raw {
+        let e = expected_hourly
+            .entry((
+                t.div_euclid(3_600_000_000) * 3_600_000_000,
+                d.clone(),
+                m.clone(),
+            ))
+            .or_insert((0, 0.0, f64::INFINITY, f64::NEG_INFINITY));
+        e.0 += 1;
+        e.1 += v;
+        e.2 = e.2.min(*v);
+        e.3 = e.3.max(*v);
+    }
     let expected_dead = expected.dead.len() as i64;
     wait_until(
         Duration::from_secs(180),
@@ -239,6 +255,7 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
         || async {
             let raw = count(&client, "SELECT count(*) FROM device_metrics").await?;
             let aggs = count(&client, "SELECT count(*) FROM device_metrics_1m").await?;
+            let hourly = count(&client, "SELECT count(*) FROM device_metrics_1h").await?;
             let dead = count(&client, "SELECT count(*) FROM dead_letters").await?;
             let parquet = count(
             &client,
@@ -248,6 +265,7 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
             let last_offsets: i64 = partitions.iter().map(|p| p.len() as i64).min().unwrap_or(0);
             Ok(raw >= valid_points
                 && aggs >= expected_aggs
+                && hourly >= expected_hourly.len() as i64
                 && dead >= expected_dead
                 && parquet >= last_offsets)
         },
@@ -272,7 +290,7 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
         assert_eq!(n, 1, "raw row ({t}, {d}, {m}) = {v}");
     }
     let sentinel = (
-        T0_US + 3_600_000_000,
+        T0_US + 7_200_000_000,
         "sentinel".to_owned(),
         "up".to_owned(),
     );
@@ -302,6 +320,33 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
         );
         assert_eq!((mn, mx), (want.2, want.3), "min/max of {key:?}");
         assert!((avg - want.1 / want.0 as f64).abs() < 1e-9);
+    }
+    let hourly = client
+        .query(
+            "SELECT (extract(epoch from bucket) * 1000000)::int8, device_id, metric_name, count, sum, min, max FROM device_metrics_1h",
+            &[],
+        )
+        .await?;
+    assert_eq!(
+        hourly.len(),
+        expected_hourly.len(),
+        "1-hour rollup row count"
+    );
+    for r in &hourly {
+        let key: AggKey = (r.get(0), r.get(1), r.get(2));
+        let want = expected_hourly
+            .get(&key)
+            .unwrap_or_else(|| panic!("unexpected hourly aggregate {key:?}"));
+        assert_eq!(r.get::<_, i64>(3), want.0, "hourly count of {key:?}");
+        assert!(
+            (r.get::<_, f64>(4) - want.1).abs() < 1e-6,
+            "hourly sum of {key:?}"
+        );
+        assert_eq!(
+            (r.get::<_, f64>(5), r.get::<_, f64>(6)),
+            (want.2, want.3),
+            "hourly min/max of {key:?}"
+        );
     }
 
     // Dead letters: every malformed record, with its reason and offset.

@@ -15,7 +15,8 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use primespark_schemas::columnar;
 use primespark_schemas::rows::{
-    AggRow, InferenceRow, InferenceStatsRow, MetricAggRow, RawRow, RoutingStatsRow, TelemetryRow,
+    Agg, AggRow, InferenceRow, InferenceStatsRow, MetricAggRow, RawRow, RoutingStatsRow,
+    TelemetryRow,
 };
 
 /// Archive failures.
@@ -187,10 +188,10 @@ pub fn agg_batch(rows: &[AggRow]) -> Result<RecordBatch, NasError> {
     let mut inference = Vec::new();
     let mut routing = Vec::new();
     for r in rows {
-        match r {
-            AggRow::Metrics(m) => metrics.push(m.clone()),
-            AggRow::Inference(i) => inference.push(i),
-            AggRow::Routing(x) => routing.push(x),
+        match &r.row {
+            Agg::Metrics(m) => metrics.push(m.clone()),
+            Agg::Inference(i) => inference.push(i),
+            Agg::Routing(x) => routing.push(x),
         }
     }
     match (metrics.is_empty(), inference.is_empty(), routing.is_empty()) {
@@ -289,10 +290,10 @@ pub fn write_aggregate_files(
 }
 
 fn agg_key(r: &AggRow) -> (&str, &str) {
-    match r {
-        AggRow::Metrics(m) => (m.device_id.as_str(), m.metric_name.as_str()),
-        AggRow::Inference(i) => (i.model.as_str(), i.source.as_str()),
-        AggRow::Routing(x) => (x.routing_strategy.as_str(), ""),
+    match &r.row {
+        Agg::Metrics(m) => (m.device_id.as_str(), m.metric_name.as_str()),
+        Agg::Inference(i) => (i.model.as_str(), i.source.as_str()),
+        Agg::Routing(x) => (x.routing_strategy.as_str(), ""),
     }
 }
 

@@ -1,13 +1,13 @@
 //! The PostgreSQL sink's runtime: connection, migrations, transactional writes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use futures::pin_mut;
 use primespark_schemas::ddl::{MIGRATIONS, TIMESCALE_SETUP};
 use primespark_schemas::rows::{
-    AggRow, DeadLetterRow, InferenceStatsRow, MetricAggRow, PartitionOffset, RawRow,
+    Agg, AggRow, DeadLetterRow, InferenceStatsRow, MetricAggRow, PartitionOffset, RawRow,
     RoutingStatsRow,
 };
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
@@ -390,19 +390,26 @@ pub async fn write_aggregates(
         .transaction()
         .await
         .map_err(stmt("beginning aggregate batch"))?;
-    let mut metrics = Vec::new();
-    let mut inference = Vec::new();
-    let mut routing = Vec::new();
+    // Table -> rows, so each table gets one batched upsert.
+    let mut metrics: BTreeMap<&'static str, Vec<&MetricAggRow>> = BTreeMap::new();
+    let mut inference: BTreeMap<&'static str, Vec<&InferenceStatsRow>> = BTreeMap::new();
+    let mut routing: BTreeMap<&'static str, Vec<&RoutingStatsRow>> = BTreeMap::new();
     for r in rows {
-        match r {
-            AggRow::Metrics(m) => metrics.push(m),
-            AggRow::Inference(i) => inference.push(i),
-            AggRow::Routing(x) => routing.push(x),
+        match &r.row {
+            Agg::Metrics(m) => metrics.entry(r.table()).or_default().push(m),
+            Agg::Inference(i) => inference.entry(r.table()).or_default().push(i),
+            Agg::Routing(x) => routing.entry(r.table()).or_default().push(x),
         }
     }
-    upsert_metrics(&tx, &metrics).await?;
-    upsert_inference_stats(&tx, &inference).await?;
-    upsert_routing_stats(&tx, &routing).await?;
+    for (table, rows) in &metrics {
+        upsert_metrics(&tx, table, rows).await?;
+    }
+    for (table, rows) in &inference {
+        upsert_inference_stats(&tx, table, rows).await?;
+    }
+    for (table, rows) in &routing {
+        upsert_routing_stats(&tx, table, rows).await?;
+    }
     tx.execute(
         "INSERT INTO dataflow_state (dataflow, committed_watermark_us, updated_at) VALUES ($1, $2, now())
          ON CONFLICT (dataflow) DO UPDATE SET committed_watermark_us = EXCLUDED.committed_watermark_us, updated_at = now()",
@@ -414,25 +421,28 @@ pub async fn write_aggregates(
     tx.commit()
         .await
         .map_err(stmt("committing aggregate batch"))?;
-    for (table, n) in [
-        ("device_metrics_1m", metrics.len()),
-        ("inference_stats_1m", inference.len()),
-        ("routing_stats_1m", routing.len()),
-    ] {
-        if n > 0 {
-            SinkRowsWritten {
-                sink: "postgres",
-                table,
-                rows: n as u64,
-                duration: started.elapsed(),
-            }
-            .emit();
+    let written = metrics
+        .iter()
+        .map(|(t, r)| (*t, r.len()))
+        .chain(inference.iter().map(|(t, r)| (*t, r.len())))
+        .chain(routing.iter().map(|(t, r)| (*t, r.len())));
+    for (table, n) in written {
+        SinkRowsWritten {
+            sink: "postgres",
+            table,
+            rows: n as u64,
+            duration: started.elapsed(),
         }
+        .emit();
     }
     Ok(())
 }
 
-async fn upsert_metrics(tx: &Transaction<'_>, rows: &[&MetricAggRow]) -> Result<(), PostgresError> {
+async fn upsert_metrics(
+    tx: &Transaction<'_>,
+    table: &str,
+    rows: &[&MetricAggRow],
+) -> Result<(), PostgresError> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -444,22 +454,23 @@ async fn upsert_metrics(tx: &Transaction<'_>, rows: &[&MetricAggRow]) -> Result<
     let mins: Vec<f64> = rows.iter().map(|r| r.min).collect();
     let maxs: Vec<f64> = rows.iter().map(|r| r.max).collect();
     tx.execute(
-        "INSERT INTO device_metrics_1m (bucket, device_id, metric_name, count, sum, min, max, avg)
+        &format!("INSERT INTO {table} (bucket, device_id, metric_name, count, sum, min, max, avg)
          SELECT b, d, m, c, s, mn, mx, s / c
          FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::int8[], $5::float8[], $6::float8[], $7::float8[])
            AS u(b, d, m, c, s, mn, mx)
          ON CONFLICT (device_id, metric_name, bucket) DO UPDATE
            SET count = EXCLUDED.count, sum = EXCLUDED.sum, min = EXCLUDED.min,
-               max = EXCLUDED.max, avg = EXCLUDED.avg",
+               max = EXCLUDED.max, avg = EXCLUDED.avg"),
         &[&buckets, &devices, &metrics, &counts, &sums, &mins, &maxs],
     )
     .await
-    .map_err(stmt("upserting device_metrics_1m"))?;
+    .map_err(stmt("upserting device metrics windows"))?;
     Ok(())
 }
 
 async fn upsert_inference_stats(
     tx: &Transaction<'_>,
+    table: &str,
     rows: &[&InferenceStatsRow],
 ) -> Result<(), PostgresError> {
     if rows.is_empty() {
@@ -477,7 +488,7 @@ async fn upsert_inference_stats(
     let output: Vec<f64> = rows.iter().map(|r| r.avg_output_tokens).collect();
     let tps: Vec<Option<f64>> = rows.iter().map(|r| r.output_tokens_per_s).collect();
     tx.execute(
-        "INSERT INTO inference_stats_1m (bucket, model_name, source, count, errors, latency_p50_ms, latency_p95_ms,
+        &format!("INSERT INTO {table} (bucket, model_name, source, count, errors, latency_p50_ms, latency_p95_ms,
                                          latency_p99_ms, avg_input_tokens, avg_output_tokens, output_tokens_per_s)
          SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::float8[],
                               $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::float8[])
@@ -485,16 +496,17 @@ async fn upsert_inference_stats(
            SET count = EXCLUDED.count, errors = EXCLUDED.errors, latency_p50_ms = EXCLUDED.latency_p50_ms,
                latency_p95_ms = EXCLUDED.latency_p95_ms, latency_p99_ms = EXCLUDED.latency_p99_ms,
                avg_input_tokens = EXCLUDED.avg_input_tokens, avg_output_tokens = EXCLUDED.avg_output_tokens,
-               output_tokens_per_s = EXCLUDED.output_tokens_per_s",
+               output_tokens_per_s = EXCLUDED.output_tokens_per_s"),
         &[&buckets, &models, &sources, &counts, &errors, &p50, &p95, &p99, &input, &output, &tps],
     )
     .await
-    .map_err(stmt("upserting inference_stats_1m"))?;
+    .map_err(stmt("upserting inference statistics windows"))?;
     Ok(())
 }
 
 async fn upsert_routing_stats(
     tx: &Transaction<'_>,
+    table: &str,
     rows: &[&RoutingStatsRow],
 ) -> Result<(), PostgresError> {
     if rows.is_empty() {
@@ -511,7 +523,7 @@ async fn upsert_routing_stats(
     let edge_p95: Vec<Option<f64>> = rows.iter().map(|r| r.edge_p95_ms).collect();
     let cloud_p95: Vec<Option<f64>> = rows.iter().map(|r| r.cloud_p95_ms).collect();
     tx.execute(
-        "INSERT INTO routing_stats_1m (bucket, routing_strategy, edge_requests, cloud_requests, edge_share,
+        &format!("INSERT INTO {table} (bucket, routing_strategy, edge_requests, cloud_requests, edge_share,
                                        cloud_fallback_rate, edge_success_rate, cloud_success_rate, edge_p95_ms, cloud_p95_ms)
          SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::int8[], $4::int8[], $5::float8[], $6::float8[],
                               $7::float8[], $8::float8[], $9::float8[], $10::float8[])
@@ -519,11 +531,11 @@ async fn upsert_routing_stats(
            SET edge_requests = EXCLUDED.edge_requests, cloud_requests = EXCLUDED.cloud_requests,
                edge_share = EXCLUDED.edge_share, cloud_fallback_rate = EXCLUDED.cloud_fallback_rate,
                edge_success_rate = EXCLUDED.edge_success_rate, cloud_success_rate = EXCLUDED.cloud_success_rate,
-               edge_p95_ms = EXCLUDED.edge_p95_ms, cloud_p95_ms = EXCLUDED.cloud_p95_ms",
+               edge_p95_ms = EXCLUDED.edge_p95_ms, cloud_p95_ms = EXCLUDED.cloud_p95_ms"),
         &[&buckets, &slices, &edge, &cloud, &share, &fallback, &edge_ok, &cloud_ok, &edge_p95, &cloud_p95],
     )
     .await
-    .map_err(stmt("upserting routing_stats_1m"))?;
+    .map_err(stmt("upserting routing statistics windows"))?;
     Ok(())
 }
 

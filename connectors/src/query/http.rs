@@ -63,6 +63,7 @@ pub fn session(
         &["date", "hour"],
         primespark_schemas::columnar::inference_raw(),
     )?;
+    // The 1-hour rollups have the columns of the 1-minute tables.
     for (name, schema) in [
         (
             "inference_stats_1m",
@@ -70,6 +71,18 @@ pub fn session(
         ),
         (
             "routing_stats_1m",
+            primespark_schemas::columnar::routing_stats_1m(),
+        ),
+        (
+            "device_metrics_1h",
+            primespark_schemas::columnar::device_metrics_1m(),
+        ),
+        (
+            "inference_stats_1h",
+            primespark_schemas::columnar::inference_stats_1m(),
+        ),
+        (
+            "routing_stats_1h",
             primespark_schemas::columnar::routing_stats_1m(),
         ),
     ] {
