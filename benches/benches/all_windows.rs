@@ -1,0 +1,206 @@
+//! Decode -> every windowed aggregate (telemetry and inference, 1-minute and 1-hour rollups) on
+//! two timely workers, broker and sinks excluded, against a one-thread raw JSON-parse baseline
+//! measured in the same run. Prints events/s, events/s per core and the peak resident memory.
+//! Run with `cargo bench -p primespark-benches --bench all_windows`.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use primespark_operators::decode::StreamKind;
+use primespark_operators::record::{Delivery, SourceRecord};
+use primespark_operators::routing::{InferenceWindowSpec, InferenceWindows};
+use primespark_operators::window::{Stats, TumblingWindow, WindowSpec};
+use primespark_schemas::inference::InferenceEvent;
+use primespark_schemas::rows::{RawRow, Rollup};
+use primespark_schemas::DecodeLimits;
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::{Input, Inspect, Probe};
+use timely::dataflow::{InputHandleVec, ProbeHandle};
+
+const EVENTS: usize = 1_000_000;
+const DEVICES: usize = 1_000;
+const WORKERS: usize = 2;
+const T0_MS: i64 = 1_762_351_200_000;
+
+/// Every fifth event is an inference request, the rest telemetry; 100 events per millisecond.
+fn payloads() -> Vec<(StreamKind, Vec<u8>)> {
+    (0..EVENTS)
+        .map(|i| {
+            let ts = T0_MS + (i as i64) / 100;
+            if i % 5 == 4 {
+                let payload = format!(
+                    r#"{{"model":"model-{}","prompt_length":{},"response_length":{},"latency_ms":{}.5,"source":"{}","status":"{}","routing_strategy":"{}","fallback":false,"timestamp":{ts}}}"#,
+                    i % 3,
+                    i % 500,
+                    i % 1500,
+                    50 + i % 2000,
+                    if i % 2 == 0 { "edge" } else { "cloud" },
+                    if i % 31 == 0 { "error" } else { "ok" },
+                    ["edge_first", "cloud_first", "balanced"][i % 3],
+                );
+                (StreamKind::Inference, payload.into_bytes())
+            } else {
+                let device = i % DEVICES;
+                let payload = format!(
+                    r#"{{"device_id":"pi-{device:05}","metrics":{{"cpu_percent":{}.5,"memory_percent":{}.25,"disk_percent":18.0,"temperature":{}.0,"load_avg":1.25}},"timestamp":{ts}}}"#,
+                    i % 100,
+                    (i * 7) % 100,
+                    40 + i % 30
+                );
+                (StreamKind::Telemetry, payload.into_bytes())
+            }
+        })
+        .collect()
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn main() {
+    let data = Arc::new(payloads());
+    let bytes: usize = data.iter().map(|(_, p)| p.len()).sum();
+
+    // Baseline: one thread parses every message into a generic JSON value, nothing else.
+    let started = Instant::now();
+    let mut fields = 0usize;
+    for (_, p) in data.iter() {
+        let v: serde_json::Value = serde_json::from_slice(p).expect("valid json");
+        fields += v.as_object().map_or(0, |o| o.len());
+    }
+    let baseline = started.elapsed();
+    assert!(fields > 0);
+
+    let rss_before = peak_rss_mb();
+    let rows = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    {
+        let data = data.clone();
+        let rows = rows.clone();
+        timely::execute(timely::Config::process(WORKERS), move |worker| {
+            let index = worker.index();
+            let peers = worker.peers();
+            let probe = ProbeHandle::new();
+            let mut telemetry: InputHandleVec<u64, SourceRecord> = InputHandleVec::new();
+            let mut inference: InputHandleVec<u64, SourceRecord> = InputHandleVec::new();
+            worker.dataflow(|scope| {
+                let limits = DecodeLimits::default();
+                let points = |input: &mut InputHandleVec<u64, SourceRecord>, kind: StreamKind| {
+                    scope
+                        .input_from(input)
+                        .flat_map(move |r| kind.decode("bench", &limits, r).unwrap_or_default())
+                };
+                let metrics = points(&mut telemetry, StreamKind::Telemetry).flat_map(|p| match p.row {
+                    RawRow::Telemetry(r) => Some(((r.device_id, r.metric_name), r.time_us, r.value)),
+                    RawRow::Inference(_) => None,
+                });
+                let requests = points(&mut inference, StreamKind::Inference).flat_map(|p| match p.row {
+                    RawRow::Inference(r) => Some(r.event),
+                    RawRow::Telemetry(_) => None,
+                });
+                for rollup in Rollup::ALL {
+                    let counter = rows.clone();
+                    metrics
+                        .clone()
+                        .tumbling_window(
+                            WindowSpec {
+                                name: format!("device_metrics_{}", rollup.suffix()),
+                                dataflow: "bench".into(),
+                                width_us: rollup.width_us(),
+                                committed_watermark_us: 0,
+                            },
+                            |s: &mut Stats, v: f64| s.add(v),
+                        )
+                        .inspect(move |_| {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                        })
+                        .probe_with(&probe);
+                    let requests: timely::dataflow::StreamVec<'_, u64, InferenceEvent> = requests.clone();
+                    let (stats, routing) = requests.inference_windows(InferenceWindowSpec {
+                        dataflow: "bench".into(),
+                        width_us: rollup.width_us(),
+                        suffix: rollup.suffix().into(),
+                        committed_watermark_us: 0,
+                    });
+                    let (a, b) = (rows.clone(), rows.clone());
+                    stats
+                        .inspect(move |_| {
+                            a.fetch_add(1, Ordering::Relaxed);
+                        })
+                        .probe_with(&probe);
+                    routing
+                        .inspect(move |_| {
+                            b.fetch_add(1, Ordering::Relaxed);
+                        })
+                        .probe_with(&probe);
+                }
+            });
+            // Each worker reads its share, like partitions; the watermark trails by 5 s.
+            for (chunk_no, chunk) in data.chunks(4096).enumerate() {
+                if chunk_no % peers != index {
+                    continue;
+                }
+                for (i, (kind, payload)) in chunk.iter().enumerate() {
+                    let record = SourceRecord {
+                        partition: index as i32,
+                        offset: (chunk_no * 4096 + i) as i64,
+                        payload: payload.clone(),
+                        delivery: Delivery::ALL,
+                        watermark_us: i64::MIN,
+                    };
+                    match kind {
+                        StreamKind::Telemetry => telemetry.send(record),
+                        StreamKind::Inference => inference.send(record),
+                    }
+                }
+                let wm = ((T0_MS + (chunk_no as i64 * 4096) / 100 - 5_000) * 1000) as u64;
+                for input in [&mut telemetry, &mut inference] {
+                    if wm > *input.time() {
+                        input.advance_to(wm);
+                    }
+                }
+                while probe.less_than(telemetry.time()) {
+                    worker.step();
+                }
+            }
+            telemetry.close();
+            inference.close();
+            while worker.step() {}
+        })
+        .expect("timely");
+    }
+    let pipeline = started.elapsed();
+
+    let rate = |d: std::time::Duration| EVENTS as f64 / d.as_secs_f64();
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "all_windows: {EVENTS} events (80% telemetry from {DEVICES} devices, 20% inference), {:.1} MB, {WORKERS} workers",
+        bytes as f64 / 1e6
+    );
+    let _ = writeln!(out, "  baseline serde_json::Value parse, 1 thread : {:>10.0} events/s", rate(baseline));
+    let _ = writeln!(
+        out,
+        "  decode -> 1m + 1h windows of every table   : {:>10.0} events/s ({:.0} per core, {:.2}x baseline), {} window rows",
+        rate(pipeline),
+        rate(pipeline) / WORKERS as f64,
+        rate(pipeline) / rate(baseline),
+        rows.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "  peak resident memory: {:.0} MB (input held in memory: {:.0} MB before the dataflow ran)",
+        peak_rss_mb(),
+        rss_before
+    );
+}
