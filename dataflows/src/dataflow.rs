@@ -18,7 +18,7 @@ use primespark_connectors::kafka::PartitionReader;
 use primespark_operators::checkpoint::CheckpointTracker;
 use primespark_operators::decode::StreamKind;
 use primespark_operators::routing::{InferenceWindowSpec, InferenceWindows};
-use primespark_operators::window::{Stats, TumblingWindow, WindowSpec};
+use primespark_operators::window::{PreAggregate, Stats, TumblingWindow, WindowSpec};
 use primespark_operators::EventTime;
 use primespark_schemas::inference::InferenceEvent;
 use primespark_schemas::rows::{Agg, AggRow, MetricAggRow, RawRow, Rollup};
@@ -80,17 +80,21 @@ fn windows<'s>(
                 _ => None,
             });
             for rollup in Rollup::ALL {
+                let name = format!("device_metrics_{}", rollup.suffix());
                 outputs.push(
                     points
                         .clone()
+                        .pre_aggregate(&name, rollup.width_us(), |stats: &mut Stats, value: f64| {
+                            stats.add(value)
+                        })
                         .tumbling_window(
                             WindowSpec {
-                                name: format!("device_metrics_{}", rollup.suffix()),
+                                name,
                                 dataflow: dataflow.clone(),
                                 width_us: rollup.width_us(),
                                 committed_watermark_us: committed,
                             },
-                            |stats: &mut Stats, value: f64| stats.add(value),
+                            |stats: &mut Stats, partial: Stats| stats.merge(partial),
                         )
                         .map(move |w| AggRow {
                             rollup,

@@ -23,7 +23,7 @@ use timely::dataflow::operators::vec::Map;
 use timely::dataflow::StreamVec;
 
 use crate::sketch::QuantileSketch;
-use crate::window::{TumblingWindow, WindowSpec};
+use crate::window::{PreAggregate, TumblingWindow, WindowSpec};
 use crate::EventTime;
 
 /// Running statistics of one (model, source) in one window.
@@ -293,24 +293,35 @@ impl<'scope> InferenceWindows<'scope> for StreamVec<'scope, EventTime, Inference
             width_us: spec.width_us,
             committed_watermark_us: spec.committed_watermark_us,
         };
+        // Combined per worker first: a window's requests cross the exchange as one partial per
+        // key and batch, so even the `all` slice (one key per window) is cheap.
+        let width = spec.width_us;
         let stats = self
             .clone()
             .map(|e: InferenceEvent| ((e.model.clone(), e.source), e.time_us, e))
-            .tumbling_window(
-                window("inference_stats"),
+            .pre_aggregate(
+                "inference_stats",
+                width,
                 |s: &mut InferenceStats, e: InferenceEvent| s.add(&e),
             )
+            .tumbling_window(
+                window("inference_stats"),
+                |s: &mut InferenceStats, p: InferenceStats| s.merge(&p),
+            )
             .map(|w| w.agg.to_row(w.window_start_us, w.key.0, w.key.1));
-        // The `all` slice of a window lands on one worker: routing statistics are one small row
-        // per slice, and a request is folded into at most two slices.
         let routing = self
             .flat_map(|e: InferenceEvent| {
                 let slices: Vec<RoutingSlice> = RoutingSlice::of(&e).collect();
                 slices.into_iter().map(move |s| (s, e.time_us, e.clone()))
             })
+            .pre_aggregate(
+                "routing_stats",
+                width,
+                |s: &mut RoutingStats, e: InferenceEvent| s.add(&e),
+            )
             .tumbling_window(
                 window("routing_stats"),
-                |s: &mut RoutingStats, e: InferenceEvent| s.add(&e),
+                |s: &mut RoutingStats, p: RoutingStats| s.merge(&p),
             )
             .map(|w| w.agg.to_row(w.window_start_us, w.key));
         (stats, routing)

@@ -165,6 +165,104 @@ where
     }
 }
 
+/// Per-worker pre-aggregation in front of [`TumblingWindow`]: the combiner of a two-phase
+/// aggregation (Flink's local-global aggregation).
+///
+/// Each batch is folded per (key, window) on the worker that holds it, and only the partial
+/// aggregates are exchanged: a window operator then merges partials instead of folding raw
+/// records, which cuts the records crossing the exchange from one per event to at most one per
+/// key, window and batch. Partials keep their batch's timely time, so lateness is decided
+/// exactly as without the combiner. The aggregate must merge exactly (counts add, sketches
+/// merge).
+pub trait PreAggregate<'scope, K, V> {
+    /// Folds each batch into `(key, window_start_us, partial)` records for windows of
+    /// `width_us`; feed the result to `tumbling_window` with a merging fold.
+    ///
+    /// ```
+    /// use timely::dataflow::operators::{ToStream, Capture, capture::Event};
+    /// use primespark_operators::window::{PreAggregate, TumblingWindow, WindowSpec};
+    ///
+    /// let out = timely::example(|scope| {
+    ///     let spec = WindowSpec { name: "w".into(), dataflow: "d".into(), width_us: 10, committed_watermark_us: 0 };
+    ///     vec![("a".to_string(), 1i64, 2u64), ("a".to_string(), 5, 3), ("a".to_string(), 12, 4)]
+    ///         .to_stream(scope).container::<Vec<_>>()
+    ///         .pre_aggregate("w", 10, |sum: &mut u64, v| *sum += v)
+    ///         .tumbling_window(spec, |sum: &mut u64, partial: u64| *sum += partial)
+    ///         .capture()
+    /// });
+    /// let mut rows: Vec<_> = out.try_iter()
+    ///     .flat_map(|e| match e { Event::Messages(_, rows) => rows, _ => Vec::new() })
+    ///     .collect();
+    /// rows.sort_by_key(|r| r.window_start_us);
+    /// assert_eq!((rows[0].window_start_us, rows[0].agg), (0, 5));
+    /// assert_eq!((rows[1].window_start_us, rows[1].agg), (10, 4));
+    /// ```
+    fn pre_aggregate<A, F>(
+        self,
+        name: &str,
+        width_us: i64,
+        fold: F,
+    ) -> StreamVec<'scope, EventTime, (K, i64, A)>
+    where
+        A: Default + ExchangeData + Clone,
+        F: FnMut(&mut A, V) + 'static;
+}
+
+impl<'scope, K, V> PreAggregate<'scope, K, V> for StreamVec<'scope, EventTime, (K, i64, V)>
+where
+    K: ExchangeData + Hash + Eq + Clone,
+    V: ExchangeData,
+{
+    fn pre_aggregate<A, F>(
+        self,
+        name: &str,
+        width_us: i64,
+        mut fold: F,
+    ) -> StreamVec<'scope, EventTime, (K, i64, A)>
+    where
+        A: Default + ExchangeData + Clone,
+        F: FnMut(&mut A, V) + 'static,
+    {
+        // Partials are held per timely time until the frontier passes it: inputs arrive in
+        // small containers (timely's buffers hold ~8 KiB), so combining only within one
+        // container would combine almost nothing. Holding the capability keeps the windows
+        // downstream from closing before the partials arrive.
+        self.unary_frontier(
+            timely::dataflow::channels::pact::Pipeline,
+            &format!("PreAggregate({name})"),
+            move |_cap, _info| {
+                let mut held: BTreeMap<EventTime, (Capability<EventTime>, HashMap<(K, i64), A>)> =
+                    BTreeMap::new();
+                move |(input, frontier), output| {
+                    input.for_each(|cap, data| {
+                        let Some(&time) = cap.least() else {
+                            return;
+                        };
+                        let (_, partial) = held
+                            .entry(time)
+                            .or_insert_with(|| (cap.delayed(&time, 0), HashMap::new()));
+                        for (key, time_us, value) in data.drain(..) {
+                            let start = window_start(time_us, width_us);
+                            fold(partial.entry((key, start)).or_default(), value);
+                        }
+                    });
+                    while let Some(entry) = held.first_entry() {
+                        if frontier.less_equal(entry.key()) {
+                            break;
+                        }
+                        let (cap, partial) = entry.remove();
+                        output.session(&cap).give_iterator(
+                            partial
+                                .into_iter()
+                                .map(|((key, start), agg)| (key, start, agg)),
+                        );
+                    }
+                }
+            },
+        )
+    }
+}
+
 /// count, sum, min and max of a window's values: the `device_metrics_1m` aggregate.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
@@ -190,6 +288,14 @@ impl Default for Stats {
 }
 
 impl Stats {
+    /// Adds a partial aggregate of the same key and window.
+    pub fn merge(&mut self, other: Stats) {
+        self.count += other.count;
+        self.sum += other.sum;
+        self.min = self.min.min(other.min);
+        self.max = self.max.max(other.max);
+    }
+
     /// Adds one value.
     pub fn add(&mut self, v: f64) {
         self.count += 1;
