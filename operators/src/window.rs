@@ -165,6 +165,9 @@ where
     }
 }
 
+/// Partials of one timely time, with the capability to emit them.
+type Held<K, A> = (Capability<EventTime>, HashMap<(K, i64), A>);
+
 /// Per-worker pre-aggregation in front of [`TumblingWindow`]: the combiner of a two-phase
 /// aggregation (Flink's local-global aggregation).
 ///
@@ -231,8 +234,7 @@ where
             timely::dataflow::channels::pact::Pipeline,
             &format!("PreAggregate({name})"),
             move |_cap, _info| {
-                let mut held: BTreeMap<EventTime, (Capability<EventTime>, HashMap<(K, i64), A>)> =
-                    BTreeMap::new();
+                let mut held: BTreeMap<EventTime, Held<K, A>> = BTreeMap::new();
                 move |(input, frontier), output| {
                     input.for_each(|cap, data| {
                         let Some(&time) = cap.least() else {
