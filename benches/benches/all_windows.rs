@@ -124,6 +124,7 @@ fn main() {
                                 dataflow: "bench".into(),
                                 width_us: rollup.width_us(),
                                 committed_watermark_us: 0,
+                                allowed_lateness_us: 0,
                             },
                             |s: &mut Stats, p: Stats| s.merge(p),
                         )
@@ -138,6 +139,7 @@ fn main() {
                         width_us: rollup.width_us(),
                         suffix: rollup.suffix().into(),
                         committed_watermark_us: 0,
+                        allowed_lateness_us: 0,
                     });
                     let (a, b) = (rows.clone(), rows.clone());
                     stats
@@ -164,6 +166,7 @@ fn main() {
                         payload: payload.clone(),
                         delivery: Delivery::ALL,
                         watermark_us: i64::MIN,
+                        allowed_lateness_us: 0,
                     };
                     match kind {
                         StreamKind::Telemetry => telemetry.send(record),

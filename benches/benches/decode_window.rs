@@ -70,6 +70,7 @@ fn main() {
             payload: p.clone(),
             delivery: Delivery::ALL,
             watermark_us: i64::MIN,
+            allowed_lateness_us: 0,
         })
         .collect();
     let started = Instant::now();
@@ -96,6 +97,7 @@ fn main() {
                         dataflow: "bench".into(),
                         width_us: 60_000_000,
                         committed_watermark_us: 0,
+                        allowed_lateness_us: 0,
                     },
                     |s: &mut Stats, v: f64| s.add(v),
                 )

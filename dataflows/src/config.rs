@@ -50,6 +50,10 @@ pub struct WindowsConfig {
     /// Default `30s`.
     #[serde(default = "default_idle", with = "duration")]
     pub idle_timeout: Duration,
+    /// How far behind the watermark an event may arrive and still update its (already
+    /// written) window; later events go to the raw tables and `late_events` only. Default `0s`.
+    #[serde(default, with = "duration")]
+    pub allowed_lateness: Duration,
 }
 
 fn default_ooo() -> Duration {
@@ -64,6 +68,7 @@ impl Default for WindowsConfig {
         Self {
             max_out_of_orderness: default_ooo(),
             idle_timeout: default_idle(),
+            allowed_lateness: Duration::ZERO,
         }
     }
 }
@@ -284,6 +289,12 @@ impl Config {
             return Err(InvalidConfig::new(
                 "windows.max_out_of_orderness",
                 "must be at most 1h",
+            ));
+        }
+        if self.windows.allowed_lateness > Duration::from_secs(24 * 3600) {
+            return Err(InvalidConfig::new(
+                "windows.allowed_lateness",
+                "must be at most 24h (windows and their replay range stay open that long)",
             ));
         }
         if self.windows.idle_timeout.is_zero() {

@@ -65,6 +65,7 @@ fn windows<'s>(
     kind: StreamKind,
     raw: StreamVec<'s, EventTime, RawItem>,
     committed: EventTime,
+    lateness: u64,
 ) -> StreamVec<'s, EventTime, AggRow> {
     let dataflow = dataflow_name(kind).to_owned();
     let mut outputs = Vec::new();
@@ -93,6 +94,7 @@ fn windows<'s>(
                                 dataflow: dataflow.clone(),
                                 width_us: rollup.width_us(),
                                 committed_watermark_us: committed,
+                                allowed_lateness_us: lateness,
                             },
                             |stats: &mut Stats, partial: Stats| stats.merge(partial),
                         )
@@ -126,6 +128,7 @@ fn windows<'s>(
                     width_us: rollup.width_us(),
                     suffix: rollup.suffix().into(),
                     committed_watermark_us: committed,
+                    allowed_lateness_us: lateness,
                 });
                 outputs.push(stats.map(move |r| AggRow {
                     rollup,
@@ -160,8 +163,9 @@ pub fn build<'s>(
     let shutdown = spec.shutdown.clone();
     let committed = spec.committed_watermark_us;
     let spec_kind = spec.kind;
+    let lateness = u64::try_from(spec.allowed_lateness_us).unwrap_or(0);
     let (raw, marks) = kafka_source(scope, spec, reader).ok_err(|item| item);
-    let aggregates = windows(spec_kind, raw.clone(), committed);
+    let aggregates = windows(spec_kind, raw.clone(), committed, lateness);
     raw_sink(
         raw,
         raw_tx,

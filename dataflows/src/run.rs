@@ -146,6 +146,8 @@ pub fn run(
     let process_id = config.runtime.process_id;
     let timely_config = config.runtime.timely()?;
     let owned = |p: i32| owner_process(p, workers, config.runtime.processes) == process_id;
+    let lateness_us =
+        i64::try_from(config.windows.allowed_lateness.as_micros()).unwrap_or(i64::MAX);
 
     if pg_enabled {
         rt.block_on(async {
@@ -227,7 +229,7 @@ pub fn run(
             )));
         }
         let (agg_tx, agg_rx) = mpsc::channel(4);
-        writer_handles.push(rt.spawn(agg_writer(agg_rx, pg_target, parquet_target)));
+        writer_handles.push(rt.spawn(agg_writer(agg_rx, pg_target, parquet_target, lateness_us)));
         plans.push(StreamPlan {
             kind,
             topic,
@@ -293,7 +295,7 @@ pub fn run(
                 Some(reader)
             };
             let restored: Vec<_> = plan.state.offsets.get(sink_names::AGGREGATES).cloned().unwrap_or_default();
-            let tracker = CheckpointTracker::new(WINDOW_US, restored);
+            let tracker = CheckpointTracker::new(WINDOW_US, restored).with_allowed_lateness(lateness_us);
             let raw_tx = plan
                 .raw_txs
                 .lock()
@@ -309,6 +311,7 @@ pub fn run(
                 postgres_enabled: pg_enabled,
                 parquet_enabled,
                 out_of_orderness_us: i64::try_from(windows.max_out_of_orderness.as_micros()).unwrap_or(i64::MAX),
+                allowed_lateness_us: lateness_us,
                 width_us: WINDOW_US,
                 idle_timeout: windows.idle_timeout,
                 committed_watermark_us: plan.committed_watermark_us,

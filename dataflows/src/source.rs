@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 use primespark_connectors::kafka::PartitionReader;
 use primespark_connectors::metrics::KafkaRecordsReceived;
 use primespark_operators::decode::StreamKind;
+use primespark_operators::metrics::LateEvents;
+
+use crate::dataflow::dataflow_name;
 use primespark_operators::record::{DeadLetter, Delivery, Point, SourceMark, SourceRecord};
 use primespark_operators::watermark::Watermarks;
 use primespark_operators::EventTime;
@@ -73,6 +76,8 @@ pub struct SourceSpec {
     pub parquet_enabled: bool,
     /// Watermark bound, microseconds.
     pub out_of_orderness_us: i64,
+    /// How far behind the watermark an event may be and still update its window, microseconds.
+    pub allowed_lateness_us: i64,
     /// Window width, microseconds.
     pub width_us: i64,
     /// Idle timeout of partitions.
@@ -103,7 +108,8 @@ pub fn kafka_source<'s>(
         let mut cap = reader.as_ref().map(|_| capability);
         let start = Instant::now();
         let mut watermarks =
-            Watermarks::new(spec.out_of_orderness_us, spec.width_us, spec.idle_timeout);
+            Watermarks::new(spec.out_of_orderness_us, spec.width_us, spec.idle_timeout)
+                .with_allowed_lateness(spec.allowed_lateness_us);
         for (p, resume) in &spec.partitions {
             watermarks.add_partition(*p, resume.window.map_or(i64::MIN, |w| w.1), start);
         }
@@ -122,6 +128,7 @@ pub fn kafka_source<'s>(
             }
             let now = Instant::now();
             let mut read = 0usize;
+            let mut too_late = 0u64;
             let mut per_partition: HashMap<i32, (u64, u64, i64)> = HashMap::new();
             {
                 let mut session = output.session(&*cap);
@@ -159,10 +166,12 @@ pub fn kafka_source<'s>(
                         payload: payload.to_vec(),
                         delivery,
                         watermark_us,
+                        allowed_lateness_us: spec.allowed_lateness_us,
                     };
                     match spec.kind.decode(&spec.topic, &spec.limits, record) {
                         Ok(points) => {
                             let time_us = points.first().map_or(i64::MIN, |p| p.row.time_us());
+                            too_late += u64::from(points.first().is_some_and(|p| p.late));
                             let obs = watermarks.observe(
                                 partition,
                                 offset,
@@ -178,6 +187,15 @@ pub fn kafka_source<'s>(
                         }
                         Err(dead) => session.give(Ok(RawItem::Dead(dead))),
                     }
+                }
+                if too_late > 0 {
+                    // Beyond the allowed lateness: raw tables and `late_events` only.
+                    LateEvents {
+                        dataflow: dataflow_name(spec.kind),
+                        operator: "source",
+                        count: too_late,
+                    }
+                    .emit();
                 }
                 for (partition, (count, bytes, next)) in &per_partition {
                     let agg_next = spec

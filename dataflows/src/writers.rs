@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use primespark_connectors::metrics::{SinkFailed, SinkRecovered, SinkRowsWritten};
 use primespark_connectors::nas::{write_aggregate_files, ParquetArchive};
 use primespark_connectors::postgres;
-use primespark_schemas::rows::{PartitionOffset, RawRow};
+use primespark_schemas::rows::{AggRow, LateEventRow, PartitionOffset, RawRow};
 use rand::Rng;
 use tokio::sync::mpsc::Receiver;
 use tokio_postgres::Client;
@@ -297,6 +297,26 @@ async fn write_pg_batch(pg: &mut Pg, batch: &RawBatch) {
             _ => None,
         })
         .collect();
+    // One late_events row per late record (a telemetry record is several points).
+    let mut late: Vec<LateEventRow> = Vec::new();
+    for item in &batch.items {
+        if let RawItem::Point(p) = item {
+            let (partition, offset) = p.row.position();
+            if p.late
+                && p.delivery.postgres
+                && late
+                    .last()
+                    .is_none_or(|l| (l.partition, l.offset) != (partition, offset))
+            {
+                late.push(LateEventRow {
+                    partition,
+                    offset,
+                    event_time_us: p.row.time_us(),
+                    late_by_us: p.late_by_us,
+                });
+            }
+        }
+    }
     let offsets: Vec<PartitionOffset> = batch
         .next_offsets
         .iter()
@@ -307,13 +327,14 @@ async fn write_pg_batch(pg: &mut Pg, batch: &RawBatch) {
         })
         .collect();
     let (dataflow, topic) = (pg.target.dataflow.clone(), pg.target.topic.clone());
-    pg_retry!(pg, "device_metrics", |client| postgres::write_raw(
+    pg_retry!(pg, "raw", |client| postgres::write_raw(
         client,
         &dataflow,
         sink_names::POSTGRES_RAW,
         &topic,
         &rows,
         &dead,
+        &late,
         &offsets
     ));
 }
@@ -415,19 +436,41 @@ async fn roll_due_no_pg(pq: &ParquetTarget, rolls: &mut BTreeMap<i32, PartitionR
 
 /// The aggregate writer: Parquet files per bucket (deterministic names), then the PostgreSQL
 /// transaction of rows, committed watermark and resume offsets.
+///
+/// A Parquet file holds a whole (table, bucket). Windows updated by late events arrive as the
+/// updated keys only, so the writer keeps each bucket's rows until the bucket is final (its
+/// end plus `allowed_lateness_us` at or below the committed watermark) and rewrites the whole
+/// file from them.
 pub async fn agg_writer(
     mut rx: Receiver<AggCommit>,
     pg: Option<PgTarget>,
     parquet: Option<ParquetTarget>,
+    allowed_lateness_us: i64,
 ) {
     let mut pg = pg.map(|target| Pg {
         target,
         client: None,
     });
+    type Identity = (&'static str, i64, String, String);
+    let mut recent: BTreeMap<(&'static str, i64), BTreeMap<Identity, AggRow>> = BTreeMap::new();
     while let Some(commit) = rx.recv().await {
         if let Some(pq) = &parquet {
             if !commit.rows.is_empty() {
-                let rows = std::sync::Arc::new(commit.rows.clone());
+                let mut touched = std::collections::BTreeSet::new();
+                for r in &commit.rows {
+                    let (table, bucket, a, b) = r.identity();
+                    touched.insert((table, bucket));
+                    recent
+                        .entry((table, bucket))
+                        .or_default()
+                        .insert((table, bucket, a.to_owned(), b.to_owned()), r.clone());
+                }
+                let rows: Vec<AggRow> = touched
+                    .iter()
+                    .filter_map(|k| recent.get(k))
+                    .flat_map(|rows| rows.values().cloned())
+                    .collect();
+                let rows = std::sync::Arc::new(rows);
                 let started = Instant::now();
                 retry("parquet", "aggregates", || {
                     let rows = rows.clone();
@@ -449,6 +492,16 @@ pub async fn agg_writer(
                 }
                 .emit();
             }
+            // Final buckets can no longer change: forget them.
+            let committed =
+                i64::try_from(commit.checkpoint.committed_watermark_us).unwrap_or(i64::MAX);
+            recent.retain(|(_, bucket), rows| {
+                let width = rows.values().next().map_or(0, |r| r.rollup.width_us());
+                bucket
+                    .saturating_add(width)
+                    .saturating_add(allowed_lateness_us)
+                    > committed
+            });
         }
         if let Some(pg) = pg.as_mut() {
             let (dataflow, topic) = (pg.target.dataflow.clone(), pg.target.topic.clone());

@@ -34,6 +34,7 @@ pub struct Checkpoint {
 #[derive(Debug)]
 pub struct CheckpointTracker {
     width_us: i64,
+    allowed_lateness_us: i64,
     /// Marks not yet below the frontier, by time.
     pending: BTreeMap<EventTime, Vec<SourceMark>>,
     /// Read position per partition: (next offset, max event time).
@@ -47,6 +48,7 @@ impl CheckpointTracker {
     pub fn new(width_us: i64, restored: impl IntoIterator<Item = PartitionResume>) -> Self {
         Self {
             width_us,
+            allowed_lateness_us: 0,
             pending: BTreeMap::new(),
             progress: restored
                 .into_iter()
@@ -54,6 +56,13 @@ impl CheckpointTracker {
                 .collect(),
             open: BTreeMap::new(),
         }
+    }
+
+    /// Windows stay updatable `allowed_lateness_us` past their end: their records are kept
+    /// for a restart that long too.
+    pub fn with_allowed_lateness(mut self, allowed_lateness_us: i64) -> Self {
+        self.allowed_lateness_us = allowed_lateness_us.max(0);
+        self
     }
 
     /// Records marks a source sent at timely time `time`.
@@ -98,8 +107,9 @@ impl CheckpointTracker {
                 }
             }
         }
-        // Windows ending before the frontier are committed with this checkpoint.
-        let width = self.width_us;
+        // Windows ending (plus the allowed lateness) before the frontier are final with this
+        // checkpoint; the others may still change and must be rebuilt after a restart.
+        let width = self.width_us.saturating_add(self.allowed_lateness_us);
         self.open.retain(|(_, start), _| {
             u64::try_from(start.saturating_add(width)).is_ok_and(|end| end >= frontier)
         });

@@ -65,13 +65,15 @@ impl StreamKind {
         };
         match decoded {
             Ok((time_us, rows)) => {
-                let late = time_us < record.watermark_us;
+                let late_by_us = record.watermark_us.saturating_sub(time_us).max(0);
+                let late = late_by_us > record.allowed_lateness_us;
                 Ok(rows
                     .into_iter()
                     .map(|row| Point {
                         row,
                         delivery: record.delivery,
                         late,
+                        late_by_us,
                     })
                     .collect())
             }
@@ -124,9 +126,9 @@ pub trait DecodeTelemetry<'scope> {
     ///
     /// let (points, dead) = timely::example(|scope| {
     ///     let records = vec![
-    ///         SourceRecord { partition: 0, offset: 7, delivery: Delivery::ALL, watermark_us: 0,
+    ///         SourceRecord { partition: 0, offset: 7, delivery: Delivery::ALL, watermark_us: 0, allowed_lateness_us: 0,
     ///             payload: br#"{"device_id":"pi","metrics":{"cpu_percent":5},"timestamp":1762351387123}"#.to_vec() },
-    ///         SourceRecord { partition: 0, offset: 8, delivery: Delivery::ALL, watermark_us: 0,
+    ///         SourceRecord { partition: 0, offset: 8, delivery: Delivery::ALL, watermark_us: 0, allowed_lateness_us: 0,
     ///             payload: b"oops".to_vec() },
     ///     ];
     ///     let (ok, err) = records.to_stream(scope).container::<Vec<_>>()

@@ -43,6 +43,9 @@ pub struct SourceRecord {
     pub delivery: Delivery,
     /// The partition's watermark just before this record: an event earlier than this is late.
     pub watermark_us: i64,
+    /// How far behind the watermark an event may be and still update its window
+    /// (`windows.allowed_lateness`); later than that it is only stored raw and in `late_events`.
+    pub allowed_lateness_us: i64,
 }
 
 /// A raw row of any stream on its way to the sinks and windows.
@@ -52,8 +55,11 @@ pub struct Point {
     pub row: RawRow,
     /// Which sinks need it.
     pub delivery: Delivery,
-    /// Event time earlier than its partition's watermark when read.
+    /// Too late for the windows: earlier than its partition's watermark minus the allowed
+    /// lateness when read. Stored raw and in `late_events`, never aggregated.
     pub late: bool,
+    /// How far behind its partition's watermark the event was, microseconds (0 when on time).
+    pub late_by_us: i64,
 }
 
 /// A dead letter on its way to the sinks.

@@ -262,6 +262,8 @@ pub struct InferenceWindowSpec {
     pub suffix: String,
     /// Windows ending at or before this were committed by an earlier run.
     pub committed_watermark_us: EventTime,
+    /// How long past its end a window still takes records, microseconds.
+    pub allowed_lateness_us: u64,
 }
 
 /// Event-time windows over inference events: per-(model, source) statistics and routing
@@ -292,6 +294,7 @@ impl<'scope> InferenceWindows<'scope> for StreamVec<'scope, EventTime, Inference
             dataflow: spec.dataflow.clone(),
             width_us: spec.width_us,
             committed_watermark_us: spec.committed_watermark_us,
+            allowed_lateness_us: spec.allowed_lateness_us,
         };
         // Combined per worker first: a window's requests cross the exchange as one partial per
         // key and batch, so even the `all` slice (one key per window) is cheap.
@@ -412,6 +415,7 @@ mod tests {
                 width_us,
                 suffix: "1m".into(),
                 committed_watermark_us: 0,
+                allowed_lateness_us: 0,
             };
             let (s, r) = input
                 .to_stream(scope)

@@ -34,6 +34,7 @@ pub struct Observation {
 #[derive(Debug)]
 pub struct Watermarks {
     out_of_orderness_us: i64,
+    allowed_lateness_us: i64,
     width_us: i64,
     idle_timeout: Duration,
     partitions: HashMap<i32, PartitionClock>,
@@ -44,10 +45,18 @@ impl Watermarks {
     pub fn new(out_of_orderness_us: i64, width_us: i64, idle_timeout: Duration) -> Self {
         Self {
             out_of_orderness_us,
+            allowed_lateness_us: 0,
             width_us,
             idle_timeout,
             partitions: HashMap::new(),
         }
+    }
+
+    /// Events up to `allowed_lateness_us` behind the watermark still update their windows:
+    /// they are not late for the windows, and windows stay open for them that much longer.
+    pub fn with_allowed_lateness(mut self, allowed_lateness_us: i64) -> Self {
+        self.allowed_lateness_us = allowed_lateness_us.max(0);
+        self
     }
 
     /// Starts tracking `partition` with its highest event time so far (`i64::MIN` for none).
@@ -82,7 +91,11 @@ impl Watermarks {
         now: Instant,
     ) -> Observation {
         let out_of_orderness = self.out_of_orderness_us;
+        let lateness = self.allowed_lateness_us;
         let width = self.width_us;
+        // A window can still receive records until the watermark passes its end plus the
+        // allowed lateness.
+        let extent = width.saturating_add(lateness);
         let clock = self
             .partitions
             .entry(partition)
@@ -94,7 +107,7 @@ impl Watermarks {
         clock.last_seen = now;
         let before = clock.max_event_us;
         let watermark_us = before.saturating_sub(out_of_orderness);
-        let late = event_us < watermark_us;
+        let late = event_us < watermark_us.saturating_sub(lateness);
         let mut opened = None;
         if windowed && !late {
             let start = window_start(event_us, width);
@@ -112,7 +125,7 @@ impl Watermarks {
             let wm = event_us.saturating_sub(out_of_orderness);
             // No on-time record can still arrive for windows that end at or below the watermark.
             while let Some(&first) = clock.open_windows.first() {
-                if first.saturating_add(width) <= wm {
+                if first.saturating_add(extent) <= wm {
                     clock.open_windows.pop_first();
                 } else {
                     break;

@@ -38,9 +38,12 @@ pub struct WindowSpec {
     pub dataflow: String,
     /// Window width in microseconds.
     pub width_us: i64,
-    /// Windows ending at or before this were committed by an earlier run: records for them are
-    /// replays and are skipped.
+    /// Windows ending at or before this (less the allowed lateness) were final in an earlier
+    /// run: records for them are replays and are skipped.
     pub committed_watermark_us: EventTime,
+    /// How long past its end a window still takes records (`windows.allowed_lateness`),
+    /// microseconds. Each late record re-emits its key's updated aggregate (sinks upsert).
+    pub allowed_lateness_us: u64,
 }
 
 /// Tumbling event-time windows over `(key, event_time_us, value)` records.
@@ -55,7 +58,7 @@ pub trait TumblingWindow<'scope, K, V> {
     /// use primespark_operators::window::{TumblingWindow, WindowSpec};
     ///
     /// let out = timely::example(|scope| {
-    ///     let spec = WindowSpec { name: "w".into(), dataflow: "d".into(), width_us: 10, committed_watermark_us: 0 };
+    ///     let spec = WindowSpec { name: "w".into(), dataflow: "d".into(), width_us: 10, committed_watermark_us: 0, allowed_lateness_us: 0 };
     ///     vec![("a".to_string(), 1i64, 2u64), ("a".to_string(), 5, 3), ("a".to_string(), 12, 4)]
     ///         .to_stream(scope).container::<Vec<_>>()
     ///         .tumbling_window(spec, |sum: &mut u64, v| *sum += v)
@@ -94,6 +97,7 @@ where
     {
         let name = spec.name.clone();
         let width = spec.width_us;
+        let lateness = spec.allowed_lateness_us;
         let committed = spec.committed_watermark_us;
         self.unary_frontier(
             Exchange::new(|record: &(K, i64, V)| stable_hash(&record.0)),
@@ -102,30 +106,61 @@ where
                 // Open windows by end time, each with the capability to emit it.
                 let mut open: BTreeMap<EventTime, (Capability<EventTime>, HashMap<K, A>)> =
                     BTreeMap::new();
+                // Emitted windows still within the allowed lateness, by end time.
+                let mut closed: BTreeMap<EventTime, HashMap<K, A>> = BTreeMap::new();
                 move |(input, frontier), output| {
                     let mut late = 0u64;
                     input.for_each(|cap, data| {
                         let Some(&now) = cap.least() else {
                             return;
                         };
+                        let mut updated: Vec<(EventTime, K)> = Vec::new();
                         for (key, time_us, value) in data.drain(..) {
                             let start = window_start(time_us, width);
                             let Ok(end) = EventTime::try_from(start.saturating_add(width)) else {
                                 late += 1;
                                 continue;
                             };
-                            if end <= committed {
-                                // Replayed record of a window an earlier run already committed.
+                            let final_at = end.saturating_add(lateness);
+                            if final_at <= committed {
+                                // Replayed record of a window an earlier run made final.
                                 continue;
                             }
-                            if end <= now {
+                            if final_at <= now {
                                 late += 1;
                                 continue;
                             }
-                            let (_, aggs) = open
-                                .entry(end)
-                                .or_insert_with(|| (cap.delayed(&end, 0), HashMap::new()));
-                            fold(aggs.entry(key).or_default(), value);
+                            // One window's state lives in exactly one place: still open,
+                            // or emitted and updatable.
+                            if let Some((_, aggs)) = open.get_mut(&end) {
+                                fold(aggs.entry(key).or_default(), value);
+                            } else if end <= now || closed.contains_key(&end) {
+                                // Late but allowed: update the emitted window and re-emit the
+                                // key's aggregate. (After a restart the replay rebuilds the
+                                // state of such windows here, record by record.)
+                                let aggs = closed.entry(end).or_default();
+                                fold(aggs.entry(key.clone()).or_default(), value);
+                                updated.push((end, key));
+                            } else {
+                                let (_, aggs) = open
+                                    .entry(end)
+                                    .or_insert_with(|| (cap.delayed(&end, 0), HashMap::new()));
+                                fold(aggs.entry(key).or_default(), value);
+                            }
+                        }
+                        if !updated.is_empty() {
+                            updated.sort_by_key(|(end, key)| (*end, stable_hash(key)));
+                            updated.dedup();
+                            let mut session = output.session(&cap);
+                            for (end, key) in updated {
+                                if let Some(agg) = closed.get(&end).and_then(|a| a.get(&key)) {
+                                    session.give(WindowResult {
+                                        key,
+                                        window_start_us: end as i64 - width,
+                                        agg: agg.clone(),
+                                    });
+                                }
+                            }
                         }
                     });
                     if late > 0 {
@@ -141,16 +176,24 @@ where
                         if frontier.frontier().less_than(&end) {
                             break;
                         }
-                        let (cap, aggs) = entry.remove();
+                        let (cap, mut aggs) = entry.remove();
                         let count = aggs.len() as u64;
                         let window_start_us = end as i64 - width;
-                        output
-                            .session(&cap)
-                            .give_iterator(aggs.into_iter().map(|(key, agg)| WindowResult {
+                        if lateness > 0 {
+                            let results = aggs.iter().map(|(key, agg)| WindowResult {
+                                key: key.clone(),
+                                window_start_us,
+                                agg: agg.clone(),
+                            });
+                            output.session(&cap).give_iterator(results);
+                        } else {
+                            let results = aggs.drain().map(|(key, agg)| WindowResult {
                                 key,
                                 window_start_us,
                                 agg,
-                            }));
+                            });
+                            output.session(&cap).give_iterator(results);
+                        }
                         WindowsClosed {
                             dataflow: &spec.dataflow,
                             operator: &spec.name,
@@ -158,6 +201,19 @@ where
                             window_end_us: end,
                         }
                         .emit();
+                        if lateness > 0 {
+                            closed.insert(end, aggs);
+                        }
+                    }
+                    // Windows past their lateness are final: drop their state.
+                    while let Some(entry) = closed.first_entry() {
+                        if frontier
+                            .frontier()
+                            .less_than(&entry.key().saturating_add(lateness))
+                        {
+                            break;
+                        }
+                        entry.remove();
                     }
                 }
             },
@@ -186,7 +242,7 @@ pub trait PreAggregate<'scope, K, V> {
     /// use primespark_operators::window::{PreAggregate, TumblingWindow, WindowSpec};
     ///
     /// let out = timely::example(|scope| {
-    ///     let spec = WindowSpec { name: "w".into(), dataflow: "d".into(), width_us: 10, committed_watermark_us: 0 };
+    ///     let spec = WindowSpec { name: "w".into(), dataflow: "d".into(), width_us: 10, committed_watermark_us: 0, allowed_lateness_us: 0 };
     ///     vec![("a".to_string(), 1i64, 2u64), ("a".to_string(), 5, 3), ("a".to_string(), 12, 4)]
     ///         .to_stream(scope).container::<Vec<_>>()
     ///         .pre_aggregate("w", 10, |sum: &mut u64, v| *sum += v)
@@ -309,5 +365,75 @@ impl Stats {
     /// Mean, `NaN` when empty.
     pub fn avg(&self) -> f64 {
         self.sum / self.count as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use timely::dataflow::operators::capture::{Capture, Event};
+    use timely::dataflow::operators::Input;
+    use timely::dataflow::InputHandleVec;
+
+    /// Feeds `(send_at, key, time, value)` batches, advancing the input to `send_at` first, and
+    /// returns every emitted `(window_start, sum)` in order.
+    fn run(lateness: u64, batches: Vec<(u64, &'static str, i64, u64)>) -> Vec<(i64, u64)> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        timely::execute_directly(move |worker| {
+            let mut input: InputHandleVec<u64, (String, i64, u64)> = InputHandleVec::new();
+            let captured = worker.dataflow(|scope| {
+                let spec = WindowSpec {
+                    name: "w".into(),
+                    dataflow: "d".into(),
+                    width_us: 10,
+                    committed_watermark_us: 0,
+                    allowed_lateness_us: lateness,
+                };
+                scope
+                    .input_from(&mut input)
+                    .tumbling_window(spec, |sum: &mut u64, v| *sum += v)
+                    .capture()
+            });
+            for (at, key, time, value) in batches {
+                input.advance_to(at);
+                input.send((key.to_owned(), time, value));
+                for _ in 0..10 {
+                    worker.step();
+                }
+            }
+            input.close();
+            while worker.step() {}
+            let rows: Vec<(i64, u64)> = captured
+                .try_iter()
+                .flat_map(|e| match e {
+                    Event::Messages(_, rows) => rows,
+                    Event::Progress(_) => Vec::new(),
+                })
+                .map(|r| (r.window_start_us, r.agg))
+                .collect();
+            tx.send(rows).expect("receiver alive");
+        });
+        rx.recv().expect("rows")
+    }
+
+    #[test]
+    fn late_records_within_the_lateness_update_the_window() {
+        let rows = run(
+            5,
+            vec![
+                (0, "a", 1, 1),
+                // Watermark 12: window [0, 10) was emitted with 1; 3 is late but allowed.
+                (12, "a", 3, 2),
+                // Watermark 16: [0, 10) is final; this one is too late and dropped.
+                (16, "a", 4, 5),
+            ],
+        );
+        assert_eq!(rows, vec![(0, 1), (0, 3)]);
+    }
+
+    #[test]
+    fn without_lateness_late_records_are_dropped() {
+        let rows = run(0, vec![(0, "a", 1, 1), (12, "a", 3, 2), (13, "a", 15, 7)]);
+        assert_eq!(rows, vec![(0, 1), (10, 7)]);
     }
 }

@@ -141,6 +141,24 @@ CREATE TABLE IF NOT EXISTS inference_stats_1h (LIKE inference_stats_1m INCLUDING
 CREATE TABLE IF NOT EXISTS routing_stats_1h (LIKE routing_stats_1m INCLUDING ALL);
 "#,
     },
+    Migration {
+        version: 4,
+        name: "late events",
+        sql: r#"
+-- Events later than the watermark minus windows.allowed_lateness: in the raw tables, never
+-- aggregated, and listed here with how late they were.
+CREATE TABLE IF NOT EXISTS late_events (
+    received_at TIMESTAMPTZ      NOT NULL DEFAULT now(),
+    topic       TEXT             NOT NULL,
+    partition   INTEGER          NOT NULL,
+    "offset"    BIGINT           NOT NULL,
+    event_time  TIMESTAMPTZ      NOT NULL,
+    late_by_ms  DOUBLE PRECISION NOT NULL,
+    UNIQUE (topic, partition, "offset")
+);
+CREATE INDEX IF NOT EXISTS late_events_received_idx ON late_events (received_at DESC);
+"#,
+    },
 ];
 
 /// Run once after the migrations when the `timescaledb` extension is available: hypertables

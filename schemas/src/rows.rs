@@ -134,6 +134,47 @@ impl AggRow {
     }
 }
 
+impl AggRow {
+    /// What a row is the value of: table, bucket and key. A later row with the same identity
+    /// (a window updated by a late event) replaces an earlier one.
+    pub fn identity(&self) -> (&'static str, i64, &str, &str) {
+        let (a, b) = match &self.row {
+            Agg::Metrics(m) => (m.device_id.as_str(), m.metric_name.as_str()),
+            Agg::Inference(i) => (i.model.as_str(), i.source.as_str()),
+            Agg::Routing(r) => (r.routing_strategy.as_str(), ""),
+        };
+        (self.table(), self.bucket_us(), a, b)
+    }
+}
+
+/// Keeps the last row of each identity, in first-seen order: rows of a commit may hold a window
+/// and its later updates.
+pub fn latest_rows(rows: &[AggRow]) -> Vec<AggRow> {
+    let mut last: std::collections::HashMap<(&'static str, i64, &str, &str), usize> =
+        std::collections::HashMap::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
+        last.insert(r.identity(), i);
+    }
+    rows.iter()
+        .enumerate()
+        .filter(|(i, r)| last.get(&r.identity()) == Some(i))
+        .map(|(_, r)| r.clone())
+        .collect()
+}
+
+/// An event too late for its windows (`late_events`): stored raw, never aggregated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LateEventRow {
+    /// Kafka partition.
+    pub partition: i32,
+    /// Kafka offset.
+    pub offset: i64,
+    /// Event time, microseconds since the epoch.
+    pub event_time_us: i64,
+    /// How far behind its partition's watermark it arrived, microseconds.
+    pub late_by_us: i64,
+}
+
 /// A record that could not become an event (`dead_letters`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetterRow {

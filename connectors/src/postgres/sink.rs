@@ -7,8 +7,8 @@ use chrono::{DateTime, Utc};
 use futures::pin_mut;
 use primespark_schemas::ddl::{MIGRATIONS, TIMESCALE_SETUP};
 use primespark_schemas::rows::{
-    Agg, AggRow, DeadLetterRow, InferenceStatsRow, MetricAggRow, PartitionOffset, RawRow,
-    RoutingStatsRow,
+    latest_rows, Agg, AggRow, DeadLetterRow, InferenceStatsRow, LateEventRow, MetricAggRow,
+    PartitionOffset, RawRow, RoutingStatsRow,
 };
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
@@ -231,6 +231,8 @@ async fn upsert_offsets(
 
 /// Writes raw rows (binary COPY) and dead letters, and stores `offsets` for `sink`, in one
 /// transaction: after a crash either all of it is there or none.
+// Everything of one transaction is passed explicitly, so the atomicity is visible here.
+#[allow(clippy::too_many_arguments)]
 pub async fn write_raw(
     client: &mut Client,
     dataflow: &str,
@@ -238,6 +240,7 @@ pub async fn write_raw(
     topic: &str,
     rows: &[RawRow],
     dead: &[DeadLetterRow],
+    late: &[LateEventRow],
     offsets: &[PartitionOffset],
 ) -> Result<(), PostgresError> {
     let started = Instant::now();
@@ -343,6 +346,20 @@ pub async fn write_raw(
         .await
         .map_err(stmt("inserting dead letters"))?;
     }
+    if !late.is_empty() {
+        let partitions: Vec<i32> = late.iter().map(|l| l.partition).collect();
+        let offs: Vec<i64> = late.iter().map(|l| l.offset).collect();
+        let times: Vec<DateTime<Utc>> = late.iter().map(|l| time(l.event_time_us)).collect();
+        let late_by: Vec<f64> = late.iter().map(|l| l.late_by_us as f64 / 1000.0).collect();
+        tx.execute(
+            "INSERT INTO late_events (topic, partition, \"offset\", event_time, late_by_ms)
+             SELECT $1, p, o, t, l FROM UNNEST($2::int4[], $3::int8[], $4::timestamptz[], $5::float8[]) AS u(p, o, t, l)
+             ON CONFLICT (topic, partition, \"offset\") DO NOTHING",
+            &[&topic, &partitions, &offs, &times, &late_by],
+        )
+        .await
+        .map_err(stmt("inserting late events"))?;
+    }
     upsert_offsets(&tx, dataflow, sink, topic, offsets).await?;
     tx.commit().await.map_err(stmt("committing raw batch"))?;
     for (table, rows) in [
@@ -390,6 +407,10 @@ pub async fn write_aggregates(
         .transaction()
         .await
         .map_err(stmt("beginning aggregate batch"))?;
+    // A window updated by a late event can appear more than once: the last row wins (one
+    // upsert statement must not touch a row twice).
+    let rows = latest_rows(rows);
+    let rows = rows.as_slice();
     // Table -> rows, so each table gets one batched upsert.
     let mut metrics: BTreeMap<&'static str, Vec<&MetricAggRow>> = BTreeMap::new();
     let mut inference: BTreeMap<&'static str, Vec<&InferenceStatsRow>> = BTreeMap::new();

@@ -1,0 +1,182 @@
+//! Allowed lateness against the stack: an event later than the watermark but within
+//! `windows.allowed_lateness` updates the already-written window (upsert); a later one is kept
+//! raw and listed in `late_events` with how late it was, never aggregated. A kill and restart
+//! after the update changes nothing.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Result;
+use primespark_tests::{
+    connect, create_topic, free_port, fresh_database, produce, stack, unique, wait_until, Pipeline,
+};
+use serde_json::json;
+
+const T0_MS: i64 = 1_762_351_200_000; // 2025-11-05T14:00:00Z
+
+fn sample(t_ms: i64, value: f64) -> Vec<u8> {
+    json!({"device_id": "d", "metrics": {"cpu_percent": value}, "timestamp": t_ms})
+        .to_string()
+        .into_bytes()
+}
+
+async fn one(client: &tokio_postgres::Client, sql: &str) -> Result<i64> {
+    Ok(client
+        .query_one(sql, &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_events_update_windows_within_the_lateness_and_are_listed_beyond_it() -> Result<()> {
+    let stack = stack();
+    let db = unique("lateness");
+    let url = fresh_database(stack, &db).await?;
+    let topic = format!("edge.telemetry.{db}");
+    create_topic(stack, &topic, 1).await?;
+    let work = tempfile::tempdir()?;
+    let config = work.path().join("pipeline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbrokers = \"{}\"\n[kafka.topics]\ntelemetry = \"{topic}\"\n\
+             [postgres]\nurl = \"{url}\"\nflush_rows = 100\nflush_interval = \"100ms\"\n\
+             [nas]\npath = \"{}\"\nroll_interval = \"1s\"\n[query]\nhttp_addr = \"127.0.0.1:{}\"\n\
+             [windows]\nmax_out_of_orderness = \"5s\"\nallowed_lateness = \"30s\"\nidle_timeout = \"10m\"\n\
+             [dataflows]\ninference = false\n",
+            stack.brokers,
+            work.path().join("nas").display(),
+            free_port()
+        ),
+    )?;
+    let log = work.path().join("pipeline.log");
+
+    // On-time samples every 500 ms up to T0+200s: the watermark reaches T0+195s, so the
+    // window [T0+120s, T0+180s) is written.
+    let mut expected: BTreeMap<i64, (i64, f64)> = BTreeMap::new();
+    let mut records = Vec::new();
+    for i in 0..=400 {
+        let t = T0_MS + i * 500;
+        let v = (i % 100) as f64;
+        records.push((0, sample(t, v)));
+        let e = expected.entry(t.div_euclid(60_000) * 60_000).or_default();
+        e.0 += 1;
+        e.1 += v;
+    }
+    produce(stack, &topic, &records)?;
+    let mut pipeline = Pipeline::start(&config, &[], &log)?;
+    let client = connect(&url).await?;
+    let bucket_120 = T0_MS + 120_000;
+    let written = format!(
+        "SELECT count FROM device_metrics_1m WHERE bucket = to_timestamp({} / 1000.0)",
+        bucket_120
+    );
+    wait_until(
+        Duration::from_secs(120),
+        "window [T0+120s, T0+180s)",
+        || async { Ok(one(&client, &written).await? == expected[&bucket_120].0) },
+    )
+    .await?;
+
+    // Late by 25 s (within 30 s): updates that written window. Late by 95 s: listed only.
+    let allowed_late = T0_MS + 170_000;
+    let too_late = T0_MS + 100_000;
+    produce(
+        stack,
+        &topic,
+        &[
+            (0, sample(allowed_late, 99.25)),
+            (0, sample(too_late, 42.5)),
+            // Window updates commit when the watermark next moves (with the offsets that
+            // cover them): one more on-time sample moves it.
+            (0, sample(T0_MS + 206_000, 10.0)),
+        ],
+    )?;
+    let e = expected.get_mut(&bucket_120).expect("bucket");
+    e.0 += 1;
+    e.1 += 99.25;
+    let e = expected.entry(T0_MS + 180_000).or_default();
+    e.0 += 1;
+    e.1 += 10.0;
+    let want_120 = expected[&bucket_120].0;
+    let waited = wait_until(
+        Duration::from_secs(60),
+        "the late update and the late event",
+        || async {
+            Ok(one(&client, &written).await? == want_120
+                && one(&client, "SELECT count(*) FROM late_events").await? == 1)
+        },
+    )
+    .await;
+    if let Err(e) = waited {
+        anyhow::bail!(
+            "{e}: window count {} (want {want_120}), late events {}, raw rows {}\n{}",
+            one(&client, &written).await?,
+            one(&client, "SELECT count(*) FROM late_events").await?,
+            one(&client, "SELECT count(*) FROM device_metrics").await?,
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    // Kill, restart, and close everything with a sentinel two hours ahead.
+    pipeline.kill()?;
+    produce(stack, &topic, &[(0, sample(T0_MS + 7_200_000, 1.0))])?;
+    pipeline = Pipeline::start(&config, &[], &log)?;
+    let expected_1m = expected.len() as i64;
+    let waited = wait_until(Duration::from_secs(120), "every window", || async {
+        Ok(
+            one(&client, "SELECT count(*) FROM device_metrics_1m").await? >= expected_1m
+                && one(&client, "SELECT count(*) FROM device_metrics_1h").await? >= 1,
+        )
+    })
+    .await;
+    if let Err(e) = waited {
+        anyhow::bail!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    }
+    assert!(pipeline.is_running());
+
+    let rows = client
+        .query(
+            "SELECT (extract(epoch FROM bucket) * 1000)::int8, count, sum FROM device_metrics_1m",
+            &[],
+        )
+        .await?;
+    let got: BTreeMap<i64, (i64, f64)> = rows
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    assert_eq!(
+        got, expected,
+        "1-minute windows: the allowed-late event in, the too-late one out"
+    );
+    let hour: (i64, f64) = client
+        .query_one(
+            "SELECT count, sum FROM device_metrics_1h WHERE bucket = to_timestamp($1::float8 / 1000.0)",
+            &[&(T0_MS as f64)],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))?;
+    let (count, sum) = expected
+        .values()
+        .fold((0, 0.0), |a, v| (a.0 + v.0, a.1 + v.1));
+    assert_eq!(hour, (count, sum), "1-hour window");
+
+    // Raw rows: every event once, late ones included.
+    assert_eq!(
+        one(&client, "SELECT count(*) FROM device_metrics").await?,
+        401 + 3 + 1
+    );
+    let late = client
+        .query(
+            "SELECT \"offset\", (extract(epoch FROM event_time) * 1000)::int8, late_by_ms FROM late_events",
+            &[],
+        )
+        .await?;
+    assert_eq!(late.len(), 1);
+    let (offset, time, late_by): (i64, i64, f64) = (late[0].get(0), late[0].get(1), late[0].get(2));
+    assert_eq!((offset, time), (402, too_late));
+    // Watermark T0+195s (T0+200s minus 5 s), event at T0+100s.
+    assert_eq!(late_by, 95_000.0);
+    Ok(())
+}
