@@ -47,6 +47,7 @@ struct Metrics {
     queries: Family<QueryLabels, Counter>,
     query_seconds: Family<QueryLabels, Histogram>,
     sink_degraded: Family<SinkLabels, Gauge>,
+    consumer_lag: Family<PartitionLabels, Gauge>,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -65,12 +66,18 @@ fn metrics() -> &'static Metrics {
         queries: Family::default(),
         query_seconds: Family::new_with_constructor(seconds_histogram),
         sink_degraded: Family::default(),
+        consumer_lag: Family::default(),
     })
 }
 
 /// Registers the connectors' series.
 pub fn register(registry: &mut Registry) {
     let m = metrics();
+    registry.register(
+        "primespark_consumer_lag_records",
+        "Records between a partition's consumer position and its high watermark, from the client's statistics",
+        m.consumer_lag.clone(),
+    );
     registry.register(
         "primespark_source_records",
         "Kafka records consumed",
@@ -309,5 +316,34 @@ impl QueryExecuted<'_> {
             .query_seconds
             .get_or_create(&labels)
             .observe(self.duration.as_secs_f64());
+    }
+}
+
+/// The Kafka client's statistics reported a partition's consumer lag.
+pub struct ConsumerLag<'a> {
+    /// Topic.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// High watermark minus position, records.
+    pub lag: i64,
+}
+
+impl ConsumerLag<'_> {
+    /// Logs and sets the gauge.
+    pub fn emit(&self) {
+        tracing::trace!(
+            topic = self.topic,
+            partition = self.partition,
+            lag = self.lag,
+            "consumer lag"
+        );
+        metrics()
+            .consumer_lag
+            .get_or_create(&PartitionLabels {
+                topic: self.topic.to_owned(),
+                partition: self.partition.to_string(),
+            })
+            .set(self.lag);
     }
 }

@@ -46,6 +46,7 @@ static UPTIME: OnceLock<(Instant, Gauge<f64, std::sync::atomic::AtomicU64>)> = O
 /// The metrics in Prometheus text format.
 pub fn encode_metrics() -> String {
     let p = process();
+    primespark_operators::metrics::refresh_watermark_lag(chrono::Utc::now().timestamp_micros());
     if let Some((started, gauge)) = UPTIME.get() {
         gauge.set(started.elapsed().as_secs_f64());
     }

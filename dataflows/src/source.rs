@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use primespark_connectors::kafka::PartitionReader;
 use primespark_connectors::metrics::KafkaRecordsReceived;
 use primespark_operators::decode::StreamKind;
-use primespark_operators::metrics::LateEvents;
+use primespark_operators::metrics::{LateEvents, WatermarkAdvanced};
 
 use crate::dataflow::dataflow_name;
 use primespark_operators::record::{DeadLetter, Delivery, Point, SourceMark, SourceRecord};
@@ -105,6 +105,7 @@ pub fn kafka_source<'s>(
     let name = format!("KafkaSource({})", spec.topic);
     source(scope, &name, move |capability, info| {
         let activator = scope.activator_for(info.address);
+        let worker_index = scope.index();
         let mut cap = reader.as_ref().map(|_| capability);
         let start = Instant::now();
         let mut watermarks =
@@ -223,6 +224,12 @@ pub fn kafka_source<'s>(
                     .max(spec.committed_watermark_us);
                 if t > *cap.time() {
                     cap.downgrade(&t);
+                    WatermarkAdvanced {
+                        dataflow: dataflow_name(spec.kind),
+                        worker: worker_index,
+                        watermark_us: i64::try_from(t).unwrap_or(i64::MAX),
+                    }
+                    .emit();
                 }
             }
             if read == MAX_RECORDS_PER_ACTIVATION {

@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 /// Labels of per-topic, per-reason series.
@@ -27,7 +28,20 @@ pub struct OperatorLabels {
     pub operator: String,
 }
 
+/// Labels of per-worker dataflow series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    /// Dataflow name.
+    pub dataflow: String,
+    /// Global timely worker index.
+    pub worker: String,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 struct Metrics {
+    watermark: Family<WorkerLabels, FloatGauge>,
+    watermark_lag: Family<WorkerLabels, FloatGauge>,
     decode_errors: Family<ReasonLabels, Counter>,
     late_events: Family<OperatorLabels, Counter>,
     windows_closed: Family<OperatorLabels, Counter>,
@@ -36,6 +50,8 @@ struct Metrics {
 fn metrics() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
     M.get_or_init(|| Metrics {
+        watermark: Family::default(),
+        watermark_lag: Family::default(),
         decode_errors: Family::default(),
         late_events: Family::default(),
         windows_closed: Family::default(),
@@ -45,6 +61,16 @@ fn metrics() -> &'static Metrics {
 /// Registers the operators' series.
 pub fn register(registry: &mut Registry) {
     let m = metrics();
+    registry.register(
+        "primespark_watermark_seconds",
+        "Event-time watermark of a source, seconds since the epoch",
+        m.watermark.clone(),
+    );
+    registry.register(
+        "primespark_watermark_lag_seconds",
+        "Wall clock minus the event-time watermark (how far behind real time the windows are)",
+        m.watermark_lag.clone(),
+    );
     registry.register(
         "primespark_decode_errors",
         "Records that failed decoding or validation, by topic and reason",
@@ -60,6 +86,67 @@ pub fn register(registry: &mut Registry) {
         "Event-time windows emitted because the watermark passed their end",
         m.windows_closed.clone(),
     );
+}
+
+/// A source's event-time watermark moved (or was re-read at a scrape).
+pub struct WatermarkAdvanced<'a> {
+    /// Dataflow.
+    pub dataflow: &'a str,
+    /// Global worker index.
+    pub worker: usize,
+    /// The watermark, microseconds since the epoch.
+    pub watermark_us: i64,
+}
+
+impl WatermarkAdvanced<'_> {
+    /// Logs and sets the gauge.
+    pub fn emit(&self) {
+        tracing::trace!(
+            dataflow = self.dataflow,
+            worker = self.worker,
+            watermark_us = self.watermark_us,
+            "watermark advanced"
+        );
+        let labels = WorkerLabels {
+            dataflow: self.dataflow.to_owned(),
+            worker: self.worker.to_string(),
+        };
+        if let Ok(mut known) = known_workers().lock() {
+            if !known.contains(&labels) {
+                known.push(labels.clone());
+            }
+        }
+        metrics()
+            .watermark
+            .get_or_create(&labels)
+            .set(self.watermark_us as f64 / 1e6);
+    }
+}
+
+/// Recomputes `primespark_watermark_lag_seconds` from the watermarks and the wall clock: call
+/// right before encoding, so a stalled watermark shows a growing lag.
+pub fn refresh_watermark_lag(now_us: i64) {
+    let m = metrics();
+    let mut current = Vec::new();
+    // The family has no iterator: the watermark gauges are re-read through a scrape-time
+    // snapshot of the labels we have set.
+    for labels in known_workers()
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default()
+    {
+        let wm = m.watermark.get_or_create(&labels).get();
+        current.push((labels, wm));
+    }
+    for (labels, wm) in current {
+        let lag = (now_us as f64 / 1e6 - wm).max(0.0);
+        m.watermark_lag.get_or_create(&labels).set(lag);
+    }
+}
+
+fn known_workers() -> &'static std::sync::Mutex<Vec<WorkerLabels>> {
+    static W: OnceLock<std::sync::Mutex<Vec<WorkerLabels>>> = OnceLock::new();
+    W.get_or_init(Default::default)
 }
 
 /// A record failed decoding or validation.

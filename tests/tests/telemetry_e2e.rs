@@ -418,12 +418,55 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
     assert_eq!(bad.0, 400);
     assert!(bad.1.contains("nope"), "{}", bad.1);
 
+    // Metrics: consumer lag from the client's statistics (every 5 s) reads 0 once everything
+    // is read; the event-time watermark and its lag behind the wall clock are exported.
+    let caught_up: Vec<String> = (0..PARTITIONS)
+        .map(|p| {
+            format!("primespark_consumer_lag_records{{topic=\"{topic}\",partition=\"{p}\"}} 0")
+        })
+        .collect();
+    let mut metrics = String::new();
+    for _ in 0..60 {
+        metrics = http_get(&http, "/metrics")?;
+        if caught_up.iter().all(|line| metrics.contains(line.as_str())) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for line in &caught_up {
+        assert!(
+            metrics.contains(line.as_str()),
+            "missing {line:?} in\n{metrics}"
+        );
+    }
+    for series in [
+        "primespark_watermark_seconds{dataflow=\"telemetry\"",
+        "primespark_watermark_lag_seconds{dataflow=\"telemetry\"",
+        "primespark_source_records_total{",
+        "primespark_windows_closed_total{dataflow=\"telemetry\",operator=\"device_metrics_1m\"}",
+    ] {
+        assert!(metrics.contains(series), "missing {series:?} in\n{metrics}");
+    }
+
     let status = pipeline.terminate(Duration::from_secs(60))?;
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
     Ok(())
 }
 
 /// Minimal HTTP/1.1 POST over a TcpStream (keeps the test free of an HTTP client stack).
+fn http_get(addr: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    Ok(resp)
+}
+
 fn http_post(addr: &str, path: &str, body: &str) -> Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;

@@ -50,9 +50,35 @@ fn base_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
+/// Turns the client's periodic statistics into the consumer-lag gauge (served on `poll`).
+pub struct LagContext;
+
+impl rdkafka::ClientContext for LagContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // librdkafka's own `consumer_lag` is measured from committed offsets, which we
+                // never commit to the broker (offsets live with the sink data): use the
+                // application's position instead. -1: the internal unassigned partition;
+                // negative offsets: not known yet.
+                if *partition >= 0 && p.hi_offset >= 0 && p.app_offset >= 0 {
+                    crate::metrics::ConsumerLag {
+                        topic,
+                        partition: *partition,
+                        lag: (p.hi_offset - p.app_offset).max(0),
+                    }
+                    .emit();
+                }
+            }
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LagContext {}
+
 /// A consumer for explicitly assigned partitions of one topic; never joins a group.
 pub struct PartitionReader {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<LagContext>,
     topic: String,
 }
 
@@ -77,9 +103,10 @@ pub fn reader(
         // Keep the local prefetch queue modest: backpressure stops polling, and unbounded
         // prefetch would turn that into memory growth.
         .set("queued.max.messages.kbytes", "16384")
-        .set("fetch.wait.max.ms", "50");
-    let consumer: BaseConsumer = c
-        .create()
+        .set("fetch.wait.max.ms", "50")
+        .set("statistics.interval.ms", "5000");
+    let consumer: BaseConsumer<LagContext> = c
+        .create_with_context(LagContext)
         .map_err(client_error(format!("creating consumer for {topic}")))?;
     Ok(PartitionReader {
         consumer,
@@ -139,7 +166,7 @@ impl PartitionReader {
 }
 
 /// Partition ids of `topic`.
-pub fn partition_ids<C: Consumer>(
+pub fn partition_ids<X: rdkafka::consumer::ConsumerContext, C: Consumer<X>>(
     consumer: &C,
     topic: &str,
     timeout: Duration,
