@@ -71,6 +71,15 @@ ensure_postgres() {
     # The package may start its own default cluster on 5432; we never use it.
 }
 
+# promtool and the Prometheus server, for the alert-rule tests and the scrape test.
+ensure_prometheus() {
+    command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 && return 0
+    log "installing prometheus (promtool) with apt-get"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >&2
+    command -v promtool >/dev/null 2>&1 || die "promtool still missing after installing prometheus"
+}
+
 ensure_venv() {
     if [ -x "$PY" ] && "$PY" -c "import $PY_IMPORTS" 2>/dev/null; then return 0; fi
     mkdir -p "$TOOLS"
@@ -326,6 +335,7 @@ cmd_up() {
     # Install first (may take long), then allocate ports and start.
     ensure_postgres
     ensure_venv
+    ensure_prometheus
     ensure_tansu
     with_lock
     init_state
@@ -389,6 +399,8 @@ cmd_env() {
         "AWS_REGION=us-east-1" \
         "PRIMESPARK_STACK_PYTHON=$PY" \
         "PRIMESPARK_STACK_PSQL=$PG_BIN/psql" \
+        "PRIMESPARK_STACK_PROMTOOL=$(command -v promtool || echo promtool)" \
+        "PRIMESPARK_STACK_PROMETHEUS=$(command -v prometheus || echo prometheus)" \
         "PRIMESPARK_STACK_DIR=$STATE"; do
         printf 'export %s=%q\n' "${v%%=*}" "${v#*=}"
     done

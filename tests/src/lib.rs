@@ -23,6 +23,10 @@ pub struct Stack {
     pub postgres_url: String,
     /// Python interpreter with confluent-kafka, pyarrow and duckdb.
     pub python: String,
+    /// `promtool`.
+    pub promtool: String,
+    /// The Prometheus server binary.
+    pub prometheus: String,
 }
 
 /// The repository root.
@@ -65,6 +69,14 @@ pub fn stack() -> &'static Stack {
                 .get("PRIMESPARK_STACK_PYTHON")
                 .cloned()
                 .unwrap_or_else(|| "python3".into()),
+            promtool: vars
+                .get("PRIMESPARK_STACK_PROMTOOL")
+                .cloned()
+                .unwrap_or_else(|| "promtool".into()),
+            prometheus: vars
+                .get("PRIMESPARK_STACK_PROMETHEUS")
+                .cloned()
+                .unwrap_or_else(|| "prometheus".into()),
         }
     })
 }

@@ -448,6 +448,71 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
         assert!(metrics.contains(series), "missing {series:?} in\n{metrics}");
     }
 
+    // A real Prometheus scrapes the running pipeline and finds the key series.
+    let prom_dir = work.path().join("prometheus");
+    std::fs::create_dir_all(&prom_dir)?;
+    let prom_addr = format!("127.0.0.1:{}", free_port());
+    std::fs::write(
+        prom_dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: primespark\n    static_configs:\n      - targets: [\"{http}\"]\n"
+        ),
+    )?;
+    let mut prometheus = std::process::Command::new(&stack.prometheus)
+        .arg(format!(
+            "--config.file={}",
+            prom_dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            prom_dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={prom_addr}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(prom_dir.join("prometheus.log"))?)
+        .spawn()?;
+    let query = |q: &str| -> Result<serde_json::Value> {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "--get", "--data-urlencode"])
+            .arg(format!("query={q}"))
+            .arg(format!("http://{prom_addr}/api/v1/query"))
+            .output()?;
+        Ok(serde_json::from_slice(&out.stdout).unwrap_or_default())
+    };
+    let mut found = false;
+    for _ in 0..120 {
+        let up = query("up{job=\"primespark\"}")?;
+        let lag = query(&format!(
+            "primespark_consumer_lag_records{{topic=\"{topic}\"}}"
+        ))?;
+        let wm = query("primespark_watermark_lag_seconds{dataflow=\"telemetry\"}")?;
+        let consumed = query(&format!(
+            "sum(primespark_source_records_total{{topic=\"{topic}\"}})"
+        ))?;
+        if up["data"]["result"][0]["value"][1] == json!("1")
+            && lag["data"]["result"]
+                .as_array()
+                .is_some_and(|r| r.len() == PARTITIONS as usize)
+            && wm["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+            && consumed["data"]["result"][0]["value"][1]
+                .as_str()
+                .is_some_and(|v| v != "0")
+        {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    assert!(
+        found,
+        "prometheus never saw the key series:\n{}",
+        std::fs::read_to_string(prom_dir.join("prometheus.log")).unwrap_or_default()
+    );
+
     let status = pipeline.terminate(Duration::from_secs(60))?;
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
     Ok(())
