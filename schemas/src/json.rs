@@ -66,6 +66,11 @@ pub(crate) fn required<'a>(
 /// An identifier: a non-empty string of at most [`MAX_IDENT_LEN`] bytes.
 pub(crate) fn ident(v: &Value, field: &str) -> Result<String, DecodeError> {
     let s = v.as_str().ok_or_else(|| wrong_type(field, "a string", v))?;
+    ident_str(s, field)
+}
+
+/// [`ident`] of a string already known to be one.
+pub(crate) fn ident_str(s: &str, field: &str) -> Result<String, DecodeError> {
     if s.trim().is_empty() {
         return Err(DecodeError::field(
             ErrorKind::InvalidValue,

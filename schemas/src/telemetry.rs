@@ -44,6 +44,58 @@ pub struct Metric {
 impl TelemetryEvent {
     /// Decodes and validates one message.
     pub fn decode(payload: &[u8], limits: &DecodeLimits) -> Result<Self, DecodeError> {
+        limits.check(payload)?;
+        // Well-formed events take the typed fast path; anything it does not accept is decoded
+        // again by the generic path below, which owns every error message.
+        if let Some(event) = Self::decode_fast(payload) {
+            return Ok(event);
+        }
+        Self::decode_checked(payload, limits)
+    }
+
+    /// Straight into typed fields (borrowed strings, no intermediate `serde_json::Value` map):
+    /// `Some` only for an event the checked path accepts, with the same result.
+    fn decode_fast(payload: &[u8]) -> Option<Self> {
+        #[derive(Deserialize)]
+        struct Fast<'a> {
+            #[serde(borrow)]
+            device_id: std::borrow::Cow<'a, str>,
+            #[serde(borrow)]
+            metrics: std::collections::BTreeMap<std::borrow::Cow<'a, str>, Option<f64>>,
+            timestamp: serde_json::Value,
+        }
+        let fast: Fast<'_> = serde_json::from_slice(payload).ok()?;
+        let device_id = json::ident_str(&fast.device_id, "device_id").ok()?;
+        if fast.timestamp.is_null() || fast.metrics.len() > MAX_METRICS_PER_EVENT {
+            return None;
+        }
+        let time_us = parse_timestamp(&fast.timestamp, "timestamp").ok()?;
+        let mut metrics = Vec::with_capacity(fast.metrics.len());
+        for (name, value) in fast.metrics {
+            let Some(value) = value else { continue };
+            if !value.is_finite()
+                || validate_metric_name(&name, "").is_err()
+                || (name.ends_with("_percent") && !(0.0..=100.0).contains(&value))
+            {
+                return None;
+            }
+            metrics.push(Metric {
+                name: name.into_owned(),
+                value,
+            });
+        }
+        if metrics.is_empty() {
+            return None;
+        }
+        Some(Self {
+            device_id,
+            time_us,
+            metrics,
+        })
+    }
+
+    /// The generic path: a JSON value checked field by field, every failure a named error.
+    fn decode_checked(payload: &[u8], limits: &DecodeLimits) -> Result<Self, DecodeError> {
         let obj = json::parse_object(payload, limits)?;
         let device_id = json::required_ident(&obj, "device_id")?;
         let time_us = parse_timestamp(json::required(&obj, "timestamp")?, "timestamp")?;
@@ -82,6 +134,8 @@ impl TelemetryEvent {
                 value,
             });
         }
+        // Sorted by name whatever the JSON map's order (serde_json's `preserve_order`).
+        metrics.sort_by(|a, b| a.name.cmp(&b.name));
         if metrics.is_empty() {
             return Err(DecodeError::field(
                 ErrorKind::MissingField,
@@ -235,7 +289,71 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::Oversize);
     }
 
+    #[test]
+    fn well_formed_events_take_the_fast_path() {
+        let p = br#"{"device_id":"pi-1","metrics":{"cpu_percent":1.5,"temperature":null,"load_avg":2},"timestamp":"2025-11-05T14:03:07"}"#;
+        let fast = TelemetryEvent::decode_fast(p).unwrap();
+        assert_eq!(
+            fast,
+            TelemetryEvent::decode_checked(p, &DecodeLimits::default()).unwrap()
+        );
+        // Anything doubtful is left to the checked path.
+        assert!(TelemetryEvent::decode_fast(
+            br#"{"device_id":"pi-1","metrics":{"cpu_percent":101},"timestamp":1}"#
+        )
+        .is_none());
+        assert!(TelemetryEvent::decode_fast(
+            br#"{"device_id":"","metrics":{"x":1},"timestamp":1762351387123}"#
+        )
+        .is_none());
+    }
+
+    /// Payload fragments, valid and not, that the fast and the checked path must agree on.
+    fn fragment() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let device = prop_oneof![
+            Just(r#""device_id":"pi-1""#.to_owned()),
+            Just(r#""device_id":"""#.to_owned()),
+            Just(r#""device_id":7"#.to_owned()),
+            Just(r#""device_id":"p\u00e9""#.to_owned()),
+            Just(String::new()),
+        ];
+        let metric = prop_oneof![
+            (0.0f64..=100.0).prop_map(|v| format!(r#""cpu_percent":{v}"#)),
+            (-1e6f64..1e6).prop_map(|v| format!(r#""load_avg":{v}"#)),
+            (90.0f64..200.0).prop_map(|v| format!(r#""memory_percent":{v}"#)),
+            Just(r#""temperature":null"#.to_owned()),
+            Just(r#""bad name":1"#.to_owned()),
+            Just(r#""cpu_percent":"high""#.to_owned()),
+            Just(r#""x":1e999"#.to_owned()),
+        ];
+        let metrics = proptest::collection::vec(metric, 0..4)
+            .prop_map(|m| format!(r#""metrics":{{{}}}"#, m.join(",")));
+        let ts = prop_oneof![
+            Just(r#""timestamp":1762351387123"#.to_owned()),
+            Just(r#""timestamp":"2025-11-05T14:03:07.5""#.to_owned()),
+            Just(r#""timestamp":"2025-11-05T15:03:07+01:00""#.to_owned()),
+            Just(r#""timestamp":"soon""#.to_owned()),
+            Just(r#""timestamp":null"#.to_owned()),
+        ];
+        (device, metrics, ts, proptest::bool::ANY).prop_map(|(d, m, t, dup)| {
+            let mut parts: Vec<String> = [d, m, t].into_iter().filter(|p| !p.is_empty()).collect();
+            if dup {
+                parts.push(r#""device_id":"again""#.to_owned());
+            }
+            format!("{{{}}}", parts.join(","))
+        })
+    }
+
     proptest::proptest! {
+        #[test]
+        fn fast_and_checked_paths_agree(payload in fragment()) {
+            let checked = TelemetryEvent::decode_checked(payload.as_bytes(), &DecodeLimits::default());
+            if let Some(fast) = TelemetryEvent::decode_fast(payload.as_bytes()) {
+                proptest::prop_assert_eq!(Ok(fast), checked, "{}", payload);
+            }
+        }
+
         #[test]
         fn never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
             let _ = TelemetryEvent::decode(&bytes, &DecodeLimits::default());
