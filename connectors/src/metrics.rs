@@ -229,7 +229,31 @@ impl SinkFailed<'_> {
         };
         metrics().sink_errors.get_or_create(&labels).inc();
         metrics().sink_degraded.get_or_create(&labels).set(1);
+        if let Ok(mut d) = degraded().lock() {
+            d.insert(
+                (self.sink.to_owned(), self.table.to_owned()),
+                self.error.to_string(),
+            );
+        }
     }
+}
+
+fn degraded() -> &'static std::sync::Mutex<std::collections::BTreeMap<(String, String), String>> {
+    static D: OnceLock<std::sync::Mutex<std::collections::BTreeMap<(String, String), String>>> =
+        OnceLock::new();
+    D.get_or_init(Default::default)
+}
+
+/// Sinks whose last flush failed and are retrying: (sink, table) -> last error. Feeds `/readyz`.
+pub fn degraded_sinks() -> Vec<(String, String, String)> {
+    degraded()
+        .lock()
+        .map(|d| {
+            d.iter()
+                .map(|((s, t), e)| (s.clone(), t.clone(), e.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A sink recovered after failures.
@@ -244,6 +268,9 @@ impl SinkRecovered<'_> {
     /// Logs and clears the degraded flag.
     pub fn emit(&self) {
         tracing::info!(sink = self.sink, table = self.table, "sink recovered");
+        if let Ok(mut d) = degraded().lock() {
+            d.remove(&(self.sink.to_owned(), self.table.to_owned()));
+        }
         metrics()
             .sink_degraded
             .get_or_create(&SinkLabels {

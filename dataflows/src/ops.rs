@@ -57,7 +57,55 @@ pub fn encode_metrics() -> String {
     out
 }
 
-/// `/metrics` and `/healthz`.
+fn sources() -> &'static std::sync::Mutex<std::collections::BTreeMap<String, usize>> {
+    static S: OnceLock<std::sync::Mutex<std::collections::BTreeMap<String, usize>>> =
+        OnceLock::new();
+    S.get_or_init(Default::default)
+}
+
+/// Declares a dataflow's source (it is not ready until every worker that reads a partition of
+/// it has its assignment).
+pub fn source_expected(dataflow: &str, readers: usize) {
+    if let Ok(mut s) = sources().lock() {
+        s.insert(dataflow.to_owned(), readers);
+    }
+}
+
+/// One reader of `dataflow` has its partitions assigned.
+pub fn source_assigned(dataflow: &str) {
+    if let Ok(mut s) = sources().lock() {
+        if let Some(left) = s.get_mut(dataflow) {
+            *left = left.saturating_sub(1);
+        }
+    }
+}
+
+/// The readiness report: sources assigned, sinks not degraded.
+pub fn readiness() -> (bool, serde_json::Value) {
+    let sources: serde_json::Map<String, serde_json::Value> = sources()
+        .lock()
+        .map(|s| {
+            s.iter()
+                .map(|(d, left)| {
+                    let state = if *left == 0 { "assigned" } else { "starting" };
+                    (d.clone(), serde_json::Value::from(state))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let degraded: Vec<serde_json::Value> = primespark_connectors::metrics::degraded_sinks()
+        .into_iter()
+        .map(|(sink, table, error)| serde_json::json!({"sink": sink, "table": table, "error": error}))
+        .collect();
+    let ready =
+        !sources.is_empty() && sources.values().all(|v| v == "assigned") && degraded.is_empty();
+    (
+        ready,
+        serde_json::json!({"ready": ready, "sources": sources, "degraded_sinks": degraded}),
+    )
+}
+
+/// `/metrics`, `/healthz` and `/readyz`.
 pub fn routes() -> Router {
     // Register everything before the first scrape.
     let _ = process();
@@ -76,4 +124,16 @@ pub fn routes() -> Router {
             }),
         )
         .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|| async {
+                let (ready, body) = readiness();
+                let status = if ready {
+                    axum::http::StatusCode::OK
+                } else {
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE
+                };
+                (status, axum::Json(body))
+            }),
+        )
 }

@@ -230,6 +230,17 @@ pub fn run(
         }
         let (agg_tx, agg_rx) = mpsc::channel(4);
         writer_handles.push(rt.spawn(agg_writer(agg_rx, pg_target, parquet_target, lateness_us)));
+        // Local workers that read at least one partition of this topic.
+        let readers = (0..workers)
+            .filter(|w| {
+                let global = process_id * workers + w;
+                let peers = workers * config.runtime.processes;
+                partitions
+                    .iter()
+                    .any(|p| (p.unsigned_abs() as usize) % peers == global)
+            })
+            .count();
+        crate::ops::source_expected(dataflow, readers);
         plans.push(StreamPlan {
             kind,
             topic,
@@ -292,6 +303,7 @@ pub fn run(
                     tracing::info!(dataflow, topic = %topic, partition = p, start = ?start, worker = index, "assigned partition");
                 }
                 reader.assign(&assignment, kafka_cfg.start).map_err(|e| e.to_string())?;
+                crate::ops::source_assigned(dataflow);
                 Some(reader)
             };
             let restored: Vec<_> = plan.state.offsets.get(sink_names::AGGREGATES).cloned().unwrap_or_default();

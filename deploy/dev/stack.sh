@@ -80,6 +80,14 @@ ensure_prometheus() {
     command -v promtool >/dev/null 2>&1 || die "promtool still missing after installing prometheus"
 }
 
+# systemd-analyze, to verify the shipped unit file.
+ensure_systemd_analyze() {
+    command -v systemd-analyze >/dev/null 2>&1 && return 0
+    log "installing systemd (systemd-analyze) with apt-get"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd >&2
+}
+
 ensure_venv() {
     if [ -x "$PY" ] && "$PY" -c "import $PY_IMPORTS" 2>/dev/null; then return 0; fi
     mkdir -p "$TOOLS"
@@ -336,6 +344,7 @@ cmd_up() {
     ensure_postgres
     ensure_venv
     ensure_prometheus
+    ensure_systemd_analyze
     ensure_tansu
     with_lock
     init_state

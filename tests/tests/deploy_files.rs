@@ -36,3 +36,30 @@ fn alert_rules_fire_on_sample_series() -> Result<()> {
     assert!(out.contains("SUCCESS"), "{out}");
     Ok(())
 }
+
+#[test]
+fn systemd_unit_verifies_cleanly() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let unit = std::fs::read_to_string(repo_root().join("deploy/systemd/primespark.service"))?;
+    // `verify` checks that ExecStart exists: point it at the binary the tests built.
+    let binary = primespark_tests::pipeline_binary()?;
+    let unit = unit.replace("/usr/local/bin/primespark", &binary.display().to_string());
+    let path = dir.path().join("primespark.service");
+    std::fs::write(&path, unit)?;
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{stderr}"
+    );
+    // Unknown keys and bad values are only warnings to systemd: none is allowed here.
+    let complaints: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("primespark.service"))
+        .collect();
+    assert!(complaints.is_empty(), "{}", complaints.join("\n"));
+    Ok(())
+}

@@ -448,6 +448,12 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
         assert!(metrics.contains(series), "missing {series:?} in\n{metrics}");
     }
 
+    // Ready: every source assigned, no sink degraded.
+    let ready = http_get(&http, "/readyz")?;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    assert!(ready.contains(r#""telemetry":"assigned""#), "{ready}");
+    assert!(ready.contains(r#""degraded_sinks":[]"#), "{ready}");
+
     // A real Prometheus scrapes the running pipeline and finds the key series.
     let prom_dir = work.path().join("prometheus");
     std::fs::create_dir_all(&prom_dir)?;
