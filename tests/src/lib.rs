@@ -29,9 +29,14 @@ pub struct Stack {
     pub prometheus: String,
 }
 
-/// The repository root.
+/// The repository root. Read at run time (cargo sets `CARGO_MANIFEST_DIR` for test runs):
+/// clones of the repository share one target dir, and a library built in another clone would
+/// otherwise point at that clone's files.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest.join("..")
 }
 
 /// The stack, brought up once per test process if the environment does not name one.
