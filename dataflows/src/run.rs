@@ -231,15 +231,13 @@ pub fn run(
         let (agg_tx, agg_rx) = mpsc::channel(4);
         writer_handles.push(rt.spawn(agg_writer(agg_rx, pg_target, parquet_target, lateness_us)));
         // Local workers that read at least one partition of this topic.
-        let readers = (0..workers)
-            .filter(|w| {
-                let global = process_id * workers + w;
-                let peers = workers * config.runtime.processes;
-                partitions
-                    .iter()
-                    .any(|p| (p.unsigned_abs() as usize) % peers == global)
-            })
-            .count();
+        let peers = workers * config.runtime.processes;
+        let readers = partitions
+            .iter()
+            .map(|p| owner_worker(*p, peers))
+            .filter(|w| w / workers == process_id)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
         crate::ops::source_expected(dataflow, readers);
         plans.push(StreamPlan {
             kind,
@@ -287,7 +285,7 @@ pub fn run(
             let mine: BTreeMap<i32, Resume> = plan
                 .partitions
                 .iter()
-                .filter(|p| (p.unsigned_abs() as usize) % peers == index)
+                .filter(|p| owner_worker(**p, peers) == index)
                 .map(|p| (*p, resume_of(&plan.state, *p, pg_enabled, parquet_enabled)))
                 .collect();
             let reader = if mine.is_empty() {
@@ -389,11 +387,15 @@ struct StreamPlan {
     agg_tx: mpsc::Sender<crate::sinks::AggCommit>,
 }
 
-/// The process whose workers read `partition`: partition `p` goes to global worker
-/// `p mod (processes * workers)`, and process `i` runs workers `i * workers .. (i + 1) * workers`.
+/// The global worker that reads `partition` among `peers` workers: `p mod peers`.
+pub fn owner_worker(partition: i32, peers: usize) -> usize {
+    partition.unsigned_abs() as usize % peers.max(1)
+}
+
+/// The process whose workers read `partition`: process `i` runs global workers
+/// `i * workers .. (i + 1) * workers`.
 pub fn owner_process(partition: i32, workers: usize, processes: usize) -> usize {
-    let peers = (workers * processes).max(1);
-    (partition.unsigned_abs() as usize % peers) / workers.max(1)
+    owner_worker(partition, workers * processes) / workers.max(1)
 }
 
 fn discover_partitions(config: &Config, topic: &str) -> Result<Vec<i32>, RunError> {

@@ -451,9 +451,11 @@ pub async fn agg_writer(
         target,
         client: None,
     });
-    type Identity = (&'static str, i64, String, String);
-    let mut recent: BTreeMap<(&'static str, i64), BTreeMap<Identity, AggRow>> = BTreeMap::new();
+    // (table, bucket) -> key -> the key's latest row.
+    type Bucket = BTreeMap<(String, String), AggRow>;
+    let mut recent: BTreeMap<(&'static str, i64), Bucket> = BTreeMap::new();
     while let Some(commit) = rx.recv().await {
+        let committed = i64::try_from(commit.checkpoint.committed_watermark_us).unwrap_or(i64::MAX);
         if let Some(pq) = &parquet {
             if !commit.rows.is_empty() {
                 let mut touched = std::collections::BTreeSet::new();
@@ -463,7 +465,7 @@ pub async fn agg_writer(
                     recent
                         .entry((table, bucket))
                         .or_default()
-                        .insert((table, bucket, a.to_owned(), b.to_owned()), r.clone());
+                        .insert((a.to_owned(), b.to_owned()), r.clone());
                 }
                 let rows: Vec<AggRow> = touched
                     .iter()
@@ -493,8 +495,6 @@ pub async fn agg_writer(
                 .emit();
             }
             // Final buckets can no longer change: forget them.
-            let committed =
-                i64::try_from(commit.checkpoint.committed_watermark_us).unwrap_or(i64::MAX);
             recent.retain(|(_, bucket), rows| {
                 let width = rows.values().next().map_or(0, |r| r.rollup.width_us());
                 bucket
@@ -505,15 +505,13 @@ pub async fn agg_writer(
         }
         if let Some(pg) = pg.as_mut() {
             let (dataflow, topic) = (pg.target.dataflow.clone(), pg.target.topic.clone());
-            let watermark =
-                i64::try_from(commit.checkpoint.committed_watermark_us).unwrap_or(i64::MAX);
             pg_retry!(pg, "aggregates", |client| postgres::write_aggregates(
                 client,
                 &dataflow,
                 sink_names::AGGREGATES,
                 &topic,
                 &commit.rows,
-                watermark,
+                committed,
                 &commit.checkpoint.partitions
             ));
         }

@@ -54,29 +54,21 @@ fn times(values: impl Iterator<Item = i64>) -> ArrayRef {
 /// Builds the Arrow batch of raw rows of one stream (all rows of one kind, as a topic's rolls
 /// are).
 pub fn raw_batch(rows: &[RawRow]) -> Result<RecordBatch, NasError> {
-    let telemetry: Vec<TelemetryRow> = rows
-        .iter()
-        .filter_map(|r| match r {
-            RawRow::Telemetry(t) => Some(t.clone()),
-            RawRow::Inference(_) => None,
-        })
-        .collect();
-    if !telemetry.is_empty() || rows.is_empty() {
-        if telemetry.len() != rows.len() {
-            return Err(NasError::Encode(
-                "a roll mixes telemetry and inference rows".into(),
-            ));
+    let mut telemetry = Vec::new();
+    let mut inference = Vec::new();
+    for r in rows {
+        match r {
+            RawRow::Telemetry(t) => telemetry.push(t),
+            RawRow::Inference(i) => inference.push(i),
         }
-        return telemetry_batch(&telemetry);
     }
-    let inference: Vec<&InferenceRow> = rows
-        .iter()
-        .filter_map(|r| match r {
-            RawRow::Inference(i) => Some(i),
-            RawRow::Telemetry(_) => None,
-        })
-        .collect();
-    inference_batch(&inference)
+    match (telemetry.is_empty(), inference.is_empty()) {
+        (_, true) => telemetry_batch(&telemetry),
+        (true, false) => inference_batch(&inference),
+        (false, false) => Err(NasError::Encode(
+            "a roll mixes telemetry and inference rows".into(),
+        )),
+    }
 }
 
 /// Builds the Arrow batch of raw inference rows.
@@ -189,7 +181,7 @@ pub fn agg_batch(rows: &[AggRow]) -> Result<RecordBatch, NasError> {
     let mut routing = Vec::new();
     for r in rows {
         match &r.row {
-            Agg::Metrics(m) => metrics.push(m.clone()),
+            Agg::Metrics(m) => metrics.push(m),
             Agg::Inference(i) => inference.push(i),
             Agg::Routing(x) => routing.push(x),
         }
@@ -203,7 +195,7 @@ pub fn agg_batch(rows: &[AggRow]) -> Result<RecordBatch, NasError> {
 }
 
 /// Builds the Arrow batch of raw telemetry rows.
-pub fn telemetry_batch(rows: &[TelemetryRow]) -> Result<RecordBatch, NasError> {
+pub fn telemetry_batch(rows: &[&TelemetryRow]) -> Result<RecordBatch, NasError> {
     let time = TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.time_us))
         .with_timezone("UTC");
     let device = StringArray::from_iter_values(rows.iter().map(|r| r.device_id.as_str()));
@@ -226,7 +218,7 @@ pub fn telemetry_batch(rows: &[TelemetryRow]) -> Result<RecordBatch, NasError> {
 }
 
 /// Builds the Arrow batch of 1-minute aggregate rows.
-pub fn aggregate_batch(rows: &[MetricAggRow]) -> Result<RecordBatch, NasError> {
+pub fn aggregate_batch(rows: &[&MetricAggRow]) -> Result<RecordBatch, NasError> {
     let bucket = TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.bucket_us))
         .with_timezone("UTC");
     let device = StringArray::from_iter_values(rows.iter().map(|r| r.device_id.as_str()));
