@@ -11,7 +11,7 @@ use std::time::Instant;
 use primespark_operators::decode::StreamKind;
 use primespark_operators::record::{Delivery, SourceRecord};
 use primespark_operators::routing::{InferenceWindowSpec, InferenceWindows};
-use primespark_operators::window::{PreAggregate, Stats, TumblingWindow, WindowSpec};
+use primespark_operators::window::metric_windows;
 use primespark_schemas::inference::InferenceEvent;
 use primespark_schemas::rows::{RawRow, Rollup};
 use primespark_schemas::DecodeLimits;
@@ -112,26 +112,14 @@ fn main() {
                         RawRow::Inference(r) => Some(r.event),
                         RawRow::Telemetry(_) => None,
                     });
+                // The same operators as dataflows/src/dataflow.rs.
+                let counter = rows.clone();
+                metric_windows(metrics, "bench", 0, 0)
+                    .inspect(move |_| {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    })
+                    .probe_with(&probe);
                 for rollup in Rollup::ALL {
-                    let counter = rows.clone();
-                    // The same operators as dataflows/src/dataflow.rs.
-                    metrics
-                        .clone()
-                        .pre_aggregate("bench", rollup.width_us(), |s: &mut Stats, v: f64| s.add(v))
-                        .tumbling_window(
-                            WindowSpec {
-                                name: format!("device_metrics_{}", rollup.suffix()),
-                                dataflow: "bench".into(),
-                                width_us: rollup.width_us(),
-                                committed_watermark_us: 0,
-                                allowed_lateness_us: 0,
-                            },
-                            |s: &mut Stats, p: Stats| s.merge(p),
-                        )
-                        .inspect(move |_| {
-                            counter.fetch_add(1, Ordering::Relaxed);
-                        })
-                        .probe_with(&probe);
                     let requests: timely::dataflow::StreamVec<'_, u64, InferenceEvent> =
                         requests.clone();
                     let (stats, routing) = requests.inference_windows(InferenceWindowSpec {

@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use primespark_operators::decode::StreamKind;
 use primespark_operators::record::{Delivery, SourceRecord};
-use primespark_operators::window::{PreAggregate, Stats, TumblingWindow, WindowSpec};
-use primespark_schemas::rows::{RawRow, Rollup};
+use primespark_operators::window::metric_windows;
+use primespark_schemas::rows::RawRow;
 use primespark_schemas::DecodeLimits;
 use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Input, Probe};
@@ -55,22 +55,7 @@ fn main() {
                         RawRow::Telemetry(r) => Some(((r.device_id, r.metric_name), r.time_us, r.value)),
                         RawRow::Inference(_) => None,
                     });
-                for rollup in Rollup::ALL {
-                    points
-                        .clone()
-                        .pre_aggregate("bench", rollup.width_us(), |s: &mut Stats, v: f64| s.add(v))
-                        .tumbling_window(
-                            WindowSpec {
-                                name: format!("device_metrics_{}", rollup.suffix()),
-                                dataflow: "bench".into(),
-                                width_us: rollup.width_us(),
-                                committed_watermark_us: 0,
-                                allowed_lateness_us: 0,
-                            },
-                            |s: &mut Stats, p: Stats| s.merge(p),
-                        )
-                        .probe_with(&probe);
-                }
+                metric_windows(points, "bench", 0, 0).probe_with(&probe);
             });
             let mut offset = 0i64;
             for second in 0..SECONDS {

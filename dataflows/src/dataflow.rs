@@ -18,7 +18,7 @@ use primespark_connectors::kafka::PartitionReader;
 use primespark_operators::checkpoint::CheckpointTracker;
 use primespark_operators::decode::StreamKind;
 use primespark_operators::routing::{InferenceWindowSpec, InferenceWindows};
-use primespark_operators::window::{PreAggregate, Stats, TumblingWindow, WindowSpec};
+use primespark_operators::window::metric_windows;
 use primespark_operators::EventTime;
 use primespark_schemas::inference::InferenceEvent;
 use primespark_schemas::rows::{Agg, AggRow, MetricAggRow, RawRow, Rollup};
@@ -32,8 +32,8 @@ use crate::sinks::{commit_aggregates, raw_sink, AggCommit, FlushPolicy, RawBatch
 use crate::source::{kafka_source, RawItem, SourceSpec};
 
 /// The widest window: the checkpoint keeps every partition's records from the first record of
-/// its oldest open 1-hour window, so a restart can rebuild every open window.
-pub const WINDOW_US: i64 = 3_600_000_000;
+/// its oldest open window of this width, so a restart can rebuild every open window.
+pub const WINDOW_US: i64 = Rollup::WIDEST.width_us();
 
 /// Name of a stream's dataflow in `source_offsets`, `dataflow_state` and metrics.
 pub fn dataflow_name(kind: StreamKind) -> &'static str {
@@ -80,38 +80,20 @@ fn windows<'s>(
                 },
                 _ => None,
             });
-            for rollup in Rollup::ALL {
-                let name = format!("device_metrics_{}", rollup.suffix());
-                outputs.push(
-                    points
-                        .clone()
-                        .pre_aggregate(&name, rollup.width_us(), |stats: &mut Stats, value: f64| {
-                            stats.add(value)
-                        })
-                        .tumbling_window(
-                            WindowSpec {
-                                name,
-                                dataflow: dataflow.clone(),
-                                width_us: rollup.width_us(),
-                                committed_watermark_us: committed,
-                                allowed_lateness_us: lateness,
-                            },
-                            |stats: &mut Stats, partial: Stats| stats.merge(partial),
-                        )
-                        .map(move |w| AggRow {
-                            rollup,
-                            row: Agg::Metrics(MetricAggRow {
-                                bucket_us: w.window_start_us,
-                                device_id: w.key.0,
-                                metric_name: w.key.1,
-                                count: w.agg.count as i64,
-                                sum: w.agg.sum,
-                                min: w.agg.min,
-                                max: w.agg.max,
-                            }),
-                        }),
-                );
-            }
+            outputs.push(metric_windows(points, &dataflow, committed, lateness).map(
+                |(rollup, w)| AggRow {
+                    rollup,
+                    row: Agg::Metrics(MetricAggRow {
+                        bucket_us: w.window_start_us,
+                        device_id: w.key.0,
+                        metric_name: w.key.1,
+                        count: w.agg.count as i64,
+                        sum: w.agg.sum,
+                        min: w.agg.min,
+                        max: w.agg.max,
+                    }),
+                },
+            ));
         }
         StreamKind::Inference => {
             let events: StreamVec<'s, EventTime, InferenceEvent> =

@@ -4,15 +4,19 @@
 //! cluster. A window `[start, end)` is emitted, at timely time `end`, once the input frontier
 //! (the watermark) reaches `end`; state is therefore bounded by the open windows.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::Hash;
 
 use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::Capability;
+use timely::dataflow::operators::Concat;
 use timely::dataflow::StreamVec;
 use timely::ExchangeData;
+
+use primespark_schemas::rows::Rollup;
 
 use crate::metrics::{LateEvents, WindowsClosed};
 use crate::record::window_start;
@@ -114,7 +118,8 @@ where
                         let Some(&now) = cap.least() else {
                             return;
                         };
-                        let mut updated: Vec<(EventTime, K)> = Vec::new();
+                        // Each updated (window, key) is re-emitted once per batch.
+                        let mut updated: HashSet<(EventTime, K)> = HashSet::new();
                         for (key, time_us, value) in data.drain(..) {
                             let start = window_start(time_us, width);
                             let Ok(end) = EventTime::try_from(start.saturating_add(width)) else {
@@ -140,7 +145,7 @@ where
                                 // state of such windows here, record by record.)
                                 let aggs = closed.entry(end).or_default();
                                 fold(aggs.entry(key.clone()).or_default(), value);
-                                updated.push((end, key));
+                                updated.insert((end, key));
                             } else {
                                 let (_, aggs) = open
                                     .entry(end)
@@ -149,8 +154,6 @@ where
                             }
                         }
                         if !updated.is_empty() {
-                            updated.sort_by_key(|(end, key)| (*end, stable_hash(key)));
-                            updated.dedup();
                             let mut session = output.session(&cap);
                             for (end, key) in updated {
                                 if let Some(agg) = closed.get(&end).and_then(|a| a.get(&key)) {
@@ -319,6 +322,41 @@ where
             },
         )
     }
+}
+
+/// One closed window of one (device, metric).
+pub type MetricWindow = WindowResult<(String, String), Stats>;
+
+/// The `device_metrics_*` windows: count, sum, min and max per (device, metric) for every
+/// [`Rollup`], each a two-phase aggregation ([`PreAggregate`] then [`TumblingWindow`]).
+/// The dataflow and the benchmarks build them here, so both run the same operators.
+pub fn metric_windows<'scope>(
+    points: StreamVec<'scope, EventTime, ((String, String), i64, f64)>,
+    dataflow: &str,
+    committed_watermark_us: EventTime,
+    allowed_lateness_us: u64,
+) -> StreamVec<'scope, EventTime, (Rollup, MetricWindow)> {
+    let mut outputs = Rollup::ALL.into_iter().map(|rollup| {
+        let name = format!("device_metrics_{}", rollup.suffix());
+        points
+            .clone()
+            .pre_aggregate(&name, rollup.width_us(), |stats: &mut Stats, value: f64| {
+                stats.add(value)
+            })
+            .tumbling_window(
+                WindowSpec {
+                    name,
+                    dataflow: dataflow.to_owned(),
+                    width_us: rollup.width_us(),
+                    committed_watermark_us,
+                    allowed_lateness_us,
+                },
+                |stats: &mut Stats, partial: Stats| stats.merge(partial),
+            )
+            .map(move |w| (rollup, w))
+    });
+    let first = outputs.next().expect("Rollup::ALL is not empty");
+    outputs.fold(first, |all, next| all.concat(next))
 }
 
 /// count, sum, min and max of a window's values: the `device_metrics_1m` aggregate.

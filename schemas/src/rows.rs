@@ -74,8 +74,11 @@ impl Rollup {
     /// Every rollup, narrowest first.
     pub const ALL: [Rollup; 2] = [Rollup::Minute, Rollup::Hour];
 
+    /// The widest rollup.
+    pub const WIDEST: Rollup = Rollup::Hour;
+
     /// Window width, microseconds.
-    pub fn width_us(self) -> i64 {
+    pub const fn width_us(self) -> i64 {
         match self {
             Rollup::Minute => 60_000_000,
             Rollup::Hour => 3_600_000_000,
