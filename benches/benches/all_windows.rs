@@ -1,4 +1,5 @@
-//! Decode -> every windowed aggregate (telemetry and inference, 1-minute and 1-hour rollups) on
+//! Decode -> every windowed aggregate (telemetry, inference and analytics with the task
+//! lifecycle join, 1-minute and 1-hour rollups) on
 //! two timely workers, broker and sinks excluded, against a one-thread raw JSON-parse baseline
 //! measured in the same run. Prints events/s, events/s per core and the peak resident memory.
 //! Run with `cargo bench -p primespark-benches --bench all_windows`.
@@ -11,7 +12,9 @@ use std::time::Instant;
 use primespark_operators::decode::StreamKind;
 use primespark_operators::record::{Delivery, SourceRecord};
 use primespark_operators::routing::{InferenceWindowSpec, InferenceWindows};
+use primespark_operators::tasks::{task_windows, TaskInput, TaskWindowSpec};
 use primespark_operators::window::metric_windows;
+use primespark_schemas::analytics::AnalyticsEvent;
 use primespark_schemas::inference::InferenceEvent;
 use primespark_schemas::rows::{RawRow, Rollup};
 use primespark_schemas::DecodeLimits;
@@ -24,12 +27,31 @@ const DEVICES: usize = 1_000;
 const WORKERS: usize = 2;
 const T0_MS: i64 = 1_762_351_200_000;
 
-/// Every fifth event is an inference request, the rest telemetry; 100 events per millisecond.
+/// Every fifth event is an inference request, every tenth an analytics event (four of five
+/// walk a task through created, assigned, started, completed; one is an API call), the rest
+/// telemetry; 100 events per millisecond.
 fn payloads() -> Vec<(StreamKind, Vec<u8>)> {
     (0..EVENTS)
         .map(|i| {
             let ts = T0_MS + (i as i64) / 100;
-            if i % 5 == 4 {
+            if i % 10 == 9 {
+                let j = i / 10;
+                let payload = match j % 5 {
+                    4 => format!(
+                        r#"{{"event_type":"llm_generate","endpoint":"/api/llm/{}","user_id":"user-{}","timestamp":{ts}}}"#,
+                        j % 7,
+                        j % 50
+                    ),
+                    step => format!(
+                        r#"{{"event_type":"{}","task_id":"t-{}","task_type":"type-{}","agent_id":"agent-{}","timestamp":{ts}}}"#,
+                        ["task_created", "task_assigned", "task_started", "task_completed"][step],
+                        j / 5,
+                        (j / 5) % 3,
+                        (j / 5) % 8
+                    ),
+                };
+                (StreamKind::Analytics, payload.into_bytes())
+            } else if i % 5 == 4 {
                 let payload = format!(
                     r#"{{"model":"model-{}","prompt_length":{},"response_length":{},"latency_ms":{}.5,"source":"{}","status":"{}","routing_strategy":"{}","fallback":false,"timestamp":{ts}}}"#,
                     i % 3,
@@ -93,6 +115,7 @@ fn main() {
             let probe = ProbeHandle::new();
             let mut telemetry: InputHandleVec<u64, SourceRecord> = InputHandleVec::new();
             let mut inference: InputHandleVec<u64, SourceRecord> = InputHandleVec::new();
+            let mut analytics: InputHandleVec<u64, SourceRecord> = InputHandleVec::new();
             worker.dataflow(|scope| {
                 let limits = DecodeLimits::default();
                 let points = |input: &mut InputHandleVec<u64, SourceRecord>, kind: StreamKind| {
@@ -105,13 +128,56 @@ fn main() {
                         RawRow::Telemetry(r) => {
                             Some(((r.device_id, r.metric_name), r.time_us, r.value))
                         }
-                        RawRow::Inference(_) => None,
+                        RawRow::Inference(_) | RawRow::Analytics(_) => None,
                     });
                 let requests =
                     points(&mut inference, StreamKind::Inference).flat_map(|p| match p.row {
                         RawRow::Inference(r) => Some(r.event),
-                        RawRow::Telemetry(_) => None,
+                        RawRow::Telemetry(_) | RawRow::Analytics(_) => None,
                     });
+                let events =
+                    points(&mut analytics, StreamKind::Analytics).flat_map(|p| match p.row {
+                        RawRow::Analytics(r) => Some(r.event),
+                        RawRow::Telemetry(_) | RawRow::Inference(_) => None,
+                    });
+                let tasks = events.clone().flat_map(|e| match e {
+                    AnalyticsEvent::Task(event) => Some(TaskInput {
+                        event,
+                        restored: false,
+                    }),
+                    AnalyticsEvent::Api(_) => None,
+                });
+                let api = events.flat_map(|e| match e {
+                    AnalyticsEvent::Api(a) => Some(a),
+                    AnalyticsEvent::Task(_) => None,
+                });
+                let out = task_windows(
+                    tasks,
+                    api,
+                    TaskWindowSpec {
+                        dataflow: "bench".into(),
+                        committed_watermark_us: 0,
+                        allowed_lateness_us: 0,
+                        out_of_orderness_us: 5_000_000,
+                    },
+                );
+                let (a, b, c) = (rows.clone(), rows.clone(), rows.clone());
+                out.task_stats
+                    .inspect(move |_| {
+                        a.fetch_add(1, Ordering::Relaxed);
+                    })
+                    .probe_with(&probe);
+                out.agent_load
+                    .inspect(move |_| {
+                        b.fetch_add(1, Ordering::Relaxed);
+                    })
+                    .probe_with(&probe);
+                out.api_events
+                    .inspect(move |_| {
+                        c.fetch_add(1, Ordering::Relaxed);
+                    })
+                    .probe_with(&probe);
+                out.state.probe_with(&probe);
                 // The same operators as dataflows/src/dataflow.rs.
                 let counter = rows.clone();
                 metric_windows(metrics, "bench", 0, 0)
@@ -159,10 +225,11 @@ fn main() {
                     match kind {
                         StreamKind::Telemetry => telemetry.send(record),
                         StreamKind::Inference => inference.send(record),
+                        StreamKind::Analytics => analytics.send(record),
                     }
                 }
                 let wm = ((T0_MS + (chunk_no as i64 * 4096) / 100 - 5_000) * 1000) as u64;
-                for input in [&mut telemetry, &mut inference] {
+                for input in [&mut telemetry, &mut inference, &mut analytics] {
                     if wm > *input.time() {
                         input.advance_to(wm);
                     }
@@ -179,6 +246,7 @@ fn main() {
             }
             telemetry.close();
             inference.close();
+            analytics.close();
             while worker.step() {}
         })
         .expect("timely");
@@ -189,7 +257,7 @@ fn main() {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "all_windows: {EVENTS} events (80% telemetry from {DEVICES} devices, 20% inference), {:.1} MB, {WORKERS} workers",
+        "all_windows: {EVENTS} events (70% telemetry from {DEVICES} devices, 20% inference, 10% task and API events), {:.1} MB, {WORKERS} workers",
         bytes as f64 / 1e6
     );
     let _ = writeln!(

@@ -89,7 +89,7 @@ fn main() {
                     RawRow::Telemetry(r) => {
                         Some(((r.device_id, r.metric_name), r.time_us, r.value))
                     }
-                    RawRow::Inference(_) => None,
+                    RawRow::Inference(_) | RawRow::Analytics(_) => None,
                 })
                 .tumbling_window(
                     WindowSpec {

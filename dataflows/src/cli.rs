@@ -100,6 +100,10 @@ enum Command {
         /// (e.g. `edge.ai.inference`).
         #[arg(long)]
         inference_topic: Option<String>,
+        /// Also publish one task or API event per five telemetry events to this topic
+        /// (e.g. `analytics.events`).
+        #[arg(long)]
+        events_topic: Option<String>,
     },
     /// Validate a configuration file without touching any service.
     CheckConfig {
@@ -188,6 +192,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             duration_secs,
             bad_share,
             inference_topic,
+            events_topic,
         } => {
             let producer: BaseProducer = ClientConfig::new()
                 .set("bootstrap.servers", &brokers)
@@ -199,7 +204,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let sent = crate::fleet::produce(
                 &producer,
                 &topic,
-                inference_topic.as_deref(),
+                crate::fleet::ExtraTopics {
+                    inference: inference_topic.as_deref(),
+                    events: events_topic.as_deref(),
+                },
                 &mut fleet,
                 rate,
                 Some(Duration::from_secs(duration_secs)),

@@ -141,6 +141,10 @@ pub struct DataflowsConfig {
     /// Default true.
     #[serde(default = "default_true")]
     pub inference: bool,
+    /// `analytics.events` -> `analytics_events`, `task_stats_1m`, `agent_load_1m`,
+    /// `api_events_1m`. Default true.
+    #[serde(default = "default_true")]
+    pub analytics: bool,
 }
 
 impl Default for DataflowsConfig {
@@ -148,6 +152,7 @@ impl Default for DataflowsConfig {
         Self {
             telemetry: true,
             inference: true,
+            analytics: true,
         }
     }
 }
@@ -161,6 +166,9 @@ impl DataflowsConfig {
         }
         if self.inference {
             kinds.push(StreamKind::Inference);
+        }
+        if self.analytics {
+            kinds.push(StreamKind::Analytics);
         }
         kinds
     }
@@ -361,7 +369,7 @@ impl Config {
         if self.dataflows.enabled().is_empty() {
             return Err(InvalidConfig::new(
                 "dataflows",
-                "every stream is disabled; enable telemetry or inference",
+                "every stream is disabled; enable telemetry, inference or analytics",
             ));
         }
         if !self.postgres.enabled && !self.nas.enabled {

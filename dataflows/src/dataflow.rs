@@ -9,6 +9,9 @@
 //! - `edge.telemetry`: windows per (device, metric) -> `device_metrics_1m`.
 //! - `edge.ai.inference`: windows per (model, source) -> `inference_stats_1m`, and per routing
 //!   slice -> `routing_stats_1m` (`primespark_operators::routing`).
+//! - `analytics.events`: the task lifecycle join -> `task_stats_1m`, `agent_load_1m`, and API
+//!   windows -> `api_events_1m` (`primespark_operators::tasks`); the join's state goes to
+//!   `task_state` with the windows it feeds.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -18,13 +21,15 @@ use primespark_connectors::kafka::PartitionReader;
 use primespark_operators::checkpoint::CheckpointTracker;
 use primespark_operators::decode::StreamKind;
 use primespark_operators::routing::{InferenceWindowSpec, InferenceWindows};
+use primespark_operators::tasks::{task_windows, TaskInput, TaskWindowSpec};
 use primespark_operators::window::metric_windows;
 use primespark_operators::EventTime;
+use primespark_schemas::analytics::{AnalyticsEvent, TaskEvent};
 use primespark_schemas::inference::InferenceEvent;
 use primespark_schemas::rows::{Agg, AggRow, MetricAggRow, RawRow, Rollup};
 use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::vec::Map;
-use timely::dataflow::operators::Concat;
+use timely::dataflow::operators::{Concat, ToStream};
 use timely::dataflow::{Scope, StreamVec};
 use tokio::sync::mpsc::Sender;
 
@@ -40,6 +45,7 @@ pub fn dataflow_name(kind: StreamKind) -> &'static str {
     match kind {
         StreamKind::Telemetry => "telemetry",
         StreamKind::Inference => "inference",
+        StreamKind::Analytics => "analytics",
     }
 }
 
@@ -61,11 +67,14 @@ impl Drained {
 
 /// The windows of `kind` over the on-time points that still need windowing, for every rollup
 /// (1 minute and 1 hour, each computed from the events, so percentiles stay exact to the sketch).
+/// `restored_tasks`: this worker's share of `task_state` (analytics only).
 fn windows<'s>(
     kind: StreamKind,
     raw: StreamVec<'s, EventTime, RawItem>,
     committed: EventTime,
     lateness: u64,
+    out_of_orderness_us: u64,
+    restored_tasks: Vec<TaskEvent>,
 ) -> StreamVec<'s, EventTime, AggRow> {
     let dataflow = dataflow_name(kind).to_owned();
     let mut outputs = Vec::new();
@@ -76,7 +85,7 @@ fn windows<'s>(
                     RawRow::Telemetry(r) => {
                         Some(((r.device_id, r.metric_name), r.time_us, r.value))
                     }
-                    RawRow::Inference(_) => None,
+                    RawRow::Inference(_) | RawRow::Analytics(_) => None,
                 },
                 _ => None,
             });
@@ -100,7 +109,7 @@ fn windows<'s>(
                 raw.flat_map(|item: RawItem| match item {
                     RawItem::Point(p) if p.delivery.window && !p.late => match p.row {
                         RawRow::Inference(r) => Some(r.event),
-                        RawRow::Telemetry(_) => None,
+                        RawRow::Telemetry(_) | RawRow::Analytics(_) => None,
                     },
                     _ => None,
                 });
@@ -122,6 +131,66 @@ fn windows<'s>(
                 }));
             }
         }
+        StreamKind::Analytics => {
+            let scope = raw.scope();
+            let events = raw.flat_map(|item: RawItem| match item {
+                RawItem::Point(p) if p.delivery.window && !p.late => match p.row {
+                    RawRow::Analytics(r) => Some(r.event),
+                    RawRow::Telemetry(_) | RawRow::Inference(_) => None,
+                },
+                _ => None,
+            });
+            // The join's state from the last commit goes in first (at the dataflow's first
+            // time), then the replay: events already kept are recognised and skipped.
+            let restored = restored_tasks
+                .into_iter()
+                .map(|event| TaskInput {
+                    event,
+                    restored: true,
+                })
+                .to_stream(scope)
+                .container::<Vec<_>>();
+            let tasks = events
+                .clone()
+                .flat_map(|e| match e {
+                    AnalyticsEvent::Task(t) => Some(TaskInput {
+                        event: t,
+                        restored: false,
+                    }),
+                    AnalyticsEvent::Api(_) => None,
+                })
+                .concat(restored);
+            let api = events.flat_map(|e| match e {
+                AnalyticsEvent::Api(a) => Some(a),
+                AnalyticsEvent::Task(_) => None,
+            });
+            let out = task_windows(
+                tasks,
+                api,
+                TaskWindowSpec {
+                    dataflow: dataflow.clone(),
+                    committed_watermark_us: committed,
+                    allowed_lateness_us: lateness,
+                    out_of_orderness_us,
+                },
+            );
+            outputs.push(out.task_stats.map(|(rollup, r)| AggRow {
+                rollup,
+                row: Agg::Task(r),
+            }));
+            outputs.push(out.agent_load.map(|(rollup, r)| AggRow {
+                rollup,
+                row: Agg::Agent(r),
+            }));
+            outputs.push(out.api_events.map(|(rollup, r)| AggRow {
+                rollup,
+                row: Agg::Api(r),
+            }));
+            outputs.push(out.state.map(|s| AggRow {
+                rollup: Rollup::Minute,
+                row: Agg::TaskState(s),
+            }));
+        }
     }
     let mut outputs = outputs.into_iter();
     let first = outputs.next().expect("every stream has windows");
@@ -140,14 +209,23 @@ pub fn build<'s>(
     flush: FlushPolicy,
     commit_interval: Duration,
     drained: &Drained,
+    restored_tasks: Vec<TaskEvent>,
 ) {
     let pressure = spec.pressure.clone();
     let shutdown = spec.shutdown.clone();
     let committed = spec.committed_watermark_us;
     let spec_kind = spec.kind;
     let lateness = u64::try_from(spec.allowed_lateness_us).unwrap_or(0);
+    let out_of_orderness = u64::try_from(spec.out_of_orderness_us).unwrap_or(0);
     let (raw, marks) = kafka_source(scope, spec, reader).ok_err(|item| item);
-    let aggregates = windows(spec_kind, raw.clone(), committed, lateness);
+    let aggregates = windows(
+        spec_kind,
+        raw.clone(),
+        committed,
+        lateness,
+        out_of_orderness,
+        restored_tasks,
+    );
     raw_sink(
         raw,
         raw_tx,

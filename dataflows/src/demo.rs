@@ -12,7 +12,7 @@ use rdkafka::producer::BaseProducer;
 use rdkafka::ClientConfig;
 
 use crate::config::Config;
-use crate::fleet::{produce, Fleet};
+use crate::fleet::{produce, ExtraTopics, Fleet};
 use crate::run::{run, RunError};
 
 /// Demo settings.
@@ -49,8 +49,10 @@ pub fn demo(opts: &DemoOptions, status: impl Fn(&str) + Send + 'static) -> Resul
     let mut config = Config::default();
     let topic = config.kafka.topics.telemetry.clone();
     let inference_topic = config.kafka.topics.inference.clone();
+    let events_topic = config.kafka.topics.events.clone();
     cluster.create_topic(&topic, 3, 1)?;
     cluster.create_topic(&inference_topic, 2, 1)?;
+    cluster.create_topic(&events_topic, 2, 1)?;
     let brokers = cluster.bootstrap_servers();
     tracing::info!(%brokers, topic = %topic, "embedded broker up; producers may publish here too");
     config.kafka.brokers = brokers.clone();
@@ -74,7 +76,10 @@ pub fn demo(opts: &DemoOptions, status: impl Fn(&str) + Send + 'static) -> Resul
         produce(
             &producer,
             &producer_topic,
-            Some(&inference_topic),
+            ExtraTopics {
+                inference: Some(&inference_topic),
+                events: Some(&events_topic),
+            },
             &mut fleet,
             rate,
             None,

@@ -14,6 +14,9 @@ pub struct Fleet {
     bad_share: f64,
     rng: SmallRng,
     next_device: usize,
+    /// Tasks in flight for [`Fleet::next_analytics`]: (id, type, agent, steps done).
+    tasks: Vec<(String, &'static str, String, u8)>,
+    next_task: u64,
 }
 
 impl Fleet {
@@ -24,6 +27,8 @@ impl Fleet {
             bad_share: bad_share.clamp(0.0, 1.0),
             rng: SmallRng::seed_from_u64(seed),
             next_device: 0,
+            tasks: Vec::new(),
+            next_task: 0,
         }
     }
 
@@ -104,13 +109,88 @@ impl Fleet {
     }
 }
 
-/// Produces `rate` telemetry events per second for `duration` (or until `stop`), to `topic`;
-/// with `inference_topic`, also one inference request per five telemetry events there.
+impl Fleet {
+    /// The next `analytics.events` event at `time`: the Kafka key (task id, so a task's events
+    /// stay in order on one partition; or the endpoint) and the JSON payload. About a third are
+    /// API events; the rest move tasks through created -> assigned -> started -> completed
+    /// (or failed, one in ten), with up to 64 tasks in flight.
+    pub fn next_analytics(&mut self, time: DateTime<Utc>) -> (String, Vec<u8>) {
+        const TYPES: [&str; 3] = ["voice_recognition", "voice_synthesis", "llm"];
+        const ENDPOINTS: [(&str, &str); 3] = [
+            ("llm_generate", "/api/llm/generate"),
+            ("memory_search", "/api/memory/search"),
+            ("submit_task", "/api/tasks/submit"),
+        ];
+        let timestamp = time.naive_utc().format("%Y-%m-%dT%H:%M:%S%.6f").to_string();
+        if self.rng.random_bool(0.33) {
+            let (event_type, endpoint) = ENDPOINTS[self.rng.random_range(0..ENDPOINTS.len())];
+            let user = self.rng.random_range(0..12u32);
+            let user_id = (user > 0).then(|| format!("user-{user}"));
+            let payload = json!({
+                "event_type": event_type,
+                "endpoint": endpoint,
+                "data": {"request_bytes": self.rng.random_range(10..5000u32)},
+                "user_id": user_id,
+                "timestamp": timestamp,
+            });
+            return (endpoint.to_owned(), payload.to_string().into_bytes());
+        }
+        if self.tasks.is_empty() || (self.tasks.len() < 64 && self.rng.random_bool(0.3)) {
+            self.next_task += 1;
+            let id = format!("task-{}-{}", self.rng.random::<u32>(), self.next_task);
+            let task_type = TYPES[self.rng.random_range(0..TYPES.len())];
+            let agent = format!("spark-agent-{}", self.rng.random_range(1..4u32));
+            self.tasks.push((id.clone(), task_type, agent, 0));
+            let priority = ["HIGH", "MEDIUM", "LOW"][self.rng.random_range(0..3)];
+            let payload = json!({
+                "event_type": "task_created",
+                "task_id": id,
+                "task_type": task_type,
+                "priority": priority,
+                "timestamp": timestamp,
+            });
+            return (id, payload.to_string().into_bytes());
+        }
+        let i = self.rng.random_range(0..self.tasks.len());
+        let (id, _, agent, steps) = &mut self.tasks[i];
+        *steps += 1;
+        let event_type = match *steps {
+            1 => "task_assigned",
+            2 => "task_started",
+            _ if self.rng.random_bool(0.1) => "task_failed",
+            _ => "task_completed",
+        };
+        let payload = json!({
+            "event_type": event_type,
+            "task_id": id,
+            "agent_id": agent,
+            "timestamp": timestamp,
+        });
+        let key = id.clone();
+        if *steps >= 3 {
+            self.tasks.swap_remove(i);
+        }
+        (key, payload.to_string().into_bytes())
+    }
+}
+
+/// Where [`produce`] publishes besides telemetry: one inference request and one analytics event
+/// per five telemetry events, to each topic given.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExtraTopics<'a> {
+    /// `edge.ai.inference`.
+    pub inference: Option<&'a str>,
+    /// `analytics.events`.
+    pub events: Option<&'a str>,
+}
+
+/// Produces `rate` telemetry events per second for `duration` (or until `stop`), to `topic`,
+/// and to the [`ExtraTopics`].
 #[allow(clippy::too_many_arguments)]
 pub fn produce(
     producer: &rdkafka::producer::BaseProducer,
     topic: &str,
-    inference_topic: Option<&str>,
+    extra: ExtraTopics<'_>,
     fleet: &mut Fleet,
     rate: u64,
     duration: Option<Duration>,
@@ -127,9 +207,13 @@ pub fn produce(
         while sent < due {
             let (key, payload) = fleet.next_event(Utc::now());
             send(producer, topic, &key, &payload);
-            if let Some(inference) = inference_topic.filter(|_| sent.is_multiple_of(5)) {
+            if let Some(inference) = extra.inference.filter(|_| sent.is_multiple_of(5)) {
                 let (key, payload) = fleet.next_inference(Utc::now());
                 send(producer, inference, &key, &payload);
+            }
+            if let Some(events) = extra.events.filter(|_| sent.is_multiple_of(5)) {
+                let (key, payload) = fleet.next_analytics(Utc::now());
+                send(producer, events, &key, &payload);
             }
             sent += 1;
         }
@@ -173,6 +257,26 @@ mod tests {
         }
         assert!(bad > 200 && bad < 400, "bad {bad}");
         assert_eq!(good + bad, 1000);
+    }
+
+    #[test]
+    fn analytics_events_decode_and_tasks_run_their_course() {
+        use primespark_schemas::analytics::{AnalyticsEvent, TaskEventKind};
+        let mut fleet = Fleet::new(10, 0.0, 7);
+        let mut kinds = std::collections::BTreeMap::new();
+        let mut api = 0;
+        for _ in 0..2000 {
+            let (_, payload) = fleet.next_analytics(Utc::now());
+            match AnalyticsEvent::decode(&payload, &DecodeLimits::default()).unwrap() {
+                AnalyticsEvent::Task(t) => *kinds.entry(t.kind).or_insert(0) += 1,
+                AnalyticsEvent::Api(_) => api += 1,
+            }
+        }
+        assert!(api > 400, "api {api}");
+        let finished = kinds.get(&TaskEventKind::Completed).copied().unwrap_or(0)
+            + kinds.get(&TaskEventKind::Failed).copied().unwrap_or(0);
+        assert!(finished > 100, "{kinds:?}");
+        assert!(kinds[&TaskEventKind::Created] >= finished);
     }
 
     #[test]

@@ -165,15 +165,29 @@ pub fn run(
         let topic = match kind {
             StreamKind::Telemetry => config.kafka.topics.telemetry.clone(),
             StreamKind::Inference => config.kafka.topics.inference.clone(),
+            StreamKind::Analytics => config.kafka.topics.events.clone(),
         };
-        let state = if pg_enabled {
+        let (state, restored_tasks) = if pg_enabled {
             rt.block_on(async {
                 let client = postgres::connect(&config.postgres.config.url).await?;
-                postgres::load_state(&client, dataflow, &topic).await
+                let state = postgres::load_state(&client, dataflow, &topic).await?;
+                let tasks = if kind == StreamKind::Analytics {
+                    postgres::load_task_state(&client, dataflow).await?
+                } else {
+                    Vec::new()
+                };
+                Ok::<_, PostgresError>((state, tasks))
             })?
         } else {
-            StoredState::default()
+            (StoredState::default(), Vec::new())
         };
+        if !restored_tasks.is_empty() {
+            tracing::info!(
+                dataflow,
+                tasks = restored_tasks.len(),
+                "restored task lifecycle state"
+            );
+        }
         let committed_watermark_us: EventTime = state
             .committed_watermark_us
             .and_then(|w| u64::try_from(w).ok())
@@ -201,6 +215,7 @@ pub fn run(
                 table: match kind {
                     StreamKind::Telemetry => "telemetry_raw",
                     StreamKind::Inference => "inference_raw",
+                    StreamKind::Analytics => "analytics_raw",
                 },
                 archive,
                 root: config.nas.path.clone(),
@@ -247,6 +262,7 @@ pub fn run(
             partitions,
             raw_txs: Arc::new(Mutex::new(raw_txs)),
             agg_tx,
+            restored_tasks: Arc::new(restored_tasks),
         });
     }
 
@@ -256,6 +272,7 @@ pub fn run(
         &config.nas.path,
         &config.kafka.topics.telemetry,
         &config.kafka.topics.inference,
+        &config.kafka.topics.events,
     )?;
     let router = query::router(ctx, config.query.max_rows).merge(crate::ops::routes());
     let server_shutdown = shutdown.clone();
@@ -330,8 +347,17 @@ pub fn run(
                 pressure: Rc::new(Cell::new(false)),
             };
             let agg_tx = plan.agg_tx.clone();
+            // Every process loaded the whole task state: each worker takes its share, the
+            // join exchanges it by task id.
+            let restored_tasks: Vec<_> = plan
+                .restored_tasks
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| i % peers == index)
+                .map(|(_, t)| t.clone())
+                .collect();
             worker.dataflow::<EventTime, _, _>(|scope| {
-                dataflow::build(scope, spec, reader, tracker, raw_tx, agg_tx, flush, COMMIT_INTERVAL, &drained);
+                dataflow::build(scope, spec, reader, tracker, raw_tx, agg_tx, flush, COMMIT_INTERVAL, &drained, restored_tasks);
             });
             all_drained.push(drained);
         }
@@ -385,6 +411,8 @@ struct StreamPlan {
     partitions: Vec<i32>,
     raw_txs: Arc<Mutex<Vec<Option<mpsc::Sender<crate::sinks::RawBatch>>>>>,
     agg_tx: mpsc::Sender<crate::sinks::AggCommit>,
+    /// `task_state` of the analytics dataflow (empty for the others).
+    restored_tasks: Arc<Vec<primespark_schemas::analytics::TaskEvent>>,
 }
 
 /// The global worker that reads `partition` among `peers` workers: `p mod peers`.

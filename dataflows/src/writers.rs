@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use primespark_connectors::metrics::{SinkFailed, SinkRecovered, SinkRowsWritten};
 use primespark_connectors::nas::{write_aggregate_files, ParquetArchive};
 use primespark_connectors::postgres;
-use primespark_schemas::rows::{AggRow, LateEventRow, PartitionOffset, RawRow};
+use primespark_schemas::rows::{Agg, AggRow, LateEventRow, PartitionOffset, RawRow};
 use rand::Rng;
 use tokio::sync::mpsc::Receiver;
 use tokio_postgres::Client;
@@ -460,6 +460,10 @@ pub async fn agg_writer(
             if !commit.rows.is_empty() {
                 let mut touched = std::collections::BTreeSet::new();
                 for r in &commit.rows {
+                    if matches!(r.row, Agg::TaskState(_)) {
+                        // Join state, not a window: PostgreSQL only.
+                        continue;
+                    }
                     let (table, bucket, a, b) = r.identity();
                     touched.insert((table, bucket));
                     recent

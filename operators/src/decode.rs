@@ -1,8 +1,9 @@
 //! Decode and validate Kafka records into typed points; bad records become [`DeadLetter`]s with
 //! their reason and source offset instead of failing anything.
 
+use primespark_schemas::analytics::AnalyticsEvent;
 use primespark_schemas::inference::InferenceEvent;
-use primespark_schemas::rows::{DeadLetterRow, InferenceRow, RawRow, TelemetryRow};
+use primespark_schemas::rows::{AnalyticsRow, DeadLetterRow, InferenceRow, RawRow, TelemetryRow};
 use primespark_schemas::telemetry::TelemetryEvent;
 use primespark_schemas::{DecodeError, DecodeLimits};
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,8 @@ pub enum StreamKind {
     Telemetry,
     /// `edge.ai.inference`: one row per request.
     Inference,
+    /// `analytics.events`: one row per task lifecycle or API event.
+    Analytics,
 }
 
 impl StreamKind {
@@ -56,6 +59,16 @@ impl StreamKind {
                 (
                     event.time_us,
                     vec![RawRow::Inference(InferenceRow {
+                        event,
+                        partition: record.partition,
+                        offset: record.offset,
+                    })],
+                )
+            }),
+            StreamKind::Analytics => AnalyticsEvent::decode(&record.payload, limits).map(|event| {
+                (
+                    event.time_us(),
+                    vec![RawRow::Analytics(AnalyticsRow {
                         event,
                         partition: record.partition,
                         offset: record.offset,

@@ -8,6 +8,8 @@
 //! - [`routing`]: inference and edge-vs-cloud routing statistics, mergeable window folds.
 //! - [`sketch`]: a mergeable quantile sketch (DDSketch) for percentiles with a 0.5% relative
 //!   error, so partial aggregates from many workers merge exactly.
+//! - [`tasks`]: the task lifecycle of `analytics.events` as a differential-dataflow join, with
+//!   backlog and agent load sampled at every window's end, and API event windows.
 //! - [`checkpoint`]: the pure bookkeeping that decides where each Kafka partition must resume so
 //!   that a restart neither loses nor doubles an aggregate.
 //!
@@ -24,6 +26,7 @@ pub mod metrics;
 pub mod record;
 pub mod routing;
 pub mod sketch;
+pub mod tasks;
 pub mod watermark;
 pub mod window;
 

@@ -45,6 +45,8 @@ struct Metrics {
     decode_errors: Family<ReasonLabels, Counter>,
     late_events: Family<OperatorLabels, Counter>,
     windows_closed: Family<OperatorLabels, Counter>,
+    task_events_ignored: Family<OperatorLabels, Counter>,
+    tasks_retired: Family<OperatorLabels, Counter>,
 }
 
 fn metrics() -> &'static Metrics {
@@ -55,6 +57,8 @@ fn metrics() -> &'static Metrics {
         decode_errors: Family::default(),
         late_events: Family::default(),
         windows_closed: Family::default(),
+        task_events_ignored: Family::default(),
+        tasks_retired: Family::default(),
     })
 }
 
@@ -86,6 +90,71 @@ pub fn register(registry: &mut Registry) {
         "Event-time windows emitted because the watermark passed their end",
         m.windows_closed.clone(),
     );
+    registry.register(
+        "primespark_task_events_ignored",
+        "Task lifecycle events left out of the join, by reason (operator label): duplicate = a second event of the same kind for a task",
+        m.task_events_ignored.clone(),
+    );
+    registry.register(
+        "primespark_tasks_retired",
+        "Finished tasks dropped from the lifecycle join's state after the retention",
+        m.tasks_retired.clone(),
+    );
+}
+
+/// Task lifecycle events the join left out.
+pub struct TaskEventsIgnored<'a> {
+    /// Dataflow.
+    pub dataflow: &'a str,
+    /// Why (`duplicate`).
+    pub reason: &'static str,
+    /// How many.
+    pub count: u64,
+}
+
+impl TaskEventsIgnored<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        tracing::debug!(
+            dataflow = self.dataflow,
+            reason = self.reason,
+            count = self.count,
+            "task events ignored"
+        );
+        metrics()
+            .task_events_ignored
+            .get_or_create(&OperatorLabels {
+                dataflow: self.dataflow.to_owned(),
+                operator: self.reason.to_owned(),
+            })
+            .inc_by(self.count);
+    }
+}
+
+/// Finished tasks left the lifecycle join's state.
+pub struct TasksRetired<'a> {
+    /// Dataflow.
+    pub dataflow: &'a str,
+    /// How many.
+    pub count: u64,
+}
+
+impl TasksRetired<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        tracing::debug!(
+            dataflow = self.dataflow,
+            count = self.count,
+            "tasks retired"
+        );
+        metrics()
+            .tasks_retired
+            .get_or_create(&OperatorLabels {
+                dataflow: self.dataflow.to_owned(),
+                operator: "TaskIndex".to_owned(),
+            })
+            .inc_by(self.count);
+    }
 }
 
 /// A source's event-time watermark moved (or was re-read at a scrape).

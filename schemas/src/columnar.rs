@@ -118,6 +118,88 @@ pub fn routing_stats_1m() -> SchemaRef {
         .clone()
 }
 
+/// Raw `analytics.events`, one row per task or API event: the Parquet files under
+/// `topic=analytics.events/` and the SQL table `analytics_raw`. Task events fill `task_id` (and
+/// `task_type`, `priority`, `agent_id` when sent); API events fill `endpoint`, `user_id` and
+/// `data` (the `data` object as compact JSON text).
+pub fn analytics_raw() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("time", time_type(), false),
+                Field::new("event_type", DataType::Utf8, false),
+                Field::new("task_id", DataType::Utf8, true),
+                Field::new("task_type", DataType::Utf8, true),
+                Field::new("priority", DataType::Utf8, true),
+                Field::new("agent_id", DataType::Utf8, true),
+                Field::new("endpoint", DataType::Utf8, true),
+                Field::new("user_id", DataType::Utf8, true),
+                Field::new("data", DataType::Utf8, true),
+                Field::new("kafka_partition", DataType::Int32, false),
+                Field::new("kafka_offset", DataType::Int64, false),
+            ]))
+        })
+        .clone()
+}
+
+/// Task lifecycle windows per task type: `table=task_stats_1m/` (and `task_stats_1h`).
+pub fn task_stats_1m() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("bucket", time_type(), false),
+                Field::new("task_type", DataType::Utf8, false),
+                Field::new("created", DataType::Int64, false),
+                Field::new("assigned", DataType::Int64, false),
+                Field::new("started", DataType::Int64, false),
+                Field::new("completed", DataType::Int64, false),
+                Field::new("failed", DataType::Int64, false),
+                Field::new("wait_p50_ms", DataType::Float64, true),
+                Field::new("wait_p95_ms", DataType::Float64, true),
+                Field::new("run_p50_ms", DataType::Float64, true),
+                Field::new("run_p95_ms", DataType::Float64, true),
+                Field::new("backlog", DataType::Int64, false),
+            ]))
+        })
+        .clone()
+}
+
+/// Per-agent load windows: `table=agent_load_1m/` (and `agent_load_1h`).
+pub fn agent_load_1m() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("bucket", time_type(), false),
+                Field::new("agent_id", DataType::Utf8, false),
+                Field::new("assigned", DataType::Int64, false),
+                Field::new("completed", DataType::Int64, false),
+                Field::new("failed", DataType::Int64, false),
+                Field::new("active", DataType::Int64, false),
+            ]))
+        })
+        .clone()
+}
+
+/// API event windows per (event type, endpoint): `table=api_events_1m/` (and `api_events_1h`).
+pub fn api_events_1m() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("bucket", time_type(), false),
+                Field::new("event_type", DataType::Utf8, false),
+                Field::new("endpoint", DataType::Utf8, false),
+                Field::new("count", DataType::Int64, false),
+                Field::new("distinct_users", DataType::Int64, false),
+                Field::new("anonymous", DataType::Int64, false),
+            ]))
+        })
+        .clone()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,5 +220,79 @@ mod tests {
             ]
         );
         assert_eq!(s.field(0).data_type(), &time_type());
+    }
+
+    #[test]
+    fn analytics_columns_match_the_tables() {
+        let names =
+            |s: SchemaRef| -> Vec<String> { s.fields().iter().map(|f| f.name().clone()).collect() };
+        assert_eq!(
+            names(analytics_raw()),
+            [
+                "time",
+                "event_type",
+                "task_id",
+                "task_type",
+                "priority",
+                "agent_id",
+                "endpoint",
+                "user_id",
+                "data",
+                "kafka_partition",
+                "kafka_offset"
+            ]
+        );
+        let raw = analytics_raw();
+        // Nullable exactly where `analytics_events` is.
+        let nullable: Vec<&str> = raw
+            .fields()
+            .iter()
+            .filter(|f| f.is_nullable())
+            .map(|f| f.name().as_str())
+            .collect();
+        assert_eq!(
+            nullable,
+            [
+                "task_id",
+                "task_type",
+                "priority",
+                "agent_id",
+                "endpoint",
+                "user_id",
+                "data"
+            ]
+        );
+        // Each window schema has the columns of its PostgreSQL table, bucket first.
+        for (schema, table) in [
+            (task_stats_1m(), "task_stats_1m"),
+            (agent_load_1m(), "agent_load_1m"),
+            (api_events_1m(), "api_events_1m"),
+        ] {
+            let cols: Vec<(String, bool)> = schema
+                .fields()
+                .iter()
+                .map(|f| (f.name().clone(), f.is_nullable()))
+                .collect();
+            assert_eq!(schema.field(0).name(), "bucket", "{table}");
+            assert_eq!(schema.field(0).data_type(), &time_type(), "{table}");
+            let ddl = crate::ddl::MIGRATIONS
+                .iter()
+                .map(|m| m.sql)
+                .find(|sql| sql.contains(&format!("CREATE TABLE IF NOT EXISTS {table} (\n")))
+                .unwrap();
+            let body = ddl
+                .split(&format!("CREATE TABLE IF NOT EXISTS {table} (\n"))
+                .nth(1)
+                .unwrap();
+            let body = body.split("PRIMARY KEY").next().unwrap();
+            let ddl_cols: Vec<(String, bool)> = body
+                .lines()
+                .filter_map(|l| {
+                    let name = l.split_whitespace().next()?;
+                    Some((name.to_owned(), !l.contains("NOT NULL")))
+                })
+                .collect();
+            assert_eq!(cols, ddl_cols, "{table}");
+        }
     }
 }

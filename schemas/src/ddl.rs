@@ -159,6 +159,85 @@ CREATE TABLE IF NOT EXISTS late_events (
 CREATE INDEX IF NOT EXISTS late_events_received_idx ON late_events (received_at DESC);
 "#,
     },
+    Migration {
+        version: 5,
+        name: "analytics events, task lifecycle, agent load and API windows",
+        sql: r#"
+-- Raw analytics.events: task lifecycle (task_id set) and API events (endpoint set).
+CREATE TABLE IF NOT EXISTS analytics_events (
+    time       TIMESTAMPTZ NOT NULL,
+    event_type TEXT        NOT NULL,
+    task_id    TEXT,
+    task_type  TEXT,
+    priority   TEXT,
+    agent_id   TEXT,
+    endpoint   TEXT,
+    user_id    TEXT,
+    data       JSONB
+);
+CREATE INDEX IF NOT EXISTS analytics_events_time_idx ON analytics_events (time DESC);
+CREATE INDEX IF NOT EXISTS analytics_events_type_time_idx ON analytics_events (event_type, time DESC);
+CREATE INDEX IF NOT EXISTS analytics_events_task_idx ON analytics_events (task_id, time DESC) WHERE task_id IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS task_stats_1m (
+    bucket      TIMESTAMPTZ      NOT NULL,
+    task_type   TEXT             NOT NULL,
+    created     BIGINT           NOT NULL,
+    assigned    BIGINT           NOT NULL,
+    started     BIGINT           NOT NULL,
+    completed   BIGINT           NOT NULL,
+    failed      BIGINT           NOT NULL,
+    wait_p50_ms DOUBLE PRECISION,
+    wait_p95_ms DOUBLE PRECISION,
+    run_p50_ms  DOUBLE PRECISION,
+    run_p95_ms  DOUBLE PRECISION,
+    backlog     BIGINT           NOT NULL,
+    PRIMARY KEY (task_type, bucket)
+);
+CREATE INDEX IF NOT EXISTS task_stats_1m_bucket_idx ON task_stats_1m (bucket DESC);
+
+CREATE TABLE IF NOT EXISTS agent_load_1m (
+    bucket    TIMESTAMPTZ NOT NULL,
+    agent_id  TEXT        NOT NULL,
+    assigned  BIGINT      NOT NULL,
+    completed BIGINT      NOT NULL,
+    failed    BIGINT      NOT NULL,
+    active    BIGINT      NOT NULL,
+    PRIMARY KEY (agent_id, bucket)
+);
+CREATE INDEX IF NOT EXISTS agent_load_1m_bucket_idx ON agent_load_1m (bucket DESC);
+
+CREATE TABLE IF NOT EXISTS api_events_1m (
+    bucket         TIMESTAMPTZ NOT NULL,
+    event_type     TEXT        NOT NULL,
+    endpoint       TEXT        NOT NULL,
+    count          BIGINT      NOT NULL,
+    distinct_users BIGINT      NOT NULL,
+    anonymous      BIGINT      NOT NULL,
+    PRIMARY KEY (event_type, endpoint, bucket)
+);
+CREATE INDEX IF NOT EXISTS api_events_1m_bucket_idx ON api_events_1m (bucket DESC);
+
+CREATE TABLE IF NOT EXISTS task_stats_1h (LIKE task_stats_1m INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS agent_load_1h (LIKE agent_load_1m INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS api_events_1h (LIKE api_events_1m INCLUDING ALL);
+
+-- The task lifecycle join's state: the first event of each kind of every task that is open or
+-- finished too recently to forget. Written in the same transaction as the windows and offsets,
+-- so a restart rebuilds the join exactly; a task leaves once it finished longer ago than the
+-- widest window plus the allowed lateness.
+CREATE TABLE IF NOT EXISTS task_state (
+    dataflow  TEXT        NOT NULL,
+    task_id   TEXT        NOT NULL,
+    kind      TEXT        NOT NULL,
+    time      TIMESTAMPTZ NOT NULL,
+    task_type TEXT,
+    priority  TEXT,
+    agent_id  TEXT,
+    PRIMARY KEY (dataflow, task_id, kind)
+);
+"#,
+    },
 ];
 
 /// Run once after the migrations when the `timescaledb` extension is available: hypertables
@@ -174,6 +253,13 @@ pub const TIMESCALE_SETUP: &[&str] = &[
     "SELECT create_hypertable('device_metrics_1h', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
     "SELECT create_hypertable('inference_stats_1h', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
     "SELECT create_hypertable('routing_stats_1h', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
+    "SELECT create_hypertable('analytics_events', 'time', if_not_exists => TRUE, migrate_data => TRUE)",
+    "SELECT create_hypertable('task_stats_1m', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
+    "SELECT create_hypertable('agent_load_1m', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
+    "SELECT create_hypertable('api_events_1m', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
+    "SELECT create_hypertable('task_stats_1h', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
+    "SELECT create_hypertable('agent_load_1h', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
+    "SELECT create_hypertable('api_events_1h', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
 ];
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::analytics::{AnalyticsEvent, TaskEvent};
 use crate::inference::InferenceEvent;
 
 /// One metric of one device at one time, with its Kafka provenance (`device_metrics`,
@@ -34,6 +35,17 @@ pub struct InferenceRow {
     pub offset: i64,
 }
 
+/// One task or API event with its Kafka provenance (`analytics_events`, `analytics_raw`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnalyticsRow {
+    /// The validated event.
+    pub event: AnalyticsEvent,
+    /// Kafka partition it came from.
+    pub partition: i32,
+    /// Kafka offset it came from.
+    pub offset: i64,
+}
+
 /// A raw row of any stream, on its way to the raw sinks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RawRow {
@@ -41,6 +53,8 @@ pub enum RawRow {
     Telemetry(TelemetryRow),
     /// `edge.ai.inference` -> `ai_inference_results`.
     Inference(InferenceRow),
+    /// `analytics.events` -> `analytics_events`.
+    Analytics(AnalyticsRow),
 }
 
 impl RawRow {
@@ -49,6 +63,7 @@ impl RawRow {
         match self {
             RawRow::Telemetry(r) => r.time_us,
             RawRow::Inference(r) => r.event.time_us,
+            RawRow::Analytics(r) => r.event.time_us(),
         }
     }
 
@@ -57,6 +72,7 @@ impl RawRow {
         match self {
             RawRow::Telemetry(r) => (r.partition, r.offset),
             RawRow::Inference(r) => (r.partition, r.offset),
+            RawRow::Analytics(r) => (r.partition, r.offset),
         }
     }
 }
@@ -103,6 +119,24 @@ pub enum Agg {
     Inference(InferenceStatsRow),
     /// `routing_stats_*`.
     Routing(RoutingStatsRow),
+    /// `task_stats_*`.
+    Task(TaskStatsRow),
+    /// `agent_load_*`.
+    Agent(AgentLoadRow),
+    /// `api_events_*`.
+    Api(ApiEventsRow),
+    /// `task_state`: the lifecycle join's state, committed with the windows it feeds so that a
+    /// restart rebuilds the join exactly (not a window; `rollup` is ignored).
+    TaskState(TaskStateChange),
+}
+
+/// A change to `task_state`, the task events the lifecycle join still needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TaskStateChange {
+    /// Keep this event (first of its kind for its task).
+    Keep(TaskEvent),
+    /// The task finished long enough ago that no open window needs it: forget all its events.
+    Retire(String),
 }
 
 /// A closed window's row of any aggregate table.
@@ -121,6 +155,11 @@ impl AggRow {
             Agg::Metrics(r) => r.bucket_us,
             Agg::Inference(r) => r.bucket_us,
             Agg::Routing(r) => r.bucket_us,
+            Agg::Task(r) => r.bucket_us,
+            Agg::Agent(r) => r.bucket_us,
+            Agg::Api(r) => r.bucket_us,
+            Agg::TaskState(TaskStateChange::Keep(e)) => e.time_us,
+            Agg::TaskState(TaskStateChange::Retire(_)) => 0,
         }
     }
 
@@ -133,6 +172,13 @@ impl AggRow {
             (Agg::Inference(_), Rollup::Hour) => "inference_stats_1h",
             (Agg::Routing(_), Rollup::Minute) => "routing_stats_1m",
             (Agg::Routing(_), Rollup::Hour) => "routing_stats_1h",
+            (Agg::Task(_), Rollup::Minute) => "task_stats_1m",
+            (Agg::Task(_), Rollup::Hour) => "task_stats_1h",
+            (Agg::Agent(_), Rollup::Minute) => "agent_load_1m",
+            (Agg::Agent(_), Rollup::Hour) => "agent_load_1h",
+            (Agg::Api(_), Rollup::Minute) => "api_events_1m",
+            (Agg::Api(_), Rollup::Hour) => "api_events_1h",
+            (Agg::TaskState(_), _) => "task_state",
         }
     }
 }
@@ -145,6 +191,11 @@ impl AggRow {
             Agg::Metrics(m) => (m.device_id.as_str(), m.metric_name.as_str()),
             Agg::Inference(i) => (i.model.as_str(), i.source.as_str()),
             Agg::Routing(r) => (r.routing_strategy.as_str(), ""),
+            Agg::Task(r) => (r.task_type.as_str(), ""),
+            Agg::Agent(r) => (r.agent_id.as_str(), ""),
+            Agg::Api(r) => (r.event_type.as_str(), r.endpoint.as_str()),
+            Agg::TaskState(TaskStateChange::Keep(e)) => (e.task_id.as_str(), e.kind.as_str()),
+            Agg::TaskState(TaskStateChange::Retire(id)) => (id.as_str(), "retire"),
         };
         (self.table(), self.bucket_us(), a, b)
     }
@@ -273,4 +324,68 @@ pub struct RoutingStatsRow {
     pub edge_p95_ms: Option<f64>,
     /// 95th percentile cloud latency, milliseconds; `None` without cloud requests.
     pub cloud_p95_ms: Option<f64>,
+}
+
+/// One closed window of one task type (`task_stats_1m`, `task_stats_1h`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskStatsRow {
+    /// Window start, microseconds since the epoch.
+    pub bucket_us: i64,
+    /// Task type, e.g. `voice_recognition`.
+    pub task_type: String,
+    /// `task_created` events in the window.
+    pub created: i64,
+    /// `task_assigned` events (of tasks whose creation was seen) in the window.
+    pub assigned: i64,
+    /// `task_started` events (of tasks whose creation was seen) in the window.
+    pub started: i64,
+    /// `task_completed` events (of tasks whose creation was seen) in the window.
+    pub completed: i64,
+    /// `task_failed` events (of tasks whose creation was seen) in the window.
+    pub failed: i64,
+    /// Wait time (created -> started) of tasks started in the window, median, milliseconds.
+    pub wait_p50_ms: Option<f64>,
+    /// Wait time, 95th percentile.
+    pub wait_p95_ms: Option<f64>,
+    /// Run time (started -> completed or failed) of tasks finished in the window, median, ms.
+    pub run_p50_ms: Option<f64>,
+    /// Run time, 95th percentile.
+    pub run_p95_ms: Option<f64>,
+    /// Tasks created before the window's end and not finished by then.
+    pub backlog: i64,
+}
+
+/// One closed window of one agent (`agent_load_1m`, `agent_load_1h`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentLoadRow {
+    /// Window start, microseconds since the epoch.
+    pub bucket_us: i64,
+    /// Agent, from `task_assigned`.
+    pub agent_id: String,
+    /// Tasks assigned to the agent in the window.
+    pub assigned: i64,
+    /// Its tasks that completed in the window.
+    pub completed: i64,
+    /// Its tasks that failed in the window.
+    pub failed: i64,
+    /// Tasks assigned to it and not finished at the window's end.
+    pub active: i64,
+}
+
+/// One closed window of one (event type, endpoint) of API events (`api_events_1m`,
+/// `api_events_1h`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiEventsRow {
+    /// Window start, microseconds since the epoch.
+    pub bucket_us: i64,
+    /// `event_type`, e.g. `llm_generate`.
+    pub event_type: String,
+    /// Endpoint, e.g. `/api/llm/generate`.
+    pub endpoint: String,
+    /// Events.
+    pub count: i64,
+    /// Distinct non-null `user_id`s (exact).
+    pub distinct_users: i64,
+    /// Events without a `user_id`.
+    pub anonymous: i64,
 }

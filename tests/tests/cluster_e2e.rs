@@ -1,6 +1,9 @@
 //! Scale-out against the stack: the same telemetry through 1 process x 1 worker, 1 process x 4
 //! workers and a cluster of 2 OS processes x 2 workers (timely over loopback TCP) gives the same
-//! raw rows and the same `device_metrics_1m`, equal to what this test computes itself.
+//! raw rows and the same `device_metrics_1m`, equal to what this test computes itself; the same
+//! task and API events give identical `task_stats_1m`, `agent_load_1m` and `api_events_1m` in
+//! every layout (the lifecycle join's exchange by task id, and the backlog sampled per key, do
+//! not depend on how many workers there are).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -73,6 +76,69 @@ fn events() -> (Vec<(i32, Vec<u8>)>, i64, Aggregates) {
     (records, raw, aggs)
 }
 
+/// Task lifecycles whose events land on random partitions, API events, and a sentinel per
+/// partition two hours ahead. Returns the records and their count.
+fn analytics_events() -> (Vec<(i32, Vec<u8>)>, i64) {
+    let mut rng = SmallRng::seed_from_u64(11);
+    let mut timed: Vec<(i32, i64, Vec<u8>)> = Vec::new();
+    for i in 0..200i64 {
+        let created = T0_MS + i * 900;
+        let id = format!("task-{i}");
+        let agent = format!("agent-{}", rng.random_range(0..3));
+        let task_type = ["llm", "voice"][rng.random_range(0..2)];
+        let mut steps = vec![(
+            created,
+            json!({"event_type": "task_created", "task_id": id,
+                   "task_type": task_type, "timestamp": created}),
+        )];
+        let mut t = created;
+        for kind in ["task_assigned", "task_started", "task_completed"] {
+            if rng.random_bool(0.1) {
+                break;
+            }
+            t += rng.random_range(500..90_000);
+            steps.push((
+                t,
+                json!({"event_type": kind, "task_id": id, "agent_id": agent, "timestamp": t}),
+            ));
+        }
+        for (t, v) in steps {
+            timed.push((
+                rng.random_range(0..PARTITIONS),
+                t,
+                v.to_string().into_bytes(),
+            ));
+        }
+    }
+    for i in 0..300i64 {
+        let t = T0_MS + i * 600;
+        let user = rng.random_range(0..5);
+        timed.push((
+            rng.random_range(0..PARTITIONS),
+            t,
+            json!({"event_type": "llm_generate", "endpoint": "/api/llm/generate",
+                   "user_id": (user > 0).then(|| format!("u{user}")), "timestamp": t})
+            .to_string()
+            .into_bytes(),
+        ));
+    }
+    for p in 0..PARTITIONS {
+        timed.push((
+            p,
+            T0_MS + 7_200_000,
+            json!({"event_type": "sentinel", "endpoint": "/sentinel", "timestamp": T0_MS + 7_200_000})
+                .to_string()
+                .into_bytes(),
+        ));
+    }
+    timed.sort_by_key(|(p, t, _)| (*p, *t));
+    let n = timed.len() as i64;
+    (timed.into_iter().map(|(p, _, b)| (p, b)).collect(), n)
+}
+
+/// The analytics tables of one run, as comparable text rows.
+type AnalyticsTables = Vec<String>;
+
 struct Layout {
     name: &'static str,
     processes: usize,
@@ -82,11 +148,12 @@ struct Layout {
 /// Runs one layout to completion and returns its `device_metrics_1m`, rounded for comparison.
 async fn run_layout(
     layout: &Layout,
-    topic: &str,
-    raw_rows: i64,
+    topics: (&str, &str),
+    raw_rows: (i64, i64),
     agg_rows: usize,
     dir: &Path,
-) -> Result<Aggregates> {
+) -> Result<(Aggregates, AnalyticsTables)> {
+    let (topic, events_topic) = topics;
     let stack = stack();
     let db = unique(&format!("cluster_{}", layout.name));
     let url = fresh_database(stack, &db).await?;
@@ -101,13 +168,13 @@ async fn run_layout(
         std::fs::write(
             &config,
             format!(
-                "[kafka]\nbrokers = \"{}\"\n[kafka.topics]\ntelemetry = \"{topic}\"\n\
+                "[kafka]\nbrokers = \"{}\"\n[kafka.topics]\ntelemetry = \"{topic}\"\nevents = \"{events_topic}\"\n\
                  [postgres]\nurl = \"{url}\"\nflush_rows = 500\nflush_interval = \"200ms\"\n\
                  [nas]\npath = \"{}\"\nroll_interval = \"1s\"\n\
                  [query]\nhttp_addr = \"127.0.0.1:{}\"\n\
                  [windows]\nmax_out_of_orderness = \"5s\"\nidle_timeout = \"10m\"\n\
                  [runtime]\nworkers = {}\nprocesses = {}\nprocess_id = {process}\nhostfile = \"{}\"\n\
-                 [dataflows]\ninference = false\n",
+                 [dataflows]\ninference = false\nanalytics = true\n",
                 stack.brokers,
                 dir.join(format!("{}-nas", layout.name)).display(),
                 free_port(),
@@ -132,9 +199,17 @@ async fn run_layout(
                 })
             }
         };
+        // The analytics windows are complete once the committed watermark reaches the
+        // sentinels' (less the 5 s bound).
         Ok(
-            count("SELECT count(*) FROM device_metrics").await? >= raw_rows
-                && count("SELECT count(*) FROM device_metrics_1m").await? >= agg_rows as i64,
+            count("SELECT count(*) FROM device_metrics").await? >= raw_rows.0
+                && count("SELECT count(*) FROM device_metrics_1m").await? >= agg_rows as i64
+                && count("SELECT count(*) FROM analytics_events").await? >= raw_rows.1
+                && count(
+                    "SELECT coalesce(max(committed_watermark_us), 0) FROM dataflow_state WHERE dataflow = 'analytics'",
+                )
+                .await?
+                    >= (T0_MS + 7_200_000 - 5_000) * 1000 - 1,
         )
     })
     .await;
@@ -166,7 +241,21 @@ async fn run_layout(
         .query_one("SELECT count(*) FROM device_metrics", &[])
         .await?
         .get(0);
-    assert_eq!(raw, raw_rows, "{}: raw rows", layout.name);
+    assert_eq!(raw, raw_rows.0, "{}: raw rows", layout.name);
+    let mut analytics = Vec::new();
+    for sql in [
+        "SELECT concat_ws(',', task_type, bucket, created, assigned, started, completed, failed,
+                round(wait_p50_ms::numeric, 3), round(wait_p95_ms::numeric, 3),
+                round(run_p50_ms::numeric, 3), round(run_p95_ms::numeric, 3), backlog) FROM task_stats_1m",
+        "SELECT concat_ws(',', agent_id, bucket, assigned, completed, failed, active) FROM agent_load_1m",
+        "SELECT concat_ws(',', event_type, endpoint, bucket, count, distinct_users, anonymous)
+         FROM api_events_1m WHERE endpoint <> '/sentinel'",
+    ] {
+        for r in client.query(sql, &[]).await? {
+            analytics.push(r.get::<_, String>(0));
+        }
+    }
+    analytics.sort();
     let rows = client
         .query(
             "SELECT (extract(epoch FROM bucket) * 1000)::int8, device_id, metric_name, count, sum, min, max
@@ -177,7 +266,7 @@ async fn run_layout(
     for (pipeline, _) in pipelines {
         pipeline.kill()?;
     }
-    Ok(rows
+    let metrics = rows
         .iter()
         .map(|r| {
             // Sums may differ in the last bits with the order of addition across workers.
@@ -187,16 +276,21 @@ async fn run_layout(
                 (r.get(3), (sum * 1e6).round() / 1e6, r.get(5), r.get(6)),
             )
         })
-        .collect())
+        .collect();
+    Ok((metrics, analytics))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_process_four_workers_and_a_two_process_cluster_agree() -> Result<()> {
     let stack = stack();
     let topic = format!("edge.telemetry.{}", unique("cluster"));
+    let events_topic = format!("analytics.events.{}", unique("cluster"));
     create_topic(stack, &topic, PARTITIONS).await?;
+    create_topic(stack, &events_topic, PARTITIONS).await?;
     let (records, raw_rows, expected) = events();
     produce(stack, &topic, &records)?;
+    let (analytics_records, analytics_rows) = analytics_events();
+    produce(stack, &events_topic, &analytics_records)?;
     let expected: Aggregates = expected
         .into_iter()
         .map(|(k, (c, s, mn, mx))| (k, (c, (s * 1e6).round() / 1e6, mn, mx)))
@@ -219,11 +313,34 @@ async fn one_process_four_workers_and_a_two_process_cluster_agree() -> Result<()
             workers: 2,
         },
     ];
+    let mut first_analytics: Option<AnalyticsTables> = None;
     for layout in &layouts {
-        let got = run_layout(layout, &topic, raw_rows, expected.len(), dir.path()).await?;
+        let (got, analytics) = run_layout(
+            layout,
+            (&topic, &events_topic),
+            (raw_rows, analytics_rows),
+            expected.len(),
+            dir.path(),
+        )
+        .await?;
         assert_eq!(got.len(), expected.len(), "{}: aggregate rows", layout.name);
         for (key, want) in &expected {
             assert_eq!(got.get(key), Some(want), "{}: {key:?}", layout.name);
+        }
+        match &first_analytics {
+            None => {
+                assert!(analytics.len() > 50, "1x1: analytics rows {analytics:?}");
+                first_analytics = Some(analytics);
+            }
+            Some(first) => {
+                let only_first: Vec<_> = first.iter().filter(|r| !analytics.contains(r)).collect();
+                let only_here: Vec<_> = analytics.iter().filter(|r| !first.contains(r)).collect();
+                assert!(
+                    only_first.is_empty() && only_here.is_empty(),
+                    "{}: analytics tables differ from 1x1: only in 1x1 {only_first:?}, only here {only_here:?}",
+                    layout.name
+                );
+            }
         }
     }
     Ok(())

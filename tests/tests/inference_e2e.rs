@@ -158,7 +158,7 @@ async fn inference_end_to_end_with_restart() -> Result<()> {
              [postgres]\nurl = \"{url}\"\nflush_rows = 300\nflush_interval = \"200ms\"\n\
              [nas]\npath = \"{}\"\nroll_interval = \"1s\"\n[query]\nhttp_addr = \"{http}\"\n\
              [windows]\nmax_out_of_orderness = \"5s\"\nidle_timeout = \"10m\"\n\
-             [dataflows]\ntelemetry = false\ninference = true\n",
+             [dataflows]\ntelemetry = false\ninference = true\nanalytics = false\n",
             stack.brokers,
             work.path().join("nas").display()
         ),

@@ -176,7 +176,7 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
     std::fs::write(
         &config,
         format!(
-            "[kafka]\nbrokers = \"{}\"\n[kafka.topics]\ntelemetry = \"{topic}\"\n[postgres]\nurl = \"{url}\"\nflush_rows = 500\nflush_interval = \"200ms\"\n[nas]\npath = \"{}\"\nroll_rows = 2000\nroll_interval = \"1s\"\n[query]\nhttp_addr = \"{http}\"\n[windows]\nmax_out_of_orderness = \"5s\"\nidle_timeout = \"10m\"\n[dataflows]\ninference = false\n",
+            "[kafka]\nbrokers = \"{}\"\n[kafka.topics]\ntelemetry = \"{topic}\"\n[postgres]\nurl = \"{url}\"\nflush_rows = 500\nflush_interval = \"200ms\"\n[nas]\npath = \"{}\"\nroll_rows = 2000\nroll_interval = \"1s\"\n[query]\nhttp_addr = \"{http}\"\n[windows]\nmax_out_of_orderness = \"5s\"\nidle_timeout = \"10m\"\n[dataflows]\ninference = false\nanalytics = false\n",
             stack.brokers,
             nas.display()
         ),

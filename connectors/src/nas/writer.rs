@@ -13,10 +13,11 @@ use chrono::{DateTime, Utc};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use primespark_schemas::analytics::{AnalyticsEvent, ApiEvent, TaskEvent};
 use primespark_schemas::columnar;
 use primespark_schemas::rows::{
-    Agg, AggRow, InferenceRow, InferenceStatsRow, MetricAggRow, RawRow, RoutingStatsRow,
-    TelemetryRow,
+    AgentLoadRow, Agg, AggRow, AnalyticsRow, ApiEventsRow, InferenceRow, InferenceStatsRow,
+    MetricAggRow, RawRow, RoutingStatsRow, TaskStateChange, TaskStatsRow, TelemetryRow,
 };
 
 /// Archive failures.
@@ -56,19 +57,75 @@ fn times(values: impl Iterator<Item = i64>) -> ArrayRef {
 pub fn raw_batch(rows: &[RawRow]) -> Result<RecordBatch, NasError> {
     let mut telemetry = Vec::new();
     let mut inference = Vec::new();
+    let mut analytics = Vec::new();
     for r in rows {
         match r {
             RawRow::Telemetry(t) => telemetry.push(t),
             RawRow::Inference(i) => inference.push(i),
+            RawRow::Analytics(a) => analytics.push(a),
         }
     }
-    match (telemetry.is_empty(), inference.is_empty()) {
-        (_, true) => telemetry_batch(&telemetry),
-        (true, false) => inference_batch(&inference),
-        (false, false) => Err(NasError::Encode(
-            "a roll mixes telemetry and inference rows".into(),
+    match (
+        telemetry.is_empty(),
+        inference.is_empty(),
+        analytics.is_empty(),
+    ) {
+        (_, true, true) => telemetry_batch(&telemetry),
+        (true, false, true) => inference_batch(&inference),
+        (true, true, false) => analytics_batch(&analytics),
+        _ => Err(NasError::Encode(
+            "a roll mixes rows of different streams (telemetry, inference, analytics)".into(),
         )),
     }
+}
+
+/// Builds the Arrow batch of raw `analytics.events` rows: task events fill the task columns,
+/// API events `endpoint`, `user_id` and `data`; the other columns are null.
+pub fn analytics_batch(rows: &[&AnalyticsRow]) -> Result<RecordBatch, NasError> {
+    let task = |f: fn(&TaskEvent) -> Option<&str>| -> ArrayRef {
+        Arc::new(StringArray::from(
+            rows.iter()
+                .map(|r| match &r.event {
+                    AnalyticsEvent::Task(t) => f(t),
+                    AnalyticsEvent::Api(_) => None,
+                })
+                .collect::<Vec<_>>(),
+        ))
+    };
+    let api = |f: fn(&ApiEvent) -> Option<&str>| -> ArrayRef {
+        Arc::new(StringArray::from(
+            rows.iter()
+                .map(|r| match &r.event {
+                    AnalyticsEvent::Api(a) => f(a),
+                    AnalyticsEvent::Task(_) => None,
+                })
+                .collect::<Vec<_>>(),
+        ))
+    };
+    RecordBatch::try_new(
+        columnar::analytics_raw(),
+        vec![
+            times(rows.iter().map(|r| r.event.time_us())),
+            Arc::new(StringArray::from_iter_values(rows.iter().map(
+                |r| match &r.event {
+                    AnalyticsEvent::Task(t) => t.kind.as_str(),
+                    AnalyticsEvent::Api(a) => a.event_type.as_str(),
+                },
+            ))),
+            task(|t| Some(t.task_id.as_str())),
+            task(|t| t.task_type.as_deref()),
+            task(|t| t.priority.as_deref()),
+            task(|t| t.agent_id.as_deref()),
+            api(|a| Some(a.endpoint.as_str())),
+            api(|a| a.user_id.as_deref()),
+            api(|a| a.data.as_deref()),
+            Arc::new(Int32Array::from_iter_values(
+                rows.iter().map(|r| r.partition),
+            )),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.offset))),
+        ],
+    )
+    .map_err(encode)
 }
 
 /// Builds the Arrow batch of raw inference rows.
@@ -174,23 +231,128 @@ pub fn routing_stats_batch(rows: &[&RoutingStatsRow]) -> Result<RecordBatch, Nas
     .map_err(encode)
 }
 
-/// Builds the Arrow batch of aggregate rows of one table.
+/// Builds the Arrow batch of `task_stats_1m` rows (and `task_stats_1h`).
+pub fn task_stats_batch(rows: &[&TaskStatsRow]) -> Result<RecordBatch, NasError> {
+    let int = |g: fn(&TaskStatsRow) -> i64| -> ArrayRef {
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| g(r))))
+    };
+    let opt = |g: fn(&TaskStatsRow) -> Option<f64>| -> ArrayRef {
+        Arc::new(Float64Array::from(
+            rows.iter().map(|r| g(r)).collect::<Vec<_>>(),
+        ))
+    };
+    RecordBatch::try_new(
+        columnar::task_stats_1m(),
+        vec![
+            times(rows.iter().map(|r| r.bucket_us)),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.task_type.as_str()),
+            )),
+            int(|r| r.created),
+            int(|r| r.assigned),
+            int(|r| r.started),
+            int(|r| r.completed),
+            int(|r| r.failed),
+            opt(|r| r.wait_p50_ms),
+            opt(|r| r.wait_p95_ms),
+            opt(|r| r.run_p50_ms),
+            opt(|r| r.run_p95_ms),
+            int(|r| r.backlog),
+        ],
+    )
+    .map_err(encode)
+}
+
+/// Builds the Arrow batch of `agent_load_1m` rows (and `agent_load_1h`).
+pub fn agent_load_batch(rows: &[&AgentLoadRow]) -> Result<RecordBatch, NasError> {
+    let int = |g: fn(&AgentLoadRow) -> i64| -> ArrayRef {
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| g(r))))
+    };
+    RecordBatch::try_new(
+        columnar::agent_load_1m(),
+        vec![
+            times(rows.iter().map(|r| r.bucket_us)),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.agent_id.as_str()),
+            )),
+            int(|r| r.assigned),
+            int(|r| r.completed),
+            int(|r| r.failed),
+            int(|r| r.active),
+        ],
+    )
+    .map_err(encode)
+}
+
+/// Builds the Arrow batch of `api_events_1m` rows (and `api_events_1h`).
+pub fn api_events_batch(rows: &[&ApiEventsRow]) -> Result<RecordBatch, NasError> {
+    let int = |g: fn(&ApiEventsRow) -> i64| -> ArrayRef {
+        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| g(r))))
+    };
+    RecordBatch::try_new(
+        columnar::api_events_1m(),
+        vec![
+            times(rows.iter().map(|r| r.bucket_us)),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.event_type.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.endpoint.as_str()),
+            )),
+            int(|r| r.count),
+            int(|r| r.distinct_users),
+            int(|r| r.anonymous),
+        ],
+    )
+    .map_err(encode)
+}
+
+/// Builds the Arrow batch of aggregate rows of one table. `task_state` changes are not windows
+/// and are skipped.
 pub fn agg_batch(rows: &[AggRow]) -> Result<RecordBatch, NasError> {
     let mut metrics = Vec::new();
     let mut inference = Vec::new();
     let mut routing = Vec::new();
+    let mut tasks = Vec::new();
+    let mut agents = Vec::new();
+    let mut api = Vec::new();
     for r in rows {
         match &r.row {
             Agg::Metrics(m) => metrics.push(m),
             Agg::Inference(i) => inference.push(i),
             Agg::Routing(x) => routing.push(x),
+            Agg::Task(t) => tasks.push(t),
+            Agg::Agent(a) => agents.push(a),
+            Agg::Api(a) => api.push(a),
+            Agg::TaskState(_) => {}
         }
     }
-    match (metrics.is_empty(), inference.is_empty(), routing.is_empty()) {
-        (false, true, true) | (true, true, true) => aggregate_batch(&metrics),
-        (true, false, true) => inference_stats_batch(&inference),
-        (true, true, false) => routing_stats_batch(&routing),
-        _ => Err(NasError::Encode("an aggregate file mixes tables".into())),
+    let families = [
+        metrics.is_empty(),
+        inference.is_empty(),
+        routing.is_empty(),
+        tasks.is_empty(),
+        agents.is_empty(),
+        api.is_empty(),
+    ]
+    .iter()
+    .filter(|empty| !**empty)
+    .count();
+    if families > 1 {
+        return Err(NasError::Encode("an aggregate file mixes tables".into()));
+    }
+    if !inference.is_empty() {
+        inference_stats_batch(&inference)
+    } else if !routing.is_empty() {
+        routing_stats_batch(&routing)
+    } else if !tasks.is_empty() {
+        task_stats_batch(&tasks)
+    } else if !agents.is_empty() {
+        agent_load_batch(&agents)
+    } else if !api.is_empty() {
+        api_events_batch(&api)
+    } else {
+        aggregate_batch(&metrics)
     }
 }
 
@@ -246,13 +408,14 @@ pub fn aggregate_batch(rows: &[&MetricAggRow]) -> Result<RecordBatch, NasError> 
 
 /// Writes closed windows under `<root>/table=<table>/date=YYYY-MM-DD/`, one file per table and
 /// bucket named by the bucket start: a replayed window rewrites the same file with the same rows.
+/// `task_state` changes are not windows and are not archived.
 pub fn write_aggregate_files(
     root: &Path,
     rows: &[AggRow],
     row_group_rows: usize,
 ) -> Result<Vec<PathBuf>, NasError> {
     let mut by_bucket: BTreeMap<(&'static str, i64), Vec<AggRow>> = BTreeMap::new();
-    for r in rows {
+    for r in rows.iter().filter(|r| !matches!(r.row, Agg::TaskState(_))) {
         by_bucket
             .entry((r.table(), r.bucket_us()))
             .or_default()
@@ -286,6 +449,11 @@ fn agg_key(r: &AggRow) -> (&str, &str) {
         Agg::Metrics(m) => (m.device_id.as_str(), m.metric_name.as_str()),
         Agg::Inference(i) => (i.model.as_str(), i.source.as_str()),
         Agg::Routing(x) => (x.routing_strategy.as_str(), ""),
+        Agg::Task(t) => (t.task_type.as_str(), ""),
+        Agg::Agent(a) => (a.agent_id.as_str(), ""),
+        Agg::Api(a) => (a.event_type.as_str(), a.endpoint.as_str()),
+        Agg::TaskState(TaskStateChange::Keep(e)) => (e.task_id.as_str(), e.kind.as_str()),
+        Agg::TaskState(TaskStateChange::Retire(id)) => (id.as_str(), "retire"),
     }
 }
 
@@ -471,6 +639,189 @@ mod tests {
         assert_eq!(removed, 1);
         assert!(!later[0].exists());
         assert!(files.iter().all(|f| f.exists()));
+    }
+
+    fn analytics_rows(t0: i64) -> Vec<RawRow> {
+        use primespark_schemas::analytics::TaskEventKind;
+        vec![
+            RawRow::Analytics(AnalyticsRow {
+                event: AnalyticsEvent::Task(TaskEvent {
+                    kind: TaskEventKind::Created,
+                    task_id: "t-1".into(),
+                    task_type: Some("voice_recognition".into()),
+                    priority: Some("HIGH".into()),
+                    agent_id: None,
+                    time_us: t0,
+                }),
+                partition: 0,
+                offset: 7,
+            }),
+            RawRow::Analytics(AnalyticsRow {
+                event: AnalyticsEvent::Api(ApiEvent {
+                    event_type: "llm_generate".into(),
+                    endpoint: "/api/llm/generate".into(),
+                    user_id: None,
+                    data: Some(r#"{"model":"m"}"#.into()),
+                    time_us: t0 + 1,
+                }),
+                partition: 0,
+                offset: 8,
+            }),
+        ]
+    }
+
+    fn analytics_windows(bucket_us: i64) -> Vec<AggRow> {
+        use primespark_schemas::analytics::TaskEventKind;
+        use primespark_schemas::rows::Rollup;
+        let task = TaskStatsRow {
+            bucket_us,
+            task_type: "voice_recognition".into(),
+            created: 2,
+            assigned: 1,
+            started: 1,
+            completed: 1,
+            failed: 0,
+            wait_p50_ms: Some(12.5),
+            wait_p95_ms: Some(20.0),
+            run_p50_ms: None,
+            run_p95_ms: None,
+            backlog: 1,
+        };
+        let agent = AgentLoadRow {
+            bucket_us,
+            agent_id: "spark-agent-1".into(),
+            assigned: 1,
+            completed: 1,
+            failed: 0,
+            active: 0,
+        };
+        let api = ApiEventsRow {
+            bucket_us,
+            event_type: "llm_generate".into(),
+            endpoint: "/api/llm/generate".into(),
+            count: 3,
+            distinct_users: 1,
+            anonymous: 2,
+        };
+        let mut rows = Vec::new();
+        for rollup in Rollup::ALL {
+            rows.push(AggRow {
+                rollup,
+                row: Agg::Task(task.clone()),
+            });
+            rows.push(AggRow {
+                rollup,
+                row: Agg::Agent(agent.clone()),
+            });
+            rows.push(AggRow {
+                rollup,
+                row: Agg::Api(api.clone()),
+            });
+        }
+        rows.push(AggRow {
+            rollup: Rollup::Minute,
+            row: Agg::TaskState(TaskStateChange::Keep(TaskEvent {
+                kind: TaskEventKind::Created,
+                task_id: "t-1".into(),
+                task_type: Some("voice_recognition".into()),
+                priority: None,
+                agent_id: None,
+                time_us: bucket_us,
+            })),
+        });
+        rows.push(AggRow {
+            rollup: Rollup::Minute,
+            row: Agg::TaskState(TaskStateChange::Retire("t-0".into())),
+        });
+        rows
+    }
+
+    #[test]
+    fn analytics_batch_nulls_the_other_kinds_columns() {
+        use arrow::array::Array;
+        let rows = analytics_rows(1_762_351_387_000_000);
+        let batch = raw_batch(&rows).unwrap();
+        assert_eq!(batch.num_rows(), 2);
+        assert_eq!(batch.schema(), columnar::analytics_raw());
+        let nulls = |name: &str| batch.column_by_name(name).unwrap().null_count();
+        // One task event (no agent yet) and one anonymous API event.
+        for (column, want) in [
+            ("event_type", 0),
+            ("task_id", 1),
+            ("task_type", 1),
+            ("priority", 1),
+            ("agent_id", 2),
+            ("endpoint", 1),
+            ("user_id", 2),
+            ("data", 1),
+        ] {
+            assert_eq!(nulls(column), want, "{column}");
+        }
+        let event_type = batch.column_by_name("event_type").unwrap();
+        let event_type = event_type.as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!(event_type.value(0), "task_created");
+        assert_eq!(event_type.value(1), "llm_generate");
+        let data = batch.column_by_name("data").unwrap();
+        let data = data.as_any().downcast_ref::<StringArray>().unwrap();
+        assert_eq!(data.value(1), r#"{"model":"m"}"#);
+
+        let mut mixed = rows;
+        mixed.push(row(1_762_351_387_000_000, 1));
+        assert!(raw_batch(&mixed).is_err());
+    }
+
+    #[test]
+    fn analytics_window_batches_and_files_skip_task_state() {
+        use arrow::array::Array;
+        let bucket = 1_762_351_380_000_000; // 2025-11-05T14:03:00Z
+        let rows = analytics_windows(bucket);
+        for (table, columns, nulls) in [
+            ("task_stats_1m", 12, 2),
+            ("agent_load_1m", 6, 0),
+            ("api_events_1m", 6, 0),
+        ] {
+            let one: Vec<AggRow> = rows
+                .iter()
+                .filter(|r| r.table() == table)
+                .cloned()
+                .collect();
+            let batch = agg_batch(&one).unwrap();
+            assert_eq!(
+                (batch.num_rows(), batch.num_columns()),
+                (1, columns),
+                "{table}"
+            );
+            let null_count: usize = batch.columns().iter().map(|c| c.null_count()).sum();
+            assert_eq!(null_count, nulls, "{table}");
+        }
+        // Windows of two families in one file are an error; task_state changes are ignored.
+        assert!(agg_batch(&rows[..2]).is_err());
+        let task_only: Vec<AggRow> = rows
+            .iter()
+            .filter(|r| r.table() == "task_stats_1m" || r.table() == "task_state")
+            .cloned()
+            .collect();
+        assert_eq!(agg_batch(&task_only).unwrap().num_rows(), 1);
+
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_aggregate_files(dir.path(), &rows, 1024).unwrap();
+        assert_eq!(files.len(), 6);
+        assert!(!dir.path().join("table=task_state").exists());
+        for table in [
+            "task_stats_1m",
+            "task_stats_1h",
+            "agent_load_1m",
+            "agent_load_1h",
+            "api_events_1m",
+            "api_events_1h",
+        ] {
+            assert!(
+                files
+                    .iter()
+                    .any(|f| f.to_string_lossy().contains(&format!("table={table}/"))),
+                "{table}"
+            );
+        }
     }
 
     #[test]

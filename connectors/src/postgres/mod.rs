@@ -6,6 +6,6 @@ mod sink;
 
 pub use config::PostgresConfig;
 pub use sink::{
-    commit_offsets, connect, load_state, migrate, write_aggregates, write_raw, Backend,
-    PostgresError, StoredState,
+    commit_offsets, connect, load_state, load_task_state, migrate, write_aggregates, write_raw,
+    Backend, PostgresError, StoredState,
 };

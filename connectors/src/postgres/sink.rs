@@ -5,13 +5,15 @@ use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use futures::pin_mut;
+use primespark_schemas::analytics::{AnalyticsEvent, TaskEvent, TaskEventKind};
 use primespark_schemas::ddl::{MIGRATIONS, TIMESCALE_SETUP};
 use primespark_schemas::rows::{
-    latest_rows, Agg, AggRow, DeadLetterRow, InferenceStatsRow, LateEventRow, MetricAggRow,
-    PartitionOffset, RawRow, RoutingStatsRow,
+    latest_rows, AgentLoadRow, Agg, AggRow, ApiEventsRow, DeadLetterRow, InferenceStatsRow,
+    LateEventRow, MetricAggRow, PartitionOffset, RawRow, RoutingStatsRow, TaskStateChange,
+    TaskStatsRow,
 };
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::{Client, NoTls, Transaction};
 
 use crate::metrics::{DeadLettersWritten, SinkRowsWritten};
@@ -31,6 +33,10 @@ pub enum PostgresError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// A stored row cannot be turned back into its type (written by another version or edited
+    /// by hand): someone must fix or remove the row.
+    #[error("{0}")]
+    InvalidRow(String),
 }
 
 fn stmt(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PostgresError {
@@ -204,6 +210,76 @@ fn time(us: i64) -> DateTime<Utc> {
     DateTime::<Utc>::from_timestamp_micros(us).unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
+/// JSON text sent as `jsonb` (or `json`) without parsing it here: the server validates it, so
+/// text that is not JSON fails the statement instead of panicking.
+#[derive(Debug, Clone, Copy)]
+struct JsonText<'a>(&'a str);
+
+impl ToSql for JsonText<'_> {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        // jsonb's binary form is a version byte (1) followed by the text; json's is the text.
+        if *ty == Type::JSONB {
+            out.extend_from_slice(&[1]);
+        }
+        out.extend_from_slice(self.0.as_bytes());
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::JSONB || *ty == Type::JSON
+    }
+
+    to_sql_checked!();
+}
+
+/// The kind of a stored `task_state` row, or an error naming the row.
+fn stored_kind(dataflow: &str, task_id: &str, kind: &str) -> Result<TaskEventKind, PostgresError> {
+    TaskEventKind::from_event_type(kind).ok_or_else(|| {
+        PostgresError::InvalidRow(format!(
+            "task_state row (dataflow \"{dataflow}\", task_id \"{task_id}\", kind \"{kind}\"): \
+             kind is not a task lifecycle type (task_created, task_assigned, task_started, \
+             task_completed, task_failed)"
+        ))
+    })
+}
+
+/// Loads the task lifecycle join's state of `dataflow` (the `task_state` rows committed with
+/// its windows), ordered by task and kind, so a restarted dataflow rebuilds the join exactly.
+/// A row whose `kind` is not a task lifecycle type is an error naming the row.
+pub async fn load_task_state(
+    client: &Client,
+    dataflow: &str,
+) -> Result<Vec<TaskEvent>, PostgresError> {
+    let rows = client
+        .query(
+            "SELECT task_id, kind, time, task_type, priority, agent_id FROM task_state
+             WHERE dataflow = $1 ORDER BY task_id, kind",
+            &[&dataflow],
+        )
+        .await
+        .map_err(stmt("reading task_state"))?;
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        let task_id: String = row.try_get(0).map_err(stmt("reading task_state"))?;
+        let kind: String = row.try_get(1).map_err(stmt("reading task_state"))?;
+        let at: DateTime<Utc> = row.try_get(2).map_err(stmt("reading task_state"))?;
+        let kind = stored_kind(dataflow, &task_id, &kind)?;
+        events.push(TaskEvent {
+            kind,
+            task_id,
+            task_type: row.try_get(3).map_err(stmt("reading task_state"))?,
+            priority: row.try_get(4).map_err(stmt("reading task_state"))?,
+            agent_id: row.try_get(5).map_err(stmt("reading task_state"))?,
+            time_us: at.timestamp_micros(),
+        });
+    }
+    Ok(events)
+}
+
 async fn upsert_offsets(
     tx: &Transaction<'_>,
     dataflow: &str,
@@ -250,13 +326,17 @@ pub async fn write_raw(
         .map_err(stmt("beginning raw batch"))?;
     let telemetry = rows.iter().filter_map(|r| match r {
         RawRow::Telemetry(t) => Some(t),
-        RawRow::Inference(_) => None,
+        RawRow::Inference(_) | RawRow::Analytics(_) => None,
     });
     let inference = rows.iter().filter_map(|r| match r {
         RawRow::Inference(i) => Some(i),
-        RawRow::Telemetry(_) => None,
+        RawRow::Telemetry(_) | RawRow::Analytics(_) => None,
     });
-    let (mut telemetry_rows, mut inference_rows) = (0u64, 0u64);
+    let analytics = rows.iter().filter_map(|r| match r {
+        RawRow::Analytics(a) => Some(a),
+        RawRow::Telemetry(_) | RawRow::Inference(_) => None,
+    });
+    let (mut telemetry_rows, mut inference_rows, mut analytics_rows) = (0u64, 0u64, 0u64);
     if rows.iter().any(|r| matches!(r, RawRow::Telemetry(_))) {
         let copy = tx
             .copy_in("COPY device_metrics (time, device_id, metric_name, value) FROM STDIN (FORMAT binary)")
@@ -331,6 +411,73 @@ pub async fn write_raw(
             .await
             .map_err(stmt("finishing COPY into ai_inference_results"))?;
     }
+    if rows.iter().any(|r| matches!(r, RawRow::Analytics(_))) {
+        let copy = tx
+            .copy_in(
+                "COPY analytics_events (time, event_type, task_id, task_type, priority, agent_id, endpoint, \
+                 user_id, data) FROM STDIN (FORMAT binary)",
+            )
+            .await
+            .map_err(stmt("starting COPY into analytics_events"))?;
+        let writer = BinaryCopyInWriter::new(
+            copy,
+            &[
+                Type::TIMESTAMPTZ,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::JSONB,
+            ],
+        );
+        pin_mut!(writer);
+        let none: Option<&str> = None;
+        for r in analytics {
+            analytics_rows += 1;
+            match &r.event {
+                AnalyticsEvent::Task(e) => {
+                    writer
+                        .as_mut()
+                        .write(&[
+                            &time(e.time_us),
+                            &e.kind.as_str(),
+                            &e.task_id,
+                            &e.task_type,
+                            &e.priority,
+                            &e.agent_id,
+                            &none,
+                            &none,
+                            &None::<JsonText<'_>>,
+                        ])
+                        .await
+                }
+                AnalyticsEvent::Api(e) => {
+                    writer
+                        .as_mut()
+                        .write(&[
+                            &time(e.time_us),
+                            &e.event_type,
+                            &none,
+                            &none,
+                            &none,
+                            &none,
+                            &e.endpoint,
+                            &e.user_id,
+                            &e.data.as_deref().map(JsonText),
+                        ])
+                        .await
+                }
+            }
+            .map_err(stmt("copying into analytics_events"))?;
+        }
+        writer
+            .finish()
+            .await
+            .map_err(stmt("finishing COPY into analytics_events"))?;
+    }
     if !dead.is_empty() {
         let partitions: Vec<i32> = dead.iter().map(|d| d.partition).collect();
         let offs: Vec<i64> = dead.iter().map(|d| d.offset).collect();
@@ -365,6 +512,7 @@ pub async fn write_raw(
     for (table, rows) in [
         ("device_metrics", telemetry_rows),
         ("ai_inference_results", inference_rows),
+        ("analytics_events", analytics_rows),
     ] {
         if rows > 0 {
             SinkRowsWritten {
@@ -391,7 +539,8 @@ pub async fn write_raw(
     Ok(())
 }
 
-/// Upserts closed windows of every aggregate table and, in the same transaction, the
+/// Upserts closed windows of every aggregate table, applies the task lifecycle join's state
+/// changes (`task_state`: keeps first, then retires) and, in the same transaction, the
 /// dataflow's committed watermark and the resume offsets of its windows.
 pub async fn write_aggregates(
     client: &mut Client,
@@ -415,11 +564,21 @@ pub async fn write_aggregates(
     let mut metrics: BTreeMap<&'static str, Vec<&MetricAggRow>> = BTreeMap::new();
     let mut inference: BTreeMap<&'static str, Vec<&InferenceStatsRow>> = BTreeMap::new();
     let mut routing: BTreeMap<&'static str, Vec<&RoutingStatsRow>> = BTreeMap::new();
+    let mut tasks: BTreeMap<&'static str, Vec<&TaskStatsRow>> = BTreeMap::new();
+    let mut agents: BTreeMap<&'static str, Vec<&AgentLoadRow>> = BTreeMap::new();
+    let mut api: BTreeMap<&'static str, Vec<&ApiEventsRow>> = BTreeMap::new();
+    let mut keeps: Vec<&TaskEvent> = Vec::new();
+    let mut retires: Vec<&str> = Vec::new();
     for r in rows {
         match &r.row {
             Agg::Metrics(m) => metrics.entry(r.table()).or_default().push(m),
             Agg::Inference(i) => inference.entry(r.table()).or_default().push(i),
             Agg::Routing(x) => routing.entry(r.table()).or_default().push(x),
+            Agg::Task(t) => tasks.entry(r.table()).or_default().push(t),
+            Agg::Agent(a) => agents.entry(r.table()).or_default().push(a),
+            Agg::Api(a) => api.entry(r.table()).or_default().push(a),
+            Agg::TaskState(TaskStateChange::Keep(e)) => keeps.push(e),
+            Agg::TaskState(TaskStateChange::Retire(id)) => retires.push(id),
         }
     }
     for (table, rows) in &metrics {
@@ -431,6 +590,18 @@ pub async fn write_aggregates(
     for (table, rows) in &routing {
         upsert_routing_stats(&tx, table, rows).await?;
     }
+    for (table, rows) in &tasks {
+        upsert_task_stats(&tx, table, rows).await?;
+    }
+    for (table, rows) in &agents {
+        upsert_agent_load(&tx, table, rows).await?;
+    }
+    for (table, rows) in &api {
+        upsert_api_events(&tx, table, rows).await?;
+    }
+    // Keeps before retires: a task kept and retired in one batch is gone afterwards.
+    keep_task_state(&tx, dataflow, &keeps).await?;
+    retire_task_state(&tx, dataflow, &retires).await?;
     tx.execute(
         "INSERT INTO dataflow_state (dataflow, committed_watermark_us, updated_at) VALUES ($1, $2, now())
          ON CONFLICT (dataflow) DO UPDATE SET committed_watermark_us = EXCLUDED.committed_watermark_us, updated_at = now()",
@@ -446,7 +617,11 @@ pub async fn write_aggregates(
         .iter()
         .map(|(t, r)| (*t, r.len()))
         .chain(inference.iter().map(|(t, r)| (*t, r.len())))
-        .chain(routing.iter().map(|(t, r)| (*t, r.len())));
+        .chain(routing.iter().map(|(t, r)| (*t, r.len())))
+        .chain(tasks.iter().map(|(t, r)| (*t, r.len())))
+        .chain(agents.iter().map(|(t, r)| (*t, r.len())))
+        .chain(api.iter().map(|(t, r)| (*t, r.len())))
+        .chain(Some(("task_state", keeps.len() + retires.len())).filter(|(_, n)| *n > 0));
     for (table, n) in written {
         SinkRowsWritten {
             sink: "postgres",
@@ -560,6 +735,162 @@ async fn upsert_routing_stats(
     Ok(())
 }
 
+async fn upsert_task_stats(
+    tx: &Transaction<'_>,
+    table: &str,
+    rows: &[&TaskStatsRow],
+) -> Result<(), PostgresError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let buckets: Vec<DateTime<Utc>> = rows.iter().map(|r| time(r.bucket_us)).collect();
+    let types: Vec<&str> = rows.iter().map(|r| r.task_type.as_str()).collect();
+    let created: Vec<i64> = rows.iter().map(|r| r.created).collect();
+    let assigned: Vec<i64> = rows.iter().map(|r| r.assigned).collect();
+    let started: Vec<i64> = rows.iter().map(|r| r.started).collect();
+    let completed: Vec<i64> = rows.iter().map(|r| r.completed).collect();
+    let failed: Vec<i64> = rows.iter().map(|r| r.failed).collect();
+    let wait_p50: Vec<Option<f64>> = rows.iter().map(|r| r.wait_p50_ms).collect();
+    let wait_p95: Vec<Option<f64>> = rows.iter().map(|r| r.wait_p95_ms).collect();
+    let run_p50: Vec<Option<f64>> = rows.iter().map(|r| r.run_p50_ms).collect();
+    let run_p95: Vec<Option<f64>> = rows.iter().map(|r| r.run_p95_ms).collect();
+    let backlog: Vec<i64> = rows.iter().map(|r| r.backlog).collect();
+    tx.execute(
+        &format!("INSERT INTO {table} (bucket, task_type, created, assigned, started, completed, failed,
+                                       wait_p50_ms, wait_p95_ms, run_p50_ms, run_p95_ms, backlog)
+         SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[],
+                              $7::int8[], $8::float8[], $9::float8[], $10::float8[], $11::float8[], $12::int8[])
+         ON CONFLICT (task_type, bucket) DO UPDATE
+           SET created = EXCLUDED.created, assigned = EXCLUDED.assigned, started = EXCLUDED.started,
+               completed = EXCLUDED.completed, failed = EXCLUDED.failed,
+               wait_p50_ms = EXCLUDED.wait_p50_ms, wait_p95_ms = EXCLUDED.wait_p95_ms,
+               run_p50_ms = EXCLUDED.run_p50_ms, run_p95_ms = EXCLUDED.run_p95_ms,
+               backlog = EXCLUDED.backlog"),
+        &[
+            &buckets, &types, &created, &assigned, &started, &completed, &failed, &wait_p50,
+            &wait_p95, &run_p50, &run_p95, &backlog,
+        ],
+    )
+    .await
+    .map_err(stmt("upserting task statistics windows"))?;
+    Ok(())
+}
+
+async fn upsert_agent_load(
+    tx: &Transaction<'_>,
+    table: &str,
+    rows: &[&AgentLoadRow],
+) -> Result<(), PostgresError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let buckets: Vec<DateTime<Utc>> = rows.iter().map(|r| time(r.bucket_us)).collect();
+    let agents: Vec<&str> = rows.iter().map(|r| r.agent_id.as_str()).collect();
+    let assigned: Vec<i64> = rows.iter().map(|r| r.assigned).collect();
+    let completed: Vec<i64> = rows.iter().map(|r| r.completed).collect();
+    let failed: Vec<i64> = rows.iter().map(|r| r.failed).collect();
+    let active: Vec<i64> = rows.iter().map(|r| r.active).collect();
+    tx.execute(
+        &format!("INSERT INTO {table} (bucket, agent_id, assigned, completed, failed, active)
+         SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::int8[], $4::int8[], $5::int8[], $6::int8[])
+         ON CONFLICT (agent_id, bucket) DO UPDATE
+           SET assigned = EXCLUDED.assigned, completed = EXCLUDED.completed,
+               failed = EXCLUDED.failed, active = EXCLUDED.active"),
+        &[&buckets, &agents, &assigned, &completed, &failed, &active],
+    )
+    .await
+    .map_err(stmt("upserting agent load windows"))?;
+    Ok(())
+}
+
+async fn upsert_api_events(
+    tx: &Transaction<'_>,
+    table: &str,
+    rows: &[&ApiEventsRow],
+) -> Result<(), PostgresError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let buckets: Vec<DateTime<Utc>> = rows.iter().map(|r| time(r.bucket_us)).collect();
+    let types: Vec<&str> = rows.iter().map(|r| r.event_type.as_str()).collect();
+    let endpoints: Vec<&str> = rows.iter().map(|r| r.endpoint.as_str()).collect();
+    let counts: Vec<i64> = rows.iter().map(|r| r.count).collect();
+    let users: Vec<i64> = rows.iter().map(|r| r.distinct_users).collect();
+    let anonymous: Vec<i64> = rows.iter().map(|r| r.anonymous).collect();
+    tx.execute(
+        &format!("INSERT INTO {table} (bucket, event_type, endpoint, count, distinct_users, anonymous)
+         SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::int8[])
+         ON CONFLICT (event_type, endpoint, bucket) DO UPDATE
+           SET count = EXCLUDED.count, distinct_users = EXCLUDED.distinct_users,
+               anonymous = EXCLUDED.anonymous"),
+        &[&buckets, &types, &endpoints, &counts, &users, &anonymous],
+    )
+    .await
+    .map_err(stmt("upserting API event windows"))?;
+    Ok(())
+}
+
+/// Stores the first event of each kind of each task; an event of a kind already stored is
+/// ignored (the first one wins, also within `events`).
+async fn keep_task_state(
+    tx: &Transaction<'_>,
+    dataflow: &str,
+    events: &[&TaskEvent],
+) -> Result<(), PostgresError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut seen = std::collections::HashSet::with_capacity(events.len());
+    let events: Vec<&TaskEvent> = events
+        .iter()
+        .copied()
+        .filter(|e| seen.insert((e.task_id.as_str(), e.kind)))
+        .collect();
+    let ids: Vec<&str> = events.iter().map(|e| e.task_id.as_str()).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let times: Vec<DateTime<Utc>> = events.iter().map(|e| time(e.time_us)).collect();
+    let types: Vec<Option<&str>> = events.iter().map(|e| e.task_type.as_deref()).collect();
+    let priorities: Vec<Option<&str>> = events.iter().map(|e| e.priority.as_deref()).collect();
+    let agents: Vec<Option<&str>> = events.iter().map(|e| e.agent_id.as_deref()).collect();
+    tx.execute(
+        "INSERT INTO task_state (dataflow, task_id, kind, time, task_type, priority, agent_id)
+         SELECT $1, i, k, t, ty, p, a
+         FROM UNNEST($2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::text[], $7::text[])
+           AS u(i, k, t, ty, p, a)
+         ON CONFLICT (dataflow, task_id, kind) DO NOTHING",
+        &[
+            &dataflow,
+            &ids,
+            &kinds,
+            &times,
+            &types,
+            &priorities,
+            &agents,
+        ],
+    )
+    .await
+    .map_err(stmt("storing task state"))?;
+    Ok(())
+}
+
+/// Forgets every stored event of the tasks `task_ids`.
+async fn retire_task_state(
+    tx: &Transaction<'_>,
+    dataflow: &str,
+    task_ids: &[&str],
+) -> Result<(), PostgresError> {
+    if task_ids.is_empty() {
+        return Ok(());
+    }
+    tx.execute(
+        "DELETE FROM task_state WHERE dataflow = $1 AND task_id = ANY($2)",
+        &[&dataflow, &task_ids],
+    )
+    .await
+    .map_err(stmt("retiring task state"))?;
+    Ok(())
+}
+
 /// Stores resume offsets of a sink whose data lives outside PostgreSQL (Parquet), after that
 /// data is durable.
 pub async fn commit_offsets(
@@ -575,4 +906,44 @@ pub async fn commit_offsets(
         .map_err(stmt("beginning offset commit"))?;
     upsert_offsets(&tx, dataflow, sink, topic, offsets).await?;
     tx.commit().await.map_err(stmt("committing offsets"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_text_is_sent_as_jsonb_without_parsing() {
+        let mut out = bytes::BytesMut::new();
+        JsonText(r#"{"model":"m"}"#)
+            .to_sql(&Type::JSONB, &mut out)
+            .unwrap();
+        assert_eq!(&out[..], b"\x01{\"model\":\"m\"}");
+        let mut out = bytes::BytesMut::new();
+        JsonText("{}").to_sql(&Type::JSON, &mut out).unwrap();
+        assert_eq!(&out[..], b"{}");
+        assert!(JsonText::accepts(&Type::JSONB));
+        assert!(!JsonText::accepts(&Type::TEXT));
+    }
+
+    #[test]
+    fn stored_kinds_round_trip_and_unknown_ones_name_the_row() {
+        for kind in [
+            TaskEventKind::Created,
+            TaskEventKind::Assigned,
+            TaskEventKind::Started,
+            TaskEventKind::Completed,
+            TaskEventKind::Failed,
+        ] {
+            assert_eq!(stored_kind("d", "t", kind.as_str()).unwrap(), kind);
+        }
+        let e = stored_kind("telemetry", "t-9", "task_exploded").unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(
+                r#"task_state row (dataflow "telemetry", task_id "t-9", kind "task_exploded"): "#
+            ),
+            "{msg}"
+        );
+    }
 }

@@ -50,10 +50,17 @@ pub enum QueryError {
 ///
 /// Raw inference requests are `inference_raw`; the inference aggregates `inference_stats_1m`
 /// and `routing_stats_1m` (partition column `date`).
+///
+/// Raw task and API events of `events_topic` are `analytics_raw` (partition columns `date` and
+/// `hour`); their windows `task_stats_1m`, `agent_load_1m` and `api_events_1m` (partition column
+/// `date`).
+///
+/// Every aggregate table also has its 1-hour rollup (`*_1h`) with the same columns.
 pub fn session(
     nas_root: &Path,
     telemetry_topic: &str,
     inference_topic: &str,
+    events_topic: &str,
 ) -> Result<SessionContext, QueryError> {
     let ctx = SessionContext::new();
     register_listing(
@@ -62,6 +69,13 @@ pub fn session(
         &nas_root.join(format!("topic={inference_topic}")),
         &["date", "hour"],
         primespark_schemas::columnar::inference_raw(),
+    )?;
+    register_listing(
+        &ctx,
+        "analytics_raw",
+        &nas_root.join(format!("topic={events_topic}")),
+        &["date", "hour"],
+        primespark_schemas::columnar::analytics_raw(),
     )?;
     // The 1-hour rollups have the columns of the 1-minute tables.
     for (name, schema) in [
@@ -84,6 +98,30 @@ pub fn session(
         (
             "routing_stats_1h",
             primespark_schemas::columnar::routing_stats_1m(),
+        ),
+        (
+            "task_stats_1m",
+            primespark_schemas::columnar::task_stats_1m(),
+        ),
+        (
+            "task_stats_1h",
+            primespark_schemas::columnar::task_stats_1m(),
+        ),
+        (
+            "agent_load_1m",
+            primespark_schemas::columnar::agent_load_1m(),
+        ),
+        (
+            "agent_load_1h",
+            primespark_schemas::columnar::agent_load_1m(),
+        ),
+        (
+            "api_events_1m",
+            primespark_schemas::columnar::api_events_1m(),
+        ),
+        (
+            "api_events_1h",
+            primespark_schemas::columnar::api_events_1m(),
         ),
     ] {
         register_listing(
@@ -328,4 +366,129 @@ pub fn batches_to_json(batches: &[RecordBatch]) -> Result<Vec<Value>, QueryError
         }
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use primespark_schemas::analytics::{AnalyticsEvent, ApiEvent, TaskEvent, TaskEventKind};
+    use primespark_schemas::rows::{
+        AgentLoadRow, Agg, AggRow, AnalyticsRow, RawRow, Rollup, TaskStateChange,
+    };
+
+    use super::*;
+    use crate::nas::{write_aggregate_files, ParquetArchive};
+
+    async fn query(ctx: &SessionContext, sql: &str) -> Vec<Value> {
+        let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+        batches_to_json(&batches).unwrap()
+    }
+
+    #[tokio::test]
+    async fn analytics_tables_read_what_the_writers_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_762_351_387_000_000; // 2025-11-05T14:03:07Z
+        let task = TaskEvent {
+            kind: TaskEventKind::Assigned,
+            task_id: "t-1".into(),
+            task_type: None,
+            priority: None,
+            agent_id: Some("spark-agent-1".into()),
+            time_us: t0,
+        };
+        let rows = vec![
+            RawRow::Analytics(AnalyticsRow {
+                event: AnalyticsEvent::Task(task.clone()),
+                partition: 0,
+                offset: 0,
+            }),
+            RawRow::Analytics(AnalyticsRow {
+                event: AnalyticsEvent::Api(ApiEvent {
+                    event_type: "llm_generate".into(),
+                    endpoint: "/api/llm/generate".into(),
+                    user_id: Some("admin".into()),
+                    data: Some(r#"{"model":"m"}"#.into()),
+                    time_us: t0,
+                }),
+                partition: 0,
+                offset: 1,
+            }),
+        ];
+        ParquetArchive::new(dir.path(), "analytics.events", 1024)
+            .write_roll(0, 0, 1, &rows)
+            .unwrap();
+        let load = AgentLoadRow {
+            bucket_us: 1_762_351_200_000_000, // 14:00
+            agent_id: "spark-agent-1".into(),
+            assigned: 1,
+            completed: 0,
+            failed: 0,
+            active: 1,
+        };
+        let windows = vec![
+            AggRow {
+                rollup: Rollup::Hour,
+                row: Agg::Agent(load),
+            },
+            AggRow {
+                rollup: Rollup::Minute,
+                row: Agg::TaskState(TaskStateChange::Keep(task)),
+            },
+        ];
+        write_aggregate_files(dir.path(), &windows, 1024).unwrap();
+
+        let ctx = session(
+            dir.path(),
+            "edge.telemetry",
+            "edge.ai.inference",
+            "analytics.events",
+        )
+        .unwrap();
+        assert_eq!(
+            query(
+                &ctx,
+                "SELECT event_type, task_id, agent_id, endpoint, user_id, data, date, hour \
+                 FROM analytics_raw ORDER BY kafka_offset"
+            )
+            .await,
+            [
+                json!([
+                    "task_assigned",
+                    "t-1",
+                    "spark-agent-1",
+                    null,
+                    null,
+                    null,
+                    "2025-11-05",
+                    "14"
+                ]),
+                json!([
+                    "llm_generate",
+                    null,
+                    null,
+                    "/api/llm/generate",
+                    "admin",
+                    "{\"model\":\"m\"}",
+                    "2025-11-05",
+                    "14"
+                ]),
+            ]
+        );
+        assert_eq!(
+            query(&ctx, "SELECT agent_id, active FROM agent_load_1h").await,
+            [json!(["spark-agent-1", 1])]
+        );
+        for table in [
+            "task_stats_1m",
+            "task_stats_1h",
+            "agent_load_1m",
+            "api_events_1m",
+            "api_events_1h",
+        ] {
+            assert_eq!(
+                query(&ctx, &format!("SELECT count(*) FROM {table}")).await,
+                [json!([0])],
+                "{table}"
+            );
+        }
+    }
 }
