@@ -22,6 +22,10 @@ use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Input, Inspect, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 
+// The allocator the `primespark` binary ships with.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const EVENTS: usize = 1_000_000;
 const DEVICES: usize = 1_000;
 const WORKERS: usize = 2;

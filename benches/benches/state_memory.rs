@@ -18,6 +18,10 @@ use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Input, Probe};
 use timely::dataflow::{InputHandleVec, ProbeHandle};
 
+// The allocator the `primespark` binary ships with.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEVICES: i64 = 10_000;
 const SECONDS: i64 = 600;
 const WORKERS: usize = 2;

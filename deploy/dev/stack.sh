@@ -26,7 +26,7 @@ TANSU_ROOT="$TOOLS/tansu-$TANSU_VERSION"
 TANSU_BIN="$TANSU_ROOT/bin/tansu"
 VENV="$TOOLS/venv"
 PY="$VENV/bin/python"
-PY_PACKAGES=("moto[server]" confluent-kafka pyarrow duckdb requests)
+PY_PACKAGES=("moto[server]" confluent-kafka pyarrow duckdb requests check-jsonschema kubernetes-validate)
 PY_IMPORTS="moto, flask, boto3, confluent_kafka, pyarrow, duckdb, requests"
 PG_BIN="${PRIMESPARK_PG_BIN:-/usr/lib/postgresql/15/bin}"
 
@@ -402,7 +402,7 @@ cmd_env() {
     for v in \
         "PRIMESPARK_KAFKA__BROKERS=127.0.0.1:$KAFKA_PORT" \
         "PRIMESPARK_POSTGRES__URL=postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB" \
-        "PRIMESPARK_S3__ENDPOINT=http://127.0.0.1:$S3_PORT" \
+        "PRIMESPARK_STACK_S3_ENDPOINT=http://127.0.0.1:$S3_PORT" \
         "AWS_ACCESS_KEY_ID=testing" \
         "AWS_SECRET_ACCESS_KEY=testing" \
         "AWS_REGION=us-east-1" \

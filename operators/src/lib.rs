@@ -33,11 +33,19 @@ pub mod window;
 /// Timely time of every primespark dataflow: event-time watermark in microseconds since the epoch.
 pub type EventTime = u64;
 
-/// A deterministic 64-bit hash, identical in every process of a cluster, used to exchange
-/// records by key (std's `DefaultHasher::new()` is SipHash with fixed keys).
+/// A deterministic 64-bit hash, identical in every process of a cluster (same binary), used to
+/// exchange records by key: foldhash with a fixed seed, several times faster than SipHash on
+/// the short string keys every exchange hashes.
 pub fn stable_hash<K: std::hash::Hash + ?Sized>(key: &K) -> u64 {
-    use std::hash::{DefaultHasher, Hasher};
-    let mut h = DefaultHasher::new();
-    key.hash(&mut h);
-    h.finish()
+    use std::hash::BuildHasher;
+    const SEED: u64 = 0x7072_696d_6573_7061; // "primespa"
+    foldhash::fast::FixedState::with_seed(SEED).hash_one(key)
 }
+
+/// Hash maps of operator state: foldhash (per-process random seed) instead of SipHash. Keys
+/// here come from the pipeline's own events, and a DoS-resistant hash costs a fifth of a
+/// window operator's time.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Hash sets of operator state, as [`FastMap`].
+pub type FastSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;

@@ -27,7 +27,7 @@
 //! writes to `task_state` in the same transaction as the windows and offsets; a restart feeds
 //! them back in ([`TaskInput::restored`]) before the replay, so the join is rebuilt exactly.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::Hash;
 
 use differential_dataflow::{AsCollection, VecCollection};
@@ -45,7 +45,7 @@ use crate::metrics::{TaskEventsIgnored, TasksRetired};
 use crate::record::window_start;
 use crate::sketch::QuantileSketch;
 use crate::window::{PreAggregate, TumblingWindow, WindowSpec};
-use crate::{stable_hash, EventTime};
+use crate::{stable_hash, EventTime, FastMap, FastSet};
 
 /// Granularity of the lifecycle collections' time: one minute, the narrowest rollup.
 const STEP_US: i64 = Rollup::Minute.width_us();
@@ -149,8 +149,13 @@ impl<'scope> TaskIndex<'scope> for StreamVec<'scope, EventTime, TaskInput> {
         self.unary_frontier(
             Exchange::new(|i: &TaskInput| stable_hash(&i.event.task_id)),
             "TaskIndex",
-            move |_cap, _info| {
-                let mut tasks: HashMap<String, [Option<TaskRec>; 5]> = HashMap::new();
+            move |cap, _info| {
+                // Held at the end of the watermark's minute: the collections downstream change
+                // once per minute, so their frontier only needs to move once per minute too
+                // (instead of at every watermark step, each of which costs every differential
+                // operator a batch).
+                let mut hold = Some(cap);
+                let mut tasks: FastMap<String, [Option<TaskRec>; 5]> = FastMap::default();
                 // Retirement times of finished tasks, each with the capability to retract them.
                 let mut retire: BTreeMap<EventTime, (Capability<EventTime>, Vec<String>)> =
                     BTreeMap::new();
@@ -160,6 +165,7 @@ impl<'scope> TaskIndex<'scope> for StreamVec<'scope, EventTime, TaskInput> {
                         let Some(&now) = cap.least() else {
                             return;
                         };
+                        let mut updates: BTreeMap<EventTime, Vec<IndexOutput>> = BTreeMap::new();
                         let mut session = output.session(&cap);
                         for TaskInput { event, restored } in data.drain(..) {
                             let slots = tasks.entry(event.task_id.clone()).or_default();
@@ -183,7 +189,7 @@ impl<'scope> TaskIndex<'scope> for StreamVec<'scope, EventTime, TaskInput> {
                                     .1
                                     .push(event.task_id.clone());
                             }
-                            session.give(IndexOutput::Update((
+                            updates.entry(at).or_default().push(IndexOutput::Update((
                                 (event.task_id.clone(), rec),
                                 at,
                                 1,
@@ -191,6 +197,12 @@ impl<'scope> TaskIndex<'scope> for StreamVec<'scope, EventTime, TaskInput> {
                             if !restored {
                                 session.give(IndexOutput::State(TaskStateChange::Keep(event)));
                             }
+                        }
+                        drop(session);
+                        for (at, batch) in updates {
+                            output
+                                .session(&cap.delayed(&at, 0))
+                                .give_iterator(batch.into_iter());
                         }
                     });
                     if duplicates > 0 {
@@ -220,6 +232,17 @@ impl<'scope> TaskIndex<'scope> for StreamVec<'scope, EventTime, TaskInput> {
                             }
                             session.give(IndexOutput::State(TaskStateChange::Retire(id)));
                         }
+                    }
+                    match frontier.frontier().iter().min() {
+                        Some(&f) => {
+                            let end = step_end(f as i64).max(f);
+                            if let Some(h) = hold.as_mut() {
+                                if *h.time() < end {
+                                    h.downgrade(&end);
+                                }
+                            }
+                        }
+                        None => hold = None,
                     }
                     if retired > 0 {
                         TasksRetired {
@@ -447,9 +470,9 @@ where
             Exchange::new(|u: &(K, EventTime, isize)| stable_hash(&u.0)),
             name,
             move |_cap, _info| {
-                let mut pending: BTreeMap<EventTime, HashMap<K, i64>> = BTreeMap::new();
-                let mut counts: HashMap<K, i64> = HashMap::new();
-                let mut nonzero_before: HashSet<K> = HashSet::new();
+                let mut pending: BTreeMap<EventTime, FastMap<K, i64>> = BTreeMap::new();
+                let mut counts: FastMap<K, i64> = FastMap::default();
+                let mut nonzero_before: FastSet<K> = FastSet::default();
                 // The next minute end to sample, with the capability to emit it.
                 let mut next: Option<(EventTime, Capability<EventTime>)> = None;
                 move |(input, frontier), output| {
@@ -555,7 +578,8 @@ pub struct TaskOutputs<'scope> {
 }
 
 /// Turns a differential collection into facts: only insertions count. Retractions happen only
-/// when a task retires, long after every window its facts fell into was committed.
+/// when a task retires, long after every window its facts fell into was committed (a fact,
+/// once its events are there, never changes: the first event of each kind wins).
 fn facts<'scope, D, K, F>(
     collection: VecCollection<'scope, EventTime, D, isize>,
     mut fact: F,
@@ -563,13 +587,142 @@ fn facts<'scope, D, K, F>(
 where
     D: Clone + 'static,
     K: Clone + 'static,
-    F: FnMut(D) -> (K, i64, TaskFact) + 'static,
+    F: FnMut(D) -> Option<(K, i64, TaskFact)> + 'static,
 {
     collection.inner.flat_map(move |(d, _t, diff)| {
         let n = usize::try_from(diff).unwrap_or(0);
-        let f = (n > 0).then(|| fact(d));
+        let f = if n > 0 { fact(d) } else { None };
         f.into_iter().flat_map(move |f| std::iter::repeat_n(f, n))
     })
+}
+
+/// What a task-type window learns from a task (integers, so that facts are ordered data).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum TypeFact {
+    /// Created.
+    Created,
+    /// Assigned.
+    Assigned,
+    /// Started after waiting this long, microseconds.
+    Started(i64),
+    /// Completed (`false`) or failed (`true`).
+    Finished(bool),
+    /// Finished after running this long, microseconds.
+    Ran(i64),
+}
+
+impl From<TypeFact> for TaskFact {
+    fn from(f: TypeFact) -> Self {
+        let ms = |us: i64| us.max(0) as f64 / 1000.0;
+        match f {
+            TypeFact::Created => TaskFact::Created,
+            TypeFact::Assigned => TaskFact::Assigned,
+            TypeFact::Started(wait) => TaskFact::Started(ms(wait)),
+            TypeFact::Finished(failed) => TaskFact::Finished(failed),
+            TypeFact::Ran(run) => TaskFact::Ran(ms(run)),
+        }
+    }
+}
+
+/// What an agent window learns from a task.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum AgentFact {
+    /// Assigned to the agent.
+    Assigned,
+    /// The agent's task completed (`false`) or failed (`true`).
+    Finished(bool),
+}
+
+impl From<AgentFact> for TaskFact {
+    fn from(f: AgentFact) -> Self {
+        match f {
+            AgentFact::Assigned => TaskFact::Assigned,
+            AgentFact::Finished(failed) => TaskFact::Finished(failed),
+        }
+    }
+}
+
+/// A fact about one task, derived from all of its events.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum LifeFact {
+    /// For the task's type (needs its `task_created`), at an event time.
+    Type {
+        /// Task type.
+        ty: String,
+        /// Event time of the step, microseconds.
+        at: i64,
+        /// The step.
+        fact: TypeFact,
+    },
+    /// For the agent it was assigned to (needs its `task_assigned`).
+    Agent {
+        /// Agent.
+        agent: String,
+        /// Event time of the step, microseconds.
+        at: i64,
+        /// The step.
+        fact: AgentFact,
+    },
+    /// Created and not finished: counts in its type's backlog.
+    Open(String),
+    /// Assigned and not finished: counts in its agent's active tasks.
+    Active(String),
+}
+
+/// Every fact the events of one task support (the join, per task).
+pub fn lifecycle_facts(recs: &[&TaskRec]) -> Vec<LifeFact> {
+    let of = |k: TaskEventKind| recs.iter().find(|r| r.kind == k).copied();
+    let created = of(TaskEventKind::Created);
+    let assigned = of(TaskEventKind::Assigned);
+    let started = of(TaskEventKind::Started);
+    let finished: Vec<&TaskRec> = recs
+        .iter()
+        .filter(|r| matches!(r.kind, TaskEventKind::Completed | TaskEventKind::Failed))
+        .copied()
+        .collect();
+    let mut out = Vec::new();
+    if let Some(c) = created {
+        let ty = |at: i64, fact: TypeFact| LifeFact::Type {
+            ty: c.label.clone(),
+            at,
+            fact,
+        };
+        out.push(ty(c.time_us, TypeFact::Created));
+        if let Some(a) = assigned {
+            out.push(ty(a.time_us, TypeFact::Assigned));
+        }
+        if let Some(s) = started {
+            out.push(ty(s.time_us, TypeFact::Started(s.time_us - c.time_us)));
+        }
+        for f in &finished {
+            let failed = f.kind == TaskEventKind::Failed;
+            out.push(ty(f.time_us, TypeFact::Finished(failed)));
+            if let Some(s) = started {
+                out.push(ty(f.time_us, TypeFact::Ran(f.time_us - s.time_us)));
+            }
+        }
+        if finished.is_empty() {
+            out.push(LifeFact::Open(c.label.clone()));
+        }
+    }
+    if let Some(a) = assigned {
+        let agent = |at: i64, fact: AgentFact| LifeFact::Agent {
+            agent: a.label.clone(),
+            at,
+            fact,
+        };
+        out.push(agent(a.time_us, AgentFact::Assigned));
+        for f in &finished {
+            out.push(agent(
+                f.time_us,
+                AgentFact::Finished(f.kind == TaskEventKind::Failed),
+            ));
+        }
+        if finished.is_empty() {
+            out.push(LifeFact::Active(a.label.clone()));
+        }
+    }
+    out
 }
 
 /// Builds the lifecycle join and every window of `analytics.events`.
@@ -595,60 +748,50 @@ pub fn task_windows<'scope>(
             IndexOutput::State(_) => None,
         })
         .as_collection();
-    let of_kind = |kinds: &'static [TaskEventKind]| {
-        events.clone().filter(move |(_, r)| kinds.contains(&r.kind))
-    };
-    // (task_id, (time, type))
-    let created = of_kind(&[TaskEventKind::Created]).map(|(id, r)| (id, (r.time_us, r.label)));
-    // (task_id, (time, agent))
-    let assigned = of_kind(&[TaskEventKind::Assigned]).map(|(id, r)| (id, (r.time_us, r.label)));
-    let started = of_kind(&[TaskEventKind::Started]).map(|(id, r)| (id, r.time_us));
-    // (task_id, (time, failed))
-    let finished = of_kind(&[TaskEventKind::Completed, TaskEventKind::Failed])
-        .map(|(id, r)| (id, (r.time_us, r.kind == TaskEventKind::Failed)));
-    let finished_ids = finished.clone().map(|(id, _)| id).distinct();
-
-    let ms = |us: i64| us.max(0) as f64 / 1000.0;
-    let by_type = facts(created.clone(), |(_, (t, ty))| (ty, t, TaskFact::Created))
-        .concat(facts(
-            assigned.clone().join(created.clone()),
-            |(_, ((t, _agent), (_, ty)))| (ty, t, TaskFact::Assigned),
-        ))
-        .concat(facts(
-            started.clone().join(created.clone()),
-            move |(_, (ts, (tc, ty)))| (ty, ts, TaskFact::Started(ms(ts - tc))),
-        ))
-        .concat(facts(
-            finished.clone().join(created.clone()),
-            |(_, ((tf, failed), (_, ty)))| (ty, tf, TaskFact::Finished(failed)),
-        ))
-        .concat(facts(
-            finished.clone().join(started).join(created.clone()),
-            move |(_, (((tf, _), ts), (_, ty)))| (ty, tf, TaskFact::Ran(ms(tf - ts))),
-        ))
-        .concat(
-            created
-                .map(|(id, (_, ty))| (id, ty))
-                .antijoin(finished_ids.clone())
-                .map(|(_, ty)| ty)
-                .inner
-                .sample_counts("Backlog")
-                .map(|(ty, bucket_us, value)| {
-                    (ty, bucket_us, TaskFact::Sample { bucket_us, value })
-                }),
-        );
-    let by_agent = facts(assigned.clone(), |(_, (t, agent))| {
-        (agent, t, TaskFact::Assigned)
+    // One arrangement of every task's events and one reduce per task: when any event of a
+    // task arrives, its facts are recomputed from all of its events and only the difference
+    // comes out (a fact appears when the events it needs are all there).
+    let lifecycle = events.reduce_named("TaskLifecycle", |_id, input, output| {
+        let recs: Vec<&TaskRec> = input
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, _)| *r)
+            .collect();
+        // Sorted and counted, as the reduce's output is a consolidated list.
+        let mut facts = lifecycle_facts(&recs);
+        facts.sort();
+        for fact in facts {
+            match output.last_mut() {
+                Some((last, n)) if *last == fact => *n += 1,
+                _ => output.push((fact, 1)),
+            }
+        }
+    });
+    let by_type = facts(lifecycle.clone(), |(_, f)| match f {
+        LifeFact::Type { ty, at, fact } => Some((ty, at, fact.into())),
+        _ => None,
     })
-    .concat(facts(
-        finished.join(assigned.clone()),
-        |(_, ((tf, failed), (_, agent)))| (agent, tf, TaskFact::Finished(failed)),
-    ))
     .concat(
-        assigned
-            .map(|(id, (_, agent))| (id, agent))
-            .antijoin(finished_ids)
-            .map(|(_, agent)| agent)
+        lifecycle
+            .clone()
+            .flat_map(|(_, f)| match f {
+                LifeFact::Open(ty) => Some(ty),
+                _ => None,
+            })
+            .inner
+            .sample_counts("Backlog")
+            .map(|(ty, bucket_us, value)| (ty, bucket_us, TaskFact::Sample { bucket_us, value })),
+    );
+    let by_agent = facts(lifecycle.clone(), |(_, f)| match f {
+        LifeFact::Agent { agent, at, fact } => Some((agent, at, fact.into())),
+        _ => None,
+    })
+    .concat(
+        lifecycle
+            .flat_map(|(_, f)| match f {
+                LifeFact::Active(agent) => Some(agent),
+                _ => None,
+            })
             .inner
             .sample_counts("ActiveTasks")
             .map(|(agent, bucket_us, value)| {

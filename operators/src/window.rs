@@ -4,7 +4,7 @@
 //! cluster. A window `[start, end)` is emitted, at timely time `end`, once the input frontier
 //! (the watermark) reaches `end`; state is therefore bounded by the open windows.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::BTreeMap;
 use std::hash::Hash;
 
 use serde::{Deserialize, Serialize};
@@ -20,7 +20,7 @@ use primespark_schemas::rows::Rollup;
 
 use crate::metrics::{LateEvents, WindowsClosed};
 use crate::record::window_start;
-use crate::{stable_hash, EventTime};
+use crate::{stable_hash, EventTime, FastMap, FastSet};
 
 /// A closed window's aggregate for one key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -108,10 +108,10 @@ where
             &name,
             move |_cap, _info| {
                 // Open windows by end time, each with the capability to emit it.
-                let mut open: BTreeMap<EventTime, (Capability<EventTime>, HashMap<K, A>)> =
+                let mut open: BTreeMap<EventTime, (Capability<EventTime>, FastMap<K, A>)> =
                     BTreeMap::new();
                 // Emitted windows still within the allowed lateness, by end time.
-                let mut closed: BTreeMap<EventTime, HashMap<K, A>> = BTreeMap::new();
+                let mut closed: BTreeMap<EventTime, FastMap<K, A>> = BTreeMap::new();
                 move |(input, frontier), output| {
                     let mut late = 0u64;
                     input.for_each(|cap, data| {
@@ -119,7 +119,7 @@ where
                             return;
                         };
                         // Each updated (window, key) is re-emitted once per batch.
-                        let mut updated: HashSet<(EventTime, K)> = HashSet::new();
+                        let mut updated: FastSet<(EventTime, K)> = FastSet::default();
                         for (key, time_us, value) in data.drain(..) {
                             let start = window_start(time_us, width);
                             let Ok(end) = EventTime::try_from(start.saturating_add(width)) else {
@@ -149,7 +149,7 @@ where
                             } else {
                                 let (_, aggs) = open
                                     .entry(end)
-                                    .or_insert_with(|| (cap.delayed(&end, 0), HashMap::new()));
+                                    .or_insert_with(|| (cap.delayed(&end, 0), FastMap::default()));
                                 fold(aggs.entry(key).or_default(), value);
                             }
                         }
@@ -225,7 +225,7 @@ where
 }
 
 /// Partials of one timely time, with the capability to emit them.
-type Held<K, A> = (Capability<EventTime>, HashMap<(K, i64), A>);
+type Held<K, A> = (Capability<EventTime>, FastMap<(K, i64), A>);
 
 /// Per-worker pre-aggregation in front of [`TumblingWindow`]: the combiner of a two-phase
 /// aggregation (Flink's local-global aggregation).
@@ -301,7 +301,7 @@ where
                         };
                         let (_, partial) = held
                             .entry(time)
-                            .or_insert_with(|| (cap.delayed(&time, 0), HashMap::new()));
+                            .or_insert_with(|| (cap.delayed(&time, 0), FastMap::default()));
                         for (key, time_us, value) in data.drain(..) {
                             let start = window_start(time_us, width_us);
                             fold(partial.entry((key, start)).or_default(), value);

@@ -1,6 +1,8 @@
 //! The shipped deployment files validate with the real tools: Prometheus alert rules and scrape
 //! configuration with `promtool check`, and the rules' behaviour on sample series with
-//! `promtool test rules` (deploy/prometheus/alerts_test.yml).
+//! `promtool test rules` (deploy/prometheus/alerts_test.yml), the systemd unit with
+//! `systemd-analyze verify`, the compose file against the compose specification, the Kubernetes
+//! manifests against the API schemas, and every shipped configuration with `check-config`.
 
 use std::process::Command;
 
@@ -132,5 +134,148 @@ fn grafana_pipeline_dashboard_queries_parse_and_use_exported_series() -> Result<
             }
         }
     }
+    Ok(())
+}
+
+/// A tool from the stack's Python environment (installed by `deploy/dev/stack.sh`).
+fn venv_tool(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(&stack().python)
+        .parent()
+        .map(|bin| bin.join(name))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| name.into())
+}
+
+/// Runs `tool args.. file`; returns (success, output).
+fn validate(tool: &str, args: &[&str], file: &std::path::Path) -> Result<(bool, String)> {
+    let out = Command::new(venv_tool(tool))
+        .args(args)
+        .arg(file)
+        .output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success() && !text.contains("ERROR"), text))
+}
+
+#[test]
+fn compose_file_follows_the_compose_specification() -> Result<()> {
+    let args = ["--builtin-schema", "vendor.compose-spec"];
+    let file = repo_root().join("deploy/compose/compose.yaml");
+    let (ok, out) = validate("check-jsonschema", &args, &file)?;
+    assert!(ok, "{out}");
+    // The validator rejects what compose would: a misspelled key fails.
+    let text = std::fs::read_to_string(&file)?;
+    assert!(text.contains("    healthcheck:"));
+    let dir = tempfile::tempdir()?;
+    let bad = dir.path().join("compose.yaml");
+    std::fs::write(
+        &bad,
+        text.replacen("    healthcheck:", "    healthchek:", 1),
+    )?;
+    let (ok, out) = validate("check-jsonschema", &args, &bad)?;
+    assert!(!ok, "a misspelled key passed:\n{out}");
+    // Every service the issue names is there, and secrets come from .env, not the file.
+    for service in [
+        "kafka:",
+        "timescaledb:",
+        "minio:",
+        "primespark:",
+        "prometheus:",
+        "grafana:",
+    ] {
+        assert!(text.contains(&format!("\n  {service}\n")), "no {service}");
+    }
+    assert!(!text.contains("change-me"), "a password in compose.yaml");
+    Ok(())
+}
+
+#[test]
+fn kubernetes_manifests_validate_against_the_api_schemas() -> Result<()> {
+    let file = repo_root().join("deploy/k8s/primespark.yaml");
+    let (ok, out) = validate("kubernetes-validate", &["--strict"], &file)?;
+    assert!(ok, "{out}");
+    for kind in [
+        "configmap/",
+        "service/primespark-cluster",
+        "statefulset/primespark",
+    ] {
+        assert!(out.contains(kind), "{kind} not validated:\n{out}");
+    }
+    let text = std::fs::read_to_string(&file)?;
+    let dir = tempfile::tempdir()?;
+    let bad = dir.path().join("primespark.yaml");
+    std::fs::write(
+        &bad,
+        text.replacen("  serviceName: primespark-cluster", "  serviceNam: x", 1),
+    )?;
+    let (ok, out) = validate("kubernetes-validate", &["--strict"], &bad)?;
+    assert!(!ok, "an unknown field passed:\n{out}");
+    Ok(())
+}
+
+/// Runs `primespark check-config` on a configuration text.
+fn check_config(text: &str) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("primespark.toml");
+    std::fs::write(&path, text)?;
+    let mut cmd = Command::new(primespark_tests::pipeline_binary()?);
+    // The file alone: the stack's exports would override its addresses.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PRIMESPARK_") {
+            cmd.env_remove(k);
+        }
+    }
+    let out = cmd.arg("check-config").arg(&path).output()?;
+    assert!(
+        out.status.success(),
+        "check-config failed:\n{}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn shipped_pipeline_configs_pass_check_config() -> Result<()> {
+    check_config(&std::fs::read_to_string(
+        repo_root().join("deploy/compose/primespark.toml"),
+    )?)?;
+    check_config(&std::fs::read_to_string(
+        repo_root().join("deploy/config/local.toml"),
+    )?)?;
+    // The ConfigMap's file: the indented block under `primespark.toml: |`.
+    let manifest = std::fs::read_to_string(repo_root().join("deploy/k8s/primespark.yaml"))?;
+    let block: Vec<&str> = manifest
+        .lines()
+        .skip_while(|l| !l.contains("primespark.toml: |"))
+        .skip(1)
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| l.strip_prefix("    ").unwrap_or(l))
+        .collect();
+    assert!(block.len() > 10, "{block:?}");
+    check_config(&block.join("\n"))?;
+    // The compose Prometheus configuration loads with its rules.
+    let dir = tempfile::tempdir()?;
+    std::fs::copy(
+        repo_root().join("deploy/compose/prometheus.yml"),
+        dir.path().join("prometheus.yml"),
+    )?;
+    std::fs::copy(
+        repo_root().join("deploy/prometheus/alerts.yml"),
+        dir.path().join("alerts.yml"),
+    )?;
+    let out = Command::new(&stack().promtool)
+        .args(["check", "config"])
+        .arg(dir.path().join("prometheus.yml"))
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
