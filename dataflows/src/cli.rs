@@ -50,6 +50,10 @@ enum Command {
         /// One `host:port` per line, per process (overrides runtime.hostfile).
         #[arg(long)]
         hostfile: Option<PathBuf>,
+        /// Assign partitions and report consumer lag, but read nothing until SIGUSR1
+        /// (sets runtime.start_paused).
+        #[arg(long)]
+        paused: bool,
     },
     /// The embedded demo: in-process broker, synthetic fleet, Parquet under ./data, SQL endpoint.
     Demo {
@@ -143,8 +147,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             processes,
             process_id,
             hostfile,
+            paused,
         } => {
             let mut config = load(&config)?;
+            config.runtime.start_paused |= paused;
             if let Some(w) = workers {
                 config.runtime.workers = w;
             }
@@ -238,29 +244,33 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Entry point of the `primespark` binary. Exit codes: 0 clean, 1 runtime failure,
-/// 2 bad usage or configuration.
+/// Why a run ended, as its exit code (see [`crate::run::RunError::exit_code`]).
+fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<crate::config::ConfigError>().is_some() {
+        return 2;
+    }
+    let run = e.downcast_ref::<crate::run::RunError>().or_else(|| {
+        match e.downcast_ref::<crate::demo::DemoError>() {
+            Some(crate::demo::DemoError::Run(r)) => Some(r),
+            _ => None,
+        }
+    });
+    run.map_or(1, crate::run::RunError::exit_code)
+}
+
+/// Entry point of the `primespark` binary. Exit codes: 0 stopped cleanly, 1 other failure,
+/// 2 bad usage or configuration, 3 a service unreachable or a topic missing, 4 the shutdown
+/// did not flush within its grace period, 5 a timely worker failed.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let is_config_error = |e: &anyhow::Error| {
-        e.downcast_ref::<crate::config::ConfigError>().is_some()
-            || matches!(
-                e.downcast_ref::<crate::run::RunError>(),
-                Some(crate::run::RunError::Config(_))
-            )
-    };
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             let mut err = std::io::stderr().lock();
             let _ = writeln!(err, "error: {e:#}");
-            if is_config_error(&e) {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
+            ExitCode::from(exit_code(&e))
         }
     }
 }

@@ -100,6 +100,10 @@ pub struct RuntimeConfig {
     /// The same as `hostfile`, inline. Default empty.
     #[serde(default)]
     pub addresses: Vec<String>,
+    /// Start with the sources paused: partitions are assigned and their consumer lag is
+    /// reported, nothing is read until SIGUSR1 (`run --paused`). Default false.
+    #[serde(default)]
+    pub start_paused: bool,
 }
 
 fn default_processes() -> usize {
@@ -126,6 +130,7 @@ impl Default for RuntimeConfig {
             process_id: 0,
             hostfile: None,
             addresses: Vec::new(),
+            start_paused: false,
         }
     }
 }
@@ -275,12 +280,17 @@ impl Config {
                 overridden.join(", ")
             )
         };
-        let config: Config = table
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Parse {
+        // The path of the offending key, which deserializing from a table would lose.
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(
+            |e: serde_path_to_error::Error<toml::de::Error>| ConfigError::Parse {
                 origin,
-                message: e.message().to_owned(),
-            })?;
+                message: if e.path().iter().next().is_none() {
+                    e.inner().message().to_owned()
+                } else {
+                    format!("{}: {}", e.path(), e.inner().message())
+                },
+            },
+        )?;
         config.validate()?;
         Ok(config)
     }

@@ -61,6 +61,23 @@ pub enum RunError {
     ShutdownTimeout(Duration),
 }
 
+impl RunError {
+    /// The process exit code that says why the run ended: 2 configuration, 3 a service
+    /// (PostgreSQL, Kafka, the NAS, the SQL port) failing at start-up, 4 the shutdown grace
+    /// exceeded (the next run resumes from the last commit), 5 a timely worker failed,
+    /// 1 anything else. Supervisors can tell "fix the config" (do not restart) from "a
+    /// dependency is down" (restart with backoff).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            RunError::Config(_) => 2,
+            RunError::Postgres(_) | RunError::Kafka(_) | RunError::Nas(_) | RunError::Query(_) => 3,
+            RunError::ShutdownTimeout(_) => 4,
+            RunError::Timely(_) => 5,
+            RunError::Runtime(_) => 1,
+        }
+    }
+}
+
 /// How often committed aggregates and their checkpoint are written at most.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -119,6 +136,24 @@ fn start_offset(resume: &Resume, pg: bool, parquet: bool) -> Option<i64> {
         .try_fold(i64::MAX, |acc, o| o.map(|o| acc.min(o)))
 }
 
+/// The first offset of a partition some enabled raw sink has not stored (None: a raw sink has
+/// stored nothing, or none is enabled).
+fn stored_position(resume: &Resume, pg: bool, parquet: bool) -> Option<i64> {
+    let mut needed = Vec::new();
+    if pg {
+        needed.push(resume.postgres);
+    }
+    if parquet {
+        needed.push(resume.parquet);
+    }
+    if needed.is_empty() {
+        return None;
+    }
+    needed
+        .into_iter()
+        .try_fold(i64::MAX, |acc, o| o.map(|o| acc.min(o)))
+}
+
 /// Runs the pipeline until `shutdown` is set (or SIGINT/SIGTERM when `handle_signals`).
 pub fn run(
     config: &Config,
@@ -132,6 +167,7 @@ pub fn run(
         .thread_name("primespark-io")
         .build()
         .map_err(RunError::Runtime)?;
+    let paused = Arc::new(AtomicBool::new(config.runtime.start_paused));
     if handle_signals {
         let flag = shutdown.clone();
         rt.spawn(async move {
@@ -139,6 +175,17 @@ pub fn run(
             tracing::info!("shutdown requested: draining");
             flag.store(true, Ordering::SeqCst);
         });
+        if config.runtime.start_paused {
+            let flag = paused.clone();
+            rt.spawn(async move {
+                wait_for_resume().await;
+                tracing::info!("SIGUSR1: sources resume reading");
+                flag.store(false, Ordering::SeqCst);
+            });
+        }
+    }
+    if config.runtime.start_paused {
+        tracing::warn!("sources start paused: partitions are assigned and their lag reported, nothing is read until SIGUSR1");
     }
     let pg_enabled = config.postgres.enabled;
     let parquet_enabled = config.nas.enabled;
@@ -318,6 +365,16 @@ pub fn run(
                     tracing::info!(dataflow, topic = %topic, partition = p, start = ?start, worker = index, "assigned partition");
                 }
                 reader.assign(&assignment, kafka_cfg.start).map_err(|e| e.to_string())?;
+                if paused.load(Ordering::Relaxed) {
+                    // Lag counts records not stored yet: from the raw sinks' resume offsets, not
+                    // from the earlier offset the windows' replay starts at.
+                    let stored: Vec<(i32, Option<i64>)> = mine
+                        .iter()
+                        .map(|(p, r)| (*p, stored_position(r, pg_enabled, parquet_enabled).or_else(|| start_offset(r, pg_enabled, parquet_enabled))))
+                        .collect();
+                    kafka::watch_paused_lag(&kafka_cfg, topic, stored, Duration::from_secs(2), paused.clone())
+                        .map_err(|e| e.to_string())?;
+                }
                 crate::ops::source_assigned(dataflow);
                 Some(reader)
             };
@@ -345,6 +402,7 @@ pub fn run(
                 limits,
                 shutdown: worker_shutdown.clone(),
                 pressure: Rc::new(Cell::new(false)),
+                paused: paused.clone(),
             };
             let agg_tx = plan.agg_tx.clone();
             // Every process loaded the whole task state: each worker takes its share, the
@@ -439,6 +497,25 @@ fn discover_partitions(config: &Config, topic: &str) -> Result<Vec<i32>, RunErro
             Err(e) => return Err(e.into()),
         }
     }
+}
+
+/// SIGUSR1 (never on other platforms: there a paused run stays paused).
+async fn wait_for_resume() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::user_defined1()) {
+            Ok(mut usr1) => {
+                usr1.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGUSR1: the paused sources cannot be resumed");
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    std::future::pending::<()>().await;
 }
 
 async fn wait_for_signal() {

@@ -90,6 +90,8 @@ pub struct SourceSpec {
     pub shutdown: Arc<AtomicBool>,
     /// Set by this worker's raw sink when it cannot hand off batches: stop reading.
     pub pressure: Rc<Cell<bool>>,
+    /// Set while the sources are paused (`run --paused`, until SIGUSR1): read nothing.
+    pub paused: Arc<AtomicBool>,
 }
 
 /// Output of the source: raw items, or marks for the checkpoint.
@@ -125,6 +127,10 @@ pub fn kafka_source<'s>(
             }
             if spec.pressure.get() {
                 activator.activate_after(Duration::from_millis(10));
+                return;
+            }
+            if spec.paused.load(Ordering::Relaxed) {
+                activator.activate_after(Duration::from_millis(100));
                 return;
             }
             let now = Instant::now();

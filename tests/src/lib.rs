@@ -237,6 +237,18 @@ impl Pipeline {
         }
     }
 
+    /// Sends a signal by name (`USR1`, `TERM`, ...).
+    pub fn signal(&self, name: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()?;
+        if !status.success() {
+            bail!("kill -{name} failed: {status}");
+        }
+        Ok(())
+    }
+
     /// Whether it is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

@@ -26,6 +26,9 @@ pub enum KafkaError {
     /// The topic does not exist (or has no partitions).
     #[error("topic {0} not found on the broker")]
     UnknownTopic(String),
+    /// A helper thread could not start.
+    #[error("starting the consumer-lag watcher: {0}")]
+    Thread(String),
     /// Topic creation failed.
     #[error("creating topic {topic}: {code}")]
     CreateTopic {
@@ -112,6 +115,113 @@ pub fn reader(
         consumer,
         topic: topic.to_owned(),
     })
+}
+
+/// High watermarks of a watcher's partitions, from its client's statistics.
+#[derive(Default)]
+struct HighWatermarks(std::sync::Mutex<std::collections::HashMap<i32, i64>>);
+
+impl rdkafka::ClientContext for HighWatermarks {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        if let Ok(mut known) = self.0.lock() {
+            for t in statistics.topics.values() {
+                for (partition, p) in &t.partitions {
+                    if *partition >= 0 && p.hi_offset >= 0 {
+                        known.insert(*partition, p.hi_offset);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for HighWatermarks {}
+
+/// Reports consumer lag of partitions that are assigned but not read (a paused start): while
+/// `while_set` is set, every `interval`, the broker's high watermark of each partition minus
+/// its position (the stored resume offset, or the low watermark for partitions that start
+/// from the earliest record). A paused source does not poll its consumer, so its statistics
+/// say nothing. The watcher is a second client that fetches from the end of each partition
+/// (discarding what it gets) and takes the high watermark from the fetch responses: brokers
+/// answer fetches with it, and some (Tansu 0.6) answer `ListOffsets(latest)` with the last
+/// batch's base offset + 1 instead. It runs on its own thread: its calls block.
+pub fn watch_paused_lag(
+    cfg: &KafkaConfig,
+    topic: &str,
+    positions: Vec<(i32, Option<i64>)>,
+    interval: Duration,
+    while_set: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>, KafkaError> {
+    let mut c = base_config(cfg);
+    c.set("group.id", "primespark-lag")
+        .set("client.id", "primespark-lag")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("queued.max.messages.kbytes", "1024")
+        .set("fetch.wait.max.ms", "100")
+        .set("statistics.interval.ms", "1000");
+    let consumer: BaseConsumer<HighWatermarks> =
+        c.create_with_context(HighWatermarks::default())
+            .map_err(client_error(format!("creating lag watcher for {topic}")))?;
+    let mut tpl = TopicPartitionList::new();
+    for (p, _) in &positions {
+        tpl.add_partition_offset(topic, *p, Offset::End)
+            .map_err(client_error(format!(
+                "assigning {topic}/{p} to the lag watcher"
+            )))?;
+    }
+    consumer.assign(&tpl).map_err(client_error(format!(
+        "assigning {topic} to the lag watcher"
+    )))?;
+    let start = cfg.start;
+    let topic = topic.to_owned();
+    std::thread::Builder::new()
+        .name("primespark-lag".into())
+        .spawn(move || {
+            use std::sync::atomic::Ordering;
+            let mut next_report = std::time::Instant::now();
+            while while_set.load(Ordering::Relaxed) {
+                // Serves the statistics callback; fetched records are not ours to read.
+                let _ = consumer.poll(Duration::from_millis(100));
+                if std::time::Instant::now() < next_report {
+                    continue;
+                }
+                next_report = std::time::Instant::now() + interval;
+                let known = consumer
+                    .context()
+                    .0
+                    .lock()
+                    .map(|k| k.clone())
+                    .unwrap_or_default();
+                for (partition, position) in &positions {
+                    let Some(&high) = known.get(partition) else {
+                        continue;
+                    };
+                    let position = match (position, start) {
+                        (Some(p), _) => *p,
+                        (None, StartFrom::Latest) => high,
+                        (None, StartFrom::Earliest) => match consumer.fetch_watermarks(
+                            &topic,
+                            *partition,
+                            Duration::from_secs(5),
+                        ) {
+                            Ok((low, _)) => low,
+                            Err(e) => {
+                                tracing::warn!(topic = %topic, partition, error = %e, "reading the low watermark failed");
+                                continue;
+                            }
+                        },
+                    };
+                    crate::metrics::ConsumerLag {
+                        topic: &topic,
+                        partition: *partition,
+                        lag: (high - position).max(0),
+                    }
+                    .emit();
+                }
+            }
+        })
+        .map_err(|e| KafkaError::Thread(e.to_string()))
 }
 
 impl PartitionReader {

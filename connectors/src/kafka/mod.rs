@@ -4,5 +4,7 @@
 mod client;
 mod config;
 
-pub use client::{create_topics, partition_ids, producer, reader, KafkaError, PartitionReader};
+pub use client::{
+    create_topics, partition_ids, producer, reader, watch_paused_lag, KafkaError, PartitionReader,
+};
 pub use config::{KafkaConfig, StartFrom, TopicsConfig};
