@@ -7,6 +7,7 @@
 //!   COPY of raw rows, batched upserts of aggregates, dead letters and source offsets in the
 //!   same transaction as the rows they cover.
 //! - [`nas`]: Parquet files on the NAS, partitioned by topic/date/hour, made visible atomically.
+//! - [`s3`]: S3-compatible object storage, the cold tier the NAS files move to.
 //! - [`query`]: the DataFusion SQL endpoint over HTTP.
 //!
 //! Connectors know the row types of `primespark-schemas` and nothing of timely.
@@ -20,5 +21,6 @@ pub mod metrics;
 pub mod nas;
 pub mod postgres;
 pub mod query;
+pub mod s3;
 
 pub use config::InvalidConfig;

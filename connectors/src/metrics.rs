@@ -48,6 +48,15 @@ struct Metrics {
     query_seconds: Family<QueryLabels, Histogram>,
     sink_degraded: Family<SinkLabels, Gauge>,
     consumer_lag: Family<PartitionLabels, Gauge>,
+    tier_files: Family<OutcomeLabels, Counter>,
+    tier_bytes: Counter,
+}
+
+/// Labels of series counted by outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `moved` or `failed`.
+    pub outcome: String,
 }
 
 fn seconds_histogram() -> Histogram {
@@ -67,6 +76,8 @@ fn metrics() -> &'static Metrics {
         query_seconds: Family::new_with_constructor(seconds_histogram),
         sink_degraded: Family::default(),
         consumer_lag: Family::default(),
+        tier_files: Family::default(),
+        tier_bytes: Counter::default(),
     })
 }
 
@@ -117,6 +128,16 @@ pub fn register(registry: &mut Registry) {
         "primespark_query_duration_seconds",
         "SQL query duration",
         m.query_seconds.clone(),
+    );
+    registry.register(
+        "primespark_tier_files",
+        "NAS files moved to object storage (copied, verified, removed) or left after a failure",
+        m.tier_files.clone(),
+    );
+    registry.register(
+        "primespark_tier_bytes",
+        "Bytes moved from the NAS to object storage",
+        m.tier_bytes.clone(),
     );
     registry.register(
         "primespark_sink_degraded",
@@ -372,5 +393,58 @@ impl ConsumerLag<'_> {
                 partition: self.partition.to_string(),
             })
             .set(self.lag);
+    }
+}
+
+/// A NAS file was moved to object storage and verified.
+pub struct TierMoved<'a> {
+    /// The NAS file (now removed).
+    pub file: &'a std::path::Path,
+    /// Object key.
+    pub key: &'a str,
+    /// Bytes.
+    pub bytes: u64,
+    /// Copy, verification and removal.
+    pub duration: Duration,
+}
+
+impl TierMoved<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        tracing::info!(
+            file = %self.file.display(),
+            key = self.key,
+            bytes = self.bytes,
+            duration_ms = self.duration.as_millis() as u64,
+            "moved to object storage"
+        );
+        let m = metrics();
+        m.tier_files
+            .get_or_create(&OutcomeLabels {
+                outcome: "moved".into(),
+            })
+            .inc();
+        m.tier_bytes.inc_by(self.bytes);
+    }
+}
+
+/// A NAS file could not be moved (it stays; the next pass retries).
+pub struct TierFailed<'a> {
+    /// The NAS file.
+    pub file: &'a std::path::Path,
+    /// Why.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl TierFailed<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        tracing::warn!(file = %self.file.display(), error = %self.error, "moving to object storage failed; kept on the NAS");
+        metrics()
+            .tier_files
+            .get_or_create(&OutcomeLabels {
+                outcome: "failed".into(),
+            })
+            .inc();
     }
 }

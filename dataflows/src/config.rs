@@ -9,6 +9,7 @@ use primespark_connectors::kafka::KafkaConfig;
 use primespark_connectors::nas::NasConfig;
 use primespark_connectors::postgres::PostgresConfig;
 use primespark_connectors::query::QueryConfig;
+use primespark_connectors::s3::{S3Config, TierConfig};
 use primespark_connectors::InvalidConfig;
 use primespark_operators::decode::StreamKind;
 use serde::{Deserialize, Serialize};
@@ -204,6 +205,12 @@ pub struct Config {
     /// Which streams run.
     #[serde(default)]
     pub dataflows: DataflowsConfig,
+    /// S3-compatible object storage: the cold tier of the Parquet archive.
+    #[serde(default)]
+    pub s3: S3Config,
+    /// When NAS files move to `s3`.
+    #[serde(default)]
+    pub tier: TierConfig,
 }
 
 /// `[postgres]` with an on/off switch.
@@ -303,6 +310,20 @@ impl Config {
         }
         self.nas.validate()?;
         self.query.validate()?;
+        self.s3.validate()?;
+        self.tier.validate()?;
+        if self.s3.enabled && !self.nas.enabled {
+            return Err(InvalidConfig::new(
+                "s3.enabled",
+                "tiering moves NAS files: it needs nas.enabled = true",
+            ));
+        }
+        if self.s3.enabled && self.tier.after <= self.windows.allowed_lateness {
+            return Err(InvalidConfig::new(
+                "tier.after",
+                "must be longer than windows.allowed_lateness (aggregate files are rewritten while a late event can still change them)",
+            ));
+        }
         if self.windows.max_out_of_orderness > Duration::from_secs(3600) {
             return Err(InvalidConfig::new(
                 "windows.max_out_of_orderness",

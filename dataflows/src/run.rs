@@ -48,6 +48,9 @@ pub enum RunError {
     /// The SQL endpoint could not start.
     #[error(transparent)]
     Query(#[from] QueryError),
+    /// The object store could not be set up.
+    #[error(transparent)]
+    S3(#[from] primespark_connectors::s3::S3Error),
     /// The async runtime could not start.
     #[error("starting the runtime: {0}")]
     Runtime(#[source] std::io::Error),
@@ -70,7 +73,11 @@ impl RunError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RunError::Config(_) => 2,
-            RunError::Postgres(_) | RunError::Kafka(_) | RunError::Nas(_) | RunError::Query(_) => 3,
+            RunError::Postgres(_)
+            | RunError::Kafka(_)
+            | RunError::Nas(_)
+            | RunError::Query(_)
+            | RunError::S3(_) => 3,
             RunError::ShutdownTimeout(_) => 4,
             RunError::Timely(_) => 5,
             RunError::Runtime(_) => 1,
@@ -329,6 +336,36 @@ pub fn run(
         }
     }));
 
+    // Cold tier: NAS files older than tier.after move to the bucket, on the I/O runtime.
+    let tier_task = if config.s3.enabled {
+        let tierer = primespark_connectors::s3::Tierer::new(
+            &config.s3,
+            &config.nas.path,
+            config.tier.after,
+        )?;
+        let (interval, stop) = (config.tier.interval, shutdown.clone());
+        tracing::info!(bucket = %config.s3.bucket, prefix = %config.s3.prefix, after = ?config.tier.after, "tiering the NAS to object storage");
+        Some(rt.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let report = tierer.tier_once(std::time::SystemTime::now()).await;
+                if report.moved + report.failed > 0 {
+                    tracing::info!(
+                        moved = report.moved,
+                        bytes = report.bytes,
+                        failed = report.failed,
+                        "tiering pass"
+                    );
+                }
+                let until = Instant::now() + interval;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }))
+    } else {
+        None
+    };
+
     let kafka_cfg = config.kafka.clone();
     let flush = FlushPolicy {
         rows: config.postgres.config.flush_rows,
@@ -452,6 +489,10 @@ pub fn run(
     });
     shutdown.store(true, Ordering::SeqCst);
     let _ = rt.block_on(server);
+    if let Some(task) = tier_task {
+        // A pass in flight finishes its current file at most; files are moved whole or not.
+        let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), task).await });
+    }
     if let Some(e) = failure {
         return Err(RunError::Timely(e));
     }

@@ -27,6 +27,8 @@ pub struct Stack {
     pub promtool: String,
     /// The Prometheus server binary.
     pub prometheus: String,
+    /// The S3-compatible server (moto), `http://127.0.0.1:PORT`.
+    pub s3_endpoint: String,
 }
 
 /// The repository root. Read at run time (cargo sets `CARGO_MANIFEST_DIR` for test runs):
@@ -82,6 +84,10 @@ pub fn stack() -> &'static Stack {
                 .get("PRIMESPARK_STACK_PROMETHEUS")
                 .cloned()
                 .unwrap_or_else(|| "prometheus".into()),
+            s3_endpoint: vars
+                .get("PRIMESPARK_STACK_S3_ENDPOINT")
+                .cloned()
+                .unwrap_or_default(),
         }
     })
 }

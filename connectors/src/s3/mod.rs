@@ -1,0 +1,10 @@
+//! S3-compatible object storage (AWS S3, MinIO, moto) through the `object_store` crate: the
+//! cold tier of the Parquet archive. [`Tierer`] moves NAS files older than `tier.after` to the
+//! bucket under the same relative path, verifies each copy (size and SHA-256 of the bytes read
+//! back), and only then removes the NAS file.
+
+mod config;
+mod tier;
+
+pub use config::{S3Config, TierConfig};
+pub use tier::{S3Error, TierReport, Tierer};

@@ -1,0 +1,414 @@
+//! Moving cold Parquet files from the NAS to the bucket.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart};
+use sha2::{Digest, Sha256};
+
+use super::config::S3Config;
+use crate::metrics::{TierFailed, TierMoved};
+
+/// Files above this size go up as a multipart upload, in parts of this size.
+const MULTIPART_BYTES: usize = 16 * 1024 * 1024;
+
+/// Object storage failures.
+#[derive(Debug, thiserror::Error)]
+pub enum S3Error {
+    /// The store could not be built from the configuration.
+    #[error("s3 bucket {bucket}: {source}")]
+    Build {
+        /// Bucket.
+        bucket: String,
+        /// Why.
+        #[source]
+        source: object_store::Error,
+    },
+    /// `s3.credentials_file` could not be read or lacks a key.
+    #[error("s3.credentials_file {path}: {reason}")]
+    Credentials {
+        /// The file.
+        path: PathBuf,
+        /// Why (never the secret itself).
+        reason: String,
+    },
+    /// A request failed.
+    #[error("s3 {what}: {source}")]
+    Request {
+        /// What we were doing, with the key.
+        what: String,
+        /// Why.
+        #[source]
+        source: object_store::Error,
+    },
+    /// The copy read back differs from the NAS file.
+    #[error("s3 copy of {key} does not match the NAS file: {detail}")]
+    Mismatch {
+        /// Object key.
+        key: String,
+        /// Sizes or checksums.
+        detail: String,
+    },
+    /// Local file system.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What one pass moved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TierReport {
+    /// Files moved (copied, verified, removed from the NAS).
+    pub moved: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Files that stay on the NAS because a step failed (retried on the next pass).
+    pub failed: u64,
+}
+
+/// Moves NAS files older than a given age to the bucket.
+pub struct Tierer {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    root: PathBuf,
+    after: Duration,
+}
+
+/// (access key id, secret) from an AWS shared-credentials style file.
+fn read_credentials(path: &Path) -> Result<(String, String), S3Error> {
+    let fail = |reason: &str| S3Error::Credentials {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(&e.to_string()))?;
+    let value = |key: &str| {
+        text.lines().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == key).then(|| v.trim().to_owned())
+        })
+    };
+    Ok((
+        value("aws_access_key_id").ok_or_else(|| fail("no aws_access_key_id line"))?,
+        value("aws_secret_access_key").ok_or_else(|| fail("no aws_secret_access_key line"))?,
+    ))
+}
+
+impl Tierer {
+    /// A tierer for the NAS at `root`, moving files older than `after` to the configured bucket.
+    pub fn new(cfg: &S3Config, root: &Path, after: Duration) -> Result<Self, S3Error> {
+        // Credentials from the environment first (AWS_*), the file overrides.
+        // A failing store must not hold a pass for minutes: the next pass retries anyway.
+        let retry = RetryConfig {
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(30),
+            ..RetryConfig::default()
+        };
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&cfg.bucket)
+            .with_region(&cfg.region)
+            .with_allow_http(cfg.allow_http)
+            .with_retry(retry);
+        if let Some(endpoint) = &cfg.endpoint {
+            // Path-style requests: MinIO and moto do not resolve bucket subdomains.
+            builder = builder
+                .with_endpoint(endpoint)
+                .with_virtual_hosted_style_request(false);
+        }
+        if let Some(file) = &cfg.credentials_file {
+            let (id, secret) = read_credentials(file)?;
+            builder = builder
+                .with_access_key_id(id)
+                .with_secret_access_key(secret);
+        }
+        let store = builder.build().map_err(|source| S3Error::Build {
+            bucket: cfg.bucket.clone(),
+            source,
+        })?;
+        Ok(Self::with_store(Arc::new(store), &cfg.prefix, root, after))
+    }
+
+    /// A tierer over any object store (tests use a local one).
+    pub fn with_store(
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        root: &Path,
+        after: Duration,
+    ) -> Self {
+        Self {
+            store,
+            prefix: prefix.to_owned(),
+            root: root.to_owned(),
+            after,
+        }
+    }
+
+    /// Finished Parquet files under the root older than `after` at `now` (in-progress files are
+    /// hidden, `.name.inprogress`, and never picked).
+    fn candidates(&self, now: SystemTime) -> Vec<(PathBuf, u64)> {
+        let mut out = Vec::new();
+        let mut dirs = vec![self.root.clone()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let Ok(meta) = entry.metadata() else { continue };
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if meta.is_dir() {
+                    dirs.push(path);
+                } else if meta.is_file() && !name.starts_with('.') && name.ends_with(".parquet") {
+                    let old = meta
+                        .modified()
+                        .ok()
+                        .and_then(|m| now.duration_since(m).ok())
+                        .is_some_and(|age| age >= self.after);
+                    if old {
+                        out.push((path, meta.len()));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// The object key of a NAS file: the prefix and its path under the root.
+    fn key(&self, path: &Path) -> Option<ObjectPath> {
+        let rel = path.strip_prefix(&self.root).ok()?;
+        let rel: Vec<String> = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        let key = if self.prefix.is_empty() {
+            rel.join("/")
+        } else {
+            format!("{}/{}", self.prefix, rel.join("/"))
+        };
+        ObjectPath::parse(key).ok()
+    }
+
+    /// Copies, verifies and removes one file.
+    async fn move_one(&self, path: &Path, key: &ObjectPath) -> Result<u64, S3Error> {
+        let io = |source| S3Error::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let bytes = tokio::fs::read(path).await.map_err(io)?;
+        let size = bytes.len() as u64;
+        let local = Sha256::digest(&bytes);
+        let request = |what: &str| {
+            let what = format!("{what} {key}");
+            move |source| S3Error::Request { what, source }
+        };
+        if bytes.len() > MULTIPART_BYTES {
+            // Visible only once complete: S3 shows a multipart object after its completion.
+            let upload = self
+                .store
+                .put_multipart(key)
+                .await
+                .map_err(request("starting upload of"))?;
+            let mut writer = WriteMultipart::new_with_chunk_size(upload, MULTIPART_BYTES);
+            writer.put(bytes::Bytes::from(bytes));
+            writer
+                .finish()
+                .await
+                .map_err(request("completing upload of"))?;
+        } else {
+            self.store
+                .put(key, PutPayload::from(bytes))
+                .await
+                .map_err(request("uploading"))?;
+        }
+        // Verify what the store now serves, not what we sent.
+        let meta = self
+            .store
+            .head(key)
+            .await
+            .map_err(request("reading size of"))?;
+        if meta.size != size {
+            return Err(S3Error::Mismatch {
+                key: key.to_string(),
+                detail: format!("{} bytes on the NAS, {} in the bucket", size, meta.size),
+            });
+        }
+        let mut remote = Sha256::new();
+        let mut stream = self
+            .store
+            .get(key)
+            .await
+            .map_err(request("reading back"))?
+            .into_stream();
+        while let Some(chunk) = stream.next().await {
+            remote.update(chunk.map_err(request("reading back"))?);
+        }
+        if remote.finalize() != local {
+            return Err(S3Error::Mismatch {
+                key: key.to_string(),
+                detail: "SHA-256 differs".into(),
+            });
+        }
+        tokio::fs::remove_file(path).await.map_err(io)?;
+        Ok(size)
+    }
+
+    /// One pass: every file older than `after` at `now` is copied, verified and removed from
+    /// the NAS. A failure leaves that file on the NAS (the next pass retries it; the upload is
+    /// idempotent, same key and bytes) and does not stop the others.
+    pub async fn tier_once(&self, now: SystemTime) -> TierReport {
+        let mut report = TierReport::default();
+        let root = self.root.clone();
+        let after = self.after;
+        let candidates = {
+            let this = Self::with_store(self.store.clone(), &self.prefix, &root, after);
+            tokio::task::spawn_blocking(move || this.candidates(now))
+                .await
+                .unwrap_or_default()
+        };
+        for (path, _) in candidates {
+            let Some(key) = self.key(&path) else {
+                report.failed += 1;
+                TierFailed {
+                    file: &path,
+                    error: &"not a valid object key",
+                }
+                .emit();
+                continue;
+            };
+            let started = Instant::now();
+            match self.move_one(&path, &key).await {
+                Ok(bytes) => {
+                    report.moved += 1;
+                    report.bytes += bytes;
+                    TierMoved {
+                        file: &path,
+                        key: key.as_ref(),
+                        bytes,
+                        duration: started.elapsed(),
+                    }
+                    .emit();
+                }
+                Err(e) => {
+                    report.failed += 1;
+                    TierFailed {
+                        file: &path,
+                        error: &e,
+                    }
+                    .emit();
+                }
+            }
+        }
+        report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+
+    fn touch_old(path: &Path, age: Duration) {
+        let f = std::fs::File::options().write(true).open(path).unwrap();
+        f.set_modified(SystemTime::now() - age).unwrap();
+    }
+
+    #[tokio::test]
+    async fn moves_old_finished_files_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let part = root.join("topic=edge.telemetry/date=2025-11-05/hour=14");
+        std::fs::create_dir_all(&part).unwrap();
+        let old = part.join("part-p0-o0-99.parquet");
+        let big = part.join("part-p1-o0-99.parquet");
+        let young = part.join("part-p0-o100-199.parquet");
+        let hidden = part.join(".part-p0-o200-299.parquet.inprogress");
+        std::fs::write(&old, b"old bytes").unwrap();
+        let big_bytes: Vec<u8> = (0..MULTIPART_BYTES + 1000)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(&big, &big_bytes).unwrap();
+        std::fs::write(&young, b"young").unwrap();
+        std::fs::write(&hidden, b"partial").unwrap();
+        for f in [&old, &big, &hidden] {
+            touch_old(f, Duration::from_secs(3600));
+        }
+        let store = Arc::new(InMemory::new());
+        let tier = Tierer::with_store(store.clone(), "archive", root, Duration::from_secs(600));
+        let report = tier.tier_once(SystemTime::now()).await;
+        assert_eq!((report.moved, report.failed), (2, 0));
+        assert_eq!(report.bytes, 9 + big_bytes.len() as u64);
+        assert!(!old.exists() && !big.exists());
+        assert!(young.exists() && hidden.exists());
+        let key = ObjectPath::from(
+            "archive/topic=edge.telemetry/date=2025-11-05/hour=14/part-p1-o0-99.parquet",
+        );
+        let got = store.get(&key).await.unwrap().bytes().await.unwrap();
+        assert_eq!(got.as_ref(), big_bytes.as_slice());
+        // Nothing left to move.
+        assert_eq!(
+            tier.tier_once(SystemTime::now()).await,
+            TierReport::default()
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_store_leaves_every_file_on_the_nas() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("table=x/part-b0.parquet");
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, b"bytes").unwrap();
+        touch_old(&file, Duration::from_secs(3600));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // Explicit credentials: without them the client would ask the cloud's instance
+        // metadata service, off this machine.
+        let creds = dir.path().join("creds");
+        std::fs::write(&creds, "aws_access_key_id = a\naws_secret_access_key = b\n").unwrap();
+        let cfg = S3Config {
+            enabled: true,
+            bucket: "b".into(),
+            endpoint: Some(format!("http://127.0.0.1:{port}")),
+            allow_http: true,
+            credentials_file: Some(creds),
+            ..S3Config::default()
+        };
+        let tier = Tierer::new(&cfg, dir.path(), Duration::from_secs(60)).unwrap();
+        let report = tier.tier_once(SystemTime::now()).await;
+        assert_eq!((report.moved, report.failed), (0, 1));
+        assert!(file.exists());
+    }
+
+    #[test]
+    fn credentials_file_needs_both_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("creds");
+        std::fs::write(
+            &f,
+            "[default]\naws_access_key_id = AK\naws_secret_access_key = SECRET\n",
+        )
+        .unwrap();
+        assert_eq!(
+            read_credentials(&f).unwrap(),
+            ("AK".into(), "SECRET".into())
+        );
+        std::fs::write(&f, "aws_access_key_id = AK\n").unwrap();
+        let e = read_credentials(&f).unwrap_err().to_string();
+        assert!(
+            e.contains("aws_secret_access_key") && !e.contains("AK"),
+            "{e}"
+        );
+    }
+}
