@@ -53,6 +53,10 @@ pub fn demo(opts: &DemoOptions, status: impl Fn(&str) + Send + 'static) -> Resul
     cluster.create_topic(&topic, 3, 1)?;
     cluster.create_topic(&inference_topic, 2, 1)?;
     cluster.create_topic(&events_topic, 2, 1)?;
+    // The embedded broker has no admin API: the dead-letter topics are made here.
+    for (t, n) in [(&topic, 3), (&inference_topic, 2), (&events_topic, 2)] {
+        cluster.create_topic(&primespark_connectors::kafka::dlq_topic(t), n, 1)?;
+    }
     let brokers = cluster.bootstrap_servers();
     tracing::info!(%brokers, topic = %topic, "embedded broker up; producers may publish here too");
     config.kafka.brokers = brokers.clone();

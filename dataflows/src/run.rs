@@ -27,7 +27,7 @@ use crate::config::Config;
 use crate::dataflow::{self, dataflow_name, Drained, WINDOW_US};
 use crate::sinks::FlushPolicy;
 use crate::source::{Resume, SourceSpec};
-use crate::writers::{agg_writer, raw_writer, sink_names, ParquetTarget, PgTarget};
+use crate::writers::{agg_writer, raw_writer, sink_names, DlqTarget, ParquetTarget, PgTarget};
 use primespark_operators::decode::StreamKind;
 
 /// Why the pipeline could not start or stop cleanly.
@@ -286,6 +286,25 @@ pub fn run(
             dataflow: dataflow.into(),
             topic: topic.clone(),
         });
+        // Dead letters also go to `<topic>.dlq`, same partitioning as the topic.
+        let dlq_target = if config.kafka.dead_letter_topics {
+            let dlq = kafka::dlq_topic(&topic);
+            let n = i32::try_from(partitions.len()).unwrap_or(i32::MAX).max(1);
+            // Created unless it exists (brokers without the admin API, like the demo's
+            // embedded one, get it created beforehand).
+            let exists = kafka::reader(&config.kafka, &dlq, "primespark-metadata")
+                .and_then(|r| r.partitions(Duration::from_secs(5)))
+                .is_ok();
+            if !exists {
+                rt.block_on(kafka::create_topics(&config.kafka, &[(&dlq, n)]))?;
+            }
+            Some(DlqTarget {
+                topic: topic.clone(),
+                producer: kafka::producer(&config.kafka)?,
+            })
+        } else {
+            None
+        };
         // Writers: one raw writer per local worker, one aggregate writer.
         let mut raw_txs = Vec::new();
         for _ in 0..workers {
@@ -295,6 +314,7 @@ pub fn run(
                 rx,
                 pg_target.clone(),
                 parquet_target.clone(),
+                dlq_target.clone(),
             )));
         }
         let (agg_tx, agg_rx) = mpsc::channel(4);

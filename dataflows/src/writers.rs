@@ -39,6 +39,15 @@ pub struct PgTarget {
     pub topic: String,
 }
 
+/// Where dead letters are published besides the tables: `<topic>.dlq`.
+#[derive(Clone)]
+pub struct DlqTarget {
+    /// The source topic (the DLQ is `<topic>.dlq`).
+    pub topic: String,
+    /// A shared producer.
+    pub producer: rdkafka::producer::FutureProducer,
+}
+
 /// Where a writer's Parquet output goes.
 #[derive(Clone)]
 pub struct ParquetTarget {
@@ -170,6 +179,7 @@ pub async fn raw_writer(
     mut rx: Receiver<RawBatch>,
     pg: Option<PgTarget>,
     parquet: Option<ParquetTarget>,
+    dlq: Option<DlqTarget>,
 ) {
     let mut pg = pg.map(|target| Pg {
         target,
@@ -195,6 +205,11 @@ pub async fn raw_writer(
             }
         };
         let Some(batch) = batch else { break };
+        if let Some(dlq) = &dlq {
+            // Before the offsets are committed below: a crash in between publishes the
+            // letters again (same key), never loses one.
+            publish_dlq(dlq, &batch, pg.is_some()).await;
+        }
         match (pg.as_mut(), &parquet) {
             (Some(pg), _) => write_pg_batch(pg, &batch).await,
             (None, Some(pq)) => write_dead_letters_file(pq, &batch),
@@ -228,6 +243,35 @@ pub async fn raw_writer(
             None => roll_due_no_pg(pq, &mut rolls, true).await,
         }
     }
+}
+
+/// Publishes the batch's dead letters that the raw sink has not stored yet to `<topic>.dlq`,
+/// retrying with backoff (the writer, and with it the source, waits meanwhile).
+async fn publish_dlq(dlq: &DlqTarget, batch: &RawBatch, pg: bool) {
+    let letters: Vec<primespark_connectors::kafka::DeadLetterMessage<'_>> = batch
+        .items
+        .iter()
+        .filter_map(|i| match i {
+            RawItem::Dead(d) if (pg && d.delivery.postgres) || (!pg && d.delivery.parquet) => {
+                Some(primespark_connectors::kafka::DeadLetterMessage {
+                    topic: &dlq.topic,
+                    partition: d.row.partition,
+                    offset: d.row.offset,
+                    reason: &d.row.reason,
+                    error: &d.row.error,
+                    payload: &d.row.payload,
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    if letters.is_empty() {
+        return;
+    }
+    retry("kafka", "dead_letter_topic", || {
+        primespark_connectors::kafka::publish_dead_letters(&dlq.producer, &letters)
+    })
+    .await;
 }
 
 /// Without PostgreSQL (the demo), dead letters go to `<nas>/dead_letters.jsonl`.

@@ -304,6 +304,99 @@ pub fn producer(cfg: &KafkaConfig) -> Result<FutureProducer, KafkaError> {
     c.create().map_err(client_error("creating producer"))
 }
 
+/// The dead-letter topic of `topic`.
+pub fn dlq_topic(topic: &str) -> String {
+    format!("{topic}.dlq")
+}
+
+/// One dead letter for `<topic>.dlq`.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadLetterMessage<'a> {
+    /// Source topic.
+    pub topic: &'a str,
+    /// Source partition (also the DLQ partition, so a partition's letters stay in order).
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+    /// Stable reason code.
+    pub reason: &'a str,
+    /// The error, naming the field.
+    pub error: &'a str,
+    /// The original bytes.
+    pub payload: &'a [u8],
+}
+
+/// Publishes dead letters to `<topic>.dlq` and waits for the broker to acknowledge each. The
+/// key is `<partition>:<offset>` of the source record: after a crash a letter may be published
+/// again (its offset was not committed yet), with the same key and headers, so consumers can
+/// drop the repeat.
+pub async fn publish_dead_letters(
+    producer: &FutureProducer,
+    letters: &[DeadLetterMessage<'_>],
+) -> Result<(), KafkaError> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+    let now = chrono::Utc::now().to_rfc3339();
+    let sends = letters.iter().map(|l| {
+        let dlq = dlq_topic(l.topic);
+        let key = format!("{}:{}", l.partition, l.offset);
+        let (partition, offset) = (l.partition.to_string(), l.offset.to_string());
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "primespark.reason",
+                value: Some(l.reason),
+            })
+            .insert(Header {
+                key: "primespark.error",
+                value: Some(l.error),
+            })
+            .insert(Header {
+                key: "primespark.topic",
+                value: Some(l.topic),
+            })
+            .insert(Header {
+                key: "primespark.partition",
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: "primespark.offset",
+                value: Some(&offset),
+            })
+            .insert(Header {
+                key: "primespark.received_at",
+                value: Some(&now),
+            });
+        let record = FutureRecord::to(&dlq)
+            .partition(l.partition)
+            .key(&key)
+            .payload(l.payload)
+            .headers(headers);
+        let sent = producer
+            .send_result(record)
+            .map_err(|(e, _)| KafkaError::Client {
+                what: format!("queueing dead letter {key} for {dlq}"),
+                source: e,
+            });
+        async move {
+            sent?
+                .await
+                .map_err(|_| KafkaError::Client {
+                    what: format!("dead letter {key} for {dlq}"),
+                    source: rdkafka::error::KafkaError::Canceled,
+                })?
+                .map_err(|(e, _)| KafkaError::Client {
+                    what: format!("publishing dead letter {key} to {dlq}"),
+                    source: e,
+                })
+                .map(|_| ())
+        }
+    });
+    for r in futures::future::join_all(sends).await {
+        r?;
+    }
+    Ok(())
+}
+
 /// Creates topics that do not exist yet; existing ones are left alone.
 pub async fn create_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = base_config(cfg)

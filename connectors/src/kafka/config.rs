@@ -58,6 +58,14 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties (e.g. `security.protocol`), passed through unchanged.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// Also publish every dead letter to `<topic>.dlq` (created at start-up, same partition
+    /// as the record, original bytes, reason and position in headers). Default true.
+    #[serde(default = "default_true")]
+    pub dead_letter_topics: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_brokers() -> String {
@@ -76,6 +84,7 @@ impl Default for KafkaConfig {
             start: StartFrom::default(),
             metadata_timeout_ms: default_metadata_timeout_ms(),
             properties: BTreeMap::new(),
+            dead_letter_topics: true,
         }
     }
 }

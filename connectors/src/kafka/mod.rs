@@ -5,6 +5,7 @@ mod client;
 mod config;
 
 pub use client::{
-    create_topics, partition_ids, producer, reader, watch_paused_lag, KafkaError, PartitionReader,
+    create_topics, dlq_topic, partition_ids, producer, publish_dead_letters, reader,
+    watch_paused_lag, DeadLetterMessage, KafkaError, PartitionReader,
 };
 pub use config::{KafkaConfig, StartFrom, TopicsConfig};
