@@ -190,6 +190,49 @@ pub fn pipeline_binary() -> Result<PathBuf> {
     Ok(bin)
 }
 
+/// A command for the binary under test with none of the stack's `PRIMESPARK_*` exports: the
+/// test names every address itself, and an export would override it.
+pub fn pipeline_command() -> Result<Command> {
+    let mut cmd = Command::new(pipeline_binary()?);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PRIMESPARK_") {
+            cmd.env_remove(k);
+        }
+    }
+    Ok(cmd)
+}
+
+/// `GET path` on `addr`; the whole response, status line and headers included.
+pub fn http_get(addr: &str, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    Ok(resp)
+}
+
+/// Files under `dir` (recursively) whose name ends in `.{extension}`.
+pub fn count_files(dir: &Path, extension: &str) -> usize {
+    let mut n = 0;
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == extension) {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
 /// The pipeline as a child process.
 pub struct Pipeline {
     child: Child,
@@ -202,14 +245,8 @@ impl Pipeline {
             .create(true)
             .append(true)
             .open(log)?;
-        let mut cmd = Command::new(pipeline_binary()?);
+        let mut cmd = pipeline_command()?;
         cmd.arg("run").arg("--config").arg(config);
-        // The test names every address itself; the stack's exports must not override it.
-        for (k, _) in std::env::vars() {
-            if k.starts_with("PRIMESPARK_") {
-                cmd.env_remove(k);
-            }
-        }
         cmd.envs(env.iter().copied())
             .env("RUST_LOG", "info,primespark_connectors=debug")
             .stdout(Stdio::null())

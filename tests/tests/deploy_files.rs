@@ -221,14 +221,11 @@ fn check_config(text: &str) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("primespark.toml");
     std::fs::write(&path, text)?;
-    let mut cmd = Command::new(primespark_tests::pipeline_binary()?);
     // The file alone: the stack's exports would override its addresses.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PRIMESPARK_") {
-            cmd.env_remove(k);
-        }
-    }
-    let out = cmd.arg("check-config").arg(&path).output()?;
+    let out = primespark_tests::pipeline_command()?
+        .arg("check-config")
+        .arg(&path)
+        .output()?;
     assert!(
         out.status.success(),
         "check-config failed:\n{}{}\n{text}",

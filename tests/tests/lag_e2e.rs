@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use primespark_tests::{
-    connect, create_topic, free_port, fresh_database, produce, stack, unique, wait_until, Pipeline,
+    connect, create_topic, free_port, fresh_database, http_get, produce, stack, unique, wait_until,
+    Pipeline,
 };
 use serde_json::json;
 
@@ -25,19 +26,6 @@ fn records(partition: i32, from: i64, n: i64) -> Vec<(i32, Vec<u8>)> {
             )
         })
         .collect()
-}
-
-fn http_get(addr: &str, path: &str) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    Ok(resp)
 }
 
 /// The value of one series in a /metrics page.
@@ -155,16 +143,9 @@ async fn paused_start_reports_the_lag_of_what_was_produced_while_stopped() -> Re
     Ok(())
 }
 
-/// Runs the binary to its end with only `args` and no stack exports; returns its exit code and
-/// stderr.
+/// Runs the binary to its end with only `args`; returns its exit code and stderr.
 fn run_to_exit(args: &[&str]) -> Result<(Option<i32>, String)> {
-    let mut cmd = std::process::Command::new(primespark_tests::pipeline_binary()?);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("PRIMESPARK_") {
-            cmd.env_remove(k);
-        }
-    }
-    let out = cmd.args(args).output()?;
+    let out = primespark_tests::pipeline_command()?.args(args).output()?;
     Ok((
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

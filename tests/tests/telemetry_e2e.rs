@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Result;
 use chrono::{DateTime, Utc};
 use primespark_tests::{
-    connect, create_topic, free_port, fresh_database, produce, stack, unique, wait_until, Pipeline,
+    connect, create_topic, free_port, fresh_database, http_get, produce, stack, unique, wait_until,
+    Pipeline,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -522,20 +523,6 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
     let status = pipeline.terminate(Duration::from_secs(60))?;
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
     Ok(())
-}
-
-/// Minimal HTTP/1.1 POST over a TcpStream (keeps the test free of an HTTP client stack).
-fn http_get(addr: &str, path: &str) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    Ok(resp)
 }
 
 fn http_post(addr: &str, path: &str, body: &str) -> Result<(u16, String)> {

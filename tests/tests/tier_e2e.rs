@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use primespark_tests::{
-    connect, create_topic, free_port, fresh_database, produce, stack, unique, wait_until, Pipeline,
+    connect, count_files, create_topic, free_port, fresh_database, produce, stack, unique,
+    wait_until, Pipeline,
 };
 use serde_json::json;
 
@@ -48,22 +49,6 @@ fn list(endpoint: &str, bucket: &str, prefix: &str) -> Result<Vec<String>> {
             return Ok(keys);
         }
     }
-}
-
-fn parquet_files(dir: &std::path::Path) -> usize {
-    let mut n = 0;
-    let mut dirs = vec![dir.to_owned()];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                dirs.push(p);
-            } else if p.extension().is_some_and(|x| x == "parquet") {
-                n += 1;
-            }
-        }
-    }
-    n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,7 +113,7 @@ async fn nas_files_move_to_the_bucket_verified_and_complete() -> Result<()> {
             .map(|r| r.get(0))
             .unwrap_or(0);
         Ok(committed >= 1000
-            && parquet_files(&nas.join(format!("topic={topic}"))) == 0
+            && count_files(&nas.join(format!("topic={topic}")), "parquet") == 0
             && !list(&stack.s3_endpoint, &bucket, &raw_prefix)?.is_empty())
     })
     .await;
