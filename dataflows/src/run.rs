@@ -127,9 +127,8 @@ fn resume_of(state: &StoredState, partition: i32, pg: bool, parquet: bool) -> Re
     }
 }
 
-/// Where a partition's consumer starts: the lowest offset any enabled sink still needs, or the
-/// configured start when some sink has nothing stored.
-fn start_offset(resume: &Resume, pg: bool, parquet: bool) -> Option<i64> {
+/// The resume offsets of the enabled raw sinks (None where a sink has stored nothing).
+fn raw_resumes(resume: &Resume, pg: bool, parquet: bool) -> Vec<Option<i64>> {
     let mut needed = Vec::new();
     if pg {
         needed.push(resume.postgres);
@@ -137,28 +136,32 @@ fn start_offset(resume: &Resume, pg: bool, parquet: bool) -> Option<i64> {
     if parquet {
         needed.push(resume.parquet);
     }
-    needed.push(resume.window.map(|w| w.0));
+    needed
+}
+
+/// The least of `needed`, or None when any is None.
+fn least(needed: impl IntoIterator<Item = Option<i64>>) -> Option<i64> {
     needed
         .into_iter()
         .try_fold(i64::MAX, |acc, o| o.map(|o| acc.min(o)))
 }
 
+/// Where a partition's consumer starts: the lowest offset any enabled sink still needs, or the
+/// configured start when some sink has nothing stored.
+fn start_offset(resume: &Resume, pg: bool, parquet: bool) -> Option<i64> {
+    let mut needed = raw_resumes(resume, pg, parquet);
+    needed.push(resume.window.map(|w| w.0));
+    least(needed)
+}
+
 /// The first offset of a partition some enabled raw sink has not stored (None: a raw sink has
 /// stored nothing, or none is enabled).
 fn stored_position(resume: &Resume, pg: bool, parquet: bool) -> Option<i64> {
-    let mut needed = Vec::new();
-    if pg {
-        needed.push(resume.postgres);
-    }
-    if parquet {
-        needed.push(resume.parquet);
-    }
+    let needed = raw_resumes(resume, pg, parquet);
     if needed.is_empty() {
         return None;
     }
-    needed
-        .into_iter()
-        .try_fold(i64::MAX, |acc, o| o.map(|o| acc.min(o)))
+    least(needed)
 }
 
 /// Runs the pipeline until `shutdown` is set (or SIGINT/SIGTERM when `handle_signals`).
@@ -290,14 +293,7 @@ pub fn run(
         let dlq_target = if config.kafka.dead_letter_topics {
             let dlq = kafka::dlq_topic(&topic);
             let n = i32::try_from(partitions.len()).unwrap_or(i32::MAX).max(1);
-            // Created unless it exists (brokers without the admin API, like the demo's
-            // embedded one, get it created beforehand).
-            let exists = kafka::reader(&config.kafka, &dlq, "primespark-metadata")
-                .and_then(|r| r.partitions(Duration::from_secs(5)))
-                .is_ok();
-            if !exists {
-                rt.block_on(kafka::create_topics(&config.kafka, &[(&dlq, n)]))?;
-            }
+            rt.block_on(kafka::create_topics(&config.kafka, &[(&dlq, n)]))?;
             Some(DlqTarget {
                 topic: topic.clone(),
                 producer: kafka::producer(&config.kafka)?,

@@ -530,7 +530,7 @@ where
                         nonzero_before = counts.keys().cloned().collect();
                         // Next minute to sample: the following one while anything is counted,
                         // else the minute of the next change (nothing to say in between).
-                        let following = if counts.is_empty() && nonzero_before.is_empty() {
+                        let following = if counts.is_empty() {
                             pending.keys().next().map(|t| step_end(*t as i64))
                         } else {
                             Some(at.saturating_add(STEP_US as u64))

@@ -102,6 +102,38 @@ fn read_credentials(path: &Path) -> Result<(String, String), S3Error> {
     ))
 }
 
+/// Finished Parquet files under `root` older than `after` at `now` (in-progress files are
+/// hidden, `.name.inprogress`, and never picked).
+fn candidates(root: &Path, after: Duration, now: SystemTime) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if meta.is_dir() {
+                dirs.push(path);
+            } else if meta.is_file() && !name.starts_with('.') && name.ends_with(".parquet") {
+                let old = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| now.duration_since(m).ok())
+                    .is_some_and(|age| age >= after);
+                if old {
+                    out.push(path);
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 impl Tierer {
     /// A tierer for the NAS at `root`, moving files older than `after` to the configured bucket.
     pub fn new(cfg: &S3Config, root: &Path, after: Duration) -> Result<Self, S3Error> {
@@ -149,38 +181,6 @@ impl Tierer {
             root: root.to_owned(),
             after,
         }
-    }
-
-    /// Finished Parquet files under the root older than `after` at `now` (in-progress files are
-    /// hidden, `.name.inprogress`, and never picked).
-    fn candidates(&self, now: SystemTime) -> Vec<(PathBuf, u64)> {
-        let mut out = Vec::new();
-        let mut dirs = vec![self.root.clone()];
-        while let Some(dir) = dirs.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                let path = entry.path();
-                let Ok(meta) = entry.metadata() else { continue };
-                let name = entry.file_name();
-                let name = name.to_string_lossy();
-                if meta.is_dir() {
-                    dirs.push(path);
-                } else if meta.is_file() && !name.starts_with('.') && name.ends_with(".parquet") {
-                    let old = meta
-                        .modified()
-                        .ok()
-                        .and_then(|m| now.duration_since(m).ok())
-                        .is_some_and(|age| age >= self.after);
-                    if old {
-                        out.push((path, meta.len()));
-                    }
-                }
-            }
-        }
-        out.sort();
-        out
     }
 
     /// The object key of a NAS file: the prefix and its path under the root.
@@ -267,15 +267,11 @@ impl Tierer {
     /// idempotent, same key and bytes) and does not stop the others.
     pub async fn tier_once(&self, now: SystemTime) -> TierReport {
         let mut report = TierReport::default();
-        let root = self.root.clone();
-        let after = self.after;
-        let candidates = {
-            let this = Self::with_store(self.store.clone(), &self.prefix, &root, after);
-            tokio::task::spawn_blocking(move || this.candidates(now))
-                .await
-                .unwrap_or_default()
-        };
-        for (path, _) in candidates {
+        let (root, after) = (self.root.clone(), self.after);
+        let candidates = tokio::task::spawn_blocking(move || candidates(&root, after, now))
+            .await
+            .unwrap_or_default();
+        for path in candidates {
             let Some(key) = self.key(&path) else {
                 report.failed += 1;
                 TierFailed {
