@@ -132,17 +132,17 @@ fn main() {
                         RawRow::Telemetry(r) => {
                             Some(((r.device_id, r.metric_name), r.time_us, r.value))
                         }
-                        RawRow::Inference(_) | RawRow::Analytics(_) => None,
+                        _ => None,
                     });
                 let requests =
                     points(&mut inference, StreamKind::Inference).flat_map(|p| match p.row {
                         RawRow::Inference(r) => Some(r.event),
-                        RawRow::Telemetry(_) | RawRow::Analytics(_) => None,
+                        _ => None,
                     });
                 let events =
                     points(&mut analytics, StreamKind::Analytics).flat_map(|p| match p.row {
                         RawRow::Analytics(r) => Some(r.event),
-                        RawRow::Telemetry(_) | RawRow::Inference(_) => None,
+                        _ => None,
                     });
                 let tasks = events.clone().flat_map(|e| match e {
                     AnalyticsEvent::Task(event) => Some(TaskInput {

@@ -93,7 +93,7 @@ fn main() {
                     RawRow::Telemetry(r) => {
                         Some(((r.device_id, r.metric_name), r.time_us, r.value))
                     }
-                    RawRow::Inference(_) | RawRow::Analytics(_) => None,
+                    _ => None,
                 })
                 .tumbling_window(
                     WindowSpec {

@@ -57,7 +57,7 @@ fn main() {
                     .flat_map(move |r| StreamKind::Telemetry.decode("bench", &limits, r).unwrap_or_default())
                     .flat_map(|p| match p.row {
                         RawRow::Telemetry(r) => Some(((r.device_id, r.metric_name), r.time_us, r.value)),
-                        RawRow::Inference(_) | RawRow::Analytics(_) => None,
+                        _ => None,
                     });
                 metric_windows(points, "bench", 0, 0).probe_with(&probe);
             });

@@ -211,6 +211,9 @@ pub struct Config {
     /// When NAS files move to `s3`.
     #[serde(default)]
     pub tier: TierConfig,
+    /// Anomaly scoring of telemetry.
+    #[serde(default)]
+    pub inference: crate::scoring::InferenceConfig,
 }
 
 /// `[postgres]` with an on/off switch.
@@ -312,6 +315,7 @@ impl Config {
         self.query.validate()?;
         self.s3.validate()?;
         self.tier.validate()?;
+        self.inference.validate()?;
         if self.s3.enabled && !self.nas.enabled {
             return Err(InvalidConfig::new(
                 "s3.enabled",

@@ -2,11 +2,13 @@
 //!
 //! ```text
 //! KafkaSource ─┬─ raw items ─> RawSink ─> raw writer (PostgreSQL COPY + Parquet rolls)
+//!   (telemetry: ─> Score ─> ... every sample's anomaly score joins the raw items)
 //!              ├─ points ─> exchange by key ─> 1-minute windows ───────────────┐
 //!              └─ marks ──────────────────────────────────────────────────────┴─> CommitAggregates (worker 0)
 //! ```
 //!
-//! - `edge.telemetry`: windows per (device, metric) -> `device_metrics_1m`.
+//! - `edge.telemetry`: windows per (device, metric) -> `device_metrics_1m`; samples scored by
+//!   the anomaly model (`crate::scoring`) add the metrics `anomaly_score` and `anomalies`.
 //! - `edge.ai.inference`: windows per (model, source) -> `inference_stats_1m`, and per routing
 //!   slice -> `routing_stats_1m` (`primespark_operators::routing`).
 //! - `analytics.events`: the task lifecycle join -> `task_stats_1m`, `agent_load_1m`, and API
@@ -33,6 +35,7 @@ use timely::dataflow::operators::{Concat, ToStream};
 use timely::dataflow::{Scope, StreamVec};
 use tokio::sync::mpsc::Sender;
 
+use crate::scoring::{score_telemetry, ScoringSpec, ANOMALY_METRIC, SCORE_METRIC};
 use crate::sinks::{commit_aggregates, raw_sink, AggCommit, FlushPolicy, RawBatch};
 use crate::source::{kafka_source, RawItem, SourceSpec};
 
@@ -50,18 +53,30 @@ pub fn dataflow_name(kind: StreamKind) -> &'static str {
 }
 
 /// Flags the worker loop watches to know when a shutdown has flushed everything.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Drained {
     /// The raw sink handed off its buffer.
     pub raw: Rc<Cell<bool>>,
     /// The commit operator handed off its last checkpoint.
     pub aggregates: Rc<Cell<bool>>,
+    /// The scoring operator holds no sample (true where there is none).
+    pub scoring: Rc<Cell<bool>>,
+}
+
+impl Default for Drained {
+    fn default() -> Self {
+        Self {
+            raw: Rc::default(),
+            aggregates: Rc::default(),
+            scoring: Rc::new(Cell::new(true)),
+        }
+    }
 }
 
 impl Drained {
-    /// Both done.
+    /// All done.
     pub fn all(&self) -> bool {
-        self.raw.get() && self.aggregates.get()
+        self.raw.get() && self.aggregates.get() && self.scoring.get()
     }
 }
 
@@ -80,14 +95,33 @@ fn windows<'s>(
     let mut outputs = Vec::new();
     match kind {
         StreamKind::Telemetry => {
-            let points = raw.flat_map(|item: RawItem| match item {
-                RawItem::Point(p) if p.delivery.window && !p.late => match p.row {
-                    RawRow::Telemetry(r) => {
-                        Some(((r.device_id, r.metric_name), r.time_us, r.value))
+            let points = raw.flat_map(|item: RawItem| {
+                let mut out = Vec::new();
+                if let RawItem::Point(p) = item {
+                    if p.delivery.window && !p.late {
+                        match p.row {
+                            RawRow::Telemetry(r) => {
+                                out.push(((r.device_id, r.metric_name), r.time_us, r.value))
+                            }
+                            // Scores join the device's metrics: `anomalies` sums to the count.
+                            RawRow::Score(s) => {
+                                let anomaly = f64::from(u8::from(s.is_anomaly()));
+                                out.push((
+                                    (s.device_id.clone(), SCORE_METRIC.to_owned()),
+                                    s.time_us,
+                                    f64::from(s.score),
+                                ));
+                                out.push((
+                                    (s.device_id, ANOMALY_METRIC.to_owned()),
+                                    s.time_us,
+                                    anomaly,
+                                ));
+                            }
+                            RawRow::Inference(_) | RawRow::Analytics(_) => {}
+                        }
                     }
-                    RawRow::Inference(_) | RawRow::Analytics(_) => None,
-                },
-                _ => None,
+                }
+                out
             });
             outputs.push(metric_windows(points, &dataflow, committed, lateness).map(
                 |(rollup, w)| AggRow {
@@ -109,7 +143,7 @@ fn windows<'s>(
                 raw.flat_map(|item: RawItem| match item {
                     RawItem::Point(p) if p.delivery.window && !p.late => match p.row {
                         RawRow::Inference(r) => Some(r.event),
-                        RawRow::Telemetry(_) | RawRow::Analytics(_) => None,
+                        _ => None,
                     },
                     _ => None,
                 });
@@ -136,7 +170,7 @@ fn windows<'s>(
             let events = raw.flat_map(|item: RawItem| match item {
                 RawItem::Point(p) if p.delivery.window && !p.late => match p.row {
                     RawRow::Analytics(r) => Some(r.event),
-                    RawRow::Telemetry(_) | RawRow::Inference(_) => None,
+                    _ => None,
                 },
                 _ => None,
             });
@@ -210,6 +244,7 @@ pub fn build<'s>(
     commit_interval: Duration,
     drained: &Drained,
     restored_tasks: Vec<TaskEvent>,
+    scoring: Option<ScoringSpec>,
 ) {
     let pressure = spec.pressure.clone();
     let shutdown = spec.shutdown.clone();
@@ -218,6 +253,12 @@ pub fn build<'s>(
     let lateness = u64::try_from(spec.allowed_lateness_us).unwrap_or(0);
     let out_of_orderness = u64::try_from(spec.out_of_orderness_us).unwrap_or(0);
     let (raw, marks) = kafka_source(scope, spec, reader).ok_err(|item| item);
+    let raw = match scoring {
+        Some(scoring) if spec_kind == StreamKind::Telemetry => {
+            score_telemetry(raw, scoring, drained.scoring.clone())
+        }
+        _ => raw,
+    };
     let aggregates = windows(
         spec_kind,
         raw.clone(),

@@ -6,6 +6,7 @@
 //! - [`sinks`]: timely operators that hand batches to the async writers with backpressure.
 //! - [`writers`]: the async writers (PostgreSQL, Parquet) with retries.
 //! - [`dataflow`]: the dataflow of one topic (telemetry, inference) and its windows.
+//! - [`scoring`]: anomaly scoring of telemetry samples (`[inference]`, the scoring operator).
 //! - [`run`]: process start-up and shutdown: runtime, migrations, state, timely workers.
 //! - [`fleet`]: a synthetic fleet producer (demo, `produce`, tests, benchmarks).
 //! - [`demo`]: the embedded default with an in-process Kafka-protocol broker.
@@ -22,6 +23,7 @@ pub mod demo;
 pub mod fleet;
 pub mod ops;
 pub mod run;
+pub mod scoring;
 pub mod sinks;
 pub mod source;
 pub mod writers;

@@ -25,10 +25,13 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::dataflow::{self, dataflow_name, Drained, WINDOW_US};
+use crate::scoring::{self, ModelTable, ScoringSpec};
 use crate::sinks::FlushPolicy;
 use crate::source::{Resume, SourceSpec};
 use crate::writers::{agg_writer, raw_writer, sink_names, DlqTarget, ParquetTarget, PgTarget};
 use primespark_operators::decode::StreamKind;
+use primespark_operators::inference::cpu::CpuBackend;
+use primespark_operators::inference::InferenceError;
 
 /// Why the pipeline could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +54,9 @@ pub enum RunError {
     /// The object store could not be set up.
     #[error(transparent)]
     S3(#[from] primespark_connectors::s3::S3Error),
+    /// An inference model could not be loaded, or the NPU asked for is missing.
+    #[error(transparent)]
+    Inference(#[from] primespark_operators::inference::InferenceError),
     /// The async runtime could not start.
     #[error("starting the runtime: {0}")]
     Runtime(#[source] std::io::Error),
@@ -78,6 +84,11 @@ impl RunError {
             | RunError::Nas(_)
             | RunError::Query(_)
             | RunError::S3(_) => 3,
+            RunError::Inference(e) => match e {
+                InferenceError::Load { .. } | InferenceError::Shape { .. } => 2,
+                InferenceError::NoDevice(_) | InferenceError::Hailo { .. } => 3,
+                InferenceError::Run { .. } | InferenceError::Stopped => 1,
+            },
             RunError::ShutdownTimeout(_) => 4,
             RunError::Timely(_) => 5,
             RunError::Runtime(_) => 1,
@@ -171,6 +182,16 @@ pub fn run(
     handle_signals: bool,
 ) -> Result<(), RunError> {
     config.validate()?;
+    // Anomaly scoring: every model is loaded once now, so a bad file fails start-up.
+    let scoring = if config.inference.enabled && config.dataflows.telemetry {
+        let models = ModelTable::load(&config.inference)?;
+        // Asked-for hardware must be there before any worker starts; opened once, shared.
+        let primary = scoring::primary_backend(config.inference.backend)?;
+        Some((models, config.inference.clone(), primary))
+    } else {
+        None
+    };
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -467,8 +488,17 @@ pub fn run(
                 .filter(|(i, _)| i % peers == index)
                 .map(|(_, t)| t.clone())
                 .collect();
+            let scoring_spec = match (&scoring, plan.kind) {
+                (Some((models, inference, primary)), StreamKind::Telemetry) => Some(ScoringSpec {
+                    models: models.clone(),
+                    config: inference.clone(),
+                    primary: primary.as_ref().map(|make| make()),
+                    fallback: Box::new(CpuBackend),
+                }),
+                _ => None,
+            };
             worker.dataflow::<EventTime, _, _>(|scope| {
-                dataflow::build(scope, spec, reader, tracker, raw_tx, agg_tx, flush, COMMIT_INTERVAL, &drained, restored_tasks);
+                dataflow::build(scope, spec, reader, tracker, raw_tx, agg_tx, flush, COMMIT_INTERVAL, &drained, restored_tasks, scoring_spec);
             });
             all_drained.push(drained);
         }

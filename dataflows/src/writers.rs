@@ -348,6 +348,7 @@ async fn write_pg_batch(pg: &mut Pg, batch: &RawBatch) {
             let (partition, offset) = p.row.position();
             if p.late
                 && p.delivery.postgres
+                && !matches!(p.row, RawRow::Score(_))
                 && late
                     .last()
                     .is_none_or(|l| (l.partition, l.offset) != (partition, offset))

@@ -26,8 +26,9 @@ TANSU_ROOT="$TOOLS/tansu-$TANSU_VERSION"
 TANSU_BIN="$TANSU_ROOT/bin/tansu"
 VENV="$TOOLS/venv"
 PY="$VENV/bin/python"
-PY_PACKAGES=("moto[server]" confluent-kafka pyarrow duckdb requests check-jsonschema kubernetes-validate)
-PY_IMPORTS="moto, flask, boto3, confluent_kafka, pyarrow, duckdb, requests"
+PY_PACKAGES=("moto[server]" confluent-kafka pyarrow duckdb requests check-jsonschema kubernetes-validate
+  numpy==2.4.6 onnx==1.23.2)
+PY_IMPORTS="moto, flask, boto3, confluent_kafka, pyarrow, duckdb, requests, numpy, onnx"
 PG_BIN="${PRIMESPARK_PG_BIN:-/usr/lib/postgresql/15/bin}"
 
 PORTS_FILE="$STATE/ports.env"

@@ -22,6 +22,7 @@
 
 pub mod checkpoint;
 pub mod decode;
+pub mod inference;
 pub mod metrics;
 pub mod record;
 pub mod routing;

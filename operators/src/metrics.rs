@@ -8,6 +8,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 /// Labels of per-topic, per-reason series.
@@ -47,6 +48,50 @@ struct Metrics {
     windows_closed: Family<OperatorLabels, Counter>,
     task_events_ignored: Family<OperatorLabels, Counter>,
     tasks_retired: Family<OperatorLabels, Counter>,
+    inference_seconds: Family<InferenceLabels, Histogram>,
+    inference_batch_size: Family<InferenceLabels, Histogram>,
+    inference_samples: Family<InferenceLabels, Counter>,
+    inference_fallbacks: Family<FallbackLabels, Counter>,
+    inference_errors: Family<InferenceLabels, Counter>,
+    inference_queue_depth: Family<WorkerOnlyLabels, Gauge>,
+    inference_backend: Family<BackendLabels, Gauge>,
+    anomalies: Family<InferenceLabels, Counter>,
+}
+
+/// Labels of per-model inference series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InferenceLabels {
+    /// Backend that ran the batch (`cpu`, `hailo`).
+    pub backend: String,
+    /// Model name.
+    pub model: String,
+}
+
+/// Labels of backend fallbacks.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    /// The backend that failed.
+    pub from: String,
+    /// The backend that ran the batch instead.
+    pub to: String,
+    /// Model name.
+    pub model: String,
+}
+
+/// Labels of per-worker series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerOnlyLabels {
+    /// Global timely worker index.
+    pub worker: String,
+}
+
+/// Labels of the backend-in-use series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// Global timely worker index.
+    pub worker: String,
+    /// Backend name.
+    pub backend: String,
 }
 
 fn metrics() -> &'static Metrics {
@@ -59,6 +104,18 @@ fn metrics() -> &'static Metrics {
         windows_closed: Family::default(),
         task_events_ignored: Family::default(),
         tasks_retired: Family::default(),
+        inference_seconds: Family::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_01, 2.0, 18))
+        }),
+        inference_batch_size: Family::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(1.0, 2.0, 12))
+        }),
+        inference_samples: Family::default(),
+        inference_fallbacks: Family::default(),
+        inference_errors: Family::default(),
+        inference_queue_depth: Family::default(),
+        inference_backend: Family::default(),
+        anomalies: Family::default(),
     })
 }
 
@@ -100,6 +157,239 @@ pub fn register(registry: &mut Registry) {
         "Finished tasks dropped from the lifecycle join's state after the retention",
         m.tasks_retired.clone(),
     );
+    registry.register(
+        "primespark_inference_seconds",
+        "Time to run one inference batch on its backend",
+        m.inference_seconds.clone(),
+    );
+    registry.register(
+        "primespark_inference_batch_size",
+        "Samples per inference batch",
+        m.inference_batch_size.clone(),
+    );
+    registry.register(
+        "primespark_inference_samples",
+        "Samples scored, by backend and model",
+        m.inference_samples.clone(),
+    );
+    registry.register(
+        "primespark_inference_fallbacks",
+        "Batches re-run on another backend after the first one failed",
+        m.inference_fallbacks.clone(),
+    );
+    registry.register(
+        "primespark_inference_errors",
+        "Batches no backend could score (their samples pass on unscored)",
+        m.inference_errors.clone(),
+    );
+    registry.register(
+        "primespark_inference_queue_depth",
+        "Inference batches queued or running, per worker",
+        m.inference_queue_depth.clone(),
+    );
+    registry.register(
+        "primespark_inference_backend",
+        "1 for the backend a worker's scorer currently runs batches on",
+        m.inference_backend.clone(),
+    );
+    registry.register(
+        "primespark_anomalies",
+        "Samples scored at or over their model's threshold",
+        m.anomalies.clone(),
+    );
+}
+
+/// One inference batch ran.
+pub struct InferenceBatchRan<'a> {
+    /// Backend.
+    pub backend: &'static str,
+    /// Model.
+    pub model: &'a str,
+    /// Samples in the batch.
+    pub rows: usize,
+    /// Time on the backend.
+    pub duration: std::time::Duration,
+}
+
+impl InferenceBatchRan<'_> {
+    /// Logs and records.
+    pub fn emit(&self) {
+        tracing::trace!(
+            backend = self.backend,
+            model = self.model,
+            rows = self.rows,
+            duration_us = self.duration.as_micros() as u64,
+            "inference batch"
+        );
+        let labels = InferenceLabels {
+            backend: self.backend.to_owned(),
+            model: self.model.to_owned(),
+        };
+        let m = metrics();
+        m.inference_seconds
+            .get_or_create(&labels)
+            .observe(self.duration.as_secs_f64());
+        m.inference_batch_size
+            .get_or_create(&labels)
+            .observe(self.rows as f64);
+        m.inference_samples
+            .get_or_create(&labels)
+            .inc_by(self.rows as u64);
+    }
+}
+
+/// A backend failed a batch and another ran it.
+pub struct InferenceFellBack<'a> {
+    /// The backend that failed.
+    pub from: &'static str,
+    /// The backend that ran the batch instead.
+    pub to: &'static str,
+    /// Model.
+    pub model: &'a str,
+    /// The failure.
+    pub error: &'a str,
+    /// When the failed backend is tried again.
+    pub retry_after: std::time::Duration,
+}
+
+impl InferenceFellBack<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        tracing::warn!(
+            from = self.from,
+            to = self.to,
+            model = self.model,
+            error = self.error,
+            retry_after_s = self.retry_after.as_secs_f64(),
+            "inference backend failed; batch re-run on the fallback"
+        );
+        metrics()
+            .inference_fallbacks
+            .get_or_create(&FallbackLabels {
+                from: self.from.to_owned(),
+                to: self.to.to_owned(),
+                model: self.model.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// No backend could score a batch.
+pub struct InferenceFailed<'a> {
+    /// Last backend tried.
+    pub backend: &'static str,
+    /// Model.
+    pub model: &'a str,
+    /// Samples left unscored.
+    pub rows: usize,
+    /// The failure.
+    pub error: &'a str,
+}
+
+impl InferenceFailed<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        tracing::error!(
+            backend = self.backend,
+            model = self.model,
+            rows = self.rows,
+            error = self.error,
+            "inference batch failed on every backend; samples pass on unscored"
+        );
+        metrics()
+            .inference_errors
+            .get_or_create(&InferenceLabels {
+                backend: self.backend.to_owned(),
+                model: self.model.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// A worker's scorer switched backend (or started on one).
+pub struct InferenceBackendInUse {
+    /// Global worker index.
+    pub worker: usize,
+    /// The backend now in use.
+    pub backend: &'static str,
+    /// The backend no longer in use, if any.
+    pub previous: Option<&'static str>,
+}
+
+impl InferenceBackendInUse {
+    /// Logs and sets the gauge.
+    pub fn emit(&self) {
+        tracing::info!(
+            worker = self.worker,
+            backend = self.backend,
+            previous = self.previous,
+            "inference backend in use"
+        );
+        let m = metrics();
+        if let Some(p) = self.previous {
+            m.inference_backend
+                .get_or_create(&BackendLabels {
+                    worker: self.worker.to_string(),
+                    backend: p.to_owned(),
+                })
+                .set(0);
+        }
+        m.inference_backend
+            .get_or_create(&BackendLabels {
+                worker: self.worker.to_string(),
+                backend: self.backend.to_owned(),
+            })
+            .set(1);
+    }
+}
+
+/// Batches queued or running on a worker's scorer.
+pub struct InferenceQueueDepth {
+    /// Global worker index.
+    pub worker: usize,
+    /// Batches in flight.
+    pub depth: usize,
+}
+
+impl InferenceQueueDepth {
+    /// Sets the gauge.
+    pub fn emit(&self) {
+        metrics()
+            .inference_queue_depth
+            .get_or_create(&WorkerOnlyLabels {
+                worker: self.worker.to_string(),
+            })
+            .set(i64::try_from(self.depth).unwrap_or(i64::MAX));
+    }
+}
+
+/// Samples scored at or over the threshold.
+pub struct AnomaliesDetected<'a> {
+    /// Backend that scored them.
+    pub backend: &'static str,
+    /// Model.
+    pub model: &'a str,
+    /// How many.
+    pub count: u64,
+}
+
+impl AnomaliesDetected<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        tracing::debug!(
+            backend = self.backend,
+            model = self.model,
+            count = self.count,
+            "anomalies detected"
+        );
+        metrics()
+            .anomalies
+            .get_or_create(&InferenceLabels {
+                backend: self.backend.to_owned(),
+                model: self.model.to_owned(),
+            })
+            .inc_by(self.count);
+    }
 }
 
 /// Task lifecycle events the join left out.

@@ -30,6 +30,26 @@ pub fn telemetry_raw() -> SchemaRef {
         .clone()
 }
 
+/// Anomaly scores, one row per scored telemetry sample: the Parquet files under
+/// `table=anomaly_scores/` and the SQL table `anomaly_scores_archive`.
+pub fn anomaly_scores() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("time", time_type(), false),
+                Field::new("device_id", DataType::Utf8, false),
+                Field::new("model", DataType::Utf8, false),
+                Field::new("score", DataType::Float32, false),
+                Field::new("anomaly", DataType::Boolean, false),
+                Field::new("backend", DataType::Utf8, false),
+                Field::new("kafka_partition", DataType::Int32, false),
+                Field::new("kafka_offset", DataType::Int64, false),
+            ]))
+        })
+        .clone()
+}
+
 /// 1-minute aggregates, one row per (device, metric, bucket): the Parquet files under
 /// `table=device_metrics_1m/` and the SQL table `device_metrics_1m`.
 pub fn device_metrics_1m() -> SchemaRef {

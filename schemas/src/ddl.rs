@@ -238,6 +238,36 @@ CREATE TABLE IF NOT EXISTS task_state (
 );
 "#,
     },
+    Migration {
+        version: 6,
+        name: "anomaly scores and anomalies",
+        sql: r#"
+-- One row per scored telemetry sample, written with the raw rows and offsets of the same
+-- records (one transaction), so a replay never doubles a score.
+CREATE TABLE IF NOT EXISTS anomaly_scores (
+    time      TIMESTAMPTZ NOT NULL,
+    device_id TEXT        NOT NULL,
+    model     TEXT        NOT NULL,
+    score     REAL        NOT NULL,
+    anomaly   BOOLEAN     NOT NULL,
+    backend   TEXT        NOT NULL
+);
+CREATE INDEX IF NOT EXISTS anomaly_scores_device_time_idx ON anomaly_scores (device_id, time DESC);
+CREATE INDEX IF NOT EXISTS anomaly_scores_time_idx ON anomaly_scores (time DESC);
+
+-- The samples at or over their model's threshold, with the metrics the model saw.
+CREATE TABLE IF NOT EXISTS anomalies (
+    time      TIMESTAMPTZ NOT NULL,
+    device_id TEXT        NOT NULL,
+    model     TEXT        NOT NULL,
+    score     REAL        NOT NULL,
+    threshold REAL        NOT NULL,
+    features  JSONB       NOT NULL
+);
+CREATE INDEX IF NOT EXISTS anomalies_device_time_idx ON anomalies (device_id, time DESC);
+CREATE INDEX IF NOT EXISTS anomalies_time_idx ON anomalies (time DESC);
+"#,
+    },
 ];
 
 /// Run once after the migrations when the `timescaledb` extension is available: hypertables
@@ -260,6 +290,8 @@ pub const TIMESCALE_SETUP: &[&str] = &[
     "SELECT create_hypertable('task_stats_1h', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
     "SELECT create_hypertable('agent_load_1h', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
     "SELECT create_hypertable('api_events_1h', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
+    "SELECT create_hypertable('anomaly_scores', 'time', if_not_exists => TRUE, migrate_data => TRUE)",
+    "SELECT create_hypertable('anomalies', 'time', if_not_exists => TRUE, migrate_data => TRUE)",
 ];
 
 #[cfg(test)]

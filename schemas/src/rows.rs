@@ -23,6 +23,38 @@ pub struct TelemetryRow {
     pub offset: i64,
 }
 
+/// A telemetry sample's anomaly score (`anomaly_scores`; at or over the threshold also
+/// `anomalies`), with the Kafka provenance of the sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScoreRow {
+    /// The sample's event time, microseconds since the epoch.
+    pub time_us: i64,
+    /// The sample's device.
+    pub device_id: String,
+    /// The model that scored it.
+    pub model: String,
+    /// The score (the shipped model: `0..=1`, anomaly probability).
+    pub score: f32,
+    /// The model's threshold: the sample is an anomaly when `score >= threshold`.
+    pub threshold: f32,
+    /// The backend that ran the model (`cpu`, `hailo`).
+    pub backend: String,
+    /// The model's input metrics as the sample carried them (missing ones absent); kept for
+    /// anomalies only, for the `anomalies` table.
+    pub features: Vec<crate::telemetry::Metric>,
+    /// Kafka partition of the sample.
+    pub partition: i32,
+    /// Kafka offset of the sample.
+    pub offset: i64,
+}
+
+impl ScoreRow {
+    /// Whether the sample is an anomaly.
+    pub fn is_anomaly(&self) -> bool {
+        self.score >= self.threshold
+    }
+}
+
 /// One inference request with its Kafka provenance (`ai_inference_results`,
 /// `inference_raw`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +87,8 @@ pub enum RawRow {
     Inference(InferenceRow),
     /// `analytics.events` -> `analytics_events`.
     Analytics(AnalyticsRow),
+    /// A telemetry sample's anomaly score -> `anomaly_scores` (and `anomalies`).
+    Score(ScoreRow),
 }
 
 impl RawRow {
@@ -64,6 +98,7 @@ impl RawRow {
             RawRow::Telemetry(r) => r.time_us,
             RawRow::Inference(r) => r.event.time_us,
             RawRow::Analytics(r) => r.event.time_us(),
+            RawRow::Score(r) => r.time_us,
         }
     }
 
@@ -73,6 +108,7 @@ impl RawRow {
             RawRow::Telemetry(r) => (r.partition, r.offset),
             RawRow::Inference(r) => (r.partition, r.offset),
             RawRow::Analytics(r) => (r.partition, r.offset),
+            RawRow::Score(r) => (r.partition, r.offset),
         }
     }
 }

@@ -216,6 +216,31 @@ pub fn http_get(addr: &str, path: &str) -> Result<String> {
     Ok(resp)
 }
 
+/// POSTs `body` as JSON; returns the status and the body (a chunked body cut to its JSON).
+pub fn http_post(addr: &str, path: &str, body: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status: u16 = resp.split_whitespace().nth(1).unwrap_or("0").parse()?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    // Chunked bodies: keep only the JSON.
+    let body = match (body.find('{'), body.rfind('}')) {
+        (Some(a), Some(b)) => body[a..=b].to_owned(),
+        _ => body,
+    };
+    Ok((status, body))
+}
+
 /// Files under `dir` (recursively) whose name ends in `.{extension}`.
 pub fn count_files(dir: &Path, extension: &str) -> usize {
     let mut n = 0;

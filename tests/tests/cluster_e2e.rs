@@ -174,7 +174,7 @@ async fn run_layout(
                  [query]\nhttp_addr = \"127.0.0.1:{}\"\n\
                  [windows]\nmax_out_of_orderness = \"5s\"\nidle_timeout = \"10m\"\n\
                  [runtime]\nworkers = {}\nprocesses = {}\nprocess_id = {process}\nhostfile = \"{}\"\n\
-                 [dataflows]\ninference = false\nanalytics = true\n",
+                 [dataflows]\ninference = false\nanalytics = true\n[inference]\nenabled = false\n",
                 stack.brokers,
                 dir.join(format!("{}-nas", layout.name)).display(),
                 free_port(),

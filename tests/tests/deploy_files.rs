@@ -27,7 +27,7 @@ fn promtool(args: &[&str]) -> Result<String> {
 #[test]
 fn alert_rules_and_scrape_config_are_valid() -> Result<()> {
     let rules = promtool(&["check", "rules", "alerts.yml"])?;
-    assert!(rules.contains("SUCCESS: 9 rules found"), "{rules}");
+    assert!(rules.contains("SUCCESS: 11 rules found"), "{rules}");
     promtool(&["check", "config", "prometheus.yml"])?;
     Ok(())
 }

@@ -44,7 +44,7 @@ async fn late_events_update_windows_within_the_lateness_and_are_listed_beyond_it
              [postgres]\nurl = \"{url}\"\nflush_rows = 100\nflush_interval = \"100ms\"\n\
              [nas]\npath = \"{}\"\nroll_interval = \"1s\"\n[query]\nhttp_addr = \"127.0.0.1:{}\"\n\
              [windows]\nmax_out_of_orderness = \"5s\"\nallowed_lateness = \"30s\"\nidle_timeout = \"10m\"\n\
-             [dataflows]\ninference = false\nanalytics = false\n",
+             [dataflows]\ninference = false\nanalytics = false\n[inference]\nenabled = false\n",
             stack.brokers,
             work.path().join("nas").display(),
             free_port()

@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Result;
 use chrono::{DateTime, Utc};
 use primespark_tests::{
-    connect, create_topic, free_port, fresh_database, http_get, produce, stack, unique, wait_until,
-    Pipeline,
+    connect, create_topic, free_port, fresh_database, http_get, http_post, produce, stack, unique,
+    wait_until, Pipeline,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -250,14 +250,22 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
         e.3 = e.3.max(*v);
     }
     let expected_dead = expected.dead.len() as i64;
+    // One anomaly score per valid sample (the sentinels included), whatever the kill did.
+    let samples: std::collections::BTreeSet<(i64, String)> = expected
+        .raw
+        .keys()
+        .map(|(t, d, _)| (*t, d.clone()))
+        .collect();
+    let expected_scores = samples.len() as i64 + i64::from(PARTITIONS);
     wait_until(
         Duration::from_secs(180),
         "all rows, aggregates and dead letters",
         || async {
             let raw = count(&client, "SELECT count(*) FROM device_metrics").await?;
-            let aggs = count(&client, "SELECT count(*) FROM device_metrics_1m").await?;
-            let hourly = count(&client, "SELECT count(*) FROM device_metrics_1h").await?;
+            let aggs = count(&client, "SELECT count(*) FROM device_metrics_1m WHERE metric_name NOT IN ('anomaly_score', 'anomalies')").await?;
+            let hourly = count(&client, "SELECT count(*) FROM device_metrics_1h WHERE metric_name NOT IN ('anomaly_score', 'anomalies')").await?;
             let dead = count(&client, "SELECT count(*) FROM dead_letters").await?;
+            let scores = count(&client, "SELECT count(*) FROM anomaly_scores").await?;
             let parquet = count(
             &client,
             "SELECT coalesce(min(next_offset), 0) FROM source_offsets WHERE sink = 'parquet_raw'",
@@ -265,6 +273,7 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
         .await?;
             let last_offsets: i64 = partitions.iter().map(|p| p.len() as i64).min().unwrap_or(0);
             Ok(raw >= valid_points
+                && scores >= expected_scores
                 && aggs >= expected_aggs
                 && hourly >= expected_hourly.len() as i64
                 && dead >= expected_dead
@@ -297,10 +306,32 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
     );
     assert_eq!(got.get(&sentinel).copied(), Some(PARTITIONS as usize));
 
+    // Anomaly scores: exactly one per sample across the SIGKILL (they commit with the raw
+    // rows and offsets of their records).
+    let scored = client
+        .query(
+            "SELECT (extract(epoch from time) * 1000000)::int8, device_id, count(*) FROM anomaly_scores GROUP BY 1, 2",
+            &[],
+        )
+        .await?;
+    assert_eq!(scored.len(), samples.len() + 1, "scored samples");
+    for r in &scored {
+        let (t, d, n): (i64, String, i64) = (r.get(0), r.get(1), r.get(2));
+        if d == "sentinel" {
+            assert_eq!(n, i64::from(PARTITIONS), "sentinel scores");
+        } else {
+            assert!(
+                samples.contains(&(t, d.clone())),
+                "unexpected score ({t}, {d})"
+            );
+            assert_eq!(n, 1, "score of ({t}, {d}) written {n} times");
+        }
+    }
+
     // Aggregates: equal to the independent computation.
     let aggs = client
         .query(
-            "SELECT (extract(epoch from bucket) * 1000000)::int8, device_id, metric_name, count, sum, min, max, avg FROM device_metrics_1m",
+            "SELECT (extract(epoch from bucket) * 1000000)::int8, device_id, metric_name, count, sum, min, max, avg FROM device_metrics_1m WHERE metric_name NOT IN ('anomaly_score', 'anomalies')",
             &[],
         )
         .await?;
@@ -324,7 +355,7 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
     }
     let hourly = client
         .query(
-            "SELECT (extract(epoch from bucket) * 1000000)::int8, device_id, metric_name, count, sum, min, max FROM device_metrics_1h",
+            "SELECT (extract(epoch from bucket) * 1000000)::int8, device_id, metric_name, count, sum, min, max FROM device_metrics_1h WHERE metric_name NOT IN ('anomaly_score', 'anomalies')",
             &[],
         )
         .await?;
@@ -523,28 +554,4 @@ async fn telemetry_end_to_end_with_restart() -> Result<()> {
     let status = pipeline.terminate(Duration::from_secs(60))?;
     assert!(status.success(), "clean exit on SIGTERM: {status:?}");
     Ok(())
-}
-
-fn http_post(addr: &str, path: &str, body: &str) -> Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let status: u16 = resp.split_whitespace().nth(1).unwrap_or("0").parse()?;
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    // Chunked bodies: keep only the JSON.
-    let body = match (body.find('{'), body.rfind('}')) {
-        (Some(a), Some(b)) => body[a..=b].to_owned(),
-        _ => body,
-    };
-    Ok((status, body))
 }

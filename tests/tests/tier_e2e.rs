@@ -74,7 +74,7 @@ async fn nas_files_move_to_the_bucket_verified_and_complete() -> Result<()> {
              [nas]\npath = \"{}\"\nroll_rows = 300\nroll_interval = \"1s\"\n[query]\nhttp_addr = \"{http}\"\n\
              [s3]\nenabled = true\nbucket = \"{bucket}\"\nprefix = \"archive\"\nendpoint = \"{}\"\nallow_http = true\n\
              [tier]\nafter = \"1s\"\ninterval = \"1s\"\n\
-             [dataflows]\ninference = false\nanalytics = false\n",
+             [dataflows]\ninference = false\nanalytics = false\n[inference]\nenabled = false\n",
             stack.brokers,
             nas.display(),
             stack.s3_endpoint,

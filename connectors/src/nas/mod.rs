@@ -9,6 +9,6 @@ mod writer;
 
 pub use config::NasConfig;
 pub use writer::{
-    agg_batch, aggregate_batch, analytics_batch, inference_batch, raw_batch, telemetry_batch,
-    write_aggregate_files, NasError, ParquetArchive,
+    agg_batch, aggregate_batch, analytics_batch, inference_batch, raw_batch, score_batch,
+    telemetry_batch, write_aggregate_files, NasError, ParquetArchive, SCORES_TABLE_DIR,
 };

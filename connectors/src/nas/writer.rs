@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, StringArray,
-    TimestampMicrosecondArray,
+    ArrayRef, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array, RecordBatch,
+    StringArray, TimestampMicrosecondArray,
 };
 use chrono::{DateTime, Utc};
 use parquet::arrow::ArrowWriter;
@@ -17,7 +17,7 @@ use primespark_schemas::analytics::{AnalyticsEvent, ApiEvent, TaskEvent};
 use primespark_schemas::columnar;
 use primespark_schemas::rows::{
     AgentLoadRow, Agg, AggRow, AnalyticsRow, ApiEventsRow, InferenceRow, InferenceStatsRow,
-    MetricAggRow, RawRow, RoutingStatsRow, TaskStateChange, TaskStatsRow, TelemetryRow,
+    MetricAggRow, RawRow, RoutingStatsRow, ScoreRow, TaskStateChange, TaskStatsRow, TelemetryRow,
 };
 
 /// Archive failures.
@@ -58,12 +58,23 @@ pub fn raw_batch(rows: &[RawRow]) -> Result<RecordBatch, NasError> {
     let mut telemetry = Vec::new();
     let mut inference = Vec::new();
     let mut analytics = Vec::new();
+    let mut scores = Vec::new();
     for r in rows {
         match r {
             RawRow::Telemetry(t) => telemetry.push(t),
             RawRow::Inference(i) => inference.push(i),
             RawRow::Analytics(a) => analytics.push(a),
+            RawRow::Score(s) => scores.push(s),
         }
+    }
+    if !scores.is_empty() {
+        return if telemetry.is_empty() && inference.is_empty() && analytics.is_empty() {
+            score_batch(&scores)
+        } else {
+            Err(NasError::Encode(
+                "a file mixes anomaly scores with raw rows".into(),
+            ))
+        };
     }
     match (
         telemetry.is_empty(),
@@ -356,6 +367,34 @@ pub fn agg_batch(rows: &[AggRow]) -> Result<RecordBatch, NasError> {
     }
 }
 
+/// Builds the Arrow batch of anomaly scores.
+pub fn score_batch(rows: &[&ScoreRow]) -> Result<RecordBatch, NasError> {
+    RecordBatch::try_new(
+        columnar::anomaly_scores(),
+        vec![
+            times(rows.iter().map(|r| r.time_us)),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.device_id.as_str()),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.model.as_str()),
+            )),
+            Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.score))),
+            Arc::new(BooleanArray::from_iter(
+                rows.iter().map(|r| Some(r.is_anomaly())),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                rows.iter().map(|r| r.backend.as_str()),
+            )),
+            Arc::new(Int32Array::from_iter_values(
+                rows.iter().map(|r| r.partition),
+            )),
+            Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.offset))),
+        ],
+    )
+    .map_err(|e| NasError::Encode(e.to_string()))
+}
+
 /// Builds the Arrow batch of raw telemetry rows.
 pub fn telemetry_batch(rows: &[&TelemetryRow]) -> Result<RecordBatch, NasError> {
     let time = TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.time_us))
@@ -485,8 +524,14 @@ fn write_batch_file(
 #[derive(Debug, Clone)]
 pub struct ParquetArchive {
     topic_dir: PathBuf,
+    /// `<root>/table=anomaly_scores`: the scores of the topic's samples, in files named like
+    /// the raw rolls they were computed from.
+    scores_dir: PathBuf,
     row_group_rows: usize,
 }
+
+/// Folder of the anomaly score files under the NAS root.
+pub const SCORES_TABLE_DIR: &str = "table=anomaly_scores";
 
 /// Parses `part-pPPP-oFIRST-LAST.parquet` into (partition, first offset).
 fn parse_name(name: &str) -> Option<(i32, i64)> {
@@ -501,6 +546,7 @@ impl ParquetArchive {
     pub fn new(root: &Path, topic: &str, row_group_rows: usize) -> Self {
         Self {
             topic_dir: root.join(format!("topic={topic}")),
+            scores_dir: root.join(SCORES_TABLE_DIR),
             row_group_rows,
         }
     }
@@ -524,6 +570,9 @@ impl ParquetArchive {
         fs::create_dir_all(&self.topic_dir).map_err(io(&self.topic_dir))?;
         let mut removed = 0;
         let mut stack = vec![self.topic_dir.clone()];
+        if self.scores_dir.is_dir() {
+            stack.push(self.scores_dir.clone());
+        }
         while let Some(dir) = stack.pop() {
             for entry in fs::read_dir(&dir).map_err(io(&dir))? {
                 let entry = entry.map_err(io(&dir))?;
@@ -563,19 +612,26 @@ impl ParquetArchive {
         last: i64,
         rows: &[RawRow],
     ) -> Result<Vec<PathBuf>, NasError> {
-        let mut by_hour: BTreeMap<i64, Vec<RawRow>> = BTreeMap::new();
+        // Scores go to their own table, in files named after the same roll: both are renamed
+        // into place before the roll's offsets are committed.
+        let mut by_hour: BTreeMap<(bool, i64), Vec<RawRow>> = BTreeMap::new();
         for r in rows {
+            let hour = r.time_us().div_euclid(3_600_000_000);
             by_hour
-                .entry(r.time_us().div_euclid(3_600_000_000))
+                .entry((matches!(r, RawRow::Score(_)), hour))
                 .or_default()
                 .push(r.clone());
         }
         let mut written = Vec::with_capacity(by_hour.len());
-        for (hour, rows) in by_hour {
+        for ((score, hour), rows) in by_hour {
             let start =
                 DateTime::<Utc>::from_timestamp(hour * 3600, 0).unwrap_or(DateTime::<Utc>::MIN_UTC);
-            let dir = self
-                .topic_dir
+            let table = if score {
+                &self.scores_dir
+            } else {
+                &self.topic_dir
+            };
+            let dir = table
                 .join(format!("date={}", start.format("%Y-%m-%d")))
                 .join(format!("hour={}", start.format("%H")));
             fs::create_dir_all(&dir).map_err(io(&dir))?;

@@ -9,8 +9,8 @@ use primespark_schemas::analytics::{AnalyticsEvent, TaskEvent, TaskEventKind};
 use primespark_schemas::ddl::{MIGRATIONS, TIMESCALE_SETUP};
 use primespark_schemas::rows::{
     latest_rows, AgentLoadRow, Agg, AggRow, ApiEventsRow, DeadLetterRow, InferenceStatsRow,
-    LateEventRow, MetricAggRow, PartitionOffset, RawRow, RoutingStatsRow, TaskStateChange,
-    TaskStatsRow,
+    LateEventRow, MetricAggRow, PartitionOffset, RawRow, RoutingStatsRow, ScoreRow,
+    TaskStateChange, TaskStatsRow,
 };
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
@@ -305,6 +305,100 @@ async fn upsert_offsets(
     Ok(())
 }
 
+/// Copies anomaly scores into `anomaly_scores`, and the anomalies among them (with the
+/// metrics the model saw) into `anomalies`. Returns how many anomalies.
+async fn copy_scores(
+    tx: &tokio_postgres::Transaction<'_>,
+    scores: &[&ScoreRow],
+) -> Result<u64, PostgresError> {
+    if scores.is_empty() {
+        return Ok(0);
+    }
+    let copy = tx
+        .copy_in(
+            "COPY anomaly_scores (time, device_id, model, score, anomaly, backend) FROM STDIN (FORMAT binary)",
+        )
+        .await
+        .map_err(stmt("starting COPY into anomaly_scores"))?;
+    let writer = BinaryCopyInWriter::new(
+        copy,
+        &[
+            Type::TIMESTAMPTZ,
+            Type::TEXT,
+            Type::TEXT,
+            Type::FLOAT4,
+            Type::BOOL,
+            Type::TEXT,
+        ],
+    );
+    pin_mut!(writer);
+    for r in scores {
+        writer
+            .as_mut()
+            .write(&[
+                &time(r.time_us),
+                &r.device_id,
+                &r.model,
+                &r.score,
+                &r.is_anomaly(),
+                &r.backend,
+            ])
+            .await
+            .map_err(stmt("copying into anomaly_scores"))?;
+    }
+    writer
+        .finish()
+        .await
+        .map_err(stmt("finishing COPY into anomaly_scores"))?;
+    let anomalies: Vec<&&ScoreRow> = scores.iter().filter(|r| r.is_anomaly()).collect();
+    if anomalies.is_empty() {
+        return Ok(0);
+    }
+    let copy = tx
+        .copy_in(
+            "COPY anomalies (time, device_id, model, score, threshold, features) FROM STDIN (FORMAT binary)",
+        )
+        .await
+        .map_err(stmt("starting COPY into anomalies"))?;
+    let writer = BinaryCopyInWriter::new(
+        copy,
+        &[
+            Type::TIMESTAMPTZ,
+            Type::TEXT,
+            Type::TEXT,
+            Type::FLOAT4,
+            Type::FLOAT4,
+            Type::JSONB,
+        ],
+    );
+    pin_mut!(writer);
+    for r in &anomalies {
+        let features: serde_json::Map<String, serde_json::Value> = r
+            .features
+            .iter()
+            .map(|m| (m.name.clone(), serde_json::Value::from(m.value)))
+            .collect();
+        let features = serde_json::Value::Object(features);
+        writer
+            .as_mut()
+            .write(&[
+                &time(r.time_us),
+                &r.device_id,
+                &r.model,
+                &r.score,
+                &r.threshold,
+                &features,
+            ])
+            .await
+            .map_err(stmt("copying into anomalies"))?;
+    }
+    writer
+        .finish()
+        .await
+        .map_err(stmt("finishing COPY into anomalies"))?;
+    Ok(anomalies.len() as u64)
+}
+
 /// Writes raw rows (binary COPY) and dead letters, and stores `offsets` for `sink`, in one
 /// transaction: after a crash either all of it is there or none.
 // Everything of one transaction is passed explicitly, so the atomicity is visible here.
@@ -326,16 +420,23 @@ pub async fn write_raw(
         .map_err(stmt("beginning raw batch"))?;
     let telemetry = rows.iter().filter_map(|r| match r {
         RawRow::Telemetry(t) => Some(t),
-        RawRow::Inference(_) | RawRow::Analytics(_) => None,
+        _ => None,
     });
     let inference = rows.iter().filter_map(|r| match r {
         RawRow::Inference(i) => Some(i),
-        RawRow::Telemetry(_) | RawRow::Analytics(_) => None,
+        _ => None,
     });
     let analytics = rows.iter().filter_map(|r| match r {
         RawRow::Analytics(a) => Some(a),
-        RawRow::Telemetry(_) | RawRow::Inference(_) => None,
+        _ => None,
     });
+    let scores: Vec<&ScoreRow> = rows
+        .iter()
+        .filter_map(|r| match r {
+            RawRow::Score(s) => Some(s),
+            _ => None,
+        })
+        .collect();
     let (mut telemetry_rows, mut inference_rows, mut analytics_rows) = (0u64, 0u64, 0u64);
     if rows.iter().any(|r| matches!(r, RawRow::Telemetry(_))) {
         let copy = tx
@@ -478,6 +579,7 @@ pub async fn write_raw(
             .await
             .map_err(stmt("finishing COPY into analytics_events"))?;
     }
+    let anomalies = copy_scores(&tx, &scores).await?;
     if !dead.is_empty() {
         let partitions: Vec<i32> = dead.iter().map(|d| d.partition).collect();
         let offs: Vec<i64> = dead.iter().map(|d| d.offset).collect();
@@ -513,6 +615,8 @@ pub async fn write_raw(
         ("device_metrics", telemetry_rows),
         ("ai_inference_results", inference_rows),
         ("analytics_events", analytics_rows),
+        ("anomaly_scores", scores.len() as u64),
+        ("anomalies", anomalies),
     ] {
         if rows > 0 {
             SinkRowsWritten {

@@ -55,6 +55,9 @@ pub enum QueryError {
 /// `hour`); their windows `task_stats_1m`, `agent_load_1m` and `api_events_1m` (partition column
 /// `date`).
 ///
+/// Anomaly scores of telemetry samples are `anomaly_scores` (partition columns `date` and
+/// `hour`).
+///
 /// Every aggregate table also has its 1-hour rollup (`*_1h`) with the same columns.
 pub fn session(
     nas_root: &Path,
@@ -138,6 +141,13 @@ pub fn session(
         &nas_root.join(format!("topic={telemetry_topic}")),
         &["date", "hour"],
         primespark_schemas::columnar::telemetry_raw(),
+    )?;
+    register_listing(
+        &ctx,
+        "anomaly_scores",
+        &nas_root.join(crate::nas::SCORES_TABLE_DIR),
+        &["date", "hour"],
+        primespark_schemas::columnar::anomaly_scores(),
     )?;
     register_listing(
         &ctx,

@@ -1,0 +1,950 @@
+//! Anomaly scoring of telemetry inside the dataflow: `[inference]` configuration, the model
+//! table, and the timely operator that micro-batches samples to a [`Scorer`] thread.
+//!
+//! ```text
+//! KafkaSource ─> Score ─┬─> RawSink (device_metrics + anomaly_scores/anomalies, one transaction)
+//!                       └─> windows (device metrics + `anomaly_score` / `anomalies` per device)
+//! ```
+//!
+//! The operator keeps every input batch, in order, until the scores of its samples are back,
+//! then emits the batch followed by one [`ScoreRow`] point per sample, at the batch's own
+//! timestamp. Holding the batch's capability meanwhile keeps the frontier (the watermark) from
+//! passing samples still being scored, and emitting in arrival order keeps each partition's
+//! offsets in order for the raw sink's commits. A score inherits the delivery flags of its
+//! sample, so a replay after a restart scores exactly the records the sinks still need.
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use primespark_connectors::config::duration;
+use primespark_connectors::InvalidConfig;
+use primespark_operators::inference::batcher::Batcher;
+use primespark_operators::inference::cpu::CpuModel;
+use primespark_operators::inference::executor::{Job, Scorer, ScorerConfig};
+use primespark_operators::inference::features::FeatureSpec;
+use primespark_operators::inference::{
+    Backend, BackendChoice, InferenceError, ModelSource, ModelSpec, BUILTIN_MODEL_NAME,
+    BUILTIN_MODEL_ONNX,
+};
+use primespark_operators::metrics::AnomaliesDetected;
+use primespark_operators::record::{Delivery, Point};
+use primespark_operators::{EventTime, FastMap};
+use primespark_schemas::rows::{RawRow, ScoreRow, TelemetryRow};
+use primespark_schemas::telemetry::Metric;
+use serde::{Deserialize, Serialize};
+use timely::dataflow::channels::pact::Pipeline;
+use timely::dataflow::operators::generic::Operator;
+use timely::dataflow::operators::CapabilitySet;
+use timely::dataflow::StreamVec;
+
+use crate::source::RawItem;
+
+/// Metric names under which scores enter the per-device windows (`device_metrics_1m/1h`):
+/// `anomaly_score` (count = samples scored, min/max/avg of the score) and `anomalies`
+/// (1 per anomaly, 0 otherwise: `sum` is the anomaly count).
+pub const SCORE_METRIC: &str = "anomaly_score";
+/// See [`SCORE_METRIC`].
+pub const ANOMALY_METRIC: &str = "anomalies";
+
+/// `[inference]`: anomaly scoring of telemetry samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceConfig {
+    /// Score telemetry at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// `auto` (the NPU when found, else the CPU), `hailo` or `cpu`.
+    #[serde(default)]
+    pub backend: BackendChoice,
+    /// The model for devices no `devices` prefix matches.
+    #[serde(default = "default_model")]
+    pub model: String,
+    /// A batch closes at this many samples...
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// ...or this long after its first sample.
+    #[serde(default = "default_max_wait", with = "duration")]
+    pub max_wait: Duration,
+    /// Batches in flight per worker (queued or running) before the worker waits.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// After the NPU fails a batch, use the CPU this long before trying the NPU again.
+    #[serde(default = "default_retry_after", with = "duration")]
+    pub retry_after: Duration,
+    /// Models kept loaded per backend (least recently used evicted).
+    #[serde(default = "default_cache_size")]
+    pub cache_size: usize,
+    /// Models by name. `telemetry-anomaly` is built in and needs no entry.
+    #[serde(default)]
+    pub models: BTreeMap<String, ModelConfig>,
+    /// Device-id prefix -> model name; the longest matching prefix wins.
+    #[serde(default)]
+    pub devices: BTreeMap<String, String>,
+}
+
+impl Default for InferenceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            backend: BackendChoice::Auto,
+            model: default_model(),
+            batch_size: default_batch_size(),
+            max_wait: default_max_wait(),
+            queue: default_queue(),
+            retry_after: default_retry_after(),
+            cache_size: default_cache_size(),
+            models: BTreeMap::new(),
+            devices: BTreeMap::new(),
+        }
+    }
+}
+
+/// One model of `[inference.models.<name>]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The ONNX file (CPU backend). Only the built-in model may omit it.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// The HEF compiled from it for the Hailo-8.
+    #[serde(default)]
+    pub hef: Option<PathBuf>,
+    /// Metric names in the model's input order.
+    #[serde(default = "default_features")]
+    pub features: Vec<String>,
+    /// Normalization mean per feature.
+    #[serde(default = "default_mean")]
+    pub mean: Vec<f32>,
+    /// Normalization standard deviation per feature.
+    #[serde(default = "default_std")]
+    pub std: Vec<f32>,
+    /// A sample scoring at or over this is an anomaly.
+    #[serde(default = "default_threshold")]
+    pub threshold: f32,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_model() -> String {
+    BUILTIN_MODEL_NAME.into()
+}
+fn default_batch_size() -> usize {
+    8
+}
+fn default_max_wait() -> Duration {
+    Duration::from_millis(2)
+}
+fn default_queue() -> usize {
+    4
+}
+fn default_retry_after() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_cache_size() -> usize {
+    4
+}
+fn default_features() -> Vec<String> {
+    FeatureSpec::builtin().names
+}
+fn default_mean() -> Vec<f32> {
+    FeatureSpec::builtin().mean
+}
+fn default_std() -> Vec<f32> {
+    FeatureSpec::builtin().std
+}
+fn default_threshold() -> f32 {
+    0.5
+}
+
+impl InferenceConfig {
+    /// Checks values without touching files (the model table loads them at start-up).
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        if !(1..=4096).contains(&self.batch_size) {
+            return Err(InvalidConfig::new(
+                "inference.batch_size",
+                "must be between 1 and 4096",
+            ));
+        }
+        if self.max_wait > Duration::from_secs(1) {
+            return Err(InvalidConfig::new(
+                "inference.max_wait",
+                "must be at most 1s (samples wait that long for a batch)",
+            ));
+        }
+        if !(1..=1024).contains(&self.queue) {
+            return Err(InvalidConfig::new(
+                "inference.queue",
+                "must be between 1 and 1024",
+            ));
+        }
+        if self.cache_size == 0 {
+            return Err(InvalidConfig::new(
+                "inference.cache_size",
+                "must be at least 1",
+            ));
+        }
+        let known = |name: &str| name == BUILTIN_MODEL_NAME || self.models.contains_key(name);
+        if !known(&self.model) {
+            return Err(InvalidConfig::new(
+                "inference.model",
+                format!(
+                    "no model named {:?} (built in: {BUILTIN_MODEL_NAME:?}; others need [inference.models.<name>])",
+                    self.model
+                ),
+            ));
+        }
+        for (prefix, model) in &self.devices {
+            if !known(model) {
+                return Err(InvalidConfig::new(
+                    format!("inference.devices.{prefix}"),
+                    format!("no model named {model:?}"),
+                ));
+            }
+        }
+        for (name, m) in &self.models {
+            let key = |k: &str| format!("inference.models.{name}.{k}");
+            if m.path.is_none() && name != BUILTIN_MODEL_NAME {
+                return Err(InvalidConfig::new(
+                    key("path"),
+                    "an ONNX file is needed (only the built-in model has none)",
+                ));
+            }
+            if let Some(problem) = m.feature_spec().problem() {
+                return Err(InvalidConfig::new(key("features"), problem));
+            }
+            if !m.threshold.is_finite() {
+                return Err(InvalidConfig::new(key("threshold"), "must be a number"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ModelConfig {
+    fn feature_spec(&self) -> FeatureSpec {
+        FeatureSpec {
+            names: self.features.clone(),
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+        }
+    }
+}
+
+/// A model with its feature mapping and threshold.
+#[derive(Debug)]
+pub struct ModelEntry {
+    /// What the backends load.
+    pub spec: Arc<ModelSpec>,
+    /// Metric -> input mapping and normalization.
+    pub features: FeatureSpec,
+    /// Anomaly threshold.
+    pub threshold: f32,
+}
+
+/// Which model scores which device.
+#[derive(Debug, Clone)]
+pub struct ModelTable {
+    default: Arc<ModelEntry>,
+    /// Longest prefix first.
+    prefixes: Vec<(String, Arc<ModelEntry>)>,
+}
+
+impl ModelTable {
+    /// Builds the table, loading every model once on the CPU so a missing file or a model that
+    /// does not take `[N, features]` fails start-up with its name, not the first batch.
+    pub fn load(config: &InferenceConfig) -> Result<Self, InferenceError> {
+        let mut entries: BTreeMap<String, Arc<ModelEntry>> = BTreeMap::new();
+        let mut names: Vec<&String> = config.devices.values().collect();
+        names.push(&config.model);
+        for name in names {
+            if entries.contains_key(name) {
+                continue;
+            }
+            let (onnx, hef, features, threshold) = match config.models.get(name) {
+                Some(m) => (
+                    m.path
+                        .clone()
+                        .map_or(ModelSource::Builtin(BUILTIN_MODEL_ONNX), ModelSource::Path),
+                    m.hef.clone(),
+                    m.feature_spec(),
+                    m.threshold,
+                ),
+                None => (
+                    ModelSource::Builtin(BUILTIN_MODEL_ONNX),
+                    None,
+                    FeatureSpec::builtin(),
+                    default_threshold(),
+                ),
+            };
+            let spec = Arc::new(ModelSpec {
+                name: Arc::from(name.as_str()),
+                onnx,
+                hef,
+                inputs: features.len(),
+            });
+            CpuModel::load(&spec)?;
+            entries.insert(
+                name.clone(),
+                Arc::new(ModelEntry {
+                    spec,
+                    features,
+                    threshold,
+                }),
+            );
+        }
+        let default = entries
+            .get(&config.model)
+            .cloned()
+            .ok_or_else(|| InferenceError::Load {
+                model: config.model.clone(),
+                backend: "cpu",
+                reason: "not configured".into(),
+            })?;
+        let mut prefixes: Vec<(String, Arc<ModelEntry>)> = config
+            .devices
+            .iter()
+            .filter_map(|(p, m)| entries.get(m).map(|e| (p.clone(), e.clone())))
+            .collect();
+        prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        Ok(Self { default, prefixes })
+    }
+
+    /// The model that scores `device_id`.
+    pub fn model_for(&self, device_id: &str) -> &Arc<ModelEntry> {
+        self.prefixes
+            .iter()
+            .find(|(p, _)| device_id.starts_with(p.as_str()))
+            .map_or(&self.default, |(_, e)| e)
+    }
+}
+
+/// Makes one worker's handle on the NPU: every worker shares the device opened at start-up
+/// (HailoRT gives a virtual device to one opener at a time).
+pub type PrimaryFactory = Arc<dyn Fn() -> Box<dyn Backend> + Send + Sync>;
+
+/// Opens the NPU if `choice` asks for it (and `auto` finds one): `None` means CPU only.
+pub fn primary_backend(choice: BackendChoice) -> Result<Option<PrimaryFactory>, InferenceError> {
+    match choice {
+        BackendChoice::Cpu => Ok(None),
+        BackendChoice::Hailo => Ok(Some(open_hailo()?)),
+        BackendChoice::Auto => match open_hailo() {
+            Ok(h) => Ok(Some(h)),
+            Err(e) => {
+                tracing::info!(reason = %e, "no Hailo-8 in use; inference runs on the CPU");
+                Ok(None)
+            }
+        },
+    }
+}
+
+#[cfg(feature = "hailo")]
+fn open_hailo() -> Result<PrimaryFactory, InferenceError> {
+    use primespark_operators::inference::hailo::HailoBackend;
+    if !HailoBackend::device_present() {
+        return Err(InferenceError::NoDevice("no Hailo device found".into()));
+    }
+    let device = std::sync::Mutex::new(HailoBackend::open()?);
+    Ok(Arc::new(move || {
+        let backend = match device.lock() {
+            Ok(d) => d.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        Box::new(backend) as Box<dyn Backend>
+    }))
+}
+
+#[cfg(not(feature = "hailo"))]
+fn open_hailo() -> Result<PrimaryFactory, InferenceError> {
+    let present = std::path::Path::new("/dev/hailo0").exists();
+    Err(InferenceError::NoDevice(if present {
+        "/dev/hailo0 exists but this build has no Hailo support (build with --features hailo)"
+            .into()
+    } else {
+        "this build has no Hailo support (build with --features hailo)".into()
+    }))
+}
+
+/// What one worker's scoring operator needs.
+pub struct ScoringSpec {
+    /// Which model scores which device.
+    pub models: ModelTable,
+    /// Batching and queue settings.
+    pub config: InferenceConfig,
+    /// The NPU, if in use.
+    pub primary: Option<Box<dyn Backend>>,
+    /// The CPU.
+    pub fallback: Box<dyn Backend>,
+}
+
+/// A sample waiting for its score.
+struct SampleMeta {
+    segment: u64,
+    model: Arc<ModelEntry>,
+    device_id: String,
+    time_us: i64,
+    partition: i32,
+    offset: i64,
+    delivery: Delivery,
+    late: bool,
+    late_by_us: i64,
+    /// The model's input metrics as the sample carried them.
+    features: Vec<Metric>,
+}
+
+struct Sample {
+    meta: SampleMeta,
+    features: Vec<f32>,
+}
+
+/// One input batch held until its samples are scored.
+struct Segment {
+    id: u64,
+    cap: CapabilitySet<EventTime>,
+    items: Vec<RawItem>,
+    pending: usize,
+}
+
+/// Scores telemetry samples; see the module documentation.
+pub fn score_telemetry<'s>(
+    stream: StreamVec<'s, EventTime, RawItem>,
+    spec: ScoringSpec,
+    drained: Rc<Cell<bool>>,
+) -> StreamVec<'s, EventTime, RawItem> {
+    let scope = stream.scope();
+    let worker = scope.index();
+    stream.unary_frontier(Pipeline, "Score", move |_cap, info| {
+        let activator = scope.activator_for(info.address.clone());
+        let sync = scope.worker().sync_activator_for(info.address.to_vec());
+        let ScoringSpec {
+            models,
+            config,
+            primary,
+            fallback,
+        } = spec;
+        let scorer = Scorer::<Vec<SampleMeta>>::spawn(
+            primary,
+            fallback,
+            ScorerConfig {
+                queue: config.queue,
+                retry_after: config.retry_after,
+                cache_size: config.cache_size,
+                worker,
+            },
+            Box::new(move || {
+                // The operator may be gone at shutdown; nothing left to wake then.
+                let _ = sync.activate();
+            }),
+        );
+        let mut scorer = match scorer {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(worker, error = %e, "inference disabled on this worker");
+                None
+            }
+        };
+        let mut batchers: FastMap<Arc<str>, Batcher<Sample>> = FastMap::default();
+        let mut segments: VecDeque<Segment> = VecDeque::new();
+        let mut next_segment = 0u64;
+        let mut features_buf: Vec<f32> = Vec::new();
+        move |(input, frontier), output| {
+            let now = Instant::now();
+            let mut full: Vec<(Arc<ModelEntry>, Vec<Sample>)> = Vec::new();
+            // The source gives all points of a record in one activation under one capability,
+            // but its session may cut them into several containers: consecutive containers
+            // with the same stamp are joined first, so a record is never split between two
+            // segments (a raw flush between them could commit the record's offset with only
+            // part of it stored).
+            let mut incoming: Vec<(Option<EventTime>, CapabilitySet<EventTime>, Vec<RawItem>)> =
+                Vec::new();
+            input.for_each(|cap, data| {
+                let time = cap.least().copied();
+                match incoming.last_mut() {
+                    Some((t, _, items)) if *t == time => items.append(data),
+                    _ => incoming.push((time, cap.retain_stamp(0), std::mem::take(data))),
+                }
+            });
+            for (_, cap, mut data) in incoming {
+                let id = next_segment;
+                next_segment += 1;
+                let mut pending = 0usize;
+                if scorer.is_some() {
+                    for_each_sample(&data, |rows, first| {
+                        let entry = models.model_for(&rows[0].device_id);
+                        features_buf.clear();
+                        let lookup = |name: &str| {
+                            rows.iter().find(|r| r.metric_name == name).map(|r| r.value)
+                        };
+                        entry.features.normalize_into(lookup, &mut features_buf);
+                        let raw: Vec<Metric> = entry
+                            .features
+                            .names
+                            .iter()
+                            .filter_map(|n| {
+                                lookup(n).map(|value| Metric {
+                                    name: n.clone(),
+                                    value,
+                                })
+                            })
+                            .collect();
+                        let sample = Sample {
+                            meta: SampleMeta {
+                                segment: id,
+                                model: entry.clone(),
+                                device_id: rows[0].device_id.clone(),
+                                time_us: rows[0].time_us,
+                                partition: rows[0].partition,
+                                offset: rows[0].offset,
+                                delivery: first.delivery,
+                                late: first.late,
+                                late_by_us: first.late_by_us,
+                                features: raw,
+                            },
+                            features: features_buf.clone(),
+                        };
+                        pending += 1;
+                        let batcher = batchers
+                            .entry(entry.spec.name.clone())
+                            .or_insert_with(|| Batcher::new(config.batch_size, config.max_wait));
+                        if let Some(batch) = batcher.push(sample, now) {
+                            full.push((entry.clone(), batch));
+                        }
+                    });
+                }
+                if pending == 0 && segments.is_empty() {
+                    // Nothing to wait for and nothing ahead: straight through.
+                    output.session(&cap).give_container(&mut data);
+                } else {
+                    segments.push_back(Segment {
+                        id,
+                        cap,
+                        items: data,
+                        pending,
+                    });
+                }
+            }
+            // End of input: every open batch goes now, and the results are waited for.
+            let ended = frontier.is_empty();
+            for batcher in batchers.values_mut() {
+                let batch = if ended {
+                    batcher.flush()
+                } else {
+                    batcher.poll(now)
+                };
+                if let Some(batch) = batch {
+                    let entry = batch[0].meta.model.clone();
+                    full.push((entry, batch));
+                }
+            }
+            if let Some(s) = scorer.as_mut() {
+                for (entry, batch) in full {
+                    let rows = batch.len();
+                    let mut features = Vec::with_capacity(rows * entry.spec.inputs);
+                    let mut metas = Vec::with_capacity(rows);
+                    for sample in batch {
+                        features.extend_from_slice(&sample.features);
+                        metas.push(sample.meta);
+                    }
+                    let job = Job {
+                        model: entry.spec.clone(),
+                        features,
+                        rows,
+                        tag: metas,
+                    };
+                    if let Err(e) = s.submit(job) {
+                        tracing::error!(worker, error = %e, "inference thread gone");
+                    }
+                }
+                loop {
+                    let done = if ended && segments.iter().any(|g| g.pending > 0) {
+                        s.wait_done()
+                    } else {
+                        s.try_done()
+                    };
+                    let Some(done) = done else { break };
+                    // An error was logged and counted by the scorer: the samples pass on
+                    // unscored.
+                    let scores = done.scores.ok();
+                    let mut anomalies = 0u64;
+                    for (i, meta) in done.tag.into_iter().enumerate() {
+                        let Some(front) = segments.front() else { break };
+                        let Some(seg) = meta
+                            .segment
+                            .checked_sub(front.id)
+                            .and_then(|i| segments.get_mut(i as usize))
+                        else {
+                            continue;
+                        };
+                        seg.pending -= 1;
+                        if let Some(score) = scores.as_ref().and_then(|s| s.get(i)) {
+                            let row = score_row(meta, *score, done.backend);
+                            anomalies += u64::from(row.row_is_anomaly());
+                            seg.items.push(row.into_item());
+                        }
+                    }
+                    if anomalies > 0 {
+                        AnomaliesDetected {
+                            backend: done.backend,
+                            model: &done.model,
+                            count: anomalies,
+                        }
+                        .emit();
+                    }
+                }
+            }
+            let mut emitted = false;
+            while segments.front().is_some_and(|g| g.pending == 0) {
+                if let Some(mut seg) = segments.pop_front() {
+                    output.session(&seg.cap).give_container(&mut seg.items);
+                    emitted = true;
+                }
+            }
+            // Drained once empty for a whole activation: what was emitted last time has
+            // reached the raw sink, whose own flag then covers it.
+            drained
+                .set(!emitted && segments.is_empty() && batchers.values().all(Batcher::is_empty));
+            if emitted {
+                activator.activate();
+            }
+            if let Some(deadline) = batchers.values().filter_map(|b| b.deadline()).min() {
+                activator.activate_after(deadline.saturating_duration_since(Instant::now()));
+            }
+        }
+    })
+}
+
+/// Calls `f` with the rows of every telemetry record in `items` that a sink still needs (a
+/// record's points are consecutive, one per metric) and its first point.
+fn for_each_sample(items: &[RawItem], mut f: impl FnMut(&[&TelemetryRow], &Point)) {
+    let mut rows: Vec<&TelemetryRow> = Vec::new();
+    let mut first: Option<&Point> = None;
+    for item in items {
+        let RawItem::Point(p) = item else { continue };
+        let RawRow::Telemetry(t) = &p.row else {
+            continue;
+        };
+        if let Some(f0) = first {
+            if f0.row.position() != (t.partition, t.offset) {
+                f(&rows, f0);
+                rows.clear();
+                first = None;
+            }
+        }
+        if first.is_none() {
+            if !(p.delivery.raw() || p.delivery.window) {
+                continue;
+            }
+            first = Some(p);
+        }
+        rows.push(t);
+    }
+    if let Some(f0) = first {
+        f(&rows, f0);
+    }
+}
+
+/// A score on its way to the raw sink and the windows.
+struct Scored(Point);
+
+impl Scored {
+    fn row_is_anomaly(&self) -> bool {
+        matches!(&self.0.row, RawRow::Score(s) if s.is_anomaly())
+    }
+    fn into_item(self) -> RawItem {
+        RawItem::Point(self.0)
+    }
+}
+
+fn score_row(meta: SampleMeta, score: f32, backend: &'static str) -> Scored {
+    let threshold = meta.model.threshold;
+    let anomaly = score >= threshold;
+    Scored(Point {
+        row: RawRow::Score(ScoreRow {
+            time_us: meta.time_us,
+            device_id: meta.device_id,
+            model: meta.model.spec.name.to_string(),
+            score,
+            threshold,
+            backend: backend.to_owned(),
+            // Only anomalies keep their inputs (`anomalies.features`).
+            features: if anomaly { meta.features } else { Vec::new() },
+            partition: meta.partition,
+            offset: meta.offset,
+        }),
+        delivery: meta.delivery,
+        late: meta.late,
+        late_by_us: meta.late_by_us,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use primespark_operators::inference::Model;
+    use primespark_operators::record::DeadLetter;
+    use primespark_schemas::rows::DeadLetterRow;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use timely::dataflow::operators::capture::{Capture, Event};
+    use timely::dataflow::operators::Input;
+    use timely::dataflow::InputHandleVec;
+
+    /// Scores a sample as its first normalized feature plus 10; the NPU stand-in fails every
+    /// batch from its `fail_from`-th on.
+    struct Plus10 {
+        batches: Arc<AtomicUsize>,
+        fail_from: usize,
+    }
+    impl Model for Plus10 {
+        fn name(&self) -> &str {
+            BUILTIN_MODEL_NAME
+        }
+        fn inputs(&self) -> usize {
+            5
+        }
+        fn run(&mut self, f: &[f32], rows: usize, s: &mut Vec<f32>) -> Result<(), InferenceError> {
+            if self.batches.fetch_add(1, Ordering::SeqCst) >= self.fail_from {
+                return Err(InferenceError::NoDevice("unplugged".into()));
+            }
+            s.extend((0..rows).map(|r| f[r * 5] + 10.0));
+            Ok(())
+        }
+    }
+    struct Double {
+        name: &'static str,
+        batches: Arc<AtomicUsize>,
+        fail_from: usize,
+    }
+    impl Backend for Double {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+        fn load(&self, _: &ModelSpec) -> Result<Box<dyn Model>, InferenceError> {
+            Ok(Box::new(Plus10 {
+                batches: self.batches.clone(),
+                fail_from: self.fail_from,
+            }))
+        }
+    }
+
+    fn point(partition: i32, offset: i64, device: &str, metric: &str, value: f64) -> RawItem {
+        RawItem::Point(Point {
+            row: RawRow::Telemetry(TelemetryRow {
+                time_us: offset * 1000,
+                device_id: device.into(),
+                metric_name: metric.into(),
+                value,
+                partition,
+                offset,
+            }),
+            delivery: Delivery::ALL,
+            late: false,
+            late_by_us: 0,
+        })
+    }
+
+    /// Containers of samples (several metrics each), dead letters and samples no sink needs,
+    /// through batches of 3 with the NPU failing from its 3rd batch: every input item comes out
+    /// once in input order, followed within its container by one score per needed sample,
+    /// scored by whichever backend ran its batch.
+    #[test]
+    fn every_item_passes_in_order_and_every_sample_is_scored_once() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        timely::execute_directly(move |worker| {
+            let mut input: InputHandleVec<EventTime, RawItem> = InputHandleVec::new();
+            let captured = worker.dataflow(|scope| {
+                let config = InferenceConfig {
+                    batch_size: 3,
+                    max_wait: Duration::from_millis(1),
+                    queue: 1,
+                    ..InferenceConfig::default()
+                };
+                let spec = ScoringSpec {
+                    models: ModelTable::load(&config).expect("builtin model"),
+                    config,
+                    primary: Some(Box::new(Double {
+                        name: "hailo",
+                        batches: Arc::new(AtomicUsize::new(0)),
+                        fail_from: 2,
+                    })),
+                    fallback: Box::new(Double {
+                        name: "cpu",
+                        batches: Arc::new(AtomicUsize::new(0)),
+                        fail_from: usize::MAX,
+                    }),
+                };
+                score_telemetry(
+                    scope.input_from(&mut input),
+                    spec,
+                    Rc::new(Cell::new(false)),
+                )
+                .capture()
+            });
+            let mut sent = Vec::new();
+            let mut offset = 0i64;
+            for round in 0..6u64 {
+                input.advance_to(round);
+                for _ in 0..(1 + round % 3) {
+                    // Each metric in a container of its own, as the source's session may cut
+                    // a record: still one sample.
+                    for (m, v) in [("cpu_percent", 40.1292 + offset as f64), ("load_avg", 1.0)] {
+                        let item = point((offset % 2) as i32, offset, "pi", m, v);
+                        sent.push(item.clone());
+                        input.send_batch(&mut vec![item]);
+                    }
+                    offset += 1;
+                }
+                let dead = RawItem::Dead(DeadLetter {
+                    row: DeadLetterRow {
+                        partition: 0,
+                        offset: 1000 + round as i64,
+                        reason: "malformed_json".into(),
+                        error: "x".into(),
+                        payload: b"{".to_vec(),
+                    },
+                    delivery: Delivery::ALL,
+                });
+                sent.push(dead.clone());
+                input.send(dead);
+                // Already stored everywhere: passes through, not scored.
+                let mut stored = point(0, 2000 + round as i64, "old", "cpu_percent", 1.0);
+                if let RawItem::Point(p) = &mut stored {
+                    p.delivery = Delivery {
+                        postgres: false,
+                        parquet: false,
+                        window: false,
+                    };
+                }
+                sent.push(stored.clone());
+                input.send(stored);
+                worker.step();
+            }
+            input.close();
+            while worker.step() {}
+            let out: Vec<RawItem> = captured
+                .try_iter()
+                .flat_map(|e| match e {
+                    Event::Messages(_, items) => items,
+                    Event::Progress(_) => Vec::new(),
+                })
+                .collect();
+            tx.send((sent, out, offset)).expect("receiver alive");
+        });
+        let (sent, out, samples) = rx.recv().expect("items");
+        let (passed, scores): (Vec<RawItem>, Vec<RawItem>) = out.into_iter().partition(|i| {
+            !matches!(
+                i,
+                RawItem::Point(Point {
+                    row: RawRow::Score(_),
+                    ..
+                })
+            )
+        });
+        assert_eq!(passed, sent, "input items, once each, in order");
+        let scores: Vec<ScoreRow> = scores
+            .into_iter()
+            .filter_map(|i| match i {
+                RawItem::Point(Point {
+                    row: RawRow::Score(s),
+                    ..
+                }) => Some(s),
+                _ => None,
+            })
+            .collect();
+        let offsets: Vec<i64> = scores.iter().map(|s| s.offset).collect();
+        assert_eq!(
+            offsets,
+            (0..samples).collect::<Vec<_>>(),
+            "one score per sample"
+        );
+        for s in &scores {
+            // cpu normalized: (40.1292 + offset - mean) / std = offset / std.
+            let want = s.offset as f32 / 20.3349 + 10.0;
+            assert!((s.score - want).abs() < 1e-4, "{s:?}");
+            assert!(s.is_anomaly(), "score over 10 is over the threshold");
+            assert_eq!(
+                s.features.len(),
+                2,
+                "both metrics of the record, in one sample"
+            );
+        }
+        let backends: Vec<&str> = scores.iter().map(|s| s.backend.as_str()).collect();
+        assert_eq!(
+            &backends[..6],
+            &["hailo"; 6],
+            "first two batches of 3 on the NPU"
+        );
+        assert!(backends[6..].iter().all(|b| *b == "cpu"), "{backends:?}");
+    }
+
+    #[test]
+    fn devices_pick_the_longest_matching_prefix_and_config_errors_name_the_key() {
+        let mut config = InferenceConfig::default();
+        config.models.insert(
+            "edge".into(),
+            ModelConfig {
+                path: None,
+                hef: None,
+                features: default_features(),
+                mean: default_mean(),
+                std: default_std(),
+                threshold: 0.9,
+            },
+        );
+        config.devices.insert("pi-".into(), "edge".into());
+        config
+            .devices
+            .insert("pi-gpu-".into(), BUILTIN_MODEL_NAME.into());
+        assert!(
+            config.validate().is_err(),
+            "non-builtin model without a path"
+        );
+        config.models.get_mut("edge").expect("edge").path =
+            Some(PathBuf::from("/nonexistent.onnx"));
+        config.validate().expect("valid");
+        assert!(matches!(
+            ModelTable::load(&config),
+            Err(InferenceError::Load { model, .. }) if model == "edge"
+        ));
+        // The shipped graph from its file, under another name and threshold.
+        let edge = config.models.remove("edge").expect("edge");
+        config.models.insert("edge2".into(), edge);
+        config.devices.insert("pi-".into(), "edge2".into());
+        config.models.get_mut("edge2").expect("edge2").path = Some(PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../operators/models/anomaly_detector.onnx"
+        )));
+        let table = ModelTable::load(&config).expect("loads");
+        assert_eq!(&*table.model_for("pi-gpu-3").spec.name, BUILTIN_MODEL_NAME);
+        assert_eq!(&*table.model_for("pi-7").spec.name, "edge2");
+        assert_eq!(table.model_for("pi-7").threshold, 0.9);
+        assert_eq!(&*table.model_for("vm-1").spec.name, BUILTIN_MODEL_NAME);
+
+        for (mutate, key) in [
+            (
+                Box::new(|c: &mut InferenceConfig| c.batch_size = 0)
+                    as Box<dyn Fn(&mut InferenceConfig)>,
+                "inference.batch_size",
+            ),
+            (Box::new(|c| c.model = "nope".into()), "inference.model"),
+            (
+                Box::new(|c| {
+                    c.devices.insert("x".into(), "nope".into());
+                }),
+                "inference.devices.x",
+            ),
+            (
+                Box::new(|c| c.models.get_mut("edge2").expect("edge2").std[1] = 0.0),
+                "inference.models.edge2.features",
+            ),
+        ] {
+            let mut c = config.clone();
+            mutate(&mut c);
+            let err = c.validate().expect_err(key).to_string();
+            assert!(err.contains(key), "{err}");
+        }
+    }
+}
