@@ -37,7 +37,7 @@ const ROW_GROUP_ROWS: usize = 128 * 1024;
 /// 2025-11-05T14:00:00Z.
 const T0_US: i64 = 1_762_351_200_000_000;
 /// Measured runs per variant; the best one is reported (the first warms the caches).
-const RUNS: usize = 2;
+const RUNS: usize = 5;
 /// The target: ours at least this share of plain `ArrowWriter`'s rate.
 const TARGET_RATIO: f64 = 0.50;
 
@@ -140,11 +140,13 @@ fn write_ours(rows: &[RawRow], dir: &Path) -> Result<Duration, BoxError> {
 }
 
 /// Converts each roll (timed apart), then writes each batch to its own file with a plain
-/// `ArrowWriter` (timed: create, write, close; no fsync). Returns (write, convert).
+/// `ArrowWriter` (timed: create, write, close). `durable` adds what `write_roll` does around
+/// the writer: temporary name, file fsync, rename, directory fsync. Returns (write, convert).
 fn write_plain(
     rows: &[RawRow],
     dir: &Path,
     props: Option<&WriterProperties>,
+    durable: bool,
 ) -> Result<(Duration, Duration), BoxError> {
     fs::create_dir_all(dir)?;
     let (mut write, mut convert) = (Duration::ZERO, Duration::ZERO);
@@ -154,10 +156,17 @@ fn write_plain(
         convert += started.elapsed();
 
         let started = Instant::now();
-        let file = fs::File::create(dir.join(format!("part-{k:03}.parquet")))?;
+        let path = dir.join(format!("part-{k:03}.parquet"));
+        let tmp = dir.join(format!(".part-{k:03}.parquet.inprogress"));
+        let file = fs::File::create(if durable { &tmp } else { &path })?;
         let mut writer = ArrowWriter::try_new(file, batch.schema(), props.cloned())?;
         writer.write(&batch)?;
-        writer.close()?;
+        let file = writer.into_inner()?;
+        if durable {
+            file.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            fs::File::open(dir)?.sync_all()?;
+        }
         write += started.elapsed();
     }
     Ok((write, convert))
@@ -166,8 +175,8 @@ fn write_plain(
 fn main() {
     let rows = telemetry_rows();
     let root = tempfile::tempdir().expect("creating a temporary folder");
-    // Our codec and row groups on a plain ArrowWriter: what is left is fsync, rename and the
-    // row handling of write_roll.
+    // Our codec and row groups on a plain ArrowWriter, then also our file protocol: what is
+    // left between that and ours is write_roll's row handling (grouping by hour).
     let ours_props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(3).expect("zstd level 3"),
@@ -175,8 +184,12 @@ fn main() {
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .build();
 
-    let (mut ours, mut plain, mut plain_zstd) =
-        (Variant::default(), Variant::default(), Variant::default());
+    let (mut ours, mut plain, mut plain_zstd, mut plain_durable) = (
+        Variant::default(),
+        Variant::default(),
+        Variant::default(),
+        Variant::default(),
+    );
     for run in 0..RUNS {
         let dir = root.path().join(format!("ours-{run}"));
         let took = write_ours(&rows, &dir).expect("write_roll");
@@ -184,15 +197,22 @@ fn main() {
             .expect("checking ours");
 
         let dir = root.path().join(format!("plain-{run}"));
-        let (write, convert) = write_plain(&rows, &dir, None).expect("plain ArrowWriter");
+        let (write, convert) = write_plain(&rows, &dir, None, false).expect("plain ArrowWriter");
         plain.record(write, convert, &dir).expect("checking plain");
 
         let dir = root.path().join(format!("plain-zstd-{run}"));
-        let (write, convert) =
-            write_plain(&rows, &dir, Some(&ours_props)).expect("ArrowWriter with our properties");
+        let (write, convert) = write_plain(&rows, &dir, Some(&ours_props), false)
+            .expect("ArrowWriter with our properties");
         plain_zstd
             .record(write, convert, &dir)
             .expect("checking ArrowWriter with our properties");
+
+        let dir = root.path().join(format!("plain-durable-{run}"));
+        let (write, convert) = write_plain(&rows, &dir, Some(&ours_props), true)
+            .expect("durable ArrowWriter with our properties");
+        plain_durable
+            .record(write, convert, &dir)
+            .expect("checking durable ArrowWriter with our properties");
     }
 
     let rate = |d: Duration| ROWS as f64 / d.as_secs_f64();
@@ -247,6 +267,12 @@ fn main() {
         "ArrowWriter zstd(3) + 128Ki-row groups, incl. conversion",
         plain_zstd.total(),
         &plain_zstd,
+    );
+    line(
+        &mut out,
+        "  same + temp name, fsync, rename, dir fsync",
+        plain_durable.total(),
+        &plain_durable,
     );
     line(
         &mut out,

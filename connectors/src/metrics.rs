@@ -50,6 +50,14 @@ struct Metrics {
     consumer_lag: Family<PartitionLabels, Gauge>,
     tier_files: Family<OutcomeLabels, Counter>,
     tier_bytes: Counter,
+    retention_deleted: Family<TableLabels, Counter>,
+}
+
+/// Labels of per-table series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabels {
+    /// Table name.
+    pub table: String,
 }
 
 /// Labels of series counted by outcome.
@@ -78,6 +86,7 @@ fn metrics() -> &'static Metrics {
         consumer_lag: Family::default(),
         tier_files: Family::default(),
         tier_bytes: Counter::default(),
+        retention_deleted: Family::default(),
     })
 }
 
@@ -133,6 +142,11 @@ pub fn register(registry: &mut Registry) {
         "primespark_tier_files",
         "NAS files moved to object storage (copied, verified, removed) or left after a failure",
         m.tier_files.clone(),
+    );
+    registry.register(
+        "primespark_retention_deleted_rows",
+        "Rows deleted by the pipeline's own retention (plain PostgreSQL), per table",
+        m.retention_deleted.clone(),
     );
     registry.register(
         "primespark_tier_bytes",
@@ -446,5 +460,33 @@ impl TierFailed<'_> {
                 outcome: "failed".into(),
             })
             .inc();
+    }
+}
+
+/// Expired rows were deleted from a table (plain PostgreSQL retention).
+pub struct RetentionDeleted<'a> {
+    /// Table.
+    pub table: &'a str,
+    /// Rows deleted.
+    pub rows: u64,
+    /// Time taken.
+    pub duration: Duration,
+}
+
+impl RetentionDeleted<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        tracing::info!(
+            table = self.table,
+            rows = self.rows,
+            duration_ms = self.duration.as_millis() as u64,
+            "expired rows deleted"
+        );
+        metrics()
+            .retention_deleted
+            .get_or_create(&TableLabels {
+                table: self.table.to_owned(),
+            })
+            .inc_by(self.rows);
     }
 }

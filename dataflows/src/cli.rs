@@ -236,6 +236,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 let mut client =
                     primespark_connectors::postgres::connect(&config.postgres.config.url).await?;
                 let backend = primespark_connectors::postgres::migrate(&mut client).await?;
+                let retention = &config.postgres.config.retention;
+                if backend == primespark_connectors::postgres::Backend::Timescale
+                    && retention.enabled
+                {
+                    primespark_connectors::postgres::retention::apply_timescale_policies(
+                        &client, retention,
+                    )
+                    .await?;
+                }
                 tracing::info!(?backend, "migrations applied");
                 anyhow::Ok(())
             })?;

@@ -227,12 +227,18 @@ pub fn run(
     let lateness_us =
         i64::try_from(config.windows.allowed_lateness.as_micros()).unwrap_or(i64::MAX);
 
+    let mut pg_backend = None;
     if pg_enabled {
-        rt.block_on(async {
+        let retention = &config.postgres.config.retention;
+        pg_backend = Some(rt.block_on(async {
             let mut client =
                 connect_with_retry(&config.postgres.config.url, Duration::from_secs(30)).await?;
-            postgres::migrate(&mut client).await.map(|_| ())
-        })?;
+            let backend = postgres::migrate(&mut client).await?;
+            if backend == postgres::Backend::Timescale && retention.enabled && process_id == 0 {
+                postgres::retention::apply_timescale_policies(&client, retention).await?;
+            }
+            Ok::<_, PostgresError>(backend)
+        })?);
     }
 
     // One dataflow per enabled stream, each with its own topic, resume state and writers.
@@ -403,6 +409,39 @@ pub fn run(
         None
     };
 
+    // Retention on plain PostgreSQL: the pipeline deletes expired rows itself (process 0
+    // only; on TimescaleDB the policies installed above do it). Dead letters and late events
+    // are plain tables on both backends.
+    let retention_task = if pg_backend.is_some()
+        && config.postgres.config.retention.enabled
+        && process_id == 0
+    {
+        let (url, retention, stop) = (
+            config.postgres.config.url.clone(),
+            config.postgres.config.retention.clone(),
+            shutdown.clone(),
+        );
+        let plain = pg_backend == Some(postgres::Backend::Plain);
+        Some(rt.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let pass = async {
+                    let client = postgres::connect(&url).await?;
+                    // With TimescaleDB the hypertables have policies: only plain tables left.
+                    postgres::retention::delete_expired(&client, &retention, !plain).await
+                };
+                if let Err(e) = pass.await {
+                    tracing::warn!(error = %e, "retention pass failed; retried at the next interval");
+                }
+                let until = Instant::now() + retention.interval;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }))
+    } else {
+        None
+    };
+
     let kafka_cfg = config.kafka.clone();
     let flush = FlushPolicy {
         rows: config.postgres.config.flush_rows,
@@ -538,6 +577,11 @@ pub fn run(
     if let Some(task) = tier_task {
         // A pass in flight finishes its current file at most; files are moved whole or not.
         let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), task).await });
+    }
+    if let Some(task) = retention_task {
+        // Deletes are batched and idempotent: a pass cut short continues next run.
+        task.abort();
+        let _ = rt.block_on(task);
     }
     if let Some(e) = failure {
         return Err(RunError::Timely(e));

@@ -20,6 +20,9 @@ pub struct PostgresConfig {
     /// Flush the raw buffer at least this often. Default `1s`.
     #[serde(default = "default_flush_interval", with = "crate::config::duration")]
     pub flush_interval: Duration,
+    /// How long rows stay (`[postgres.retention]`).
+    #[serde(default)]
+    pub retention: super::RetentionConfig,
 }
 
 fn default_url() -> String {
@@ -40,6 +43,7 @@ impl Default for PostgresConfig {
             url: default_url(),
             flush_rows: default_flush_rows(),
             flush_interval: default_flush_interval(),
+            retention: super::RetentionConfig::default(),
         }
     }
 }
@@ -51,6 +55,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("url", &redact(&self.url))
             .field("flush_rows", &self.flush_rows)
             .field("flush_interval", &self.flush_interval)
+            .field("retention", &self.retention)
             .finish()
     }
 }
@@ -87,7 +92,7 @@ impl PostgresConfig {
                 "must be positive",
             ));
         }
-        Ok(())
+        self.retention.validate()
     }
 }
 

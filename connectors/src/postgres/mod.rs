@@ -2,9 +2,11 @@
 //! dead letters and source offsets, each batch in one transaction with the offsets it covers.
 
 mod config;
+pub mod retention;
 mod sink;
 
 pub use config::PostgresConfig;
+pub use retention::RetentionConfig;
 pub use sink::{
     commit_offsets, connect, load_state, load_task_state, migrate, write_aggregates, write_raw,
     Backend, PostgresError, StoredState,
