@@ -219,8 +219,15 @@ pub async fn raw_writer(
             for item in &batch.items {
                 let (partition, offset) = item.position();
                 let roll = rolls.entry(partition).or_default();
+                if roll.committed.is_some_and(|c| offset < c) {
+                    // Replayed for another sink: already in a committed roll.
+                    continue;
+                }
                 if roll.first.is_none() {
-                    roll.first = Some(roll.committed.unwrap_or(offset).min(offset));
+                    // A roll covers offsets from the committed one: during a replay the first
+                    // items are below it (needed by another sink only), and naming the roll
+                    // after them would let it survive `recover` and be written twice.
+                    roll.first = Some(roll.committed.unwrap_or(offset));
                     roll.opened = Some(Instant::now());
                 }
                 roll.next = roll.next.max(offset + 1);

@@ -192,6 +192,9 @@ pub fn pipeline_binary() -> Result<PathBuf> {
 
 /// A command for the binary under test with none of the stack's `PRIMESPARK_*` exports: the
 /// test names every address itself, and an export would override it.
+///
+/// Retention is off: the suites replay event times from 2025, which a 30-day horizon would
+/// delete at every start. `retention_e2e` turns it on through `env`.
 pub fn pipeline_command() -> Result<Command> {
     let mut cmd = Command::new(pipeline_binary()?);
     for (k, _) in std::env::vars() {
@@ -199,6 +202,7 @@ pub fn pipeline_command() -> Result<Command> {
             cmd.env_remove(k);
         }
     }
+    cmd.env("PRIMESPARK_POSTGRES__RETENTION__ENABLED", "false");
     Ok(cmd)
 }
 

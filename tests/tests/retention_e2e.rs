@@ -84,7 +84,11 @@ async fn the_pipeline_deletes_rows_past_their_horizon() -> Result<()> {
     seed(&client, "dead_letters", &[1, 12]).await?;
 
     let log = work.path().join("pipeline.log");
-    let mut pipeline = Pipeline::start(&config, &[], &log)?;
+    let mut pipeline = Pipeline::start(
+        &config,
+        &[("PRIMESPARK_POSTGRES__RETENTION__ENABLED", "true")],
+        &log,
+    )?;
     let done = wait_until(Duration::from_secs(60), "expired rows gone", || async {
         Ok(count(&client, "device_metrics").await? == 2
             && count(&client, "ai_inference_results").await? == 2

@@ -286,6 +286,7 @@ async fn upsert_offsets(
     sink: &str,
     topic: &str,
     offsets: &[PartitionOffset],
+    monotonic: bool,
 ) -> Result<(), PostgresError> {
     if offsets.is_empty() {
         return Ok(());
@@ -293,15 +294,24 @@ async fn upsert_offsets(
     let partitions: Vec<i32> = offsets.iter().map(|o| o.partition).collect();
     let next: Vec<i64> = offsets.iter().map(|o| o.next_offset).collect();
     let wm: Vec<i64> = offsets.iter().map(|o| o.max_event_us).collect();
-    tx.execute(
+    // A raw sink's position only moves forward: a batch of records replayed for another sink
+    // (below this sink's position) must not move it back, or the next restart would store
+    // them twice.
+    let sql = if monotonic {
         "INSERT INTO source_offsets (dataflow, sink, topic, partition, next_offset, watermark_us, updated_at)
          SELECT $1, $2, $3, p, n, w, now() FROM UNNEST($4::int4[], $5::int8[], $6::int8[]) AS u(p, n, w)
          ON CONFLICT (dataflow, sink, topic, partition) DO UPDATE
-           SET next_offset = EXCLUDED.next_offset, watermark_us = EXCLUDED.watermark_us, updated_at = now()",
-        &[&dataflow, &sink, &topic, &partitions, &next, &wm],
-    )
-    .await
-    .map_err(stmt("storing source offsets"))?;
+           SET next_offset = GREATEST(source_offsets.next_offset, EXCLUDED.next_offset),
+               watermark_us = EXCLUDED.watermark_us, updated_at = now()"
+    } else {
+        "INSERT INTO source_offsets (dataflow, sink, topic, partition, next_offset, watermark_us, updated_at)
+         SELECT $1, $2, $3, p, n, w, now() FROM UNNEST($4::int4[], $5::int8[], $6::int8[]) AS u(p, n, w)
+         ON CONFLICT (dataflow, sink, topic, partition) DO UPDATE
+           SET next_offset = EXCLUDED.next_offset, watermark_us = EXCLUDED.watermark_us, updated_at = now()"
+    };
+    tx.execute(sql, &[&dataflow, &sink, &topic, &partitions, &next, &wm])
+        .await
+        .map_err(stmt("storing source offsets"))?;
     Ok(())
 }
 
@@ -609,7 +619,7 @@ pub async fn write_raw(
         .await
         .map_err(stmt("inserting late events"))?;
     }
-    upsert_offsets(&tx, dataflow, sink, topic, offsets).await?;
+    upsert_offsets(&tx, dataflow, sink, topic, offsets, true).await?;
     tx.commit().await.map_err(stmt("committing raw batch"))?;
     for (table, rows) in [
         ("device_metrics", telemetry_rows),
@@ -713,7 +723,7 @@ pub async fn write_aggregates(
     )
     .await
     .map_err(stmt("storing the committed watermark"))?;
-    upsert_offsets(&tx, dataflow, sink, topic, offsets).await?;
+    upsert_offsets(&tx, dataflow, sink, topic, offsets, false).await?;
     tx.commit()
         .await
         .map_err(stmt("committing aggregate batch"))?;
@@ -1008,7 +1018,7 @@ pub async fn commit_offsets(
         .transaction()
         .await
         .map_err(stmt("beginning offset commit"))?;
-    upsert_offsets(&tx, dataflow, sink, topic, offsets).await?;
+    upsert_offsets(&tx, dataflow, sink, topic, offsets, true).await?;
     tx.commit().await.map_err(stmt("committing offsets"))
 }
 
