@@ -245,6 +245,53 @@ pub fn http_post(addr: &str, path: &str, body: &str) -> Result<(u16, String)> {
     Ok((status, body))
 }
 
+/// `curl -sS --fail ARGS`: the body, or an error with curl's message.
+pub fn curl(args: &[&str]) -> Result<String> {
+    let out = Command::new("curl")
+        .args(["-sS", "--fail"])
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!("curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Rows, and distinct (kafka_partition, kafka_offset), of the Parquet objects under `prefix` in
+/// the stack's S3 server, as pyarrow reads them from the bucket.
+pub fn bucket_rows(stack: &Stack, bucket: &str, prefix: &str) -> Result<(u64, u64)> {
+    let host = stack.s3_endpoint.trim_start_matches("http://");
+    let script = format!(
+        "import pyarrow.dataset as ds, pyarrow.fs as fs\n\
+         s3 = fs.S3FileSystem(endpoint_override='{host}', scheme='http', access_key='testing', secret_key='testing', region='us-east-1')\n\
+         t = ds.dataset('{bucket}/{prefix}', filesystem=s3, format='parquet', partitioning='hive').to_table()\n\
+         print(t.num_rows, len(set(zip(t['kafka_partition'].to_pylist(), t['kafka_offset'].to_pylist()))))\n",
+    );
+    let out = Command::new(&stack.python).args(["-c", &script]).output()?;
+    if !out.status.success() {
+        bail!("pyarrow: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut it = text.split_whitespace().map(str::parse::<u64>);
+    match (it.next(), it.next()) {
+        (Some(Ok(rows)), Some(Ok(distinct))) => Ok((rows, distinct)),
+        _ => bail!("pyarrow printed {text:?}"),
+    }
+}
+
+/// `deploy/dev/stack.sh stop-service|start-service NAME`: one service of the stack down or up
+/// again (outage tests).
+pub fn stack_service(action: &str, service: &str) -> Result<()> {
+    let status = Command::new(repo_root().join("deploy/dev/stack.sh"))
+        .arg(action)
+        .arg(service)
+        .status()?;
+    if !status.success() {
+        bail!("stack.sh {action} {service} failed");
+    }
+    Ok(())
+}
+
 /// Files under `dir` (recursively) whose name ends in `.{extension}`.
 pub fn count_files(dir: &Path, extension: &str) -> usize {
     let mut n = 0;
@@ -283,6 +330,11 @@ impl Pipeline {
         Ok(Self {
             child: cmd.spawn()?,
         })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// SIGKILL: no flush, no goodbye.

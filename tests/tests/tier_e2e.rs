@@ -6,23 +6,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use primespark_tests::{
-    connect, count_files, create_topic, free_port, fresh_database, produce, stack, unique,
-    wait_until, Pipeline,
+    bucket_rows, connect, count_files, create_topic, curl, free_port, fresh_database, produce,
+    stack, unique, wait_until, Pipeline,
 };
 use serde_json::json;
 
 const T0_MS: i64 = 1_762_351_200_000;
-
-fn curl(args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "--fail"])
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        bail!("curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// Keys under `prefix` (ListObjectsV2, every page).
 fn list(endpoint: &str, bucket: &str, prefix: &str) -> Result<Vec<String>> {
@@ -123,24 +112,9 @@ async fn nas_files_move_to_the_bucket_verified_and_complete() -> Result<()> {
     assert!(pipeline.is_running());
 
     // The bucket's copies are whole: pyarrow reads them from the bucket and counts the rows.
-    let host = stack.s3_endpoint.trim_start_matches("http://");
-    let script = format!(
-        "import pyarrow.dataset as ds, pyarrow.fs as fs\n\
-         s3 = fs.S3FileSystem(endpoint_override='{host}', scheme='http', access_key='testing', secret_key='testing', region='us-east-1')\n\
-         t = ds.dataset('{bucket}/{raw_prefix}', filesystem=s3, format='parquet', partitioning='hive').to_table()\n\
-         print(t.num_rows, len(set(zip(t['kafka_partition'].to_pylist(), t['kafka_offset'].to_pylist()))))\n",
-    );
-    let out = std::process::Command::new(&stack.python)
-        .args(["-c", &script])
-        .output()?;
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(
-        text, "1000 1000",
+        bucket_rows(stack, &bucket, &raw_prefix)?,
+        (1000, 1000),
         "rows and distinct (partition, offset) in the bucket"
     );
 
