@@ -14,8 +14,9 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use primespark_benches::{telemetry_rows, METRICS};
 use primespark_connectors::nas::{raw_batch, ParquetArchive};
-use primespark_schemas::rows::{RawRow, TelemetryRow};
+use primespark_schemas::rows::RawRow;
 
 // The allocator the `primespark` binary ships with.
 #[global_allocator]
@@ -23,45 +24,16 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const ROWS: usize = 1_000_000;
 const DEVICES: usize = 1_000;
-const METRICS: [&str; 5] = [
-    "cpu_percent",
-    "memory_percent",
-    "disk_percent",
-    "temperature",
-    "load_avg",
-];
 /// `nas.roll_rows` default.
 const ROLL_ROWS: usize = 200_000;
 /// `nas.row_group_rows` default.
 const ROW_GROUP_ROWS: usize = 128 * 1024;
-/// 2025-11-05T14:00:00Z.
-const T0_US: i64 = 1_762_351_200_000_000;
 /// Measured runs per variant; the best one is reported (the first warms the caches).
 const RUNS: usize = 5;
 /// The target: ours at least this share of plain `ArrowWriter`'s rate.
 const TARGET_RATIO: f64 = 0.50;
 
 type BoxError = Box<dyn Error>;
-
-/// 1000 devices x 5 metrics; each device reports its five metrics every second, devices
-/// staggered by 1 ms, so event time only increases (all within one hour: one file per roll).
-fn telemetry_rows() -> Vec<RawRow> {
-    (0..ROWS)
-        .map(|i| {
-            let sample = i / METRICS.len();
-            let device = sample % DEVICES;
-            let tick = (sample / DEVICES) as i64;
-            RawRow::Telemetry(TelemetryRow {
-                time_us: T0_US + tick * 1_000_000 + device as i64 * 1_000,
-                device_id: format!("pi-{device:05}"),
-                metric_name: METRICS[i % METRICS.len()].to_owned(),
-                value: ((i * 7_919) % 100_000) as f64 / 100.0,
-                partition: 0,
-                offset: i as i64,
-            })
-        })
-        .collect()
-}
 
 /// Every `*.parquet` file under `dir`; fails on a leftover temporary file.
 fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>, BoxError> {
@@ -173,7 +145,7 @@ fn write_plain(
 }
 
 fn main() {
-    let rows = telemetry_rows();
+    let rows = telemetry_rows(ROWS, DEVICES);
     let root = tempfile::tempdir().expect("creating a temporary folder");
     // Our codec and row groups on a plain ArrowWriter, then also our file protocol: what is
     // left between that and ours is write_roll's row handling (grouping by hour).

@@ -13,8 +13,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use primespark_benches::{telemetry_rows, METRICS};
 use primespark_connectors::postgres::{self, Backend};
-use primespark_schemas::rows::{PartitionOffset, RawRow, TelemetryRow};
+use primespark_schemas::rows::{PartitionOffset, RawRow};
 use tokio::runtime::Runtime;
 use tokio_postgres::Client;
 
@@ -24,17 +25,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const ROWS: usize = 1_000_000;
 const DEVICES: usize = 1_000;
-const METRICS: [&str; 5] = [
-    "cpu_percent",
-    "memory_percent",
-    "disk_percent",
-    "temperature",
-    "load_avg",
-];
 /// The PostgreSQL sink's default `flush_rows`.
 const BATCH: usize = 20_000;
-/// 2025-11-05T14:00:00Z.
-const T0_US: i64 = 1_762_351_200_000_000;
 /// Measured runs per variant; the best one is reported (the first warms the caches).
 const RUNS: usize = 2;
 /// The targets.
@@ -45,52 +37,11 @@ const COLUMNS: &str = "device_metrics (time, device_id, metric_name, value)";
 
 type BoxError = Box<dyn Error>;
 
-/// 1000 devices x 5 metrics; each device reports its five metrics every second, devices
-/// staggered by 1 ms, so event time only increases.
-fn telemetry_rows() -> Vec<RawRow> {
-    (0..ROWS)
-        .map(|i| {
-            let sample = i / METRICS.len();
-            let device = sample % DEVICES;
-            let tick = (sample / DEVICES) as i64;
-            RawRow::Telemetry(TelemetryRow {
-                time_us: T0_US + tick * 1_000_000 + device as i64 * 1_000,
-                device_id: format!("pi-{device:05}"),
-                metric_name: METRICS[i % METRICS.len()].to_owned(),
-                value: ((i * 7_919) % 100_000) as f64 / 100.0,
-                partition: 0,
-                offset: i as i64,
-            })
-        })
-        .collect()
-}
-
-/// (year, month, day) of a day count since 1970-01-01 (H. Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 /// RFC 3339 in UTC with microseconds: `2025-11-05T14:00:00.000000Z`.
 fn rfc3339_us(time_us: i64) -> String {
-    let secs = time_us.div_euclid(1_000_000);
-    let micros = time_us.rem_euclid(1_000_000);
-    let (year, month, day) = civil_from_days(secs.div_euclid(86_400));
-    let sod = secs.rem_euclid(86_400);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        sod / 3_600,
-        sod % 3_600 / 60,
-        sod % 60
-    )
+    chrono::DateTime::from_timestamp_micros(time_us)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+        .unwrap_or_default()
 }
 
 fn write_csv(rows: &[RawRow], path: &Path) -> Result<u64, BoxError> {
@@ -297,7 +248,7 @@ fn main() {
         .build()
         .expect("building the tokio runtime");
     let psql = psql_path();
-    let rows = telemetry_rows();
+    let rows = telemetry_rows(ROWS, DEVICES);
 
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)

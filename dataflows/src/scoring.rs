@@ -392,8 +392,9 @@ struct SampleMeta {
     delivery: Delivery,
     late: bool,
     late_by_us: i64,
-    /// The model's input metrics as the sample carried them.
-    features: Vec<Metric>,
+    /// The model's input metrics as the sample carried them, in the model's order (`None`:
+    /// missing); named only for the anomalies that keep them.
+    features: Vec<Option<f64>>,
 }
 
 struct Sample {
@@ -476,21 +477,11 @@ pub fn score_telemetry<'s>(
                     for_each_sample(&data, |rows, first| {
                         let entry = models.model_for(&rows[0].device_id);
                         features_buf.clear();
-                        let lookup = |name: &str| {
+                        // Looked up once: normalized for the model, kept raw for `anomalies`.
+                        let raw = entry.features.raw(|name| {
                             rows.iter().find(|r| r.metric_name == name).map(|r| r.value)
-                        };
-                        entry.features.normalize_into(lookup, &mut features_buf);
-                        let raw: Vec<Metric> = entry
-                            .features
-                            .names
-                            .iter()
-                            .filter_map(|n| {
-                                lookup(n).map(|value| Metric {
-                                    name: n.clone(),
-                                    value,
-                                })
-                            })
-                            .collect();
+                        });
+                        entry.features.normalize_raw_into(&raw, &mut features_buf);
                         let sample = Sample {
                             meta: SampleMeta {
                                 segment: id,
@@ -580,10 +571,10 @@ pub fn score_telemetry<'s>(
                             continue;
                         };
                         seg.pending -= 1;
-                        if let Some(score) = scores.as_ref().and_then(|s| s.get(i)) {
-                            let row = score_row(meta, *score, done.backend);
-                            anomalies += u64::from(row.row_is_anomaly());
-                            seg.items.push(row.into_item());
+                        if let Some(&score) = scores.as_ref().and_then(|s| s.get(i)) {
+                            anomalies += u64::from(score >= meta.model.threshold);
+                            seg.items
+                                .push(RawItem::Point(score_point(meta, score, done.backend)));
                         }
                     }
                     if anomalies > 0 {
@@ -647,22 +638,27 @@ fn for_each_sample(items: &[RawItem], mut f: impl FnMut(&[&TelemetryRow], &Point
     }
 }
 
-/// A score on its way to the raw sink and the windows.
-struct Scored(Point);
-
-impl Scored {
-    fn row_is_anomaly(&self) -> bool {
-        matches!(&self.0.row, RawRow::Score(s) if s.is_anomaly())
-    }
-    fn into_item(self) -> RawItem {
-        RawItem::Point(self.0)
-    }
-}
-
-fn score_row(meta: SampleMeta, score: f32, backend: &'static str) -> Scored {
+/// The score of one sample, with the sample's delivery, for the raw sink and the windows.
+fn score_point(meta: SampleMeta, score: f32, backend: &'static str) -> Point {
     let threshold = meta.model.threshold;
-    let anomaly = score >= threshold;
-    Scored(Point {
+    // Only anomalies keep their inputs (`anomalies.features`).
+    let features = if score >= threshold {
+        meta.model
+            .features
+            .names
+            .iter()
+            .zip(meta.features)
+            .filter_map(|(name, value)| {
+                value.map(|value| Metric {
+                    name: name.clone(),
+                    value,
+                })
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    Point {
         row: RawRow::Score(ScoreRow {
             time_us: meta.time_us,
             device_id: meta.device_id,
@@ -670,15 +666,14 @@ fn score_row(meta: SampleMeta, score: f32, backend: &'static str) -> Scored {
             score,
             threshold,
             backend: backend.to_owned(),
-            // Only anomalies keep their inputs (`anomalies.features`).
-            features: if anomaly { meta.features } else { Vec::new() },
+            features,
             partition: meta.partition,
             offset: meta.offset,
         }),
         delivery: meta.delivery,
         late: meta.late,
         late_by_us: meta.late_by_us,
-    })
+    }
 }
 
 #[cfg(test)]

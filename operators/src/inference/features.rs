@@ -71,11 +71,22 @@ impl FeatureSpec {
     /// Appends the normalized features of one sample to `out`. `metric` looks a metric up by
     /// name.
     pub fn normalize_into(&self, metric: impl Fn(&str) -> Option<f64>, out: &mut Vec<f32>) {
-        for ((name, mean), std) in self.names.iter().zip(&self.mean).zip(&self.std) {
-            // f32 arithmetic, as the training script computes the golden inputs.
-            let v = metric(name).map_or(0.0, |v| (v as f32 - mean) / std);
-            out.push(v);
+        for (i, name) in self.names.iter().enumerate() {
+            out.push(self.normalize(i, metric(name)));
         }
+    }
+
+    /// Appends the normalized features of values already looked up with [`FeatureSpec::raw`].
+    pub fn normalize_raw_into(&self, raw: &[Option<f64>], out: &mut Vec<f32>) {
+        for (i, value) in raw.iter().enumerate() {
+            out.push(self.normalize(i, *value));
+        }
+    }
+
+    /// Feature `i`, normalized; a missing value is the mean (`0.0`).
+    fn normalize(&self, i: usize, value: Option<f64>) -> f32 {
+        // f32 arithmetic, as the training script computes the golden inputs.
+        value.map_or(0.0, |v| (v as f32 - self.mean[i]) / self.std[i])
     }
 
     /// The raw values of the features (`None` where missing), for the `anomalies` table.
