@@ -7,6 +7,7 @@
 //!   COPY of raw rows, batched upserts of aggregates, dead letters and source offsets in the
 //!   same transaction as the rows they cover.
 //! - [`nas`]: Parquet files on the NAS, partitioned by topic/date/hour, made visible atomically.
+//! - [`archive`]: reading the Parquet archive (NAS or bucket) back as records, for backfills.
 //! - [`s3`]: S3-compatible object storage, the cold tier the NAS files move to.
 //! - [`query`]: the DataFusion SQL endpoint over HTTP.
 //!
@@ -15,6 +16,7 @@
 // Tests may unwrap: a panic there is a failed test with its message.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod archive;
 pub mod config;
 pub mod kafka;
 pub mod metrics;

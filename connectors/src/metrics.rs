@@ -51,6 +51,9 @@ struct Metrics {
     tier_files: Family<OutcomeLabels, Counter>,
     tier_bytes: Counter,
     retention_deleted: Family<TableLabels, Counter>,
+    archive_files: Counter,
+    archive_rows: Counter,
+    archive_bytes: Counter,
 }
 
 /// Labels of per-table series.
@@ -87,6 +90,9 @@ fn metrics() -> &'static Metrics {
         tier_files: Family::default(),
         tier_bytes: Counter::default(),
         retention_deleted: Family::default(),
+        archive_files: Counter::default(),
+        archive_rows: Counter::default(),
+        archive_bytes: Counter::default(),
     })
 }
 
@@ -152,6 +158,21 @@ pub fn register(registry: &mut Registry) {
         "primespark_tier_bytes",
         "Bytes moved from the NAS to object storage",
         m.tier_bytes.clone(),
+    );
+    registry.register(
+        "primespark_archive_files_read",
+        "Parquet files read back from the archive (backfill)",
+        m.archive_files.clone(),
+    );
+    registry.register(
+        "primespark_archive_rows_read",
+        "Raw rows read back from the archive (backfill)",
+        m.archive_rows.clone(),
+    );
+    registry.register(
+        "primespark_archive_bytes_read",
+        "Bytes of Parquet read back from the archive (backfill)",
+        m.archive_bytes.clone(),
     );
     registry.register(
         "primespark_sink_degraded",
@@ -488,5 +509,34 @@ impl RetentionDeleted<'_> {
                 table: self.table.to_owned(),
             })
             .inc_by(self.rows);
+    }
+}
+
+/// One archive file was read back (backfill).
+pub struct ArchiveFileRead<'a> {
+    /// Path under the archive root.
+    pub file: &'a str,
+    /// Rows in it.
+    pub rows: u64,
+    /// Its size.
+    pub bytes: u64,
+    /// Fetch and decode.
+    pub duration: Duration,
+}
+
+impl ArchiveFileRead<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        tracing::debug!(
+            file = self.file,
+            rows = self.rows,
+            bytes = self.bytes,
+            duration_ms = self.duration.as_millis() as u64,
+            "archive file read"
+        );
+        let m = metrics();
+        m.archive_files.inc();
+        m.archive_rows.inc_by(self.rows);
+        m.archive_bytes.inc_by(self.bytes);
     }
 }

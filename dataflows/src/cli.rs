@@ -1,4 +1,4 @@
-//! The command line: `run`, `demo`, `produce`, `check-config`, `migrate`.
+//! The command line: `run`, `demo`, `produce`, `check-config`, `migrate`, `backfill`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -120,6 +120,42 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Rebuild the PostgreSQL raw and aggregate tables of a time range from the Parquet
+    /// archive (idempotent: the range is cleared first). Stores no resume offsets.
+    Backfill {
+        /// TOML configuration (PostgreSQL, the NAS path, the bucket).
+        #[arg(long)]
+        config: PathBuf,
+        /// Which copy of the archive to read.
+        #[arg(long, value_enum, default_value = "nas")]
+        from: crate::run::ArchiveFrom,
+        /// First event time (RFC 3339, e.g. 2025-11-05T14:00:00Z, or a date 2025-11-05).
+        /// Default: the archive's beginning.
+        #[arg(long, value_parser = parse_time)]
+        since: Option<i64>,
+        /// End of the range, exclusive (same forms). Default: the archive's end.
+        #[arg(long, value_parser = parse_time)]
+        until: Option<i64>,
+        /// Timely worker threads (overrides runtime.workers).
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+}
+
+/// An RFC 3339 time or a UTC date, as microseconds since the epoch.
+fn parse_time(s: &str) -> Result<i64, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_micros());
+    }
+    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .ok()
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map(|t| t.and_utc().timestamp_micros())
+        .ok_or_else(|| {
+            format!(
+                "{s:?} is neither an RFC 3339 time (2025-11-05T14:00:00Z) nor a date (2025-11-05)"
+            )
+        })
 }
 
 fn init_logging(format: LogFormat) {
@@ -226,6 +262,34 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             let mut out = std::io::stdout().lock();
             writeln!(out, "{}: ok", file.display())?;
             writeln!(out, "{config:#?}")?;
+        }
+        Command::Backfill {
+            config,
+            from,
+            since,
+            until,
+            workers,
+        } => {
+            let mut config = load(&config)?;
+            if let Some(w) = workers {
+                config.runtime.workers = w;
+            }
+            if let (Some(s), Some(u)) = (since, until) {
+                anyhow::ensure!(s < u, "--since must be before --until");
+            }
+            let started = std::time::Instant::now();
+            crate::run::backfill(
+                &config,
+                &crate::run::BackfillRange {
+                    from,
+                    since_us: since,
+                    until_us: until,
+                },
+            )?;
+            tracing::info!(
+                duration_ms = started.elapsed().as_millis() as u64,
+                "backfill finished"
+            );
         }
         Command::Migrate { config } => {
             let config = load(&config)?;

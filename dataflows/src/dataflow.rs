@@ -19,7 +19,6 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
 
-use primespark_connectors::kafka::PartitionReader;
 use primespark_operators::checkpoint::CheckpointTracker;
 use primespark_operators::decode::StreamKind;
 use primespark_operators::routing::{InferenceWindowSpec, InferenceWindows};
@@ -37,7 +36,7 @@ use tokio::sync::mpsc::Sender;
 
 use crate::scoring::{score_telemetry, ScoringSpec, ANOMALY_METRIC, SCORE_METRIC};
 use crate::sinks::{commit_aggregates, raw_sink, AggCommit, FlushPolicy, RawBatch};
-use crate::source::{kafka_source, RawItem, SourceSpec};
+use crate::source::{kafka_source, Feed, RawItem, SourceSpec};
 
 /// The widest window: the checkpoint keeps every partition's records from the first record of
 /// its oldest open window of this width, so a restart can rebuild every open window.
@@ -236,7 +235,7 @@ fn windows<'s>(
 pub fn build<'s>(
     scope: Scope<'s, EventTime>,
     spec: SourceSpec,
-    reader: Option<PartitionReader>,
+    reader: Option<Feed>,
     tracker: CheckpointTracker,
     raw_tx: Sender<RawBatch>,
     agg_tx: Sender<AggCommit>,
@@ -281,6 +280,7 @@ pub fn build<'s>(
         tracker,
         agg_tx,
         commit_interval,
+        flush.rows,
         shutdown,
         drained.aggregates.clone(),
     );

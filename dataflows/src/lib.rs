@@ -1,8 +1,8 @@
 //! Wires primespark's operators and connectors into dataflows, and the `primespark` binary.
 //!
 //! - [`config`]: the typed configuration (TOML + environment).
-//! - [`source`]: the Kafka source operator (explicit partition assignment, non-blocking polls,
-//!   per-partition watermarks, resume offsets).
+//! - [`source`]: the source operator, over Kafka (explicit partition assignment, non-blocking polls,
+//!   per-partition watermarks, resume offsets) or the Parquet archive (`primespark backfill`).
 //! - [`sinks`]: timely operators that hand batches to the async writers with backpressure.
 //! - [`writers`]: the async writers (PostgreSQL, Parquet) with retries.
 //! - [`dataflow`]: the dataflow of one topic (telemetry, inference) and its windows.

@@ -27,8 +27,9 @@ use crate::config::Config;
 use crate::dataflow::{self, dataflow_name, Drained, WINDOW_US};
 use crate::scoring::{self, ModelTable, ScoringSpec};
 use crate::sinks::FlushPolicy;
-use crate::source::{Resume, SourceSpec};
+use crate::source::{Feed, Resume, SourceSpec};
 use crate::writers::{agg_writer, raw_writer, sink_names, DlqTarget, ParquetTarget, PgTarget};
+use primespark_connectors::archive::ArchiveReader;
 use primespark_operators::decode::StreamKind;
 use primespark_operators::inference::cpu::CpuBackend;
 use primespark_operators::inference::InferenceError;
@@ -63,6 +64,12 @@ pub enum RunError {
     /// Timely failed.
     #[error("timely: {0}")]
     Timely(String),
+    /// The archive could not be listed or read (backfill).
+    #[error(transparent)]
+    Archive(#[from] primespark_connectors::archive::ArchiveError),
+    /// A backfill's source failed mid-way; the tables hold part of the range (run it again).
+    #[error("backfill failed: {0}; run it again, it is idempotent")]
+    Backfill(String),
     /// Writers did not finish within the grace period.
     #[error(
         "sinks did not flush within {0:?}; the next run resumes from the last committed offsets"
@@ -83,7 +90,9 @@ impl RunError {
             | RunError::Kafka(_)
             | RunError::Nas(_)
             | RunError::Query(_)
-            | RunError::S3(_) => 3,
+            | RunError::S3(_)
+            | RunError::Archive(_) => 3,
+            RunError::Backfill(_) => 1,
             RunError::Inference(e) => match e {
                 InferenceError::Load { .. } | InferenceError::Shape { .. } => 2,
                 InferenceError::NoDevice(_) | InferenceError::Hailo { .. } => 3,
@@ -181,7 +190,92 @@ pub fn run(
     shutdown: Arc<AtomicBool>,
     handle_signals: bool,
 ) -> Result<(), RunError> {
+    run_mode(config, shutdown, handle_signals, None)
+}
+
+/// Rebuilds the PostgreSQL tables of every enabled stream for the event times in `range`
+/// from the Parquet archive: the range is cleared, then the archived records go through the
+/// same dataflow (scoring, windows, raw and aggregate writers) as a streaming run's. Stores no
+/// resume positions; runs in one process. Returns when everything is written.
+pub fn backfill(config: &Config, range: &BackfillRange) -> Result<(), RunError> {
+    run_mode(config, Arc::new(AtomicBool::new(false)), true, Some(range))
+}
+
+/// What `primespark backfill` rebuilds and from where.
+#[derive(Debug, Clone)]
+pub struct BackfillRange {
+    /// Where the archive is read.
+    pub from: ArchiveFrom,
+    /// First event time, microseconds (`None`: the archive's beginning).
+    pub since_us: Option<i64>,
+    /// End of the range, exclusive (`None`: the archive's end).
+    pub until_us: Option<i64>,
+}
+
+/// Which copy of the archive a backfill reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ArchiveFrom {
+    /// `nas.path`.
+    Nas,
+    /// The bucket (`[s3]`), where tiering moved the older files.
+    S3,
+    /// Both: the NAS first, then the bucket (a file in both is read once).
+    All,
+}
+
+/// The tables a stream's backfill rebuilds.
+fn backfill_tables(kind: StreamKind) -> (&'static [&'static str], &'static [(&'static str, i64)]) {
+    match kind {
+        StreamKind::Telemetry => (
+            &["device_metrics", "anomaly_scores", "anomalies"],
+            &[("device_metrics_1m", 60), ("device_metrics_1h", 3600)],
+        ),
+        StreamKind::Inference => (
+            &["ai_inference_results"],
+            &[
+                ("inference_stats_1m", 60),
+                ("inference_stats_1h", 3600),
+                ("routing_stats_1m", 60),
+                ("routing_stats_1h", 3600),
+            ],
+        ),
+        StreamKind::Analytics => (
+            &["analytics_events"],
+            &[
+                ("task_stats_1m", 60),
+                ("task_stats_1h", 3600),
+                ("agent_load_1m", 60),
+                ("agent_load_1h", 3600),
+                ("api_events_1m", 60),
+                ("api_events_1h", 3600),
+            ],
+        ),
+    }
+}
+
+fn run_mode(
+    config: &Config,
+    shutdown: Arc<AtomicBool>,
+    handle_signals: bool,
+    backfill: Option<&BackfillRange>,
+) -> Result<(), RunError> {
     config.validate()?;
+    if backfill.is_some() {
+        if !config.postgres.enabled {
+            return Err(InvalidConfig::new(
+                "postgres.enabled",
+                "a backfill rebuilds PostgreSQL tables: enable [postgres]",
+            )
+            .into());
+        }
+        if config.runtime.processes > 1 {
+            return Err(InvalidConfig::new(
+                "runtime.processes",
+                "a backfill runs in one process: use --workers for parallelism",
+            )
+            .into());
+        }
+    }
     // Anomaly scoring: every model is loaded once now, so a bad file fails start-up.
     let scoring = if config.inference.enabled && config.dataflows.telemetry {
         let models = ModelTable::load(&config.inference)?;
@@ -219,7 +313,32 @@ pub fn run(
         tracing::warn!("sources start paused: partitions are assigned and their lag reported, nothing is read until SIGUSR1");
     }
     let pg_enabled = config.postgres.enabled;
-    let parquet_enabled = config.nas.enabled;
+    // A backfill reads the archive: it never writes it.
+    let parquet_enabled = config.nas.enabled && backfill.is_none();
+    let archive_stores = match backfill {
+        Some(range) => {
+            let mut stores = Vec::new();
+            if matches!(range.from, ArchiveFrom::Nas | ArchiveFrom::All) {
+                stores.push(primespark_connectors::archive::nas(&config.nas.path));
+            }
+            if matches!(range.from, ArchiveFrom::S3 | ArchiveFrom::All) {
+                if !config.s3.enabled {
+                    return Err(InvalidConfig::new(
+                        "s3.enabled",
+                        "backfill --from s3|all reads the bucket: configure and enable [s3]",
+                    )
+                    .into());
+                }
+                stores.push(primespark_connectors::archive::ArchiveStore::Bucket {
+                    store: primespark_connectors::s3::bucket(&config.s3)?,
+                    prefix: config.s3.prefix.clone(),
+                });
+            }
+            Arc::new(stores)
+        }
+        None => Arc::new(Vec::new()),
+    };
+    let backfill_failure: Arc<Mutex<Option<String>>> = Arc::default();
     let workers = config.runtime.workers;
     let process_id = config.runtime.process_id;
     let timely_config = config.runtime.timely()?;
@@ -251,7 +370,10 @@ pub fn run(
             StreamKind::Inference => config.kafka.topics.inference.clone(),
             StreamKind::Analytics => config.kafka.topics.events.clone(),
         };
-        let (state, restored_tasks) = if pg_enabled {
+        let (state, restored_tasks) = if backfill.is_some() {
+            // A backfill starts from nothing: the archive is the whole input.
+            (StoredState::default(), Vec::new())
+        } else if pg_enabled {
             rt.block_on(async {
                 let client = postgres::connect(&config.postgres.config.url).await?;
                 let state = postgres::load_state(&client, dataflow, &topic).await?;
@@ -276,7 +398,61 @@ pub fn run(
             .committed_watermark_us
             .and_then(|w| u64::try_from(w).ok())
             .unwrap_or(0);
-        let partitions = discover_partitions(config, &topic)?;
+        let (partitions, archived) = match backfill {
+            Some(range) => {
+                // Records before the range still set the watermark its first records are
+                // judged by, and records after it (lower offsets, later times) too: read an hour
+                // plus the lateness bounds around it.
+                let margin = 3_600_000_000i64
+                    .saturating_add(
+                        i64::try_from(config.windows.max_out_of_orderness.as_micros())
+                            .unwrap_or(i64::MAX),
+                    )
+                    .saturating_add(lateness_us);
+                let from = range
+                    .since_us
+                    .map_or(i64::MIN, |s| s.saturating_sub(margin));
+                let to = range
+                    .until_us
+                    .map_or(i64::MAX, |u| u.saturating_add(margin));
+                let files = rt.block_on(primespark_connectors::archive::list_rolls(
+                    &archive_stores,
+                    &topic,
+                    from,
+                    to,
+                ))?;
+                let partitions: Vec<i32> = files
+                    .iter()
+                    .map(|f| f.partition)
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
+                    .collect();
+                tracing::info!(dataflow, topic = %topic, files = files.len(), partitions = partitions.len(), stores = ?archive_stores, "backfill: archive listed");
+                let (raw, mut aggregates) = backfill_tables(kind);
+                if kind == StreamKind::Analytics && range.since_us.is_some() {
+                    // Tasks created before the range are unknown to the join: its tables
+                    // (task_stats, agent_load) are rebuilt by full backfills only.
+                    tracing::warn!("backfill --since: task_stats and agent_load are left as they are (the lifecycle join needs the archive from its beginning); api_events is rebuilt");
+                    aggregates = &aggregates[4..];
+                }
+                rt.block_on(async {
+                    let mut client = postgres::connect(&config.postgres.config.url).await?;
+                    postgres::backfill::clear_range(
+                        &mut client,
+                        postgres::backfill::StreamTables {
+                            topic: &topic,
+                            raw,
+                            aggregates,
+                        },
+                        range.since_us,
+                        range.until_us,
+                    )
+                    .await
+                })?;
+                (partitions, Arc::new(files))
+            }
+            None => (discover_partitions(config, &topic)?, Arc::new(Vec::new())),
+        };
         tracing::info!(dataflow, topic = %topic, partitions = partitions.len(), committed_watermark_us, "starting dataflow");
 
         let parquet_target = if parquet_enabled {
@@ -315,9 +491,15 @@ pub fn run(
             url: config.postgres.config.url.clone(),
             dataflow: dataflow.into(),
             topic: topic.clone(),
+            backfill: backfill.map(|r| {
+                (
+                    r.since_us.unwrap_or(i64::MIN),
+                    r.until_us.unwrap_or(i64::MAX),
+                )
+            }),
         });
         // Dead letters also go to `<topic>.dlq`, same partitioning as the topic.
-        let dlq_target = if config.kafka.dead_letter_topics {
+        let dlq_target = if config.kafka.dead_letter_topics && backfill.is_none() {
             let dlq = kafka::dlq_topic(&topic);
             let n = i32::try_from(partitions.len()).unwrap_or(i32::MAX).max(1);
             rt.block_on(kafka::create_topics(&config.kafka, &[(&dlq, n)]))?;
@@ -360,27 +542,32 @@ pub fn run(
             raw_txs: Arc::new(Mutex::new(raw_txs)),
             agg_tx,
             restored_tasks: Arc::new(restored_tasks),
+            archived,
         });
     }
 
-    // SQL and ops endpoint.
-    let addr = config.query.validate()?;
-    let ctx = query::session(
-        &config.nas.path,
-        &config.kafka.topics.telemetry,
-        &config.kafka.topics.inference,
-        &config.kafka.topics.events,
-    )?;
-    let router = query::router(ctx, config.query.max_rows).merge(crate::ops::routes());
-    let server_shutdown = shutdown.clone();
-    let server = rt.spawn(query::serve(addr, router, async move {
-        while !server_shutdown.load(Ordering::Relaxed) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }));
+    // SQL and ops endpoint (not for a backfill: a batch job next to the running pipeline).
+    let server = if backfill.is_none() {
+        let addr = config.query.validate()?;
+        let ctx = query::session(
+            &config.nas.path,
+            &config.kafka.topics.telemetry,
+            &config.kafka.topics.inference,
+            &config.kafka.topics.events,
+        )?;
+        let router = query::router(ctx, config.query.max_rows).merge(crate::ops::routes());
+        let server_shutdown = shutdown.clone();
+        Some(rt.spawn(query::serve(addr, router, async move {
+            while !server_shutdown.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })))
+    } else {
+        None
+    };
 
     // Cold tier: NAS files older than tier.after move to the bucket, on the I/O runtime.
-    let tier_task = if config.s3.enabled {
+    let tier_task = if config.s3.enabled && backfill.is_none() {
         let tierer = primespark_connectors::s3::Tierer::new(
             &config.s3,
             &config.nas.path,
@@ -413,6 +600,7 @@ pub fn run(
     // only; on TimescaleDB the policies installed above do it). Dead letters and late events
     // are plain tables on both backends.
     let retention_task = if pg_backend.is_some()
+        && backfill.is_none()
         && config.postgres.config.retention.enabled
         && process_id == 0
     {
@@ -452,6 +640,14 @@ pub fn run(
         max_message_bytes: config.runtime.max_message_bytes,
     };
     let worker_shutdown = shutdown.clone();
+    let handle = rt.handle().clone();
+    let backfill_spec = backfill.map(|r| crate::source::Backfill {
+        since_us: r.since_us.unwrap_or(i64::MIN),
+        until_us: r.until_us.unwrap_or(i64::MAX),
+        failure: backfill_failure.clone(),
+    });
+    // Set by worker 0 once its last windows are handed off: every worker's data is in by then.
+    let backfill_done = Arc::new(AtomicBool::new(false));
     let guards = timely::execute(timely_config, move |worker| -> Result<(), String> {
         let index = worker.index();
         let peers = worker.peers();
@@ -467,6 +663,19 @@ pub fn run(
                 .collect();
             let reader = if mine.is_empty() {
                 None
+            } else if backfill_spec.is_some() {
+                let files = plan
+                    .archived
+                    .iter()
+                    .filter(|f| mine.contains_key(&f.partition))
+                    .cloned()
+                    .collect();
+                Some(Feed::Archive(ArchiveReader::spawn(
+                    &handle,
+                    archive_stores.clone(),
+                    files,
+                    mine.keys().copied().collect(),
+                )))
             } else {
                 let reader = kafka::reader(&kafka_cfg, topic, &format!("primespark-{dataflow}-{index}"))
                     .map_err(|e| e.to_string())?;
@@ -489,7 +698,7 @@ pub fn run(
                         .map_err(|e| e.to_string())?;
                 }
                 crate::ops::source_assigned(dataflow);
-                Some(reader)
+                Some(Feed::Kafka(reader))
             };
             let restored: Vec<_> = plan.state.offsets.get(sink_names::AGGREGATES).cloned().unwrap_or_default();
             let tracker = CheckpointTracker::new(WINDOW_US, restored).with_allowed_lateness(lateness_us);
@@ -516,6 +725,7 @@ pub fn run(
                 shutdown: worker_shutdown.clone(),
                 pressure: Rc::new(Cell::new(false)),
                 paused: paused.clone(),
+                backfill: backfill_spec.clone(),
             };
             let agg_tx = plan.agg_tx.clone();
             // Every process loaded the whole task state: each worker takes its share, the
@@ -541,7 +751,28 @@ pub fn run(
             });
             all_drained.push(drained);
         }
-        while !(worker_shutdown.load(Ordering::Relaxed) && all_drained.iter().all(Drained::all)) {
+        if backfill_spec.is_some() {
+            // Worker 0 commits last (every window goes through it); the others keep stepping
+            // until then, or their part of the exchanges would be gone.
+            loop {
+                let drained = all_drained.iter().all(Drained::all);
+                if index == 0 && drained {
+                    backfill_done.store(true, Ordering::SeqCst);
+                }
+                if drained && backfill_done.load(Ordering::SeqCst) {
+                    break;
+                }
+                if worker_shutdown.load(Ordering::Relaxed) {
+                    // Interrupted: what was handed off is written; a rerun clears and redoes
+                    // the range.
+                    break;
+                }
+                worker.step_or_park(Some(Duration::from_millis(20)));
+            }
+        }
+        while !(worker_shutdown.load(Ordering::Relaxed) && all_drained.iter().all(Drained::all))
+            && backfill_spec.is_none()
+        {
             worker.step_or_park(Some(Duration::from_millis(50)));
         }
         // Open windows are deliberately not completed: the next run replays them.
@@ -562,6 +793,7 @@ pub fn run(
             }
         }
     }
+    let interrupted = backfill.is_some() && shutdown.load(Ordering::SeqCst);
     // The worker closure (and with it every sender) is gone: writers drain and exit.
     let grace = config.runtime.shutdown_grace;
     let finished = rt.block_on(async {
@@ -573,7 +805,9 @@ pub fn run(
         .await
     });
     shutdown.store(true, Ordering::SeqCst);
-    let _ = rt.block_on(server);
+    if let Some(server) = server {
+        let _ = rt.block_on(server);
+    }
     if let Some(task) = tier_task {
         // A pass in flight finishes its current file at most; files are moved whole or not.
         let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(30), task).await });
@@ -585,6 +819,12 @@ pub fn run(
     }
     if let Some(e) = failure {
         return Err(RunError::Timely(e));
+    }
+    if let Some(e) = backfill_failure.lock().ok().and_then(|mut f| f.take()) {
+        return Err(RunError::Backfill(e));
+    }
+    if interrupted {
+        return Err(RunError::Backfill("interrupted".into()));
     }
     finished.map_err(|_| RunError::ShutdownTimeout(grace))?;
     tracing::info!("pipeline stopped cleanly");
@@ -602,6 +842,8 @@ struct StreamPlan {
     agg_tx: mpsc::Sender<crate::sinks::AggCommit>,
     /// `task_state` of the analytics dataflow (empty for the others).
     restored_tasks: Arc<Vec<primespark_schemas::analytics::TaskEvent>>,
+    /// A backfill's archive files of this topic.
+    archived: Arc<Vec<primespark_connectors::archive::RollFile>>,
 }
 
 /// The global worker that reads `partition` among `peers` workers: `p mod peers`.

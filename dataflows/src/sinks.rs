@@ -55,7 +55,8 @@ pub struct FlushPolicy {
 
 /// Buffers raw items and hands batches to this worker's raw writer.
 ///
-/// `drained` becomes true once shutdown was requested and everything buffered was handed off.
+/// `drained` becomes true once shutdown was requested (or the input finished) and everything
+/// buffered was handed off.
 pub fn raw_sink(
     stream: StreamVec<'_, EventTime, RawItem>,
     tx: Sender<RawBatch>,
@@ -73,7 +74,7 @@ pub fn raw_sink(
                 next_offsets: BTreeMap::new(),
             };
             let mut last_flush = Instant::now();
-            move |(input, _frontier), _output| {
+            move |(input, frontier), _output| {
                 input.for_each(|_cap, data| {
                     for item in data.drain(..) {
                         let (partition, offset) = item.position();
@@ -82,7 +83,8 @@ pub fn raw_sink(
                         buffer.items.push(item);
                     }
                 });
-                let stopping = shutdown.load(Ordering::Relaxed);
+                // A finished input (a backfill read everything) flushes like a shutdown.
+                let stopping = shutdown.load(Ordering::Relaxed) || frontier.frontier().is_empty();
                 let due = buffer.items.len() >= policy.rows
                     || (!buffer.next_offsets.is_empty()
                         && (last_flush.elapsed() >= policy.interval || stopping));
@@ -123,8 +125,9 @@ pub fn raw_sink(
 }
 
 /// On worker 0: collects closed windows and source marks, and whenever the watermark advances
-/// (at most once per `interval`) hands the final windows and the checkpoint that covers them to
-/// the aggregate writer. Other workers only forward to worker 0.
+/// hands the final windows and the checkpoint that covers them to the aggregate writer: at most
+/// once per `interval` (age), or at once when `max_rows` final windows wait (size). Other
+/// workers only forward to worker 0.
 #[allow(clippy::too_many_arguments)]
 pub fn commit_aggregates<'s>(
     aggregates: StreamVec<'s, EventTime, AggRow>,
@@ -132,6 +135,7 @@ pub fn commit_aggregates<'s>(
     mut tracker: CheckpointTracker,
     tx: Sender<AggCommit>,
     interval: Duration,
+    max_rows: usize,
     shutdown: Arc<AtomicBool>,
     drained: Rc<Cell<bool>>,
 ) {
@@ -173,10 +177,16 @@ pub fn commit_aggregates<'s>(
                 .map(|t| t.copied().unwrap_or(EventTime::MAX))
                 .min()
                 .unwrap_or(EventTime::MAX);
-                let stopping = shutdown.load(Ordering::Relaxed);
+                let stopping = shutdown.load(Ordering::Relaxed) || frontier == EventTime::MAX;
                 if frontier > last_frontier {
                     let since = last_commit.elapsed();
-                    if since >= interval || stopping {
+                    let ready = || {
+                        pending
+                            .range(..frontier)
+                            .map(|(_, rows)| rows.len())
+                            .sum::<usize>()
+                    };
+                    if since >= interval || stopping || ready() >= max_rows {
                         let later = pending.split_off(&frontier);
                         let rows: Vec<AggRow> = std::mem::replace(&mut pending, later)
                             .into_values()
@@ -209,4 +219,90 @@ pub fn commit_aggregates<'s>(
             }
         },
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use primespark_schemas::rows::{Agg, MetricAggRow, Rollup};
+    use timely::dataflow::operators::{Input, Probe};
+    use timely::dataflow::{InputHandleVec, ProbeHandle};
+
+    fn window(i: i64) -> AggRow {
+        AggRow {
+            rollup: Rollup::Minute,
+            row: Agg::Metrics(MetricAggRow {
+                bucket_us: 0,
+                device_id: format!("d{i}"),
+                metric_name: "m".into(),
+                count: 1,
+                sum: 1.0,
+                min: 1.0,
+                max: 1.0,
+            }),
+        }
+    }
+
+    /// Runs the commit operator with a one-hour interval: only the size can make it commit.
+    fn commits_within_the_interval(max_rows: usize, windows: i64) -> usize {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        timely::execute_directly(move |worker| {
+            let mut aggs: InputHandleVec<EventTime, AggRow> = InputHandleVec::new();
+            let mut marks: InputHandleVec<EventTime, SourceMark> = InputHandleVec::new();
+            let probe = ProbeHandle::new();
+            worker.dataflow::<EventTime, _, _>(|scope| {
+                let a = scope.input_from(&mut aggs);
+                let m = scope.input_from(&mut marks);
+                commit_aggregates(
+                    a.clone(),
+                    m,
+                    CheckpointTracker::new(60_000_000, Vec::new()),
+                    tx,
+                    Duration::from_secs(3600),
+                    max_rows,
+                    Arc::new(AtomicBool::new(false)),
+                    Rc::default(),
+                );
+                a.probe_with(&probe);
+            });
+            for i in 0..windows {
+                aggs.send(window(i));
+            }
+            aggs.advance_to(1);
+            marks.advance_to(1);
+            while probe.less_than(&1) {
+                worker.step();
+            }
+            for _ in 0..50 {
+                worker.step();
+            }
+            for i in 0..windows {
+                aggs.send(window(i));
+            }
+            aggs.advance_to(2);
+            marks.advance_to(2);
+            for _ in 0..200 {
+                worker.step();
+            }
+            // Not closing the inputs (that flushes, as at the end of a backfill): the dataflow
+            // is dropped instead.
+            for id in worker.installed_dataflows() {
+                worker.drop_dataflow(id);
+            }
+            drop((aggs, marks));
+        });
+        let mut commits = 0;
+        while rx.try_recv().is_ok() {
+            commits += 1;
+        }
+        commits
+    }
+
+    #[test]
+    fn aggregates_flush_by_size_before_the_interval() {
+        // The hour-long interval never passes: 5 waiting windows commit at each advance when
+        // the size limit is 5, never when it is 1000.
+        assert_eq!(commits_within_the_interval(5, 5), 2);
+        assert_eq!(commits_within_the_interval(1000, 5), 0);
+    }
 }

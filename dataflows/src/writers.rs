@@ -37,6 +37,9 @@ pub struct PgTarget {
     pub dataflow: String,
     /// Topic.
     pub topic: String,
+    /// A backfill of event times `[since, until)`: no resume positions or watermark are
+    /// stored, and only windows inside the range are written.
+    pub backfill: Option<(i64, i64)>,
 }
 
 /// Where dead letters are published besides the tables: `<topic>.dlq`.
@@ -369,9 +372,15 @@ async fn write_pg_batch(pg: &mut Pg, batch: &RawBatch) {
             }
         }
     }
-    let offsets: Vec<PartitionOffset> = batch
-        .next_offsets
-        .iter()
+    // A backfill stores no positions: they belong to the streaming run.
+    let positions = if pg.target.backfill.is_some() {
+        None
+    } else {
+        Some(&batch.next_offsets)
+    };
+    let offsets: Vec<PartitionOffset> = positions
+        .into_iter()
+        .flatten()
         .map(|(p, n)| PartitionOffset {
             partition: *p,
             next_offset: *n,
@@ -561,14 +570,43 @@ pub async fn agg_writer(
         }
         if let Some(pg) = pg.as_mut() {
             let (dataflow, topic) = (pg.target.dataflow.clone(), pg.target.topic.clone());
+            let (rows, committed, positions) = match pg.target.backfill {
+                // Windows cut by the range's edges are partial: the ones inside only, and
+                // no resume state (the join's included).
+                Some((since, until)) => (
+                    commit
+                        .rows
+                        .iter()
+                        .filter(|r| {
+                            let (_, bucket, _, _) = r.identity();
+                            // The task join needs each task's whole life: from the
+                            // archive's beginning only.
+                            let join_complete =
+                                since == i64::MIN || !matches!(r.row, Agg::Task(_) | Agg::Agent(_));
+                            !matches!(r.row, Agg::TaskState(_))
+                                && join_complete
+                                && bucket >= since
+                                && bucket.saturating_add(r.rollup.width_us()) <= until
+                        })
+                        .cloned()
+                        .collect(),
+                    None,
+                    &[][..],
+                ),
+                None => (
+                    commit.rows,
+                    Some(committed),
+                    commit.checkpoint.partitions.as_slice(),
+                ),
+            };
             pg_retry!(pg, "aggregates", |client| postgres::write_aggregates(
                 client,
                 &dataflow,
                 sink_names::AGGREGATES,
                 &topic,
-                &commit.rows,
+                &rows,
                 committed,
-                &commit.checkpoint.partitions
+                positions
             ));
         }
     }

@@ -13,7 +13,7 @@ use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::StreamVec;
 
 use crate::metrics::DecodeFailed;
-use crate::record::{DeadLetter, Point, SourceRecord};
+use crate::record::{DeadLetter, Delivery, Point, SourceRecord};
 use crate::EventTime;
 
 /// Which event shape a topic carries: how its records become raw rows.
@@ -77,22 +77,37 @@ impl StreamKind {
             }),
         };
         match decoded {
-            Ok((time_us, rows)) => {
-                let late_by_us = record.watermark_us.saturating_sub(time_us).max(0);
-                let late = late_by_us > record.allowed_lateness_us;
-                Ok(rows
-                    .into_iter()
-                    .map(|row| Point {
-                        row,
-                        delivery: record.delivery,
-                        late,
-                        late_by_us,
-                    })
-                    .collect())
-            }
+            Ok((time_us, rows)) => Ok(points_of(
+                rows,
+                time_us,
+                record.delivery,
+                record.watermark_us,
+                record.allowed_lateness_us,
+            )),
             Err(e) => Err(dead_letter(topic, record, &e)),
         }
     }
+}
+
+/// The points of one record's rows (decoded from Kafka, or read back from the archive): late
+/// when the event is more than `allowed_lateness_us` behind its partition's watermark.
+pub fn points_of(
+    rows: Vec<RawRow>,
+    time_us: i64,
+    delivery: Delivery,
+    watermark_us: i64,
+    allowed_lateness_us: i64,
+) -> Vec<Point> {
+    let late_by_us = watermark_us.saturating_sub(time_us).max(0);
+    let late = late_by_us > allowed_lateness_us;
+    rows.into_iter()
+        .map(|row| Point {
+            row,
+            delivery,
+            late,
+            late_by_us,
+        })
+        .collect()
 }
 
 fn dead_letter(topic: &str, record: SourceRecord, e: &DecodeError) -> DeadLetter {

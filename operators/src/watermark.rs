@@ -139,6 +139,11 @@ impl Watermarks {
         }
     }
 
+    /// Stops tracking `partition` (it has no more records): it no longer holds the watermark.
+    pub fn remove_partition(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+    }
+
     /// Notes that `partition` is alive (caught up but not silent) without an event.
     pub fn touch(&mut self, partition: i32, now: Instant) {
         if let Some(c) = self.partitions.get_mut(&partition) {

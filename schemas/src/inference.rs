@@ -59,6 +59,10 @@ macro_rules! str_enum {
             pub fn as_str(self) -> &'static str {
                 match self { $($variant => $s),+ }
             }
+            /// The value with this wire name.
+            pub fn from_name(name: &str) -> Option<Self> {
+                match name { $($s => Some($variant),)+ _ => None }
+            }
             fn parse(v: &serde_json::Value, field: &str) -> Result<Self, DecodeError> {
                 match json::one_of(v, field, &[$($s),+])? {
                     $($s => Ok($variant),)+

@@ -1,6 +1,7 @@
 //! PostgreSQL / TimescaleDB: migrations, raw rows by binary COPY, aggregates by batched upsert,
 //! dead letters and source offsets, each batch in one transaction with the offsets it covers.
 
+pub mod backfill;
 mod config;
 pub mod retention;
 mod sink;

@@ -655,14 +655,15 @@ pub async fn write_raw(
 
 /// Upserts closed windows of every aggregate table, applies the task lifecycle join's state
 /// changes (`task_state`: keeps first, then retires) and, in the same transaction, the
-/// dataflow's committed watermark and the resume offsets of its windows.
+/// dataflow's committed watermark and the resume offsets of its windows (`None` and no
+/// offsets for a backfill: it stores no resume state).
 pub async fn write_aggregates(
     client: &mut Client,
     dataflow: &str,
     sink: &str,
     topic: &str,
     rows: &[AggRow],
-    committed_watermark_us: i64,
+    committed_watermark_us: Option<i64>,
     offsets: &[PartitionOffset],
 ) -> Result<(), PostgresError> {
     let started = Instant::now();
@@ -716,13 +717,15 @@ pub async fn write_aggregates(
     // Keeps before retires: a task kept and retired in one batch is gone afterwards.
     keep_task_state(&tx, dataflow, &keeps).await?;
     retire_task_state(&tx, dataflow, &retires).await?;
-    tx.execute(
-        "INSERT INTO dataflow_state (dataflow, committed_watermark_us, updated_at) VALUES ($1, $2, now())
-         ON CONFLICT (dataflow) DO UPDATE SET committed_watermark_us = EXCLUDED.committed_watermark_us, updated_at = now()",
-        &[&dataflow, &committed_watermark_us],
-    )
-    .await
-    .map_err(stmt("storing the committed watermark"))?;
+    if let Some(committed_watermark_us) = committed_watermark_us {
+        tx.execute(
+            "INSERT INTO dataflow_state (dataflow, committed_watermark_us, updated_at) VALUES ($1, $2, now())
+             ON CONFLICT (dataflow) DO UPDATE SET committed_watermark_us = EXCLUDED.committed_watermark_us, updated_at = now()",
+            &[&dataflow, &committed_watermark_us],
+        )
+        .await
+        .map_err(stmt("storing the committed watermark"))?;
+    }
     upsert_offsets(&tx, dataflow, sink, topic, offsets, false).await?;
     tx.commit()
         .await

@@ -134,38 +134,43 @@ fn candidates(root: &Path, after: Duration, now: SystemTime) -> Vec<PathBuf> {
     out
 }
 
+/// The configured bucket as an object store.
+pub fn bucket(cfg: &S3Config) -> Result<Arc<dyn ObjectStore>, S3Error> {
+    // Credentials from the environment first (AWS_*), the file overrides.
+    // A failing store must not hold a pass for minutes: the next pass retries anyway.
+    let retry = RetryConfig {
+        max_retries: 3,
+        retry_timeout: Duration::from_secs(30),
+        ..RetryConfig::default()
+    };
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(&cfg.bucket)
+        .with_region(&cfg.region)
+        .with_allow_http(cfg.allow_http)
+        .with_retry(retry);
+    if let Some(endpoint) = &cfg.endpoint {
+        // Path-style requests: MinIO and moto do not resolve bucket subdomains.
+        builder = builder
+            .with_endpoint(endpoint)
+            .with_virtual_hosted_style_request(false);
+    }
+    if let Some(file) = &cfg.credentials_file {
+        let (id, secret) = read_credentials(file)?;
+        builder = builder
+            .with_access_key_id(id)
+            .with_secret_access_key(secret);
+    }
+    let store = builder.build().map_err(|source| S3Error::Build {
+        bucket: cfg.bucket.clone(),
+        source,
+    })?;
+    Ok(Arc::new(store))
+}
+
 impl Tierer {
     /// A tierer for the NAS at `root`, moving files older than `after` to the configured bucket.
     pub fn new(cfg: &S3Config, root: &Path, after: Duration) -> Result<Self, S3Error> {
-        // Credentials from the environment first (AWS_*), the file overrides.
-        // A failing store must not hold a pass for minutes: the next pass retries anyway.
-        let retry = RetryConfig {
-            max_retries: 3,
-            retry_timeout: Duration::from_secs(30),
-            ..RetryConfig::default()
-        };
-        let mut builder = AmazonS3Builder::from_env()
-            .with_bucket_name(&cfg.bucket)
-            .with_region(&cfg.region)
-            .with_allow_http(cfg.allow_http)
-            .with_retry(retry);
-        if let Some(endpoint) = &cfg.endpoint {
-            // Path-style requests: MinIO and moto do not resolve bucket subdomains.
-            builder = builder
-                .with_endpoint(endpoint)
-                .with_virtual_hosted_style_request(false);
-        }
-        if let Some(file) = &cfg.credentials_file {
-            let (id, secret) = read_credentials(file)?;
-            builder = builder
-                .with_access_key_id(id)
-                .with_secret_access_key(secret);
-        }
-        let store = builder.build().map_err(|source| S3Error::Build {
-            bucket: cfg.bucket.clone(),
-            source,
-        })?;
-        Ok(Self::with_store(Arc::new(store), &cfg.prefix, root, after))
+        Ok(Self::with_store(bucket(cfg)?, &cfg.prefix, root, after))
     }
 
     /// A tierer over any object store (tests use a local one).
