@@ -429,11 +429,19 @@ fn run_mode(
                     .collect();
                 tracing::info!(dataflow, topic = %topic, files = files.len(), partitions = partitions.len(), stores = ?archive_stores, "backfill: archive listed");
                 let (raw, mut aggregates) = backfill_tables(kind);
+                let kept: Vec<(&str, i64)>;
                 if kind == StreamKind::Analytics && range.since_us.is_some() {
                     // Tasks created before the range are unknown to the join: its tables
                     // (task_stats, agent_load) are rebuilt by full backfills only.
                     tracing::warn!("backfill --since: task_stats and agent_load are left as they are (the lifecycle join needs the archive from its beginning); api_events is rebuilt");
-                    aggregates = &aggregates[4..];
+                    kept = aggregates
+                        .iter()
+                        .copied()
+                        .filter(|(t, _)| {
+                            !t.starts_with("task_stats") && !t.starts_with("agent_load")
+                        })
+                        .collect();
+                    aggregates = &kept;
                 }
                 rt.block_on(async {
                     let mut client = postgres::connect(&config.postgres.config.url).await?;
@@ -769,11 +777,10 @@ fn run_mode(
                 }
                 worker.step_or_park(Some(Duration::from_millis(20)));
             }
-        }
-        while !(worker_shutdown.load(Ordering::Relaxed) && all_drained.iter().all(Drained::all))
-            && backfill_spec.is_none()
-        {
-            worker.step_or_park(Some(Duration::from_millis(50)));
+        } else {
+            while !(worker_shutdown.load(Ordering::Relaxed) && all_drained.iter().all(Drained::all)) {
+                worker.step_or_park(Some(Duration::from_millis(50)));
+            }
         }
         // Open windows are deliberately not completed: the next run replays them.
         for id in worker.installed_dataflows() {

@@ -28,6 +28,7 @@ use primespark_schemas::rows::{AnalyticsRow, InferenceRow, RawRow, TelemetryRow}
 use tokio::sync::mpsc;
 
 use crate::metrics::ArchiveFileRead;
+use crate::s3::object_key;
 
 /// Failures reading the archive.
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +112,8 @@ fn read_err(location: impl Into<String>) -> impl FnOnce(String) -> ArchiveError 
 }
 
 impl ArchiveStore {
-    /// Raw roll files of `topic` whose hour of event time starts in `[from_us, to_us)`.
+    /// Every raw roll file of `topic` in this store (`store`: this store's index, kept in each
+    /// file so it is read from where it was found).
     pub async fn list(&self, topic: &str, store: usize) -> Result<Vec<RollFile>, ArchiveError> {
         let top = format!("topic={topic}");
         let mut relative = Vec::new();
@@ -132,23 +134,14 @@ impl ArchiveStore {
                         let path = entry.path();
                         if path.is_dir() {
                             dirs.push(path);
-                        } else if let Ok(rel) = path.strip_prefix(root) {
-                            relative.push(
-                                rel.components()
-                                    .map(|c| c.as_os_str().to_string_lossy().into_owned())
-                                    .collect::<Vec<_>>()
-                                    .join("/"),
-                            );
+                        } else if let Some(rel) = crate::nas::relative_path(root, &path) {
+                            relative.push(rel);
                         }
                     }
                 }
             }
             ArchiveStore::Bucket { store, prefix } => {
-                let under = if prefix.is_empty() {
-                    top.clone()
-                } else {
-                    format!("{prefix}/{top}")
-                };
+                let under = object_key(prefix, &top);
                 let listed: Vec<_> = store
                     .list(Some(&ObjectPath::from(under.as_str())))
                     .try_collect()
@@ -196,11 +189,7 @@ impl ArchiveStore {
                     .map_err(|e| read_err(path.display().to_string())(e.to_string()))
             }
             ArchiveStore::Bucket { store, prefix } => {
-                let key = if prefix.is_empty() {
-                    relative.to_owned()
-                } else {
-                    format!("{prefix}/{relative}")
-                };
+                let key = object_key(prefix, relative);
                 let location = ObjectPath::from(key.as_str());
                 let fail = read_err(format!("bucket {key}"));
                 match store.get(&location).await {

@@ -8,6 +8,18 @@ mod config;
 mod writer;
 
 pub use config::NasConfig;
+
+/// `path` under `root` as a `/`-separated relative path (the archive's layout, and the object
+/// key of the file under the bucket's prefix).
+pub fn relative_path(root: &std::path::Path, path: &std::path::Path) -> Option<String> {
+    let rel = path.strip_prefix(root).ok()?;
+    Some(
+        rel.components()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join("/"),
+    )
+}
 pub use writer::{
     agg_batch, aggregate_batch, analytics_batch, inference_batch, raw_batch, score_batch,
     telemetry_batch, write_aggregate_files, NasError, ParquetArchive, SCORES_TABLE_DIR,

@@ -134,6 +134,15 @@ fn candidates(root: &Path, after: Duration, now: SystemTime) -> Vec<PathBuf> {
     out
 }
 
+/// The object key of `relative` (a path under the NAS root) under the bucket's `prefix`.
+pub fn object_key(prefix: &str, relative: &str) -> String {
+    if prefix.is_empty() {
+        relative.to_owned()
+    } else {
+        format!("{prefix}/{relative}")
+    }
+}
+
 /// The configured bucket as an object store.
 pub fn bucket(cfg: &S3Config) -> Result<Arc<dyn ObjectStore>, S3Error> {
     // Credentials from the environment first (AWS_*), the file overrides.
@@ -190,17 +199,8 @@ impl Tierer {
 
     /// The object key of a NAS file: the prefix and its path under the root.
     fn key(&self, path: &Path) -> Option<ObjectPath> {
-        let rel = path.strip_prefix(&self.root).ok()?;
-        let rel: Vec<String> = rel
-            .components()
-            .map(|c| c.as_os_str().to_string_lossy().into_owned())
-            .collect();
-        let key = if self.prefix.is_empty() {
-            rel.join("/")
-        } else {
-            format!("{}/{}", self.prefix, rel.join("/"))
-        };
-        ObjectPath::parse(key).ok()
+        let rel = crate::nas::relative_path(&self.root, path)?;
+        ObjectPath::parse(object_key(&self.prefix, &rel)).ok()
     }
 
     /// Copies, verifies and removes one file.
