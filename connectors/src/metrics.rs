@@ -47,6 +47,7 @@ struct Metrics {
     queries: Family<QueryLabels, Counter>,
     query_seconds: Family<QueryLabels, Histogram>,
     sink_degraded: Family<SinkLabels, Gauge>,
+    source_degraded: Family<TableLabels, Gauge>,
     consumer_lag: Family<PartitionLabels, Gauge>,
     tier_files: Family<OutcomeLabels, Counter>,
     tier_bytes: Counter,
@@ -86,6 +87,7 @@ fn metrics() -> &'static Metrics {
         queries: Family::default(),
         query_seconds: Family::new_with_constructor(seconds_histogram),
         sink_degraded: Family::default(),
+        source_degraded: Family::default(),
         consumer_lag: Family::default(),
         tier_files: Family::default(),
         tier_bytes: Counter::default(),
@@ -178,6 +180,11 @@ pub fn register(registry: &mut Registry) {
         "primespark_sink_degraded",
         "1 while a sink is failing and retrying",
         m.sink_degraded.clone(),
+    );
+    registry.register(
+        "primespark_source_degraded",
+        "1 while a source's client cannot reach the broker (label `table` is the topic)",
+        m.source_degraded.clone(),
     );
 }
 
@@ -300,7 +307,11 @@ fn degraded() -> &'static std::sync::Mutex<std::collections::BTreeMap<(String, S
     D.get_or_init(Default::default)
 }
 
-/// Sinks whose last flush failed and are retrying: (sink, table) -> last error. Feeds `/readyz`.
+/// The component name under which degraded sources are listed by [`degraded_sinks`].
+pub const SOURCE: &str = "kafka-source";
+
+/// Sinks whose last flush failed and are retrying, and sources that lost the broker (listed as
+/// [`SOURCE`] with the topic as table): (component, table) -> last error. Feeds `/readyz`.
 pub fn degraded_sinks() -> Vec<(String, String, String)> {
     degraded()
         .lock()
@@ -538,5 +549,55 @@ impl ArchiveFileRead<'_> {
         m.archive_files.inc();
         m.archive_rows.inc_by(self.rows);
         m.archive_bytes.inc_by(self.bytes);
+    }
+}
+
+/// A source's Kafka client lost the broker (transport failure, all brokers down). librdkafka
+/// reconnects by itself; until it does, the source is reported degraded.
+pub struct SourceDisconnected<'a> {
+    /// Topic of the source.
+    pub topic: &'a str,
+    /// The client's error.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl SourceDisconnected<'_> {
+    /// Logs and sets the degraded flag.
+    pub fn emit(&self) {
+        tracing::warn!(topic = self.topic, error = %self.error, "source lost the broker; the client keeps reconnecting");
+        metrics()
+            .source_degraded
+            .get_or_create(&TableLabels {
+                table: self.topic.to_owned(),
+            })
+            .set(1);
+        if let Ok(mut d) = degraded().lock() {
+            d.insert(
+                (SOURCE.to_owned(), self.topic.to_owned()),
+                self.error.to_string(),
+            );
+        }
+    }
+}
+
+/// A source's client reached the broker again.
+pub struct SourceReconnected<'a> {
+    /// Topic of the source.
+    pub topic: &'a str,
+}
+
+impl SourceReconnected<'_> {
+    /// Logs and clears the degraded flag.
+    pub fn emit(&self) {
+        tracing::info!(topic = self.topic, "source reconnected to the broker");
+        if let Ok(mut d) = degraded().lock() {
+            d.remove(&(SOURCE.to_owned(), self.topic.to_owned()));
+        }
+        metrics()
+            .source_degraded
+            .get_or_create(&TableLabels {
+                table: self.topic.to_owned(),
+            })
+            .set(0);
     }
 }

@@ -360,6 +360,18 @@ fn run_mode(
         })?);
     }
 
+    // Direct mode: raw rolls go to the bucket before their offsets are committed.
+    let uploader = if config.s3.enabled && config.s3.direct && parquet_enabled {
+        tracing::info!(bucket = %config.s3.bucket, prefix = %config.s3.prefix, "raw archive written to object storage directly");
+        Some(Arc::new(primespark_connectors::s3::Tierer::new(
+            &config.s3,
+            &config.nas.path,
+            config.tier.after,
+        )?))
+    } else {
+        None
+    };
+
     // One dataflow per enabled stream, each with its own topic, resume state and writers.
     let mut writer_handles = Vec::new();
     let mut plans = Vec::new();
@@ -464,13 +476,22 @@ fn run_mode(
         tracing::info!(dataflow, topic = %topic, partitions = partitions.len(), committed_watermark_us, "starting dataflow");
 
         let parquet_target = if parquet_enabled {
-            let archive = ParquetArchive::new(&config.nas.path, &topic, config.nas.row_group_rows);
+            let mut archive =
+                ParquetArchive::new(&config.nas.path, &topic, config.nas.row_group_rows);
+            if kind == StreamKind::Telemetry {
+                archive = archive.with_scores();
+            }
             let committed: HashMap<i32, i64> = state
                 .offsets
                 .get(sink_names::PARQUET_RAW)
                 .map(|v| v.iter().map(|o| (o.partition, o.next_offset)).collect())
                 .unwrap_or_default();
-            let removed = archive.recover(&committed, &owned)?;
+            let mut removed = archive.recover(&committed, &owned)?;
+            if let Some(bucket) = &uploader {
+                let uncommitted =
+                    |name: &str| ParquetArchive::uncommitted(name, &committed, &owned);
+                removed += rt.block_on(bucket.remove_uncommitted(&archive.dirs(), &uncommitted))?;
+            }
             if removed > 0 {
                 tracing::info!(
                     dataflow,
@@ -491,6 +512,7 @@ fn run_mode(
                 roll_interval: config.nas.roll_interval,
                 row_group_rows: config.nas.row_group_rows,
                 committed,
+                upload: uploader.clone(),
             })
         } else {
             None

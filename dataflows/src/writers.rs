@@ -70,6 +70,9 @@ pub struct ParquetTarget {
     pub row_group_rows: usize,
     /// Committed next offsets per partition at start.
     pub committed: HashMap<i32, i64>,
+    /// Direct mode (`s3.direct`): each raw roll goes to the bucket, verified, before its
+    /// offsets are committed; the NAS only stages it.
+    pub upload: Option<std::sync::Arc<primespark_connectors::s3::Tierer>>,
 }
 
 /// Retries `op` with exponential backoff (100 ms doubling to 10 s) and jitter until it succeeds.
@@ -429,7 +432,7 @@ async fn write_rolls(
             let started = Instant::now();
             let count = rows.len() as u64;
             let rows = std::sync::Arc::new(rows);
-            retry("parquet", pq.table, || {
+            let files = retry("parquet", pq.table, || {
                 let archive = archive.clone();
                 let rows = rows.clone();
                 async move {
@@ -442,6 +445,13 @@ async fn write_rolls(
                 }
             })
             .await;
+            if let Some(bucket) = &pq.upload {
+                // Uploaded and verified before the offsets below are committed: S3 down
+                // holds the writer here (and the source behind it), like PostgreSQL down.
+                for file in &files {
+                    retry("s3", pq.table, || bucket.upload(file)).await;
+                }
+            }
             SinkRowsWritten {
                 sink: "parquet",
                 table: pq.table,

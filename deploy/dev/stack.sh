@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Private service stack for tests and local development:
-#   kafka    -> Tansu (Kafka-compatible broker, in-memory storage)
-#   postgres -> PostgreSQL 15 (Debian packages), throwaway cluster
-#   s3       -> moto server (S3-compatible, in-memory)
+#   kafka         -> Tansu (Kafka-compatible broker, in-memory storage)
+#   postgres      -> PostgreSQL 15 (Debian packages), throwaway cluster
+#   s3            -> moto server (S3-compatible, in-memory)
+#   kafka_durable -> a second Tansu whose log lives in a bucket of the s3 service, so it
+#                    keeps topics and records across its own restart (broker-restart tests)
 #
 # Usage: stack.sh up | down | status | env | stop-service NAME | start-service NAME
-#        (NAME is one of: kafka postgres s3)
+#        (NAME is one of: kafka postgres s3 kafka_durable)
 #
 # Everything runtime lives in the state folder (default <repo>/.stack), tools
 # are cached in PRIMESPARK_TOOLS_DIR (default ~/.cache/primespark-tools) and
@@ -33,7 +35,7 @@ PG_BIN="${PRIMESPARK_PG_BIN:-/usr/lib/postgresql/15/bin}"
 
 PORTS_FILE="$STATE/ports.env"
 MARKER="$STATE/.primespark-stack"   # proves the folder is ours before `down` deletes it
-SERVICES=(kafka postgres s3)
+SERVICES=(kafka postgres s3 kafka_durable)  # in start order: kafka_durable needs s3
 
 # The dev credentials (only ever used for this throwaway local cluster).
 PG_USER=primespark
@@ -134,12 +136,12 @@ ensure_tansu() {
 
 # ------------------------------------------------------------------- state
 
-# Picks three distinct free loopback ports (all held open until all are chosen).
+# Picks four distinct free loopback ports (all held open until all are chosen).
 pick_ports() {
     "$PY" - <<'EOF'
 import socket
 socks = []
-for _ in range(3):
+for _ in range(4):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     socks.append(s)
@@ -160,9 +162,9 @@ init_state() {
     mkdir -p "$STATE"
     touch "$MARKER"
     [ -f "$PORTS_FILE" ] && return 0
-    local ports kafka_port pg_port s3_port pg_base
+    local ports kafka_port pg_port s3_port durable_port pg_base
     ports="$(pick_ports)"
-    read -r kafka_port pg_port s3_port <<<"$ports"
+    read -r kafka_port pg_port s3_port durable_port <<<"$ports"
     pg_base="$STATE"
     if is_root && ! runuser -u postgres -- test -x "$STATE"; then
         pg_base="$(mktemp -d /tmp/primespark-pg.XXXXXX)"
@@ -175,6 +177,7 @@ init_state() {
 KAFKA_PORT=$kafka_port
 PG_PORT=$pg_port
 S3_PORT=$s3_port
+KAFKA_DURABLE_PORT=$durable_port
 PG_BASE=$pg_base
 PG_DATA=$pg_base/pg
 PG_SOCK=$pg_base/pg-run
@@ -189,6 +192,7 @@ service_port() {
         kafka) echo "$KAFKA_PORT" ;;
         postgres) echo "$PG_PORT" ;;
         s3) echo "$S3_PORT" ;;
+        kafka_durable) echo "${KAFKA_DURABLE_PORT:?ports.env predates kafka_durable; run: $0 down, then $0 up}" ;;
         *) die "unknown service '$1' (expected: ${SERVICES[*]})" ;;
     esac
 }
@@ -237,6 +241,30 @@ start_kafka() {
         --listener-url "$url" \
         --advertised-listener-url "$url" \
         --storage-engine "memory://tansu/"
+}
+
+DURABLE_BUCKET=tansu-durable
+
+start_kafka_durable() {
+    ensure_tansu
+    ensure_venv
+    service_up s3 || die "kafka_durable keeps its log in the s3 service; start s3 first"
+    # (Re)create the bucket: restarting moto empties it, and Tansu does not create it.
+    "$PY" - "$S3_PORT" "$DURABLE_BUCKET" <<'EOF' >&2 || die "could not create bucket $DURABLE_BUCKET"
+import sys, boto3
+s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{sys.argv[1]}", region_name="us-east-1",
+                  aws_access_key_id="testing", aws_secret_access_key="testing")
+if sys.argv[2] not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
+    s3.create_bucket(Bucket=sys.argv[2])
+EOF
+    local url="tcp://127.0.0.1:$KAFKA_DURABLE_PORT"
+    spawn kafka_durable env -u CLUSTER_ID -u SCHEMA_REGISTRY -u OTEL_EXPORTER_OTLP_ENDPOINT \
+        AWS_ENDPOINT="http://127.0.0.1:$S3_PORT" AWS_ALLOW_HTTP=true AWS_REGION=us-east-1 \
+        AWS_DEFAULT_REGION=us-east-1 AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing \
+        "$TANSU_BIN" broker \
+        --listener-url "$url" \
+        --advertised-listener-url "$url" \
+        --storage-engine "s3://$DURABLE_BUCKET/"
 }
 
 start_s3() {
@@ -359,8 +387,13 @@ cmd_down() {
     if [ -d "$STATE" ]; then
         with_lock
         if load_ports; then
-            local s
-            for s in "${SERVICES[@]}"; do stop_service "$s"; done
+            local i
+            # Reverse start order: kafka_durable flushes to s3. (A stack from before
+            # kafka_durable has no port for it, and nothing to stop.)
+            for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do
+                [ "${SERVICES[i]}" = kafka_durable ] && [ -z "${KAFKA_DURABLE_PORT:-}" ] && continue
+                stop_service "${SERVICES[i]}"
+            done
             # Private /tmp folder used when postgres could not reach $STATE.
             if [ -n "${PG_BASE:-}" ] && [ "$PG_BASE" != "$STATE" ]; then
                 case "$PG_BASE" in /tmp/primespark-pg.*) rm -rf "$PG_BASE" ;; esac
@@ -383,9 +416,9 @@ cmd_status() {
     local s rc=0
     for s in "${SERVICES[@]}"; do
         if service_up "$s"; then
-            printf '%-9s up    127.0.0.1:%s pid %s\n' "$s" "$(service_port "$s")" "$(service_pid "$s")"
+            printf '%-13s up    127.0.0.1:%s pid %s\n' "$s" "$(service_port "$s")" "$(service_pid "$s")"
         else
-            printf '%-9s down  127.0.0.1:%s\n' "$s" "$(service_port "$s")"
+            printf '%-13s down  127.0.0.1:%s\n' "$s" "$(service_port "$s")"
             rc=1
         fi
     done
@@ -404,6 +437,7 @@ cmd_env() {
         "PRIMESPARK_KAFKA__BROKERS=127.0.0.1:$KAFKA_PORT" \
         "PRIMESPARK_POSTGRES__URL=postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB" \
         "PRIMESPARK_STACK_S3_ENDPOINT=http://127.0.0.1:$S3_PORT" \
+        "PRIMESPARK_STACK_DURABLE_BROKERS=127.0.0.1:$KAFKA_DURABLE_PORT" \
         "AWS_ACCESS_KEY_ID=testing" \
         "AWS_SECRET_ACCESS_KEY=testing" \
         "AWS_REGION=us-east-1" \

@@ -29,6 +29,8 @@ pub struct Stack {
     pub prometheus: String,
     /// The S3-compatible server (moto), `http://127.0.0.1:PORT`.
     pub s3_endpoint: String,
+    /// The broker whose log lives in the S3 server, so it survives its own restart.
+    pub durable_brokers: String,
 }
 
 /// The repository root. Read at run time (cargo sets `CARGO_MANIFEST_DIR` for test runs):
@@ -88,6 +90,10 @@ pub fn stack() -> &'static Stack {
                 .get("PRIMESPARK_STACK_S3_ENDPOINT")
                 .cloned()
                 .unwrap_or_default(),
+            durable_brokers: vars
+                .get("PRIMESPARK_STACK_DURABLE_BROKERS")
+                .cloned()
+                .unwrap_or_default(),
         }
     })
 }
@@ -125,8 +131,13 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
 
 /// Creates a topic.
 pub async fn create_topic(stack: &Stack, topic: &str, partitions: i32) -> Result<()> {
+    create_topic_on(&stack.brokers, topic, partitions).await
+}
+
+/// Creates a topic on the broker at `brokers`.
+pub async fn create_topic_on(brokers: &str, topic: &str, partitions: i32) -> Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &stack.brokers)
+        .set("bootstrap.servers", brokers)
         .create()?;
     let res = admin
         .create_topics(
@@ -144,8 +155,19 @@ pub async fn create_topic(stack: &Stack, topic: &str, partitions: i32) -> Result
 
 /// Produces `(partition, payload)` records in order and waits for delivery.
 pub fn produce(stack: &Stack, topic: &str, records: &[(i32, Vec<u8>)]) -> Result<()> {
+    produce_to(&stack.brokers, topic, records, Duration::from_secs(30))
+}
+
+/// Produces to the broker at `brokers`; waits up to `flush` for delivery (records queue in
+/// the client while the broker is away).
+pub fn produce_to(
+    brokers: &str,
+    topic: &str,
+    records: &[(i32, Vec<u8>)],
+    flush: Duration,
+) -> Result<()> {
     let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.brokers)
+        .set("bootstrap.servers", brokers)
         .set("linger.ms", "5")
         .create()?;
     for (partition, payload) in records {
@@ -163,7 +185,7 @@ pub fn produce(stack: &Stack, topic: &str, records: &[(i32, Vec<u8>)]) -> Result
         }
         producer.poll(Duration::ZERO);
     }
-    producer.flush(Duration::from_secs(30))?;
+    producer.flush(flush)?;
     Ok(())
 }
 

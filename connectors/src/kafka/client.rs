@@ -53,11 +53,57 @@ fn base_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// Turns the client's periodic statistics into the consumer-lag gauge (served on `poll`).
-pub struct LagContext;
+/// Turns the client's periodic statistics into the consumer-lag gauge (served on `poll`), and
+/// its connection errors into the source's degraded flag.
+pub struct LagContext {
+    topic: String,
+    /// Set on a transport error; cleared when a broker is up again or a record arrives.
+    disconnected: std::sync::atomic::AtomicBool,
+}
+
+impl LagContext {
+    fn reconnected(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        // Load first: this runs for every record, and a swap would write each time.
+        if self.disconnected.load(Relaxed) && self.disconnected.swap(false, Relaxed) {
+            crate::metrics::SourceReconnected { topic: &self.topic }.emit();
+        }
+    }
+}
 
 impl rdkafka::ClientContext for LagContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        use rdkafka::types::RDKafkaErrorCode as Code;
+        // Only "all brokers down" degrades the source: a single connection closing (an idle
+        // timeout, one broker of several restarting) is routine and reconnects by itself.
+        let code = error.rdkafka_error_code();
+        if code == Some(Code::BrokerTransportFailure) {
+            tracing::debug!(topic = %self.topic, reason, "kafka connection closed; reconnecting");
+        } else if code == Some(Code::AllBrokersDown) {
+            if !self
+                .disconnected
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                crate::metrics::SourceDisconnected {
+                    topic: &self.topic,
+                    error: &reason,
+                }
+                .emit();
+            }
+        } else {
+            tracing::warn!(topic = %self.topic, error = %error, reason, "kafka client error");
+        }
+    }
+
     fn stats(&self, statistics: rdkafka::Statistics) {
+        // Bootstrap entries have node id -1; a real broker in state UP means we are back.
+        if statistics
+            .brokers
+            .values()
+            .any(|b| b.nodeid >= 0 && b.state == "UP")
+        {
+            self.reconnected();
+        }
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
                 // librdkafka's own `consumer_lag` is measured from committed offsets, which we
@@ -109,7 +155,10 @@ pub fn reader(
         .set("fetch.wait.max.ms", "50")
         .set("statistics.interval.ms", "5000");
     let consumer: BaseConsumer<LagContext> = c
-        .create_with_context(LagContext)
+        .create_with_context(LagContext {
+            topic: topic.to_owned(),
+            disconnected: false.into(),
+        })
         .map_err(client_error(format!("creating consumer for {topic}")))?;
     Ok(PartitionReader {
         consumer,
@@ -261,7 +310,11 @@ impl PartitionReader {
     pub fn poll(
         &self,
     ) -> Option<rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>> {
-        self.consumer.poll(Duration::ZERO)
+        let polled = self.consumer.poll(Duration::ZERO);
+        if matches!(polled, Some(Ok(_))) {
+            self.consumer.context().reconnected();
+        }
+        polled
     }
 
     /// Low and high watermarks of a partition (blocking; not for worker threads' hot path).

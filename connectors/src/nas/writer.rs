@@ -533,14 +533,18 @@ pub struct ParquetArchive {
     /// `<root>/table=anomaly_scores`: the scores of the topic's samples, in files named like
     /// the raw rolls they were computed from.
     scores_dir: PathBuf,
+    /// Whether this topic's rolls write the score files (the telemetry topic only). Recovery
+    /// of any other topic must leave them alone: their names carry the telemetry topic's
+    /// offsets, not this topic's.
+    writes_scores: bool,
     row_group_rows: usize,
 }
 
 /// Folder of the anomaly score files under the NAS root.
 pub const SCORES_TABLE_DIR: &str = "table=anomaly_scores";
 
-/// Parses `part-pPPP-oFIRST-LAST.parquet` into (partition, first offset).
-fn parse_name(name: &str) -> Option<(i32, i64)> {
+/// Parses a roll's file name, `part-pPPP-oFIRST-LAST.parquet`, into (partition, first offset).
+pub fn parse_roll_name(name: &str) -> Option<(i32, i64)> {
     let rest = name.strip_prefix("part-p")?.strip_suffix(".parquet")?;
     let (p, rest) = rest.split_once("-o")?;
     let (first, _last) = rest.split_once('-')?;
@@ -553,8 +557,37 @@ impl ParquetArchive {
         Self {
             topic_dir: root.join(format!("topic={topic}")),
             scores_dir: root.join(SCORES_TABLE_DIR),
+            writes_scores: false,
             row_group_rows,
         }
+    }
+
+    /// This topic's rolls also write the anomaly score files, so its recovery covers them.
+    pub fn with_scores(mut self) -> Self {
+        self.writes_scores = true;
+        self
+    }
+
+    /// The folders this topic's rolls write to: the topic's, and the scores' when it writes
+    /// scores.
+    pub fn dirs(&self) -> Vec<&Path> {
+        let mut dirs = vec![self.topic_dir.as_path()];
+        if self.writes_scores {
+            dirs.push(&self.scores_dir);
+        }
+        dirs
+    }
+
+    /// Whether a roll file named `name` of `partition` is beyond the committed offsets (left
+    /// by a crash between writing and the offset commit).
+    pub fn uncommitted(
+        name: &str,
+        committed: &HashMap<i32, i64>,
+        owned: &dyn Fn(i32) -> bool,
+    ) -> bool {
+        parse_roll_name(name).is_some_and(|(partition, first)| {
+            owned(partition) && first >= committed.get(&partition).copied().unwrap_or(0)
+        })
     }
 
     /// `<root>/topic=<topic>`, the table path for SQL.
@@ -575,10 +608,12 @@ impl ParquetArchive {
     ) -> Result<usize, NasError> {
         fs::create_dir_all(&self.topic_dir).map_err(io(&self.topic_dir))?;
         let mut removed = 0;
-        let mut stack = vec![self.topic_dir.clone()];
-        if self.scores_dir.is_dir() {
-            stack.push(self.scores_dir.clone());
-        }
+        let mut stack: Vec<PathBuf> = self
+            .dirs()
+            .into_iter()
+            .filter(|d| d.is_dir())
+            .map(Path::to_path_buf)
+            .collect();
         while let Some(dir) = stack.pop() {
             for entry in fs::read_dir(&dir).map_err(io(&dir))? {
                 let entry = entry.map_err(io(&dir))?;
@@ -593,11 +628,9 @@ impl ParquetArchive {
                     .and_then(|n| n.strip_suffix(".inprogress"));
                 let orphan = if let Some(inner) = in_progress {
                     // Unparsable temp names are ours too (nobody else writes `.inprogress`).
-                    parse_name(inner).is_none_or(|(partition, _)| owned(partition))
-                } else if let Some((partition, first)) = parse_name(&name) {
-                    owned(partition) && first >= committed.get(&partition).copied().unwrap_or(0)
+                    parse_roll_name(inner).is_none_or(|(partition, _)| owned(partition))
                 } else {
-                    false
+                    Self::uncommitted(&name, committed, owned)
                 };
                 if orphan {
                     fs::remove_file(&path).map_err(io(&path))?;
@@ -707,6 +740,42 @@ mod tests {
         assert_eq!(removed, 1);
         assert!(!later[0].exists());
         assert!(files.iter().all(|f| f.exists()));
+    }
+
+    #[test]
+    fn only_the_topic_that_writes_scores_recovers_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let telemetry = ParquetArchive::new(dir.path(), "edge.telemetry", 1024).with_scores();
+        let t0 = 1_762_351_387_000_000;
+        let score = RawRow::Score(ScoreRow {
+            time_us: t0,
+            device_id: "pi-1".into(),
+            model: "m".into(),
+            score: 0.5,
+            threshold: 0.9,
+            backend: "cpu".into(),
+            features: Vec::new(),
+            partition: 1,
+            offset: 500,
+        });
+        let files = telemetry.write_roll(1, 500, 500, &[score]).unwrap();
+        assert!(files[0].to_string_lossy().contains(SCORES_TABLE_DIR));
+        // The inference topic has committed far less on partition 1; the telemetry topic's
+        // committed score file must survive its recovery.
+        let inference = ParquetArchive::new(dir.path(), "edge.ai.inference", 1024);
+        let removed = inference
+            .recover(&HashMap::from([(1, 3)]), &|_| true)
+            .unwrap();
+        assert_eq!(removed, 0);
+        assert!(files[0].exists());
+        // The telemetry topic's own recovery still removes it when it is beyond its commit.
+        assert_eq!(
+            telemetry
+                .recover(&HashMap::from([(1, 500)]), &|_| true)
+                .unwrap(),
+            1
+        );
+        assert!(!files[0].exists());
     }
 
     fn analytics_rows(t0: i64) -> Vec<RawRow> {
@@ -895,9 +964,9 @@ mod tests {
     #[test]
     fn names_parse() {
         assert_eq!(
-            parse_name("part-p003-o00000000000000000042-00000000000000000997.parquet"),
+            parse_roll_name("part-p003-o00000000000000000042-00000000000000000997.parquet"),
             Some((3, 42))
         );
-        assert_eq!(parse_name("other.parquet"), None);
+        assert_eq!(parse_roll_name("other.parquet"), None);
     }
 }

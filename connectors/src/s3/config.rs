@@ -16,6 +16,12 @@ pub struct S3Config {
     /// Tier the archive to the bucket. Default false.
     #[serde(default)]
     pub enabled: bool,
+    /// Write the raw archive straight to the bucket: each roll is written in `nas.path` (then
+    /// a local staging folder), uploaded and verified, and removed there before its offsets
+    /// are committed. Aggregate files stay in `nas.path` and are tiered after `tier.after`
+    /// (they are rewritten while late events can still change them). Default false.
+    #[serde(default)]
+    pub direct: bool,
     /// Bucket name (required when enabled).
     #[serde(default)]
     pub bucket: String,
@@ -48,6 +54,7 @@ impl Default for S3Config {
     fn default() -> Self {
         Self {
             enabled: false,
+            direct: false,
             bucket: String::new(),
             prefix: default_prefix(),
             region: default_region(),
@@ -62,6 +69,12 @@ impl S3Config {
     /// Pure validation.
     pub fn validate(&self) -> Result<(), InvalidConfig> {
         if !self.enabled {
+            if self.direct {
+                return Err(InvalidConfig::new(
+                    "s3.direct",
+                    "writing to the bucket needs s3.enabled = true and a bucket",
+                ));
+            }
             return Ok(());
         }
         if self.bucket.is_empty() {
@@ -160,5 +173,14 @@ mod tests {
             .to_string()
             .contains("s3.endpoint"));
         assert!(S3Config::default().validate().is_ok());
+        let direct_without_bucket = S3Config {
+            direct: true,
+            ..S3Config::default()
+        };
+        assert!(direct_without_bucket
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("s3.direct"));
     }
 }

@@ -267,6 +267,74 @@ impl Tierer {
         Ok(size)
     }
 
+    /// Moves one finished file now (the sink's direct mode: a roll goes to the bucket before
+    /// its offsets are committed): copied, verified, removed from the staging folder. A file
+    /// already gone whose object is in the bucket counts as moved (a tiering pass took it).
+    pub async fn upload(&self, path: &Path) -> Result<u64, S3Error> {
+        let key = self.key(path).ok_or_else(|| S3Error::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other("not under the staging root, or not a valid key"),
+        })?;
+        if !tokio::fs::try_exists(path).await.unwrap_or(true) {
+            let head = self.store.head(&key).await;
+            return head.map(|_| 0).map_err(|source| S3Error::Request {
+                what: format!("finding {key}, gone from {}", path.display()),
+                source,
+            });
+        }
+        let started = Instant::now();
+        let bytes = self.move_one(path, &key).await?;
+        TierMoved {
+            file: path,
+            key: key.as_ref(),
+            bytes,
+            duration: started.elapsed(),
+        }
+        .emit();
+        Ok(bytes)
+    }
+
+    /// Deletes the objects under `dirs` (folders under the root, as the archive writes them)
+    /// whose file name `uncommitted` picks: rolls uploaded by a direct-mode sink that crashed
+    /// before committing their offsets (the replay writes them again). Returns how many.
+    pub async fn remove_uncommitted(
+        &self,
+        dirs: &[&Path],
+        uncommitted: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<usize, S3Error> {
+        let mut removed = 0;
+        for dir in dirs {
+            let Some(prefix) = self.key(dir) else {
+                continue;
+            };
+            let listed: Vec<object_store::ObjectMeta> = self
+                .store
+                .list(Some(&prefix))
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()
+                .map_err(|source| S3Error::Request {
+                    what: format!("listing {prefix}"),
+                    source,
+                })?;
+            for meta in listed {
+                if meta.location.filename().is_some_and(uncommitted) {
+                    self.store
+                        .delete(&meta.location)
+                        .await
+                        .map_err(|source| S3Error::Request {
+                            what: format!("deleting {}", meta.location),
+                            source,
+                        })?;
+                    tracing::info!(key = %meta.location, "removed uncommitted object");
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// One pass: every file older than `after` at `now` is copied, verified and removed from
     /// the NAS. A failure leaves that file on the NAS (the next pass retries it; the upload is
     /// idempotent, same key and bytes) and does not stop the others.
@@ -359,6 +427,49 @@ mod tests {
         assert_eq!(
             tier.tier_once(SystemTime::now()).await,
             TierReport::default()
+        );
+    }
+
+    #[tokio::test]
+    async fn direct_upload_then_recovery_of_uncommitted_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let topic = root.join("topic=t").join("date=2025-11-05").join("hour=14");
+        std::fs::create_dir_all(&topic).unwrap();
+        let committed = topic.join("part-p000-o00000000000000000000-00000000000000000009.parquet");
+        let orphan = topic.join("part-p000-o00000000000000000010-00000000000000000019.parquet");
+        std::fs::write(&committed, b"first roll").unwrap();
+        std::fs::write(&orphan, b"second roll").unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let tier = Tierer::with_store(store.clone(), "archive", root, Duration::from_secs(3600));
+        assert_eq!(tier.upload(&committed).await.unwrap(), 10);
+        assert_eq!(tier.upload(&orphan).await.unwrap(), 11);
+        assert!(!committed.exists() && !orphan.exists());
+        // Gone locally but in the bucket: already moved, not an error.
+        assert_eq!(tier.upload(&committed).await.unwrap(), 0);
+        // Never written anywhere: an error, so the caller retries instead of committing.
+        assert!(tier
+            .upload(&topic.join("part-p000-o00000000000000000099-00000000000000000099.parquet"))
+            .await
+            .is_err());
+        // Offsets committed up to 10: the second roll's object is an orphan.
+        let removed = tier
+            .remove_uncommitted(&[&root.join("topic=t")], &|name: &str| {
+                name.contains("-o00000000000000000010-")
+            })
+            .await
+            .unwrap();
+        assert_eq!(removed, 1);
+        let keys: Vec<String> = store
+            .list(None)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .map(|m| m.unwrap().location.to_string())
+            .collect();
+        assert_eq!(
+            keys,
+            vec!["archive/topic=t/date=2025-11-05/hour=14/part-p000-o00000000000000000000-00000000000000000009.parquet"]
         );
     }
 
