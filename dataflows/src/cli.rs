@@ -109,6 +109,14 @@ enum Command {
         #[arg(long)]
         events_topic: Option<String>,
     },
+    /// Hash a secret read from stdin for the configuration: an API token's SHA-256 for
+    /// `[[query.api_keys]] sha256`, or with `--password` an Argon2id hash for
+    /// `[[query.users]] password_hash`. The secret is never echoed.
+    HashSecret {
+        /// Hash a wire-protocol password (Argon2id) instead of an API token (SHA-256).
+        #[arg(long)]
+        password: bool,
+    },
     /// Validate a configuration file without touching any service.
     CheckConfig {
         /// TOML configuration.
@@ -162,8 +170,11 @@ fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,rdkafka=warn,datafusion=warn")
     });
+    // Colours only on a terminal: log files and collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -256,6 +267,18 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 &stop,
             );
             tracing::info!(sent, topic, "produced");
+        }
+        Command::HashSecret { password } => {
+            let mut secret = String::new();
+            std::io::stdin().read_line(&mut secret)?;
+            let secret = secret.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!secret.is_empty(), "no secret on stdin");
+            let hashed = if password {
+                primespark_connectors::query::hash_password(secret)?
+            } else {
+                primespark_connectors::query::sha256_hex(secret)
+            };
+            writeln!(std::io::stdout().lock(), "{hashed}")?;
         }
         Command::CheckConfig { file } => {
             let config = load(&file)?;

@@ -584,8 +584,48 @@ fn run_mode(
             &config.kafka.topics.telemetry,
             &config.kafka.topics.inference,
             &config.kafka.topics.events,
+            config.query.memory_limit_mb.saturating_mul(1 << 20),
         )?;
-        let router = query::router(ctx, config.query.max_rows).merge(crate::ops::routes());
+        if pg_enabled {
+            // Hot rows from PostgreSQL, older ones from the archive, under the same names.
+            rt.block_on(query::catalog::attach_postgres(
+                &ctx,
+                &config.postgres.config.url,
+            ))?;
+        }
+        if config.query.api_keys.is_empty() {
+            tracing::warn!(%addr, "no [[query.api_keys]]: the SQL endpoint is open to local callers as reader");
+        }
+        let service = Arc::new(query::QueryService::new(ctx, &config.query)?);
+        if let Some(pg_addr) = &config.query.pg_addr {
+            // Validated at start-up: an ip:port.
+            let pg_addr: std::net::SocketAddr = pg_addr
+                .parse()
+                .map_err(|e| InvalidConfig::new("query.pg_addr", format!("{e}")))?;
+            let tls = match (&config.query.tls_cert, &config.query.tls_key) {
+                (Some(cert), Some(key)) => Some(
+                    query::pgwire::tls_acceptor(cert, key)
+                        .map_err(|e| InvalidConfig::new("query.tls_cert", e.to_string()))?,
+                ),
+                _ => None,
+            };
+            let backend: Arc<dyn query::pgwire::SqlBackend> =
+                Arc::new(query::service::WireBackend(service.clone()));
+            let stop = shutdown.clone();
+            rt.spawn(async move {
+                let served = query::pgwire::serve(pg_addr, backend, tls, async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                })
+                .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "postgres wire endpoint failed");
+                }
+            });
+        }
+        let router =
+            query::router(service, config.query.max_body_bytes).merge(crate::ops::routes());
         let server_shutdown = shutdown.clone();
         Some(rt.spawn(query::serve(addr, router, async move {
             while !server_shutdown.load(Ordering::Relaxed) {

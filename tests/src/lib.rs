@@ -2,6 +2,7 @@
 //! `deploy/dev/stack.sh` when the environment does not already describe one), per-test
 //! databases and topics, producers, and the pipeline as a child process.
 
+pub mod grafana;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -240,6 +241,52 @@ pub fn http_get(addr: &str, path: &str) -> Result<String> {
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     Ok(resp)
+}
+
+/// Status, headers (lower-case names) and body of an HTTP response.
+pub type HttpResponse = (u16, Vec<(String, String)>, Vec<u8>);
+
+/// A raw HTTP/1.1 exchange: `method path` with extra `headers` and `body`; returns the status,
+/// the response headers (lower-case names) and the body bytes (responses with a length).
+pub fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<HttpResponse> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes())?;
+    // A server may answer (413) before reading the whole body and close: not an error here.
+    let _ = s.write_all(body);
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("no HTTP response from {addr}{path}"))?;
+    let text = String::from_utf8_lossy(&resp[..split]).into_owned();
+    let mut lines = text.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("0")
+        .parse()?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    Ok((status, headers, resp[split + 4..].to_vec()))
 }
 
 /// POSTs `body` as JSON; returns the status and the body (a chunked body cut to its JSON).

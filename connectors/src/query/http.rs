@@ -3,12 +3,12 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::compute::cast;
@@ -18,11 +18,12 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
-use datafusion::prelude::SessionContext;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::metrics::QueryExecuted;
+use super::service::{Principal, QueryOutput, QueryService};
 
 /// Query endpoint failures.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,21 @@ pub enum QueryError {
     /// DataFusion rejected or failed the query (the user's to fix).
     #[error("{0}")]
     DataFusion(#[from] datafusion::error::DataFusionError),
+    /// No or unknown credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Authenticated, but the statement is not allowed for the caller's role (or for anyone).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The caller's rate limit is used up.
+    #[error("rate limit reached; retry in {retry_after_secs} s")]
+    RateLimited {
+        /// Seconds until a query is allowed again.
+        retry_after_secs: u64,
+    },
+    /// The query ran longer than `query.timeout` and was cancelled.
+    #[error("query cancelled: it ran longer than {0:?} (query.timeout)")]
+    Timeout(Duration),
     /// Encoding the result failed.
     #[error("encoding result: {0}")]
     Encode(String),
@@ -59,13 +75,23 @@ pub enum QueryError {
 /// `hour`).
 ///
 /// Every aggregate table also has its 1-hour rollup (`*_1h`) with the same columns.
+///
+/// All running queries share a memory pool of `memory_limit_bytes`; the PostgreSQL dialect and
+/// the functions of [`super::functions`] (`time_bucket`) are set up.
 pub fn session(
     nas_root: &Path,
     telemetry_topic: &str,
     inference_topic: &str,
     events_topic: &str,
+    memory_limit_bytes: usize,
 ) -> Result<SessionContext, QueryError> {
-    let ctx = SessionContext::new();
+    let mut config = SessionConfig::new().with_information_schema(true);
+    config.options_mut().sql_parser.dialect = datafusion::common::config::Dialect::PostgreSQL;
+    let runtime = RuntimeEnvBuilder::new()
+        .with_memory_limit(memory_limit_bytes, 1.0)
+        .build_arc()?;
+    let ctx = SessionContext::new_with_config_rt(config, runtime);
+    super::functions::register(&ctx);
     register_listing(
         &ctx,
         "inference_raw",
@@ -187,21 +213,18 @@ fn register_listing(
     Ok(())
 }
 
-struct QueryState {
-    ctx: SessionContext,
-    max_rows: usize,
-}
-
 #[derive(Deserialize)]
 struct SqlRequest {
     sql: String,
 }
 
-/// The routes: `POST /v1/sql`.
-pub fn router(ctx: SessionContext, max_rows: usize) -> Router {
+/// The routes: `POST /v1/sql` and `GET /v1/tables`, bodies up to `max_body_bytes`.
+pub fn router(service: Arc<QueryService>, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/v1/sql", post(sql))
-        .with_state(Arc::new(QueryState { ctx, max_rows }))
+        .route("/v1/tables", get(tables))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(service)
 }
 
 /// Serves `router` on `addr` until `shutdown` resolves.
@@ -220,49 +243,207 @@ pub async fn serve(
         .map_err(|source| QueryError::Serve { addr, source })
 }
 
-async fn run(state: &QueryState, sql: &str) -> Result<Value, QueryError> {
-    let df = state.ctx.sql(sql).await?;
-    let columns: Vec<String> = df
-        .schema()
-        .fields()
-        .iter()
-        .map(|f| f.name().clone())
-        .collect();
-    let batches = df.limit(0, Some(state.max_rows + 1))?.collect().await?;
-    let mut rows = batches_to_json(&batches)?;
-    let truncated = rows.len() > state.max_rows;
-    rows.truncate(state.max_rows);
-    Ok(json!({"columns": columns, "rows": rows, "truncated": truncated}))
+impl IntoResponse for QueryError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            QueryError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            QueryError::Forbidden(_) => StatusCode::FORBIDDEN,
+            QueryError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            QueryError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            QueryError::DataFusion(_) => StatusCode::BAD_REQUEST,
+            QueryError::Encode(_) | QueryError::Serve { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let mut response = (status, Json(json!({"error": self.to_string()}))).into_response();
+        let headers = response.headers_mut();
+        match &self {
+            QueryError::Unauthenticated(_) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            QueryError::RateLimited { retry_after_secs } => {
+                if let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string()) {
+                    headers.insert(header::RETRY_AFTER, v);
+                }
+            }
+            _ => {}
+        }
+        response
+    }
 }
 
-async fn sql(State(state): State<Arc<QueryState>>, Json(req): Json<SqlRequest>) -> Response {
-    let started = Instant::now();
-    let result = run(&state, &req.sql).await;
-    let rows = result
-        .as_ref()
-        .ok()
-        .and_then(|v| v["rows"].as_array().map(|r| r.len() as u64))
-        .unwrap_or(0);
-    QueryExecuted {
-        endpoint: "http",
-        ok: result.is_ok(),
-        rows,
-        duration: started.elapsed(),
+/// The caller, from `Authorization: Bearer <token>` or `X-API-Key: <token>`.
+fn caller(service: &QueryService, headers: &HeaderMap) -> Result<Principal, QueryError> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    service.authenticate_token(bearer.or(key))
+}
+
+/// Result encodings, by `Accept`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Json,
+    Csv,
+    Arrow,
+}
+
+fn format(headers: &HeaderMap) -> Format {
+    let accept = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if accept.contains("application/vnd.apache.arrow.stream") {
+        Format::Arrow
+    } else if accept.contains("text/csv") {
+        Format::Csv
+    } else {
+        Format::Json
     }
-    .emit();
-    match result {
-        Ok(body) => Json(body).into_response(),
-        Err(QueryError::DataFusion(e)) => (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": e.to_string()})),
-        )
-            .into_response(),
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            Json(json!({"error": e.to_string()})),
-        )
-            .into_response(),
+}
+
+fn encode(out: &QueryOutput, format: Format) -> Result<Response, QueryError> {
+    let enc = |e: datafusion::arrow::error::ArrowError| QueryError::Encode(e.to_string());
+    let truncated = if out.truncated { "true" } else { "false" };
+    match format {
+        Format::Json => {
+            let columns: Vec<&String> = out.schema.fields().iter().map(|f| f.name()).collect();
+            let rows = batches_to_json(&out.batches)?;
+            Ok(
+                Json(json!({"columns": columns, "rows": rows, "truncated": out.truncated}))
+                    .into_response(),
+            )
+        }
+        Format::Csv => {
+            let mut buf = Vec::new();
+            {
+                let mut w = datafusion::arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(&mut buf);
+                if out.batches.is_empty() {
+                    w.write(&RecordBatch::new_empty(out.schema.clone()))
+                        .map_err(enc)?;
+                }
+                for b in &out.batches {
+                    w.write(b).map_err(enc)?;
+                }
+            }
+            Ok((
+                [
+                    (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+                    (
+                        header::HeaderName::from_static("x-primespark-truncated"),
+                        truncated,
+                    ),
+                ],
+                buf,
+            )
+                .into_response())
+        }
+        Format::Arrow => {
+            let mut buf = Vec::new();
+            {
+                let mut w =
+                    datafusion::arrow::ipc::writer::StreamWriter::try_new(&mut buf, &out.schema)
+                        .map_err(enc)?;
+                for b in &out.batches {
+                    w.write(b).map_err(enc)?;
+                }
+                w.finish().map_err(enc)?;
+            }
+            Ok((
+                [
+                    (header::CONTENT_TYPE, "application/vnd.apache.arrow.stream"),
+                    (
+                        header::HeaderName::from_static("x-primespark-truncated"),
+                        truncated,
+                    ),
+                ],
+                buf,
+            )
+                .into_response())
+        }
     }
+}
+
+async fn sql(
+    State(service): State<Arc<QueryService>>,
+    headers: HeaderMap,
+    body: Result<Json<SqlRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    // Authentication comes before the body is looked at: an anonymous caller learns nothing.
+    let who = match caller(&service, &headers) {
+        Ok(w) => w,
+        Err(e) => return e.into_response(),
+    };
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(rejection) => {
+            let status = rejection.status();
+            let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "request body too large (query.max_body_bytes)".to_owned()
+            } else {
+                format!(
+                    "expected a JSON body {{\"sql\": \"...\"}}: {}",
+                    rejection.body_text()
+                )
+            };
+            return (status, Json(json!({"error": message}))).into_response();
+        }
+    };
+    match service.execute(&who, "http", &req.sql).await {
+        Ok(out) => encode(&out, format(&headers)).unwrap_or_else(IntoResponse::into_response),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `GET /v1/tables`: every table and view with its columns.
+async fn tables(State(service): State<Arc<QueryService>>, headers: HeaderMap) -> Response {
+    if let Err(e) = caller(&service, &headers) {
+        return e.into_response();
+    }
+    let ctx = service.context();
+    let mut out = Vec::new();
+    for catalog_name in ctx.catalog_names() {
+        let Some(catalog) = ctx.catalog(&catalog_name) else {
+            continue;
+        };
+        for schema_name in catalog.schema_names() {
+            if schema_name == "information_schema" {
+                continue;
+            }
+            let Some(schema) = catalog.schema(&schema_name) else {
+                continue;
+            };
+            let mut names = schema.table_names();
+            names.sort();
+            for name in names {
+                let Ok(Some(table)) = schema.table(&name).await else {
+                    continue;
+                };
+                let columns: Vec<Value> = table
+                    .schema()
+                    .fields()
+                    .iter()
+                    .map(|f| json!({"name": f.name(), "type": f.data_type().to_string(), "nullable": f.is_nullable()}))
+                    .collect();
+                out.push(json!({
+                    "schema": schema_name,
+                    "name": name,
+                    "kind": format!("{:?}", table.table_type()).to_lowercase(),
+                    "columns": columns,
+                }));
+            }
+        }
+    }
+    Json(json!({"tables": out})).into_response()
 }
 
 fn column_values(array: &dyn Array) -> Result<Vec<Value>, QueryError> {
@@ -451,6 +632,7 @@ mod tests {
             "edge.telemetry",
             "edge.ai.inference",
             "analytics.events",
+            64 << 20,
         )
         .unwrap();
         assert_eq!(

@@ -1,10 +1,21 @@
-//! The SQL endpoint: DataFusion over the Parquet archive, over HTTP.
+//! The query service: DataFusion SQL over the archive and PostgreSQL, over HTTP and the
+//! PostgreSQL wire protocol, behind API keys, roles and limits.
 //!
-//! `POST /v1/sql` with `{"sql": "..."}` answers `{"columns": [...], "rows": [[...], ...]}`; a
-//! query DataFusion rejects is a 400 with DataFusion's message.
+//! `POST /v1/sql` with `{"sql": "..."}` answers `{"columns": [...], "rows": [[...], ...]}`
+//! (or CSV, or an Arrow IPC stream, by `Accept`); `GET /v1/tables` lists the catalog. Errors:
+//! 400 (DataFusion's message), 401 (no or unknown key), 403 (not allowed for the role, or for
+//! anyone: DDL, DML, COPY, external tables, file readers), 408 (cancelled at `query.timeout`),
+//! 413 (body over `query.max_body_bytes`), 429 (rate limit; `Retry-After`).
 
+pub mod catalog;
 mod config;
+pub mod functions;
 mod http;
+pub mod pgwire;
+pub mod postgres_table;
+pub mod service;
+pub mod unified;
 
-pub use config::QueryConfig;
+pub use config::{ApiKey, QueryConfig, Role, WireUser};
 pub use http::{batches_to_json, router, serve, session, QueryError};
+pub use service::{hash_password, sha256_hex, Principal, QueryOutput, QueryService};

@@ -1,0 +1,130 @@
+//! The SQL catalog over hot and cold data.
+//!
+//! - schema `archive`: the Parquet listing tables of [`super::session`] (`telemetry_raw`,
+//!   `device_metrics_1m`, ...), partition-pruned by `date` and `hour`;
+//! - schema `pg`: PostgreSQL's tables through [`super::postgres_table::PostgresTable`] (filters,
+//!   projections and limits pushed down);
+//! - the default schema: every stream under its PostgreSQL name (`device_metrics`,
+//!   `ai_inference_results`, `device_metrics_1m`, ...) as a [`UnifiedTable`]: recent rows from
+//!   PostgreSQL, older ones from the archive, so SQL written for TimescaleDB (the dashboards)
+//!   runs unchanged over all of history. PostgreSQL-only tables (`dead_letters`,
+//!   `late_events`, `anomalies`) are there too, and the archive's raw tables keep their names.
+
+use std::sync::Arc;
+
+use datafusion::catalog::{MemorySchemaProvider, SchemaProvider, TableProvider};
+use datafusion::error::DataFusionError;
+use datafusion::prelude::SessionContext;
+
+use super::postgres_table::{PgPool, PostgresTable};
+use super::unified::{Boundary, UnifiedTable};
+use super::QueryError;
+
+/// (PostgreSQL table and unified name, archive table, time column).
+const HOT_COLD: &[(&str, &str, &str)] = &[
+    ("device_metrics", "telemetry_raw", "time"),
+    ("ai_inference_results", "inference_raw", "time"),
+    ("analytics_events", "analytics_raw", "time"),
+    ("anomaly_scores", "anomaly_scores", "time"),
+    ("device_metrics_1m", "device_metrics_1m", "bucket"),
+    ("device_metrics_1h", "device_metrics_1h", "bucket"),
+    ("inference_stats_1m", "inference_stats_1m", "bucket"),
+    ("inference_stats_1h", "inference_stats_1h", "bucket"),
+    ("routing_stats_1m", "routing_stats_1m", "bucket"),
+    ("routing_stats_1h", "routing_stats_1h", "bucket"),
+    ("task_stats_1m", "task_stats_1m", "bucket"),
+    ("task_stats_1h", "task_stats_1h", "bucket"),
+    ("agent_load_1m", "agent_load_1m", "bucket"),
+    ("agent_load_1h", "agent_load_1h", "bucket"),
+    ("api_events_1m", "api_events_1m", "bucket"),
+    ("api_events_1h", "api_events_1h", "bucket"),
+];
+
+/// Tables only PostgreSQL has.
+const HOT_ONLY: &[&str] = &[
+    "dead_letters",
+    "late_events",
+    "anomalies",
+    "source_offsets",
+    "dataflow_state",
+];
+
+fn df(e: impl Into<DataFusionError>) -> QueryError {
+    QueryError::DataFusion(e.into())
+}
+
+/// Adds the `archive` and `pg` schemas and the unified tables to `ctx` (built by
+/// [`super::session`]). Tables PostgreSQL does not have yet (migrations not run) are left out
+/// with a warning.
+pub async fn attach_postgres(ctx: &SessionContext, url: &str) -> Result<(), QueryError> {
+    let pool = PgPool::new(url, 8).map_err(df)?;
+    let state = ctx.state();
+    let catalog_name = state.config().options().catalog.default_catalog.clone();
+    let catalog = ctx
+        .catalog(&catalog_name)
+        .ok_or_else(|| QueryError::Encode(format!("no catalog {catalog_name}")))?;
+    let pg: Arc<dyn SchemaProvider> = Arc::new(MemorySchemaProvider::new());
+    let archive: Arc<dyn SchemaProvider> = Arc::new(MemorySchemaProvider::new());
+    catalog.register_schema("pg", pg.clone()).map_err(df)?;
+    catalog
+        .register_schema("archive", archive.clone())
+        .map_err(df)?;
+
+    let mut attached = 0;
+    for (name, cold_name, time) in HOT_COLD {
+        let cold = ctx.table_provider(*cold_name).await.ok();
+        if let Some(cold) = &cold {
+            archive
+                .register_table((*cold_name).to_owned(), cold.clone())
+                .map_err(df)?;
+        }
+        let hot = match PostgresTable::discover_with_pool(pool.clone(), name).await {
+            Ok(t) => Arc::new(t) as Arc<dyn TableProvider>,
+            Err(e) => {
+                tracing::warn!(table = name, error = %e, "postgres table not attached to sql");
+                continue;
+            }
+        };
+        pg.register_table((*name).to_owned(), hot.clone())
+            .map_err(df)?;
+        let Some(cold) = cold else {
+            ctx.register_table(*name, hot).map_err(df)?;
+            continue;
+        };
+        let (boundary_pool, table, column) = (pool.clone(), (*name).to_owned(), (*time).to_owned());
+        let boundary: Boundary = Arc::new(move || {
+            let (pool, table, column) = (boundary_pool.clone(), table.clone(), column.clone());
+            Box::pin(async move {
+                pool.min_time_us(&table, &column)
+                    .await
+                    .map_err(DataFusionError::from)
+            })
+        });
+        // The archive's table of the same name gives way to the unified one (still in
+        // `archive`).
+        if cold_name == name {
+            ctx.deregister_table(*name).map_err(df)?;
+        }
+        ctx.register_table(
+            *name,
+            Arc::new(UnifiedTable::new(hot, cold, time, boundary)),
+        )
+        .map_err(df)?;
+        attached += 1;
+    }
+    for name in HOT_ONLY {
+        match PostgresTable::discover_with_pool(pool.clone(), name).await {
+            Ok(t) => {
+                let t: Arc<dyn TableProvider> = Arc::new(t);
+                pg.register_table((*name).to_owned(), t.clone())
+                    .map_err(df)?;
+                ctx.register_table(*name, t).map_err(df)?;
+            }
+            Err(e) => {
+                tracing::warn!(table = name, error = %e, "postgres table not attached to sql")
+            }
+        }
+    }
+    tracing::info!(target_db = %pool.target(), unified = attached, "sql catalog spans postgres and the archive");
+    Ok(())
+}

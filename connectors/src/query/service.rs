@@ -1,0 +1,761 @@
+//! The query service behind both endpoints (HTTP and the PostgreSQL wire protocol): who may
+//! ask (API keys, wire users, roles), what they may run (read-only SQL over the registered
+//! tables), and within which limits (rate, timeout, memory, rows). Every query leaves one audit
+//! line (target `primespark::audit`) and moves the query metrics.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::error::DataFusionError;
+use datafusion::execution::context::SQLOptions;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::SessionContext;
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::{ObjectType, Statement};
+use sha2::{Digest, Sha256};
+
+use super::config::{QueryConfig, Role};
+use super::QueryError;
+use crate::metrics::QueryExecuted;
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// Key or user name (audit log, rate limit).
+    pub name: String,
+    /// What it may run.
+    pub role: Role,
+}
+
+/// A finished query.
+#[derive(Debug, Clone)]
+pub struct QueryOutput {
+    /// Result schema.
+    pub schema: SchemaRef,
+    /// At most `max_rows` rows.
+    pub batches: Vec<RecordBatch>,
+    /// Rows in `batches`.
+    pub rows: usize,
+    /// The result had more than `max_rows` rows and was cut.
+    pub truncated: bool,
+}
+
+/// Functions that would read files or URLs. None is registered today; naming them here keeps
+/// a future registration (or a DataFusion default) from opening that door silently.
+const FILE_FUNCTIONS: &[&str] = &[
+    "read_csv",
+    "read_parquet",
+    "read_json",
+    "read_ndjson",
+    "read_avro",
+    "read_arrow",
+    "parquet_metadata",
+    "parquet_scan",
+    "csv_scan",
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_ls_dir",
+    "lo_import",
+];
+
+/// The caller of an endpoint without API keys.
+const ANONYMOUS: &str = "anonymous";
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// The query service.
+pub struct QueryService {
+    ctx: SessionContext,
+    max_rows: usize,
+    timeout: Duration,
+    /// Hex SHA-256 of a token -> its holder.
+    keys: HashMap<String, Principal>,
+    /// Wire users -> (principal, Argon2 PHC string).
+    users: HashMap<String, (Principal, String)>,
+    /// No keys configured (loopback only, checked by the config): callers are anonymous readers.
+    open: bool,
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, Bucket>>,
+    executor: Executor,
+}
+
+/// Queries run on their own runtime: a CPU-heavy query cannot starve the pipeline's I/O tasks
+/// or the timer that cancels it, and is aborted there at its next yield.
+struct Executor {
+    handle: tokio::runtime::Handle,
+    /// Dropping it ends the runtime's thread.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Executor {
+    fn start(threads: usize) -> Result<Self, QueryError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads.max(1))
+            .thread_name("primespark-query")
+            .enable_all()
+            .build()
+            .map_err(|e| QueryError::Encode(format!("starting the query runtime: {e}")))?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("primespark-query".into())
+            .spawn(move || {
+                runtime.block_on(async {
+                    let _ = stopped.await;
+                });
+                // Running queries are dropped with the runtime, off any async context.
+                runtime.shutdown_background();
+            })
+            .map_err(|e| QueryError::Encode(format!("starting the query runtime: {e}")))?;
+        Ok(Self {
+            handle,
+            _stop: stop,
+        })
+    }
+}
+
+impl std::fmt::Debug for QueryService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the hashes.
+        f.debug_struct("QueryService")
+            .field("keys", &self.keys.len())
+            .field("users", &self.users.len())
+            .field("open", &self.open)
+            .finish()
+    }
+}
+
+/// The hex SHA-256 of a secret (what `[[query.api_keys]]` stores).
+pub fn sha256_hex(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The Argon2id PHC string of a password (what `[[query.users]]` stores).
+pub fn hash_password(password: &str) -> Result<String, QueryError> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    use rand::Rng;
+    let mut bytes = [0u8; 16];
+    rand::rng().fill(&mut bytes);
+    let salt = SaltString::encode_b64(&bytes)
+        .map_err(|e| QueryError::Encode(format!("encoding the salt: {e}")))?;
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| QueryError::Encode(format!("hashing the password: {e}")))
+}
+
+/// Constant-time comparison of two equal-length strings.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+impl QueryService {
+    /// The service over `ctx` with the keys, users and limits of `cfg` (validated before),
+    /// its queries on a runtime of their own.
+    pub fn new(ctx: SessionContext, cfg: &QueryConfig) -> Result<Self, QueryError> {
+        let keys = cfg
+            .api_keys
+            .iter()
+            .map(|k| {
+                (
+                    k.sha256.to_ascii_lowercase(),
+                    Principal {
+                        name: k.name.clone(),
+                        role: k.role,
+                    },
+                )
+            })
+            .collect();
+        let users = cfg
+            .users
+            .iter()
+            .map(|u| {
+                (
+                    u.name.clone(),
+                    (
+                        Principal {
+                            name: u.name.clone(),
+                            role: u.role,
+                        },
+                        u.password_hash.clone(),
+                    ),
+                )
+            })
+            .collect();
+        let threads = std::thread::available_parallelism().map_or(2, usize::from);
+        Ok(Self {
+            executor: Executor::start(threads)?,
+            ctx,
+            max_rows: cfg.max_rows,
+            timeout: cfg.timeout,
+            keys,
+            users,
+            open: cfg.api_keys.is_empty(),
+            rate: f64::from(cfg.rate_limit_per_second),
+            burst: f64::from(cfg.rate_limit_burst),
+            buckets: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The DataFusion session (catalog listing).
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// The caller of an HTTP request from its `Authorization: Bearer` (or `X-API-Key`) value.
+    pub fn authenticate_token(&self, token: Option<&str>) -> Result<Principal, QueryError> {
+        let Some(token) = token.filter(|t| !t.is_empty()) else {
+            if self.open {
+                return Ok(Principal {
+                    name: ANONYMOUS.into(),
+                    role: Role::Reader,
+                });
+            }
+            return Err(QueryError::Unauthenticated(
+                "an API key is required: send Authorization: Bearer <token>".into(),
+            ));
+        };
+        let digest = sha256_hex(token);
+        // Compare against every key in constant time: no timing hint about near misses.
+        let mut found = None;
+        for (hash, who) in &self.keys {
+            if same(hash, &digest) {
+                found = Some(who.clone());
+            }
+        }
+        found.ok_or_else(|| {
+            tracing::warn!(target: "primespark::audit", outcome = "unauthenticated", "unknown api key");
+            QueryError::Unauthenticated("unknown API key".into())
+        })
+    }
+
+    /// A wire-protocol user by password.
+    pub fn authenticate_password(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<Principal, QueryError> {
+        use argon2::password_hash::{PasswordHash, PasswordVerifier};
+        let denied = || {
+            tracing::warn!(target: "primespark::audit", user, outcome = "unauthenticated", "wire login refused");
+            QueryError::Unauthenticated(format!(
+                "password authentication failed for user \"{user}\""
+            ))
+        };
+        let Some((who, phc)) = self.users.get(user) else {
+            return Err(denied());
+        };
+        let hash = PasswordHash::new(phc).map_err(|_| denied())?;
+        argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &hash)
+            .map_err(|_| denied())?;
+        Ok(who.clone())
+    }
+
+    /// Takes one token of `who`'s bucket, or says when to retry. The limit is per key: the
+    /// anonymous local caller of an open (loopback, keyless) endpoint has none.
+    pub fn check_rate(&self, who: &Principal) -> Result<(), QueryError> {
+        if self.open && who.name == ANONYMOUS {
+            return Ok(());
+        }
+        let Ok(mut buckets) = self.buckets.lock() else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let b = buckets.entry(who.name.clone()).or_insert(Bucket {
+            tokens: self.burst,
+            at: now,
+        });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * self.rate).min(self.burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            let wait = ((1.0 - b.tokens) / self.rate).ceil().max(1.0);
+            Err(QueryError::RateLimited {
+                retry_after_secs: wait as u64,
+            })
+        }
+    }
+
+    /// Runs one statement for `who` under every check and limit, and audits it.
+    pub async fn execute(
+        self: &Arc<Self>,
+        who: &Principal,
+        endpoint: &'static str,
+        sql: &str,
+    ) -> Result<QueryOutput, QueryError> {
+        let started = Instant::now();
+        let result = match self.check_rate(who) {
+            Ok(()) => {
+                // Its own task: the timer fires on another worker even while the query keeps
+                // one busy, and aborting the task drops (cancels) the plan's streams.
+                let (service, caller, text) = (self.clone(), who.clone(), sql.to_owned());
+                let task = self
+                    .executor
+                    .handle
+                    .spawn(async move { service.run(&caller, &text).await });
+                let abort = task.abort_handle();
+                match tokio::time::timeout(self.timeout, task).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => Err(QueryError::Encode(format!("query task failed: {e}"))),
+                    Err(_) => {
+                        abort.abort();
+                        Err(QueryError::Timeout(self.timeout))
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let duration = started.elapsed();
+        let rows = result.as_ref().map_or(0, |o| o.rows);
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.outcome(),
+        };
+        // The statement is the caller's text, cut so one huge query cannot flood the log.
+        let statement: String = sql.chars().take(4096).collect();
+        match &result {
+            Ok(_) => {
+                tracing::info!(target: "primespark::audit", user = %who.name, role = who.role.as_str(), endpoint, statement = %statement, rows, duration_ms = duration.as_millis() as u64, outcome, "query")
+            }
+            Err(e) => {
+                tracing::info!(target: "primespark::audit", user = %who.name, role = who.role.as_str(), endpoint, statement = %statement, rows, duration_ms = duration.as_millis() as u64, outcome, error = %e, "query")
+            }
+        }
+        QueryExecuted {
+            endpoint,
+            ok: result.is_ok(),
+            rows: rows as u64,
+            duration,
+        }
+        .emit();
+        result
+    }
+
+    /// Parses, authorizes and plans one statement for `who`.
+    async fn plan(&self, who: &Principal, sql: &str) -> Result<LogicalPlan, QueryError> {
+        let state = self.ctx.state();
+        let dialect = state.config().options().sql_parser.dialect;
+        let statement = state.sql_to_statement(sql, &dialect)?;
+        authorize(who.role, &statement)?;
+        let plan = state.statement_to_plan(statement).await?;
+        let options = SQLOptions::new()
+            .with_allow_dml(false)
+            .with_allow_ddl(who.role == Role::Admin)
+            .with_allow_statements(who.role == Role::Admin);
+        options.verify_plan(&plan).map_err(|e| {
+            QueryError::Forbidden(format!("{} may not run this: {e}", who.role.as_str()))
+        })?;
+        self.check_scans(&plan)?;
+        Ok(plan)
+    }
+
+    async fn run(&self, who: &Principal, sql: &str) -> Result<QueryOutput, QueryError> {
+        let plan = self.plan(who, sql).await?;
+        let df = self.ctx.execute_logical_plan(plan).await?;
+        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        let batches = df.limit(0, Some(self.max_rows + 1))?.collect().await?;
+        let mut rows = 0;
+        let mut truncated = false;
+        let mut kept = Vec::with_capacity(batches.len());
+        for b in batches {
+            let room = self.max_rows - rows;
+            if b.num_rows() > room {
+                truncated = true;
+                if room > 0 {
+                    kept.push(b.slice(0, room));
+                    rows += room;
+                }
+                break;
+            }
+            rows += b.num_rows();
+            kept.push(b);
+        }
+        Ok(QueryOutput {
+            schema,
+            batches: kept,
+            rows,
+            truncated,
+        })
+    }
+
+    /// Every scan must read a table of the catalog: no URL tables, no table functions that
+    /// reach outside it.
+    fn check_scans(&self, plan: &LogicalPlan) -> Result<(), QueryError> {
+        let mut bad: Option<String> = None;
+        plan.apply_with_subqueries(|node| {
+            if let LogicalPlan::TableScan(scan) = node {
+                let name = scan.table_name.table();
+                // Generators read nothing outside the process.
+                let generator = name.starts_with("generate_series(") || name.starts_with("range(");
+                let known = generator
+                    || self
+                        .ctx
+                        .table_exist(scan.table_name.clone())
+                        .unwrap_or(false);
+                if !known {
+                    bad = Some(scan.table_name.to_string());
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+            }
+            Ok(TreeNodeRecursion::Continue)
+        })?;
+        match bad {
+            Some(t) => Err(QueryError::Forbidden(format!(
+                "{t} is not a table of the catalog; only registered tables can be read"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The query service as the PostgreSQL wire endpoint's backend: users and roles from
+/// `[[query.users]]`, the same checks, limits and audit as HTTP.
+pub struct WireBackend(pub Arc<QueryService>);
+
+impl WireBackend {
+    fn principal(&self, user: &str) -> Result<Principal, super::pgwire::BackendError> {
+        self.0
+            .users
+            .get(user)
+            .map(|(p, _)| p.clone())
+            .ok_or_else(|| {
+                super::pgwire::BackendError::new("28000", format!("unknown user \"{user}\""))
+            })
+    }
+}
+
+fn wire_error(e: QueryError) -> super::pgwire::BackendError {
+    super::pgwire::BackendError::new(e.sqlstate(), e.to_string())
+}
+
+#[async_trait::async_trait]
+impl super::pgwire::SqlBackend for WireBackend {
+    fn authenticate(&self, user: &str, password: &str) -> Result<(), String> {
+        self.0
+            .authenticate_password(user, password)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn execute(
+        &self,
+        user: &str,
+        sql: &str,
+    ) -> Result<(SchemaRef, Vec<RecordBatch>), super::pgwire::BackendError> {
+        let who = self.principal(user)?;
+        let out = self
+            .0
+            .execute(&who, "pgwire", sql)
+            .await
+            .map_err(wire_error)?;
+        Ok((out.schema, out.batches))
+    }
+
+    async fn describe(
+        &self,
+        user: &str,
+        sql: &str,
+    ) -> Result<super::pgwire::Description, super::pgwire::BackendError> {
+        let who = self.principal(user)?;
+        let plan = self.0.plan(&who, sql).await.map_err(wire_error)?;
+        super::pgwire::Description::from_plan(&plan)
+    }
+}
+
+/// What a statement needs, before planning: some are never allowed, some need `admin`.
+fn authorize(role: Role, statement: &DFStatement) -> Result<(), QueryError> {
+    let never = |what: &str| {
+        Err(QueryError::Forbidden(format!(
+            "{what} is not allowed: the SQL endpoints are read-only"
+        )))
+    };
+    let admin = |what: &str| {
+        if role == Role::Admin {
+            Ok(())
+        } else {
+            Err(QueryError::Forbidden(format!(
+                "{what} needs the admin role; {} may only query",
+                role.as_str()
+            )))
+        }
+    };
+    let text = statement.to_string().to_ascii_lowercase();
+    if let Some(f) = FILE_FUNCTIONS.iter().find(|f| {
+        text.match_indices(*f).any(|(i, _)| {
+            // A call, not a column that happens to contain the name.
+            text[i + f.len()..].trim_start().starts_with('(')
+        })
+    }) {
+        return Err(QueryError::Forbidden(format!(
+            "function {f} reads files or URLs and is not allowed"
+        )));
+    }
+    match statement {
+        DFStatement::CreateExternalTable(_) => {
+            never("CREATE EXTERNAL TABLE (it reads arbitrary files)")
+        }
+        DFStatement::CopyTo(_) => never("COPY (it writes files)"),
+        DFStatement::Explain(e) => authorize(role, &e.statement),
+        DFStatement::Reset(_) => admin("RESET"),
+        DFStatement::Statement(s) => match s.as_ref() {
+            Statement::Query(_) => Ok(()),
+            Statement::Explain { statement, .. } => {
+                authorize(role, &DFStatement::Statement(statement.clone()))
+            }
+            Statement::ExplainTable { .. }
+            | Statement::ShowTables { .. }
+            | Statement::ShowColumns { .. }
+            | Statement::ShowFunctions { .. }
+            | Statement::ShowVariable { .. }
+            | Statement::ShowVariables { .. } => Ok(()),
+            Statement::CreateView(_) => admin("CREATE VIEW"),
+            Statement::Drop {
+                object_type: ObjectType::View,
+                ..
+            } => admin("DROP VIEW"),
+            Statement::Set(_) => admin("SET"),
+            Statement::Insert(_) | Statement::Update { .. } | Statement::Delete(_) => {
+                never("changing data (INSERT, UPDATE, DELETE)")
+            }
+            Statement::Copy { .. } => never("COPY"),
+            other => {
+                let first = other.to_string();
+                let verb = first
+                    .split_whitespace()
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                never(&verb.to_uppercase())
+            }
+        },
+    }
+}
+
+impl QueryError {
+    /// The audit/metric outcome of an error.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            QueryError::Unauthenticated(_) => "unauthenticated",
+            QueryError::Forbidden(_) => "forbidden",
+            QueryError::RateLimited { .. } => "rate_limited",
+            QueryError::Timeout(_) => "timeout",
+            QueryError::DataFusion(DataFusionError::ResourcesExhausted(_)) => "resources_exhausted",
+            QueryError::DataFusion(_) => "error",
+            QueryError::Encode(_) | QueryError::Serve { .. } => "internal",
+        }
+    }
+
+    /// The PostgreSQL SQLSTATE of an error (wire endpoint).
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            QueryError::Unauthenticated(_) => "28P01",
+            QueryError::Forbidden(_) => "42501",
+            QueryError::RateLimited { .. } => "53400",
+            QueryError::Timeout(_) => "57014",
+            QueryError::DataFusion(DataFusionError::ResourcesExhausted(_)) => "53200",
+            QueryError::DataFusion(DataFusionError::SQL(..)) => "42601",
+            QueryError::DataFusion(DataFusionError::Plan(_)) => "42P01",
+            QueryError::DataFusion(_) => "XX000",
+            QueryError::Encode(_) | QueryError::Serve { .. } => "XX000",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::query::config::{ApiKey, WireUser};
+
+    fn service(cfg: &QueryConfig) -> Arc<QueryService> {
+        use datafusion::arrow::array::Int64Array;
+        use datafusion::arrow::datatypes::{DataType, Field, Schema};
+        let ctx = SessionContext::new();
+        // 10k rows: a triple cross join of it never finishes in a test's lifetime.
+        let schema = Arc::new(Schema::new(vec![Field::new("n", DataType::Int64, false)]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(Int64Array::from_iter_values(0..10_000))],
+        )
+        .unwrap();
+        let table = datafusion::datasource::MemTable::try_new(schema, vec![vec![batch]]).unwrap();
+        ctx.register_table("numbers", Arc::new(table)).unwrap();
+        Arc::new(QueryService::new(ctx, cfg).unwrap())
+    }
+
+    fn cfg() -> QueryConfig {
+        QueryConfig {
+            api_keys: vec![
+                ApiKey {
+                    name: "grafana".into(),
+                    role: Role::Reader,
+                    sha256: sha256_hex("reader-token"),
+                },
+                ApiKey {
+                    name: "ops".into(),
+                    role: Role::Admin,
+                    sha256: sha256_hex("admin-token"),
+                },
+            ],
+            users: vec![WireUser {
+                name: "analyst".into(),
+                role: Role::Reader,
+                password_hash: hash_password("s3cret").unwrap(),
+            }],
+            rate_limit_per_second: 1,
+            rate_limit_burst: 2,
+            max_rows: 3,
+            ..QueryConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn keys_roles_and_read_only_sql() {
+        let mut c = cfg();
+        c.rate_limit_burst = 100;
+        let s = service(&c);
+        assert!(matches!(
+            s.authenticate_token(None),
+            Err(QueryError::Unauthenticated(_))
+        ));
+        assert!(matches!(
+            s.authenticate_token(Some("nope")),
+            Err(QueryError::Unauthenticated(_))
+        ));
+        let reader = s.authenticate_token(Some("reader-token")).unwrap();
+        assert_eq!(reader.role, Role::Reader);
+        let admin = s.authenticate_token(Some("admin-token")).unwrap();
+
+        let out = s
+            .execute(
+                &reader,
+                "test",
+                "SELECT * FROM (VALUES (1), (2), (3), (4), (5)) t(x)",
+            )
+            .await
+            .unwrap();
+        assert_eq!((out.rows, out.truncated), (3, true));
+
+        for (sql, who) in [
+            ("CREATE VIEW v AS SELECT 1", &reader),
+            (
+                "CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'",
+                &admin,
+            ),
+            ("COPY (SELECT 1) TO '/tmp/primespark-copy.csv'", &admin),
+            ("SELECT * FROM read_csv('/etc/passwd')", &admin),
+            ("SELECT * FROM '/etc/passwd'", &admin),
+            ("INSERT INTO t VALUES (1)", &admin),
+        ] {
+            let e = s.execute(who, "test", sql).await.unwrap_err();
+            assert!(
+                matches!(e, QueryError::Forbidden(_) | QueryError::DataFusion(_)),
+                "{sql}: {e}"
+            );
+            assert_ne!(e.outcome(), "ok");
+        }
+        // The reader's DDL is a clear 403-class error naming the role.
+        let e = s
+            .execute(&reader, "test", "CREATE VIEW v AS SELECT 1")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, QueryError::Forbidden(ref m) if m.contains("admin")),
+            "{e}"
+        );
+        // File readers are refused by name.
+        let e = s
+            .execute(&admin, "test", "SELECT * FROM read_parquet ('x.parquet')")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, QueryError::Forbidden(ref m) if m.contains("read_parquet")),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn admin_may_create_views() {
+        let mut c = cfg();
+        c.rate_limit_burst = 10;
+        let s = service(&c);
+        let admin = s.authenticate_token(Some("admin-token")).unwrap();
+        s.execute(&admin, "test", "CREATE VIEW one AS SELECT 1 AS x")
+            .await
+            .unwrap();
+        let out = s
+            .execute(&admin, "test", "SELECT x FROM one")
+            .await
+            .unwrap();
+        assert_eq!(out.rows, 1);
+    }
+
+    #[tokio::test]
+    async fn rate_limit_per_key() {
+        let s = service(&cfg());
+        let reader = s.authenticate_token(Some("reader-token")).unwrap();
+        let admin = s.authenticate_token(Some("admin-token")).unwrap();
+        s.execute(&reader, "test", "SELECT 1").await.unwrap();
+        s.execute(&reader, "test", "SELECT 1").await.unwrap();
+        let e = s.execute(&reader, "test", "SELECT 1").await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                QueryError::RateLimited {
+                    retry_after_secs: 1
+                }
+            ),
+            "{e}"
+        );
+        // Another key has its own bucket.
+        s.execute(&admin, "test", "SELECT 1").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn runaway_query_is_cancelled_at_the_timeout() {
+        let mut c = cfg();
+        c.timeout = Duration::from_millis(300);
+        c.rate_limit_burst = 10;
+        let s = service(&c);
+        let reader = s.authenticate_token(Some("reader-token")).unwrap();
+        let started = Instant::now();
+        let e = s
+            .execute(
+                &reader,
+                "test",
+                "SELECT count(*) FROM numbers a, numbers b, numbers c WHERE a.n + b.n + c.n >= 0",
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, QueryError::Timeout(_)), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn passwords_verify_against_the_argon2_hash() {
+        let s = service(&cfg());
+        assert_eq!(
+            s.authenticate_password("analyst", "s3cret").unwrap().role,
+            Role::Reader
+        );
+        assert!(s.authenticate_password("analyst", "wrong").is_err());
+        assert!(s.authenticate_password("nobody", "s3cret").is_err());
+    }
+}

@@ -1,0 +1,149 @@
+//! One SQL over hot and cold data: `device_metrics` and `device_metrics_1m` on the SQL endpoint
+//! read recent rows from PostgreSQL and older ones from the Parquet archive. Rows leave
+//! PostgreSQL (as retention deletes them) between queries, and every query still counts each
+//! row exactly once, with the same sums; `pg.*` and `archive.*` show the two copies apart.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use primespark_tests::{
+    connect, create_topic, free_port, fresh_database, http_post, produce, stack, unique,
+    wait_until, Pipeline,
+};
+use serde_json::{json, Value};
+
+const T0_MS: i64 = 1_762_351_200_000; // 2025-11-05T14:00:00Z
+const EVENTS: i64 = 6000;
+
+fn query(http: &str, sql: &str) -> Result<Vec<Value>> {
+    let (status, body) = http_post(http, "/v1/sql", &json!({"sql": sql}).to_string())?;
+    if status != 200 {
+        bail!("{sql}: {status} {body}");
+    }
+    let v: Value = serde_json::from_str(&body)?;
+    Ok(v["rows"][0].as_array().cloned().unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_moving_out_of_postgres_are_counted_once() -> Result<()> {
+    let stack = stack();
+    let db = unique("hotcold");
+    let url = fresh_database(stack, &db).await?;
+    let topic = format!("edge.telemetry.{db}");
+    create_topic(stack, &topic, 1).await?;
+    // One event per 100 ms over 10 minutes, two metrics each; a sentinel an hour later closes
+    // every window.
+    let mut records: Vec<(i32, Vec<u8>)> = (0..EVENTS)
+        .map(|i| {
+            let e = json!({"device_id": format!("pi-{}", i % 4), "timestamp": T0_MS + i * 100,
+                           "metrics": {"cpu_percent": (i % 100) as f64, "load_avg": 1.5}});
+            (0, e.to_string().into_bytes())
+        })
+        .collect();
+    records.push((
+        0,
+        json!({"device_id": "sentinel", "timestamp": T0_MS + 3_600_000, "metrics": {"up": 1.0}})
+            .to_string()
+            .into_bytes(),
+    ));
+    produce(stack, &topic, &records)?;
+    let work = tempfile::tempdir()?;
+    let http = format!("127.0.0.1:{}", free_port());
+    let config = work.path().join("pipeline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbrokers = \"{}\"\n[kafka.topics]\ntelemetry = \"{topic}\"\n\
+             [postgres]\nurl = \"{url}\"\n[nas]\npath = \"{}\"\nroll_interval = \"1s\"\n\
+             [query]\nhttp_addr = \"{http}\"\n\
+             [dataflows]\ninference = false\nanalytics = false\n[inference]\nenabled = false\n",
+            stack.brokers,
+            work.path().join("nas").display(),
+        ),
+    )?;
+    let log = work.path().join("pipeline.log");
+    let pipeline = Pipeline::start(&config, &[], &log)?;
+    let points = EVENTS * 2 + 1;
+    let client = connect(&url).await?;
+    let done = wait_until(Duration::from_secs(120), "rows in both tiers", || async {
+        let pg: i64 = client
+            .query_one("SELECT count(*) FROM device_metrics", &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        let archived = query(&http, "SELECT count(*) FROM archive.telemetry_raw")
+            .ok()
+            .and_then(|r| r.first().and_then(Value::as_i64))
+            .unwrap_or(0);
+        let windows = query(&http, "SELECT count(*) FROM archive.device_metrics_1m")
+            .ok()
+            .and_then(|r| r.first().and_then(Value::as_i64))
+            .unwrap_or(0);
+        Ok(pg == points && archived == points && windows == 10 * 4 * 2)
+    })
+    .await;
+    if let Err(e) = done {
+        bail!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+    }
+    let reference_sum: f64 = client
+        .query_one("SELECT sum(value) FROM device_metrics", &[])
+        .await?
+        .get(0);
+    let unified = "SELECT count(*), sum(value), min(time) FROM device_metrics";
+    let windows = "SELECT count(*), sum(count) FROM device_metrics_1m";
+    // Before, and after each of three retention steps of 3 minutes: the rows move, the
+    // totals do not.
+    for minutes in [0i64, 3, 6, 11] {
+        if minutes > 0 {
+            let cutoff = format!("to_timestamp({})", (T0_MS + minutes * 60_000) / 1000);
+            client
+                .batch_execute(&format!(
+                    "DELETE FROM device_metrics WHERE time < {cutoff}; \
+                     DELETE FROM device_metrics_1m WHERE bucket < {cutoff};"
+                ))
+                .await?;
+        }
+        let hot: i64 = query(&http, "SELECT count(*) FROM pg.device_metrics")?[0]
+            .as_i64()
+            .unwrap_or(-1);
+        let row = query(&http, unified)?;
+        assert_eq!(
+            row[0].as_i64(),
+            Some(points),
+            "after {minutes} min moved ({hot} hot rows)"
+        );
+        let sum = row[1].as_f64().unwrap_or(f64::NAN);
+        assert!(
+            (sum - reference_sum).abs() < 1e-6,
+            "sum {sum} vs {reference_sum}"
+        );
+        assert!(
+            row[2]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("2025-11-05T14:00:00"),
+            "{row:?}"
+        );
+        let w = query(&http, windows)?;
+        assert_eq!(
+            (w[0].as_i64(), w[1].as_i64()),
+            (Some(80), Some(points - 1)),
+            "windows after {minutes} min moved"
+        );
+        // A filter over the boundary is answered by both tiers.
+        let r = query(
+            &http,
+            "SELECT count(*) FROM device_metrics WHERE time >= TIMESTAMPTZ '2025-11-05T14:02:00Z' AND time < TIMESTAMPTZ '2025-11-05T14:08:00Z'",
+        )?;
+        assert_eq!(
+            r[0].as_i64(),
+            Some(6 * 600 * 2),
+            "after {minutes} min moved"
+        );
+        if minutes == 11 {
+            assert_eq!(hot, 1, "only the sentinel is still hot");
+        }
+    }
+    pipeline.terminate(Duration::from_secs(30))?;
+    Ok(())
+}

@@ -1,0 +1,284 @@
+//! The HTTP query door, locked: a pipeline with a reader and an admin API key (stored as
+//! SHA-256 in its config), a 2 s query timeout, a 4 KiB body limit and a small rate limit.
+//! No token -> 401; a reader's DDL -> 403; external tables, COPY and file-reading functions ->
+//! 403 for everyone; an oversize body -> 413; a runaway query -> cancelled (408) while the
+//! pipeline keeps serving; over the rate -> 429 with Retry-After; results as JSON, CSV and an
+//! Arrow IPC stream; `GET /v1/tables` lists the catalog; one audit line per query.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use primespark_connectors::query::sha256_hex;
+use primespark_tests::{
+    create_topic, free_port, fresh_database, http_request, produce, stack, unique, HttpResponse,
+    Pipeline,
+};
+use serde_json::{json, Value};
+
+const T0_MS: i64 = 1_762_351_200_000;
+const EVENTS: i64 = 3000;
+const READER: &str = "reader-token-8c1f0e0b5a7d4e2f9b3c6a1d";
+const ADMIN: &str = "admin-token-3f9a2b7c1e5d4086a2c4e6f8";
+
+fn post(
+    addr: &str,
+    token: Option<&str>,
+    accept: &str,
+    sql: &str,
+) -> Result<HttpResponse> {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("Content-Type", "application/json"), ("Accept", accept)];
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a));
+    }
+    http_request(
+        addr,
+        "POST",
+        "/v1/sql",
+        &headers,
+        json!({"sql": sql}).to_string().as_bytes(),
+    )
+}
+
+fn post_json(addr: &str, token: Option<&str>, sql: &str) -> Result<(u16, Value)> {
+    let (status, _, body) = post(addr, token, "application/json", sql)?;
+    Ok((status, serde_json::from_slice(&body).unwrap_or(Value::Null)))
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_query_door_is_locked() -> Result<()> {
+    let stack = stack();
+    let db = unique("qsec");
+    let url = fresh_database(stack, &db).await?;
+    let topic = format!("edge.telemetry.{db}");
+    create_topic(stack, &topic, 1).await?;
+    let records: Vec<(i32, Vec<u8>)> = (0..EVENTS)
+        .map(|i| {
+            let e = json!({"device_id": format!("pi-{}", i % 10), "timestamp": T0_MS + i * 100,
+                           "metrics": {"cpu_percent": (i % 100) as f64}});
+            (0, e.to_string().into_bytes())
+        })
+        .collect();
+    produce(stack, &topic, &records)?;
+    let work = tempfile::tempdir()?;
+    let http = format!("127.0.0.1:{}", free_port());
+    let config = work.path().join("pipeline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbrokers = \"{}\"\n[kafka.topics]\ntelemetry = \"{topic}\"\n\
+             [postgres]\nurl = \"{url}\"\n\
+             [nas]\npath = \"{}\"\nroll_interval = \"1s\"\n\
+             [query]\nhttp_addr = \"{http}\"\ntimeout = \"2s\"\nmax_body_bytes = 4096\n\
+             rate_limit_per_second = 2\nrate_limit_burst = 40\n\
+             [[query.api_keys]]\nname = \"grafana\"\nrole = \"reader\"\nsha256 = \"{}\"\n\
+             [[query.api_keys]]\nname = \"ops\"\nrole = \"admin\"\nsha256 = \"{}\"\n\
+             [dataflows]\ninference = false\nanalytics = false\n[inference]\nenabled = false\n",
+            stack.brokers,
+            work.path().join("nas").display(),
+            sha256_hex(READER),
+            sha256_hex(ADMIN),
+        ),
+    )?;
+    let log = work.path().join("pipeline.log");
+    let mut pipeline = Pipeline::start(&config, &[], &log)?;
+
+    // Every raw row archived (polled with the admin key; the reader's bucket is tested below).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let n = post_json(&http, Some(ADMIN), "SELECT count(*) FROM telemetry_raw")
+            .ok()
+            .and_then(|(s, v)| (s == 200).then(|| v["rows"][0][0].as_i64()).flatten())
+            .unwrap_or(0);
+        if n == EVENTS {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "only {n} of {EVENTS} rows archived\n{}",
+                std::fs::read_to_string(&log)?
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+
+    // 401: no token, an unknown one; the body says what to send.
+    let (status, headers, body) = post(&http, None, "application/json", "SELECT 1")?;
+    assert_eq!(status, 401, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(header(&headers, "www-authenticate"), Some("Bearer"));
+    assert!(String::from_utf8_lossy(&body).contains("Authorization: Bearer"));
+    assert_eq!(post_json(&http, Some("not-a-key"), "SELECT 1")?.0, 401);
+    let (status, _, _) = http_request(&http, "GET", "/v1/tables", &[], b"")?;
+    assert_eq!(status, 401);
+
+    // 403: a reader's DDL names the role; some statements nobody may run.
+    let (status, body) = post_json(
+        &http,
+        Some(READER),
+        "CREATE VIEW busy AS SELECT * FROM telemetry_raw",
+    )?;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body["error"].as_str().unwrap_or("").contains("admin"),
+        "{body}"
+    );
+    let (status, body) = post_json(
+        &http,
+        Some(ADMIN),
+        "CREATE VIEW busy AS SELECT device_id FROM telemetry_raw WHERE value > 50",
+    )?;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post_json(
+        &http,
+        Some(READER),
+        "SELECT count(DISTINCT device_id) FROM busy",
+    )?;
+    assert_eq!(
+        (status, body["rows"][0][0].as_i64()),
+        (200, Some(10)),
+        "{body}"
+    );
+    for sql in [
+        "CREATE EXTERNAL TABLE leak STORED AS CSV LOCATION '/etc/passwd'",
+        "COPY (SELECT * FROM telemetry_raw) TO '/tmp/primespark-leak.csv'",
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "SELECT * FROM '/etc/passwd'",
+        "INSERT INTO busy VALUES ('x')",
+    ] {
+        let (status, body) = post_json(&http, Some(ADMIN), sql)?;
+        assert!(status == 403 || status == 400, "{sql}: {status} {body}");
+        assert!(body["error"].is_string(), "{sql}: {body}");
+    }
+    let (status, body) = post_json(&http, Some(ADMIN), "SELECT * FROM read_csv('/etc/passwd')")?;
+    assert_eq!(status, 403, "{body}");
+    assert!(!std::path::Path::new("/tmp/primespark-leak.csv").exists());
+
+    // 413: the body limit holds before any SQL is parsed.
+    let big = format!("SELECT '{}'", "x".repeat(5000));
+    let (status, _, body) = post(&http, Some(READER), "application/json", &big)?;
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+
+    // A runaway query is cancelled at the timeout, and the endpoint keeps answering.
+    let started = Instant::now();
+    let (status, body) = post_json(
+        &http,
+        Some(READER),
+        "SELECT count(*) FROM telemetry_raw a, telemetry_raw b, telemetry_raw c WHERE a.value + b.value + c.value >= 0",
+    )?;
+    assert_eq!(status, 408, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("query.timeout"),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(pipeline.is_running());
+    let (status, body) = post_json(&http, Some(READER), "SELECT count(*) FROM telemetry_raw")?;
+    assert_eq!((status, body["rows"][0][0].as_i64()), (200, Some(EVENTS)));
+
+    // Formats: CSV with a header, and an Arrow IPC stream with the same rows.
+    let sql =
+        "SELECT device_id, count(*) AS n FROM telemetry_raw GROUP BY device_id ORDER BY device_id";
+    let (status, headers, csv) = post(&http, Some(READER), "text/csv", sql)?;
+    assert_eq!(status, 200);
+    assert!(header(&headers, "content-type")
+        .unwrap_or("")
+        .starts_with("text/csv"));
+    let csv = String::from_utf8(csv)?;
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines.first(), Some(&"device_id,n"), "{csv}");
+    assert_eq!(lines.len(), 11, "{csv}");
+    assert_eq!(lines[1], "pi-0,300");
+    let (status, headers, ipc) = post(
+        &http,
+        Some(READER),
+        "application/vnd.apache.arrow.stream",
+        sql,
+    )?;
+    assert_eq!(status, 200);
+    assert_eq!(
+        header(&headers, "content-type"),
+        Some("application/vnd.apache.arrow.stream")
+    );
+    let reader = arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)?;
+    let mut rows = 0;
+    for batch in reader {
+        rows += batch?.num_rows();
+    }
+    assert_eq!(rows, 10);
+
+    // The catalog, with columns.
+    let (status, _, body) = http_request(
+        &http,
+        "GET",
+        "/v1/tables",
+        &[("Authorization", &format!("Bearer {READER}"))],
+        b"",
+    )?;
+    assert_eq!(status, 200);
+    let tables: Value = serde_json::from_slice(&body)?;
+    let raw = tables["tables"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["name"] == "telemetry_raw"))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let columns: Vec<&str> = raw["columns"]
+        .as_array()
+        .map(|c| c.iter().filter_map(|c| c["name"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        columns.contains(&"device_id") && columns.contains(&"value"),
+        "{raw}"
+    );
+
+    // 429 once the reader's burst is spent, with Retry-After; the admin key is unaffected.
+    let mut limited = None;
+    for _ in 0..60 {
+        let (status, headers, _) = post(&http, Some(READER), "application/json", "SELECT 1")?;
+        if status == 429 {
+            limited = header(&headers, "retry-after").map(str::to_owned);
+            break;
+        }
+        assert_eq!(status, 200);
+    }
+    assert!(limited.is_some(), "never rate limited");
+    assert_eq!(post_json(&http, Some(ADMIN), "SELECT 1")?.0, 200);
+
+    // One audit line per query, with who, outcome and rows.
+    let text = std::fs::read_to_string(&log)?;
+    let audit: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("primespark::audit"))
+        .collect();
+    assert!(
+        audit
+            .iter()
+            .any(|l| l.contains("user=grafana") && l.contains("forbidden")),
+        "{audit:#?}"
+    );
+    assert!(audit
+        .iter()
+        .any(|l| l.contains("user=grafana") && l.contains("timeout")));
+    assert!(audit
+        .iter()
+        .any(|l| l.contains("user=ops") && l.contains("outcome=\"ok\"") && l.contains("rows=1")));
+    assert!(
+        !text.contains(READER) && !text.contains(ADMIN),
+        "a token reached the log"
+    );
+    pipeline.terminate(Duration::from_secs(30))?;
+    Ok(())
+}
