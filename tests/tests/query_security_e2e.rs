@@ -20,12 +20,7 @@ const EVENTS: i64 = 3000;
 const READER: &str = "reader-token-8c1f0e0b5a7d4e2f9b3c6a1d";
 const ADMIN: &str = "admin-token-3f9a2b7c1e5d4086a2c4e6f8";
 
-fn post(
-    addr: &str,
-    token: Option<&str>,
-    accept: &str,
-    sql: &str,
-) -> Result<HttpResponse> {
+fn post(addr: &str, token: Option<&str>, accept: &str, sql: &str) -> Result<HttpResponse> {
     let auth = token.map(|t| format!("Bearer {t}"));
     let mut headers = vec![("Content-Type", "application/json"), ("Accept", accept)];
     if let Some(a) = &auth {
