@@ -87,8 +87,13 @@ pub fn session(
 ) -> Result<SessionContext, QueryError> {
     let mut config = SessionConfig::new().with_information_schema(true);
     config.options_mut().sql_parser.dialect = datafusion::common::config::Dialect::PostgreSQL;
+    // No list-files cache: DataFusion 55 keeps listings forever by default, and the archive
+    // gains files every roll (a query would never see files written after its first listing).
+    let caches = datafusion::execution::cache::cache_manager::CacheManagerConfig::default()
+        .with_list_files_cache_limit(0);
     let runtime = RuntimeEnvBuilder::new()
         .with_memory_limit(memory_limit_bytes, 1.0)
+        .with_cache_manager(caches)
         .build_arc()?;
     let ctx = SessionContext::new_with_config_rt(config, runtime);
     super::functions::register(&ctx);

@@ -369,9 +369,23 @@ impl QueryService {
 
     async fn run(&self, who: &Principal, sql: &str) -> Result<QueryOutput, QueryError> {
         let plan = self.plan(who, sql).await?;
+        // EXPLAIN must stay the plan's root, and DDL has no rows: only queries get the limit.
+        let query = !matches!(
+            plan,
+            LogicalPlan::Explain(_)
+                | LogicalPlan::Analyze(_)
+                | LogicalPlan::Ddl(_)
+                | LogicalPlan::Statement(_)
+                | LogicalPlan::DescribeTable(_)
+        );
         let df = self.ctx.execute_logical_plan(plan).await?;
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
-        let batches = df.limit(0, Some(self.max_rows + 1))?.collect().await?;
+        let df = if query {
+            df.limit(0, Some(self.max_rows + 1))?
+        } else {
+            df
+        };
+        let batches = df.collect().await?;
         let mut rows = 0;
         let mut truncated = false;
         let mut kept = Vec::with_capacity(batches.len());
