@@ -3,8 +3,11 @@
 //! `time_bucket` function, the `date` partition column) against DuckDB on the same files and
 //! query, measured in the same run.
 //!
-//! Two layouts of the same rows: one file per hour (24 files), and the pipeline's own
-//! (`nas::write_aggregate_files`: one file per 1-minute window, 1,440 files). Two queries: the
+//! Three layouts of the same rows: one file per hour written with a plain `ArrowWriter` (24
+//! files); the pipeline's own while windows may still change (`nas::write_aggregate_files`: one
+//! file per 1-minute window, 1,440 files; only the last hour or so looks like this); and the
+//! pipeline's layout of final hours (`nas::compact::compact` merges each hour's minute files
+//! into one: 24 files), which is what a day of history is. Two queries: the
 //! "CPU by device" panel over 6 hours in 5-minute buckets, and the whole day in 1-hour buckets.
 //! Each engine warms up 5 times, then 50 runs are timed (planning, execution and collecting the
 //! result); the report gives p50, p95 and max and checks that the engines agree.
@@ -36,6 +39,7 @@ use datafusion::prelude::SessionContext;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
+use primespark_connectors::nas::compact::compact;
 use primespark_connectors::nas::{aggregate_batch, write_aggregate_files};
 use primespark_schemas::rows::{Agg, AggRow, MetricAggRow, Rollup};
 use serde_json::{json, Value};
@@ -163,6 +167,18 @@ fn write_pipeline(root: &Path) -> Result<(), BoxError> {
             })
             .collect();
         write_aggregate_files(root, &rows, ROW_GROUP_ROWS)?;
+    }
+    Ok(())
+}
+
+/// The pipeline's layout of a final day: its minute files, compacted into one file per hour
+/// by `nas::compact` as the aggregate writer does once the hours are final.
+fn write_compacted(root: &Path) -> Result<(), BoxError> {
+    write_pipeline(root)?;
+    let end_of_day = DAY_US + MINUTES * MINUTE_US;
+    let report = compact(root, end_of_day, ROW_GROUP_ROWS)?;
+    if report.hours != 24 {
+        return Err(format!("compacted {} hours, expected 24", report.hours).into());
     }
     Ok(())
 }
@@ -400,6 +416,7 @@ fn main() {
             write_hourly as fn(&Path) -> Result<(), BoxError>,
         ),
         ("pipeline (1 file/min)", write_pipeline),
+        ("pipeline, compacted", write_compacted),
     ] {
         let root = tmp.path().join(layouts.len().to_string());
         let started = Instant::now();
@@ -442,6 +459,7 @@ fn main() {
     for layout in &layouts {
         let ctx = primespark_connectors::query::session(
             &layout.root,
+            None,
             "edge.telemetry",
             "edge.ai.inference",
             "analytics.events",

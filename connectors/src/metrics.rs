@@ -55,6 +55,23 @@ struct Metrics {
     archive_files: Counter,
     archive_rows: Counter,
     archive_bytes: Counter,
+    tls_failures: Family<EndpointLabels, Counter>,
+    compacted_files: Family<TableLabels, Counter>,
+    archive_tier_reads: Family<TierLabels, Counter>,
+}
+
+/// Labels of per-endpoint series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// The endpoint (`http`).
+    pub endpoint: String,
+}
+
+/// Labels of series counted by archive tier.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    /// `nas` or `bucket`.
+    pub tier: String,
 }
 
 /// Labels of per-table series.
@@ -95,6 +112,9 @@ fn metrics() -> &'static Metrics {
         archive_files: Counter::default(),
         archive_rows: Counter::default(),
         archive_bytes: Counter::default(),
+        tls_failures: Family::default(),
+        compacted_files: Family::default(),
+        archive_tier_reads: Family::default(),
     })
 }
 
@@ -175,6 +195,21 @@ pub fn register(registry: &mut Registry) {
         "primespark_archive_bytes_read",
         "Bytes of Parquet read back from the archive (backfill)",
         m.archive_bytes.clone(),
+    );
+    registry.register(
+        "primespark_aggregate_files_compacted",
+        "1-minute aggregate files merged into their hour's file (NAS), per table",
+        m.compacted_files.clone(),
+    );
+    registry.register(
+        "primespark_tls_handshake_failures",
+        "TLS handshakes of the HTTP SQL endpoint that failed or timed out",
+        m.tls_failures.clone(),
+    );
+    registry.register(
+        "primespark_archive_tier_reads",
+        "Read requests (byte ranges, heads) on archive files by SQL queries and backfills, by the tier that served them (nas, bucket)",
+        m.archive_tier_reads.clone(),
     );
     registry.register(
         "primespark_sink_degraded",
@@ -599,5 +634,83 @@ impl SourceReconnected<'_> {
                 table: self.topic.to_owned(),
             })
             .set(0);
+    }
+}
+
+/// A client's TLS handshake with a SQL endpoint failed.
+pub struct TlsHandshakeFailed<'a> {
+    /// The endpoint (`http`).
+    pub endpoint: &'a str,
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+    /// Why (rustls' message, or a timeout).
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl TlsHandshakeFailed<'_> {
+    /// Logs at debug level (clients cause it, not us) and counts.
+    pub fn emit(&self) {
+        tracing::debug!(endpoint = self.endpoint, peer = %self.peer, error = %self.error, "tls handshake failed");
+        metrics()
+            .tls_failures
+            .get_or_create(&EndpointLabels {
+                endpoint: self.endpoint.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// A reader of the archive (a SQL query, a backfill) read a file from one tier.
+pub struct ArchiveTierRead<'a> {
+    /// `nas` or `bucket`.
+    pub tier: &'a str,
+    /// The file, relative to the archive root.
+    pub path: &'a str,
+}
+
+impl ArchiveTierRead<'_> {
+    /// Logs at trace level and counts.
+    pub fn emit(&self) {
+        tracing::trace!(tier = self.tier, path = self.path, "archive file read");
+        metrics()
+            .archive_tier_reads
+            .get_or_create(&TierLabels {
+                tier: self.tier.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// The final hour of a 1-minute table was compacted into one file.
+pub struct AggregatesCompacted<'a> {
+    /// Table.
+    pub table: &'a str,
+    /// Hour start, microseconds since the epoch.
+    pub hour_us: i64,
+    /// Minute files merged and removed.
+    pub minute_files: u64,
+    /// Rows in the hour file.
+    pub rows: u64,
+    /// How long it took.
+    pub duration: Duration,
+}
+
+impl AggregatesCompacted<'_> {
+    /// Logs at debug level and counts.
+    pub fn emit(&self) {
+        tracing::debug!(
+            table = self.table,
+            hour_us = self.hour_us,
+            minute_files = self.minute_files,
+            rows = self.rows,
+            duration_ms = self.duration.as_millis() as u64,
+            "aggregate hour compacted"
+        );
+        metrics()
+            .compacted_files
+            .get_or_create(&TableLabels {
+                table: self.table.to_owned(),
+            })
+            .inc_by(self.minute_files);
     }
 }

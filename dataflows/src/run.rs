@@ -317,11 +317,9 @@ fn run_mode(
     let parquet_enabled = config.nas.enabled && backfill.is_none();
     let archive_stores = match backfill {
         Some(range) => {
-            let mut stores = Vec::new();
-            if matches!(range.from, ArchiveFrom::Nas | ArchiveFrom::All) {
-                stores.push(primespark_connectors::archive::nas(&config.nas.path));
-            }
-            if matches!(range.from, ArchiveFrom::S3 | ArchiveFrom::All) {
+            let nas = matches!(range.from, ArchiveFrom::Nas | ArchiveFrom::All)
+                .then_some(config.nas.path.as_path());
+            let bucket = if matches!(range.from, ArchiveFrom::S3 | ArchiveFrom::All) {
                 if !config.s3.enabled {
                     return Err(InvalidConfig::new(
                         "s3.enabled",
@@ -329,14 +327,15 @@ fn run_mode(
                     )
                     .into());
                 }
-                stores.push(primespark_connectors::archive::ArchiveStore::Bucket {
-                    store: primespark_connectors::s3::bucket(&config.s3)?,
-                    prefix: config.s3.prefix.clone(),
-                });
-            }
-            Arc::new(stores)
+                Some(primespark_connectors::s3::archive_bucket(&config.s3)?)
+            } else {
+                None
+            };
+            Arc::new(primespark_connectors::archive::tiers(nas, bucket)?)
         }
-        None => Arc::new(Vec::new()),
+        None => Arc::new(primespark_connectors::archive::TieredStore::from_tiers(
+            Vec::new(),
+        )),
     };
     let backfill_failure: Arc<Mutex<Option<String>>> = Arc::default();
     let workers = config.runtime.workers;
@@ -439,7 +438,7 @@ fn run_mode(
                     .collect::<std::collections::BTreeSet<_>>()
                     .into_iter()
                     .collect();
-                tracing::info!(dataflow, topic = %topic, files = files.len(), partitions = partitions.len(), stores = ?archive_stores, "backfill: archive listed");
+                tracing::info!(dataflow, topic = %topic, files = files.len(), partitions = partitions.len(), tiers = ?archive_stores.names(), "backfill: archive listed");
                 let (raw, mut aggregates) = backfill_tables(kind);
                 let kept: Vec<(&str, i64)>;
                 if kind == StreamKind::Analytics && range.since_us.is_some() {
@@ -509,6 +508,7 @@ fn run_mode(
                 archive,
                 root: config.nas.path.clone(),
                 roll_rows: config.nas.roll_rows,
+                roll_bytes: config.nas.roll_bytes,
                 roll_interval: config.nas.roll_interval,
                 row_group_rows: config.nas.row_group_rows,
                 committed,
@@ -579,8 +579,16 @@ fn run_mode(
     // SQL and ops endpoint (not for a backfill: a batch job next to the running pipeline).
     let server = if backfill.is_none() {
         let addr = config.query.validate()?;
+        // The bucket's tier of the archive too, when there is one: files tiering moved (or
+        // direct mode wrote) stay in SQL.
+        let bucket = if config.s3.enabled {
+            Some(primespark_connectors::s3::archive_bucket(&config.s3)?)
+        } else {
+            None
+        };
         let ctx = query::session(
             &config.nas.path,
+            bucket,
             &config.kafka.topics.telemetry,
             &config.kafka.topics.inference,
             &config.kafka.topics.events,
@@ -605,7 +613,7 @@ fn run_mode(
             let tls = match (&config.query.tls_cert, &config.query.tls_key) {
                 (Some(cert), Some(key)) => Some(
                     query::pgwire::tls_acceptor(cert, key)
-                        .map_err(|e| InvalidConfig::new("query.tls_cert", e.to_string()))?,
+                        .map_err(|e| InvalidConfig::new("query.tls_cert", tls_reason(&e)))?,
                 ),
                 _ => None,
             };
@@ -627,7 +635,14 @@ fn run_mode(
         let router =
             query::router(service, config.query.max_body_bytes).merge(crate::ops::routes());
         let server_shutdown = shutdown.clone();
-        Some(rt.spawn(query::serve(addr, router, async move {
+        let http_tls = match (&config.query.tls_cert, &config.query.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                query::tls::http_acceptor(cert, key)
+                    .map_err(|e| InvalidConfig::new("query.tls_cert", tls_reason(&e)))?,
+            ),
+            _ => None,
+        };
+        Some(rt.spawn(query::serve(addr, router, http_tls, async move {
             while !server_shutdown.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -913,6 +928,19 @@ struct StreamPlan {
     restored_tasks: Arc<Vec<primespark_schemas::analytics::TaskEvent>>,
     /// A backfill's archive files of this topic.
     archived: Arc<Vec<primespark_connectors::archive::RollFile>>,
+}
+
+/// A TLS error for a config message: what is unusable and why (the source is the reason the
+/// operator needs; `Display` alone names only the files).
+fn tls_reason(e: &dyn std::error::Error) -> String {
+    let mut reason = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        reason.push_str(": ");
+        reason.push_str(&s.to_string());
+        source = s.source();
+    }
+    reason
 }
 
 /// The global worker that reads `partition` among `peers` workers: `p mod peers`.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use primespark_connectors::metrics::{SinkFailed, SinkRecovered, SinkRowsWritten};
 use primespark_connectors::nas::{write_aggregate_files, ParquetArchive};
 use primespark_connectors::postgres;
-use primespark_schemas::rows::{Agg, AggRow, LateEventRow, PartitionOffset, RawRow};
+use primespark_schemas::rows::{Agg, AggRow, DeadLetterRow, LateEventRow, PartitionOffset, RawRow};
 use rand::Rng;
 use tokio::sync::mpsc::Receiver;
 use tokio_postgres::Client;
@@ -64,6 +64,8 @@ pub struct ParquetTarget {
     pub root: PathBuf,
     /// Roll at this many rows per partition.
     pub roll_rows: usize,
+    /// ... or at about this many bytes of rows ([`RawRow::approx_bytes`]).
+    pub roll_bytes: usize,
     /// Roll at least this often.
     pub roll_interval: Duration,
     /// Row group size.
@@ -173,6 +175,8 @@ impl Pg {
 #[derive(Default)]
 struct PartitionRoll {
     rows: Vec<RawRow>,
+    /// [`RawRow::approx_bytes`] of `rows`.
+    bytes: usize,
     first: Option<i64>,
     next: i64,
     committed: Option<i64>,
@@ -217,7 +221,7 @@ pub async fn raw_writer(
             publish_dlq(dlq, &batch, pg.is_some()).await;
         }
         match (pg.as_mut(), &parquet) {
-            (Some(pg), _) => write_pg_batch(pg, &batch).await,
+            (Some(pg), _) => write_pg_batch(pg, &batch, dlq.as_ref()).await,
             (None, Some(pq)) => write_dead_letters_file(pq, &batch),
             (None, None) => {}
         }
@@ -239,6 +243,7 @@ pub async fn raw_writer(
                 roll.next = roll.next.max(offset + 1);
                 if let RawItem::Point(p) = item {
                     if p.delivery.parquet {
+                        roll.bytes += p.row.approx_bytes();
                         roll.rows.push(p.row.clone());
                     }
                 }
@@ -278,11 +283,34 @@ async fn publish_dlq(dlq: &DlqTarget, batch: &RawBatch, pg: bool) {
             _ => None,
         })
         .collect();
+    send_letters(dlq, &letters).await;
+}
+
+/// Publishes dead letters made after the batch's own (records PostgreSQL refused).
+async fn publish_letters(dlq: &DlqTarget, rows: &[DeadLetterRow]) {
+    let letters: Vec<primespark_connectors::kafka::DeadLetterMessage<'_>> = rows
+        .iter()
+        .map(|d| primespark_connectors::kafka::DeadLetterMessage {
+            topic: &dlq.topic,
+            partition: d.partition,
+            offset: d.offset,
+            reason: &d.reason,
+            error: &d.error,
+            payload: &d.payload,
+        })
+        .collect();
+    send_letters(dlq, &letters).await;
+}
+
+async fn send_letters(
+    dlq: &DlqTarget,
+    letters: &[primespark_connectors::kafka::DeadLetterMessage<'_>],
+) {
     if letters.is_empty() {
         return;
     }
     retry("kafka", "dead_letter_topic", || {
-        primespark_connectors::kafka::publish_dead_letters(&dlq.producer, &letters)
+        primespark_connectors::kafka::publish_dead_letters(&dlq.producer, letters)
     })
     .await;
 }
@@ -337,7 +365,7 @@ fn write_dead_letters_file(pq: &ParquetTarget, batch: &RawBatch) {
     }
 }
 
-async fn write_pg_batch(pg: &mut Pg, batch: &RawBatch) {
+async fn write_pg_batch(pg: &mut Pg, batch: &RawBatch, dlq: Option<&DlqTarget>) {
     let rows: Vec<RawRow> = batch
         .items
         .iter()
@@ -391,17 +419,105 @@ async fn write_pg_batch(pg: &mut Pg, batch: &RawBatch) {
         })
         .collect();
     let (dataflow, topic) = (pg.target.dataflow.clone(), pg.target.topic.clone());
-    pg_retry!(pg, "raw", |client| postgres::write_raw(
-        client,
-        &dataflow,
-        sink_names::POSTGRES_RAW,
-        &topic,
-        &rows,
-        &dead,
-        &late,
-        &offsets
-    ));
+    let mut rows = rows;
+    let mut dead = dead;
+    loop {
+        let refused = pg_retry!(pg, "raw", |client| write_or_find_refused(
+            client, &dataflow, &topic, &rows, &dead, &late, &offsets
+        ));
+        if refused.is_empty() {
+            return;
+        }
+        // The refused records leave the batch as dead letters; the rest is written again.
+        let letters = quarantine(&topic, &mut rows, refused);
+        // A refused record is a dead letter of this sink, not one of its late events.
+        late.retain(|l| {
+            !letters
+                .iter()
+                .any(|d| (d.partition, d.offset) == (l.partition, l.offset))
+        });
+        if let Some(dlq) = dlq {
+            publish_letters(dlq, &letters).await;
+        }
+        dead.extend(letters);
+    }
 }
+
+/// Writes the batch; when PostgreSQL refuses its data, finds the refused records instead
+/// (`Ok` with them, nothing written). An error is a failure to retry: the service, or a refusal
+/// the rows alone do not reproduce (it lies in the batch's dead letters or offsets).
+async fn write_or_find_refused(
+    client: &mut Client,
+    dataflow: &str,
+    topic: &str,
+    rows: &[RawRow],
+    dead: &[DeadLetterRow],
+    late: &[LateEventRow],
+    offsets: &[PartitionOffset],
+) -> Result<Vec<postgres::Rejected>, postgres::PostgresError> {
+    let written = postgres::write_raw(
+        client,
+        dataflow,
+        sink_names::POSTGRES_RAW,
+        topic,
+        rows,
+        dead,
+        late,
+        offsets,
+    )
+    .await;
+    match written {
+        Ok(()) => Ok(Vec::new()),
+        Err(e) if e.is_rejected_data() => {
+            let refused = postgres::rejected_records(client, rows).await?;
+            if refused.is_empty() {
+                Err(e)
+            } else {
+                Ok(refused)
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes the rows of `refused` records out of `rows` and returns a dead letter for each. The
+/// original bytes are gone by now (decoding keeps only the fields), so a letter's payload is the
+/// record's rows as JSON, and its error says so.
+fn quarantine(
+    topic: &str,
+    rows: &mut Vec<RawRow>,
+    refused: Vec<postgres::Rejected>,
+) -> Vec<DeadLetterRow> {
+    let mut letters = Vec::with_capacity(refused.len());
+    for r in refused {
+        let (mine, rest): (Vec<RawRow>, Vec<RawRow>) = std::mem::take(rows)
+            .into_iter()
+            .partition(|row| row.position() == (r.partition, r.offset));
+        *rows = rest;
+        tracing::warn!(
+            topic,
+            partition = r.partition,
+            offset = r.offset,
+            reason = %r.reason,
+            "postgres refused a record; it goes to the dead letters"
+        );
+        letters.push(DeadLetterRow {
+            partition: r.partition,
+            offset: r.offset,
+            reason: SINK_REJECTED.to_owned(),
+            error: format!(
+                "topic {topic} partition {} offset {}: PostgreSQL refused the record ({}); \
+                 payload: its decoded rows as JSON",
+                r.partition, r.offset, r.reason
+            ),
+            payload: serde_json::to_vec(&mine).unwrap_or_default(),
+        });
+    }
+    letters
+}
+
+/// Reason code of a dead letter PostgreSQL refused after decoding and validation passed.
+pub const SINK_REJECTED: &str = "sink_rejected";
 
 fn take_due(
     pq: &ParquetTarget,
@@ -412,10 +528,11 @@ fn take_due(
     for (p, roll) in rolls.iter_mut() {
         let Some(first) = roll.first else { continue };
         let aged = roll.opened.is_some_and(|o| o.elapsed() >= pq.roll_interval);
-        if all || aged || roll.rows.len() >= pq.roll_rows {
+        if all || aged || roll.rows.len() >= pq.roll_rows || roll.bytes >= pq.roll_bytes {
             due.push((*p, first, roll.next, std::mem::take(&mut roll.rows)));
             roll.first = None;
             roll.opened = None;
+            roll.bytes = 0;
         }
     }
     due
@@ -525,6 +642,9 @@ pub async fn agg_writer(
     // (table, bucket) -> key -> the key's latest row.
     type Bucket = BTreeMap<(String, String), AggRow>;
     let mut recent: BTreeMap<(&'static str, i64), Bucket> = BTreeMap::new();
+    // Hours before this were compacted by this writer (none yet after a start: the first
+    // commit finishes whatever an earlier run left).
+    let mut compacted_before: Option<i64> = None;
     while let Some(commit) = rx.recv().await {
         let committed = i64::try_from(commit.checkpoint.committed_watermark_us).unwrap_or(i64::MAX);
         if let Some(pq) = &parquet {
@@ -619,5 +739,101 @@ pub async fn agg_writer(
                 positions
             ));
         }
+        // Hours of 1-minute windows that are final now (committed above, beyond the allowed
+        // lateness) become one file each; once per hour of watermark progress.
+        if let Some(pq) = &parquet {
+            let final_before = committed.saturating_sub(allowed_lateness_us);
+            let hour = final_before - final_before.rem_euclid(HOUR_US);
+            if compacted_before.is_none_or(|done| done < hour) {
+                let (root, rg) = (pq.root.clone(), pq.row_group_rows);
+                let done = tokio::task::spawn_blocking(move || {
+                    primespark_connectors::nas::compact::compact(&root, final_before, rg)
+                })
+                .await;
+                match done {
+                    Ok(Ok(report)) => {
+                        if report.hours > 0 {
+                            tracing::info!(
+                                hours = report.hours,
+                                minute_files = report.minute_files,
+                                rows = report.rows,
+                                "aggregate hours compacted"
+                            );
+                        }
+                        compacted_before = Some(hour);
+                    }
+                    // Left for the next hour's pass; readers are unaffected meanwhile.
+                    Ok(Err(e)) => tracing::warn!(error = %e, "compacting aggregate files failed"),
+                    Err(e) => tracing::warn!(error = %e, "compacting aggregate files failed"),
+                }
+            }
+        }
+    }
+}
+
+/// An hour, in microseconds.
+const HOUR_US: i64 = 3_600_000_000;
+
+#[cfg(test)]
+mod tests {
+    use primespark_schemas::rows::TelemetryRow;
+
+    use super::*;
+
+    fn target(dir: &std::path::Path, roll_rows: usize, roll_bytes: usize) -> ParquetTarget {
+        ParquetTarget {
+            topic: "edge.telemetry".into(),
+            table: "telemetry_raw",
+            archive: ParquetArchive::new(dir, "edge.telemetry", 1024),
+            root: dir.to_owned(),
+            roll_rows,
+            roll_bytes,
+            roll_interval: Duration::from_secs(3600),
+            row_group_rows: 1024,
+            committed: HashMap::new(),
+            upload: None,
+        }
+    }
+
+    fn roll(rows: usize, device: &str) -> PartitionRoll {
+        let rows: Vec<RawRow> = (0..rows)
+            .map(|i| {
+                RawRow::Telemetry(TelemetryRow {
+                    time_us: 0,
+                    device_id: device.into(),
+                    metric_name: "cpu_percent".into(),
+                    value: 1.0,
+                    partition: 0,
+                    offset: i as i64,
+                })
+            })
+            .collect();
+        PartitionRoll {
+            bytes: rows.iter().map(RawRow::approx_bytes).sum(),
+            rows,
+            first: Some(0),
+            next: 10,
+            committed: None,
+            opened: Some(Instant::now()),
+        }
+    }
+
+    #[test]
+    fn rolls_are_cut_by_rows_or_bytes_whichever_comes_first() {
+        let dir = tempfile::tempdir().unwrap();
+        // 10 small rows: under both limits, not due.
+        let pq = target(dir.path(), 100, 10_000);
+        let mut rolls = BTreeMap::from([(0, roll(10, "pi"))]);
+        assert!(take_due(&pq, &mut rolls, false).is_empty());
+        // The same rows with long device ids pass the byte limit first.
+        let mut rolls = BTreeMap::from([(0, roll(10, &"d".repeat(1000)))]);
+        let due = take_due(&pq, &mut rolls, false);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].3.len(), 10);
+        assert_eq!(rolls[&0].bytes, 0, "a cut roll starts empty");
+        // The row limit still applies.
+        let pq = target(dir.path(), 5, 1 << 30);
+        let mut rolls = BTreeMap::from([(0, roll(10, "pi"))]);
+        assert_eq!(take_due(&pq, &mut rolls, false).len(), 1);
     }
 }

@@ -124,10 +124,13 @@ fn dead_letter(topic: &str, record: SourceRecord, e: &DecodeError) -> DeadLetter
             partition: record.partition,
             offset: record.offset,
             reason: e.kind.as_str().to_owned(),
+            // Messages quote the offending value, which may hold a NUL: PostgreSQL's text
+            // cannot store one, and the letter must not fail its own sink.
             error: format!(
                 "topic {topic} partition {} offset {}: {e}",
                 record.partition, record.offset
-            ),
+            )
+            .replace('\0', "\\u0000"),
             payload: record.payload,
         },
         delivery: record.delivery,

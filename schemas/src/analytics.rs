@@ -162,6 +162,13 @@ impl AnalyticsEvent {
         }
         let data = match obj.get("data") {
             None | Some(Value::Null) => None,
+            Some(v @ Value::Object(_)) if json::contains_nul(v) => {
+                return Err(DecodeError::field(
+                    ErrorKind::InvalidValue,
+                    "data",
+                    "contains a NUL character (\\u0000), which PostgreSQL's jsonb cannot store",
+                ))
+            }
             Some(v @ Value::Object(_)) => Some(v.to_string()),
             Some(other) => {
                 return Err(DecodeError::field(
@@ -233,6 +240,18 @@ mod tests {
     }
 
     #[test]
+    fn an_escaped_backslash_before_u0000_is_text_not_nul() {
+        let e = decode(
+            r#"{"event_type":"llm_generate","endpoint":"/x","data":{"path":"C:\\u0000"},"timestamp":1762351387123}"#,
+        )
+        .unwrap();
+        let AnalyticsEvent::Api(a) = e else {
+            panic!("expected an API event")
+        };
+        assert_eq!(a.data.as_deref(), Some(r#"{"path":"C:\\u0000"}"#));
+    }
+
+    #[test]
     fn bad_inputs() {
         let cases = [
             (
@@ -274,6 +293,23 @@ mod tests {
                 r#"{"endpoint":"/x","timestamp":1762351387123}"#,
                 ErrorKind::MissingField,
                 "event_type",
+            ),
+            // NUL cannot be stored by PostgreSQL (text or jsonb): a dead letter, not a batch
+            // that fails in the sink forever.
+            (
+                r#"{"event_type":"task_started","task_id":"t\u0000","timestamp":1762351387123}"#,
+                ErrorKind::InvalidValue,
+                "task_id",
+            ),
+            (
+                r#"{"event_type":"llm_generate","endpoint":"/x","data":{"a":[{"b":"\u0000"}]},"timestamp":1762351387123}"#,
+                ErrorKind::InvalidValue,
+                "data",
+            ),
+            (
+                r#"{"event_type":"llm_generate","endpoint":"/x","data":{"k\u0000":1},"timestamp":1762351387123}"#,
+                ErrorKind::InvalidValue,
+                "data",
             ),
         ];
         for (input, kind, field) in cases {

@@ -78,6 +78,14 @@ pub(crate) fn ident_str(s: &str, field: &str) -> Result<String, DecodeError> {
             "must not be empty",
         ));
     }
+    if s.contains('\0') {
+        // PostgreSQL's text cannot hold it: the row would fail its sink, not just look odd.
+        return Err(DecodeError::field(
+            ErrorKind::InvalidValue,
+            field,
+            "contains a NUL character (\\u0000)",
+        ));
+    }
     if s.len() > MAX_IDENT_LEN {
         return Err(DecodeError::field(
             ErrorKind::InvalidValue,
@@ -185,4 +193,15 @@ pub(crate) fn truncate(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
+}
+
+/// Whether any string or key in `v` holds a NUL character (PostgreSQL's `jsonb` refuses
+/// `\u0000`).
+pub(crate) fn contains_nul(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
 }

@@ -102,6 +102,30 @@ impl RawRow {
         }
     }
 
+    /// About the bytes the row takes in an uncompressed Arrow batch: its strings plus fixed-width
+    /// columns (time, value, partition, offset). Rolls are cut by it (`nas.roll_bytes`).
+    pub fn approx_bytes(&self) -> usize {
+        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        const FIXED: usize = 8 + 8 + 4 + 8;
+        FIXED
+            + match self {
+                RawRow::Telemetry(r) => r.device_id.len() + r.metric_name.len(),
+                RawRow::Inference(r) => {
+                    let e = &r.event;
+                    e.model.len() + opt(&e.device_id) + opt(&e.request_id) + 24
+                }
+                RawRow::Analytics(r) => match &r.event {
+                    crate::analytics::AnalyticsEvent::Task(t) => {
+                        t.task_id.len() + opt(&t.task_type) + opt(&t.priority) + opt(&t.agent_id)
+                    }
+                    crate::analytics::AnalyticsEvent::Api(a) => {
+                        a.event_type.len() + a.endpoint.len() + opt(&a.user_id) + opt(&a.data)
+                    }
+                },
+                RawRow::Score(r) => r.device_id.len() + r.model.len() + r.backend.len() + 8,
+            }
+    }
+
     /// Kafka partition and offset.
     pub fn position(&self) -> (i32, i64) {
         match self {

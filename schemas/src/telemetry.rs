@@ -257,6 +257,12 @@ mod tests {
         let (k, m) =
             kind_and_message(r#"{"device_id":"a","metrics":[1],"timestamp":1762351387123}"#);
         assert_eq!(k, ErrorKind::WrongType, "{m}");
+        // The fast path and the checked path both refuse NUL (PostgreSQL text cannot hold it).
+        let (k, m) = kind_and_message(
+            r#"{"device_id":"pi\u0000","metrics":{"x":1},"timestamp":1762351387123}"#,
+        );
+        assert_eq!(k, ErrorKind::InvalidValue, "{m}");
+        assert!(m.contains("device_id") && m.contains("NUL"), "{m}");
         let (k, _) = kind_and_message(r#"{"device_id":"a","metrics":{"x":1},"timestamp":"soon"}"#);
         assert_eq!(k, ErrorKind::BadTimestamp);
         let (k, _) =

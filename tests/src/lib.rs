@@ -130,6 +130,96 @@ pub async fn connect(url: &str) -> Result<tokio_postgres::Client> {
     Ok(client)
 }
 
+/// Keys added to a [`TelemetryRun`]'s configuration.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Sections<'a> {
+    /// Appended to `[postgres]` (e.g. `flush_rows = 50`).
+    pub postgres: &'a str,
+    /// Appended to `[nas]` (which has `roll_interval = "1s"` already).
+    pub nas: &'a str,
+    /// Appended to `[query]`.
+    pub query: &'a str,
+    /// Whole sections at the end.
+    pub extra: &'a str,
+}
+
+/// One telemetry-only test run: its own database, topic, work folder (NAS under `nas/`), SQL
+/// endpoint address and configuration file. Most suites start from it.
+pub struct TelemetryRun {
+    /// Database (and bucket) name, unique to the test.
+    pub db: String,
+    /// The database's URL.
+    pub url: String,
+    /// The telemetry topic.
+    pub topic: String,
+    /// The test's folder; removed when the run is dropped.
+    pub work: tempfile::TempDir,
+    /// The NAS root inside it.
+    pub nas: PathBuf,
+    /// `127.0.0.1:PORT` of the SQL endpoint (and `/metrics`).
+    pub http: String,
+    /// The configuration file.
+    pub config: PathBuf,
+    /// Where [`TelemetryRun::start`] sends the pipeline's log.
+    pub log: PathBuf,
+}
+
+impl TelemetryRun {
+    /// A fresh database and a topic of `partitions` partitions named after `prefix`, and a
+    /// configuration for the telemetry dataflow alone (anomaly scoring on, as by default, unless
+    /// `extra` has `[inference] enabled = false`), with `sections` added.
+    pub async fn new(prefix: &str, partitions: i32, sections: Sections<'_>) -> Result<Self> {
+        let Sections {
+            postgres,
+            nas: nas_keys,
+            query,
+            extra,
+        } = sections;
+        let stack = stack();
+        let db = unique(prefix);
+        let url = fresh_database(stack, &db).await?;
+        let topic = format!("edge.telemetry.{db}");
+        create_topic(stack, &topic, partitions).await?;
+        let work = tempfile::tempdir()?;
+        let nas = work.path().join("nas");
+        let http = format!("127.0.0.1:{}", free_port());
+        let config = work.path().join("pipeline.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[kafka]\nbrokers = \"{}\"\n[kafka.topics]\ntelemetry = \"{topic}\"\n\
+                 [postgres]\nurl = \"{url}\"\n{postgres}\n\
+                 [nas]\npath = \"{}\"\nroll_interval = \"1s\"\n{nas_keys}\n\
+                 [query]\nhttp_addr = \"{http}\"\n{query}\n\
+                 [dataflows]\ninference = false\nanalytics = false\n{extra}\n",
+                stack.brokers,
+                nas.display(),
+            ),
+        )?;
+        let log = work.path().join("pipeline.log");
+        Ok(Self {
+            db,
+            url,
+            topic,
+            work,
+            nas,
+            http,
+            config,
+            log,
+        })
+    }
+
+    /// Starts the pipeline on the configuration with `env` added.
+    pub fn start(&self, env: &[(&str, &str)]) -> Result<Pipeline> {
+        Pipeline::start(&self.config, env, &self.log)
+    }
+
+    /// The pipeline's log so far (for failure messages).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
 /// Creates a topic.
 pub async fn create_topic(stack: &Stack, topic: &str, partitions: i32) -> Result<()> {
     create_topic_on(&stack.brokers, topic, partitions).await
@@ -324,6 +414,33 @@ pub fn curl(args: &[&str]) -> Result<String> {
         bail!("curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Keys under `prefix` in `bucket` of the stack's S3 server (ListObjectsV2, every page).
+pub fn bucket_keys(stack: &Stack, bucket: &str, prefix: &str) -> Result<Vec<String>> {
+    let mut keys = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut url = format!("{}/{bucket}?list-type=2&prefix={prefix}", stack.s3_endpoint);
+        if let Some(t) = &token {
+            url.push_str(&format!("&continuation-token={t}"));
+        }
+        let xml = curl(&[&url])?;
+        keys.extend(
+            xml.split("<Key>")
+                .skip(1)
+                .filter_map(|s| s.split("</Key>").next())
+                .map(str::to_owned),
+        );
+        token = xml
+            .split("<NextContinuationToken>")
+            .nth(1)
+            .and_then(|s| s.split("</NextContinuationToken>").next())
+            .map(str::to_owned);
+        if token.is_none() {
+            return Ok(keys);
+        }
+    }
 }
 
 /// Rows, and distinct (kafka_partition, kafka_offset), of the Parquet objects under `prefix` in

@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use primespark_tests::{
-    connect, create_topic, free_port, fresh_database, produce, stack, unique, wait_until, Pipeline,
-};
+use primespark_tests::{connect, produce, stack, wait_until, Sections, TelemetryRun};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -67,24 +65,12 @@ fn read_dlq(brokers: &str, dlq: &str, partitions: i32, want: usize) -> Result<Le
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_published_to_the_dlq_topic() -> Result<()> {
     let stack = stack();
-    let db = unique("dlq");
-    let url = fresh_database(stack, &db).await?;
-    let topic = format!("edge.telemetry.{db}");
-    create_topic(stack, &topic, 2).await?;
-    let work = tempfile::tempdir()?;
-    let config = work.path().join("pipeline.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[kafka]\nbrokers = \"{}\"\n[kafka.topics]\ntelemetry = \"{topic}\"\n\
-             [postgres]\nurl = \"{url}\"\nflush_rows = 50\nflush_interval = \"200ms\"\n\
-             [nas]\npath = \"{}\"\nroll_interval = \"1s\"\n[query]\nhttp_addr = \"127.0.0.1:{}\"\n\
-             [dataflows]\ninference = false\nanalytics = false\n",
-            stack.brokers,
-            work.path().join("nas").display(),
-            free_port(),
-        ),
-    )?;
+    let sections = Sections {
+        postgres: "flush_rows = 50\nflush_interval = \"200ms\"",
+        ..Sections::default()
+    };
+    let run = TelemetryRun::new("dlq", 2, sections).await?;
+    let topic = &run.topic;
     let mut records = Vec::new();
     let mut bad: BTreeMap<(i32, i64), (Vec<u8>, &str)> = BTreeMap::new();
     for p in 0..2i32 {
@@ -96,6 +82,13 @@ async fn dead_letters_are_published_to_the_dlq_topic() -> Result<()> {
                         .to_string()
                         .into_bytes(),
                     Some("out_of_range"),
+                ),
+                // The error quotes the metric name, NUL and all: the letter must still store.
+                9 => (
+                    json!({"device_id": "pi", "metrics": {"cpu\u{0}percent": 1.0}, "timestamp": T0_MS})
+                        .to_string()
+                        .into_bytes(),
+                    Some("invalid_value"),
                 ),
                 _ => (
                     json!({"device_id": format!("pi-{p}"), "metrics": {"cpu_percent": 5.0},
@@ -111,10 +104,9 @@ async fn dead_letters_are_published_to_the_dlq_topic() -> Result<()> {
             records.push((p, payload));
         }
     }
-    produce(stack, &topic, &records)?;
-    let log = work.path().join("pipeline.log");
-    let mut pipeline = Pipeline::start(&config, &[], &log)?;
-    let client = connect(&url).await?;
+    produce(stack, topic, &records)?;
+    let mut pipeline = run.start(&[])?;
+    let client = connect(&run.url).await?;
     let good = records.len() - bad.len();
     let stored = wait_until(
         Duration::from_secs(120),
@@ -140,7 +132,7 @@ async fn dead_letters_are_published_to_the_dlq_topic() -> Result<()> {
     )
     .await;
     if let Err(e) = stored {
-        bail!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        bail!("{e}\n{}", run.log_text());
     }
     assert!(pipeline.is_running());
 
@@ -154,7 +146,7 @@ async fn dead_letters_are_published_to_the_dlq_topic() -> Result<()> {
         let (want_payload, want_reason) = &bad[&(*p, *o)];
         assert_eq!(payload, want_payload, "{p}:{o} bytes");
         assert_eq!(headers["primespark.reason"], *want_reason, "{p}:{o}");
-        assert_eq!(headers["primespark.topic"], topic);
+        assert_eq!(headers["primespark.topic"], *topic);
         assert_eq!(headers["primespark.partition"], p.to_string());
         assert_eq!(headers["primespark.offset"], o.to_string());
         assert_eq!(
@@ -167,6 +159,147 @@ async fn dead_letters_are_published_to_the_dlq_topic() -> Result<()> {
             "{headers:?}"
         );
     }
+    let status = pipeline.terminate(Duration::from_secs(60))?;
+    assert!(status.success(), "{status}");
+    Ok(())
+}
+
+/// A record PostgreSQL refuses (here a CHECK constraint a DBA added; a NUL byte or a
+/// TimescaleDB restriction refuses the same way) leaves its batch as a dead letter, in
+/// `dead_letters` and on the DLQ topic, with the database's reason and its position; every
+/// other record of the batch is stored, the offsets move on, the pipeline keeps running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_postgres_refuses_become_dead_letters() -> Result<()> {
+    let stack = stack();
+    let sections = Sections {
+        postgres: "flush_rows = 64\nflush_interval = \"200ms\"",
+        ..Sections::default()
+    };
+    let run = TelemetryRun::new("refused", 2, sections).await?;
+    let (topic, http) = (&run.topic, &run.http);
+    // The tables first, then the constraint the pipeline does not know about.
+    let migrated = primespark_tests::pipeline_command()?
+        .arg("migrate")
+        .arg("--config")
+        .arg(&run.config)
+        .output()?;
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    let client = connect(&run.url).await?;
+    client
+        .batch_execute(
+            "ALTER TABLE device_metrics ADD CONSTRAINT no_refused_devices \
+             CHECK (device_id <> 'pi-refused')",
+        )
+        .await?;
+
+    let mut records = Vec::new();
+    let mut refused: Vec<(i32, i64)> = Vec::new();
+    for p in 0..2i32 {
+        for i in 0..150i64 {
+            let device = if i % 13 == 5 {
+                refused.push((p, i));
+                "pi-refused".to_owned()
+            } else {
+                format!("pi-{p}")
+            };
+            records.push((
+                p,
+                json!({"device_id": device, "metrics": {"cpu_percent": 5.0, "load_avg": 0.5},
+                       "timestamp": T0_MS + i * 100})
+                .to_string()
+                .into_bytes(),
+            ));
+        }
+    }
+    produce(stack, topic, &records)?;
+    let mut pipeline = run.start(&[])?;
+    let good = (records.len() - refused.len()) as i64;
+    let stored = wait_until(Duration::from_secs(120), "rows and letters", || async {
+        let n = |sql: &'static str| {
+            let client = &client;
+            async move {
+                Ok::<i64, anyhow::Error>(
+                    client
+                        .query_one(sql, &[])
+                        .await
+                        .map(|r| r.get(0))
+                        .unwrap_or(-1),
+                )
+            }
+        };
+        Ok(n("SELECT count(*) FROM device_metrics").await? == 2 * good
+            && n("SELECT count(*) FROM dead_letters").await? == refused.len() as i64
+            && n(
+                "SELECT coalesce(sum(next_offset), 0)::int8 FROM source_offsets \
+                  WHERE sink = 'postgres_raw'",
+            )
+            .await?
+                == 300)
+    })
+    .await;
+    if let Err(e) = stored {
+        bail!("{e}\n{}", run.log_text());
+    }
+    assert!(pipeline.is_running());
+    assert_eq!(
+        client
+            .query_one(
+                "SELECT count(*) FROM device_metrics WHERE device_id = 'pi-refused'",
+                &[]
+            )
+            .await?
+            .get::<_, i64>(0),
+        0
+    );
+    let rows = client
+        .query(
+            "SELECT partition, \"offset\", reason, error, payload FROM dead_letters \
+             ORDER BY partition, \"offset\"",
+            &[],
+        )
+        .await?;
+    let positions: Vec<(i32, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(positions, refused);
+    for r in &rows {
+        let (o, reason, error, payload): (i64, String, String, Vec<u8>) =
+            (r.get(1), r.get(2), r.get(3), r.get(4));
+        assert_eq!(reason, "sink_rejected");
+        assert!(
+            error.contains(&format!("offset {o}"))
+                && error.contains("no_refused_devices")
+                && error.contains("23514"),
+            "{error}"
+        );
+        // The record's decoded rows: both metrics of the refused device.
+        let decoded: serde_json::Value = serde_json::from_slice(&payload)?;
+        let text = decoded.to_string();
+        assert!(
+            text.contains("pi-refused")
+                && text.contains("cpu_percent")
+                && text.contains("load_avg"),
+            "{text}"
+        );
+    }
+    let letters = read_dlq(&stack.brokers, &format!("{topic}.dlq"), 2, refused.len())?;
+    assert_eq!(
+        letters.keys().copied().collect::<Vec<_>>(),
+        refused,
+        "one letter per refused record on the DLQ topic"
+    );
+    for (_, headers) in letters.values() {
+        assert_eq!(headers["primespark.reason"], "sink_rejected");
+    }
+    let metrics = primespark_tests::http_get(http, "/metrics")?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("primespark_dead_letters_total{") && !l.ends_with(" 0")),
+        "dead letter counter did not move"
+    );
     let status = pipeline.terminate(Duration::from_secs(60))?;
     assert!(status.success(), "{status}");
     Ok(())

@@ -6,10 +6,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use primespark_tests::{
-    connect, create_topic, free_port, fresh_database, http_post, produce, stack, unique,
-    wait_until, Pipeline,
-};
+use primespark_tests::{connect, http_post, produce, stack, wait_until, Sections, TelemetryRun};
 use serde_json::{json, Value};
 
 const T0_MS: i64 = 1_762_351_200_000; // 2025-11-05T14:00:00Z
@@ -27,10 +24,16 @@ fn query(http: &str, sql: &str) -> Result<Vec<Value>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_moving_out_of_postgres_are_counted_once() -> Result<()> {
     let stack = stack();
-    let db = unique("hotcold");
-    let url = fresh_database(stack, &db).await?;
-    let topic = format!("edge.telemetry.{db}");
-    create_topic(stack, &topic, 1).await?;
+    let run = TelemetryRun::new(
+        "hotcold",
+        1,
+        Sections {
+            extra: "[inference]\nenabled = false",
+            ..Sections::default()
+        },
+    )
+    .await?;
+    let (url, topic, http, log) = (&run.url, &run.topic, &run.http, &run.log);
     // One event per 100 ms over 10 minutes, two metrics each; a sentinel an hour later closes
     // every window.
     let mut records: Vec<(i32, Vec<u8>)> = (0..EVENTS)
@@ -46,36 +49,21 @@ async fn rows_moving_out_of_postgres_are_counted_once() -> Result<()> {
             .to_string()
             .into_bytes(),
     ));
-    produce(stack, &topic, &records)?;
-    let work = tempfile::tempdir()?;
-    let http = format!("127.0.0.1:{}", free_port());
-    let config = work.path().join("pipeline.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[kafka]\nbrokers = \"{}\"\n[kafka.topics]\ntelemetry = \"{topic}\"\n\
-             [postgres]\nurl = \"{url}\"\n[nas]\npath = \"{}\"\nroll_interval = \"1s\"\n\
-             [query]\nhttp_addr = \"{http}\"\n\
-             [dataflows]\ninference = false\nanalytics = false\n[inference]\nenabled = false\n",
-            stack.brokers,
-            work.path().join("nas").display(),
-        ),
-    )?;
-    let log = work.path().join("pipeline.log");
-    let pipeline = Pipeline::start(&config, &[], &log)?;
+    produce(stack, topic, &records)?;
+    let pipeline = run.start(&[])?;
     let points = EVENTS * 2 + 1;
-    let client = connect(&url).await?;
+    let client = connect(url).await?;
     let done = wait_until(Duration::from_secs(120), "rows in both tiers", || async {
         let pg: i64 = client
             .query_one("SELECT count(*) FROM device_metrics", &[])
             .await
             .map(|r| r.get(0))
             .unwrap_or(0);
-        let archived = query(&http, "SELECT count(*) FROM archive.telemetry_raw")
+        let archived = query(http, "SELECT count(*) FROM archive.telemetry_raw")
             .ok()
             .and_then(|r| r.first().and_then(Value::as_i64))
             .unwrap_or(0);
-        let windows = query(&http, "SELECT count(*) FROM archive.device_metrics_1m")
+        let windows = query(http, "SELECT count(*) FROM archive.device_metrics_1m")
             .ok()
             .and_then(|r| r.first().and_then(Value::as_i64))
             .unwrap_or(0);
@@ -83,7 +71,7 @@ async fn rows_moving_out_of_postgres_are_counted_once() -> Result<()> {
     })
     .await;
     if let Err(e) = done {
-        bail!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        bail!("{e}\n{}", std::fs::read_to_string(log).unwrap_or_default());
     }
     let reference_sum: f64 = client
         .query_one("SELECT sum(value) FROM device_metrics", &[])
@@ -103,10 +91,10 @@ async fn rows_moving_out_of_postgres_are_counted_once() -> Result<()> {
                 ))
                 .await?;
         }
-        let hot: i64 = query(&http, "SELECT count(*) FROM pg.device_metrics")?[0]
+        let hot: i64 = query(http, "SELECT count(*) FROM pg.device_metrics")?[0]
             .as_i64()
             .unwrap_or(-1);
-        let row = query(&http, unified)?;
+        let row = query(http, unified)?;
         assert_eq!(
             row[0].as_i64(),
             Some(points),
@@ -124,7 +112,7 @@ async fn rows_moving_out_of_postgres_are_counted_once() -> Result<()> {
                 .starts_with("2025-11-05T14:00:00"),
             "{row:?}"
         );
-        let w = query(&http, windows)?;
+        let w = query(http, windows)?;
         assert_eq!(
             (w[0].as_i64(), w[1].as_i64()),
             (Some(80), Some(points - 1)),
@@ -132,7 +120,7 @@ async fn rows_moving_out_of_postgres_are_counted_once() -> Result<()> {
         );
         // A filter over the boundary is answered by both tiers.
         let r = query(
-            &http,
+            http,
             "SELECT count(*) FROM device_metrics WHERE time >= TIMESTAMPTZ '2025-11-05T14:02:00Z' AND time < TIMESTAMPTZ '2025-11-05T14:08:00Z'",
         )?;
         assert_eq!(

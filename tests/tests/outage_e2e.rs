@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use primespark_tests::{
-    connect, create_topic, free_port, fresh_database, http_get, produce, stack, stack_service,
-    unique, wait_until, Pipeline,
+    connect, http_get, produce, stack, stack_service, wait_until, Sections, TelemetryRun,
 };
 use serde_json::json;
 
@@ -29,24 +28,16 @@ fn rss_mb(pid: u32) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_for_30s_loses_nothing_and_recovers_by_itself() -> Result<()> {
     let stack = stack();
-    let db = unique("outage");
-    let url = fresh_database(stack, &db).await?;
-    let topic = format!("edge.telemetry.{db}");
-    create_topic(stack, &topic, 2).await?;
-    let work = tempfile::tempdir()?;
-    let http = format!("127.0.0.1:{}", free_port());
-    let config = work.path().join("pipeline.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[kafka]\nbrokers = \"{}\"\n[kafka.topics]\ntelemetry = \"{topic}\"\n\
-             [postgres]\nurl = \"{url}\"\nflush_rows = 2000\nflush_interval = \"200ms\"\n\
-             [nas]\npath = \"{}\"\nroll_interval = \"1s\"\n[query]\nhttp_addr = \"{http}\"\n\
-             [dataflows]\ninference = false\nanalytics = false\n",
-            stack.brokers,
-            work.path().join("nas").display(),
-        ),
-    )?;
+    let run = TelemetryRun::new(
+        "outage",
+        2,
+        Sections {
+            postgres: "flush_rows = 2000\nflush_interval = \"200ms\"",
+            ..Sections::default()
+        },
+    )
+    .await?;
+    let (url, topic, http, log) = (&run.url, &run.topic, &run.http, &run.log);
     let records: Vec<(i32, Vec<u8>)> = (0..EVENTS)
         .map(|i| {
             (
@@ -58,10 +49,9 @@ async fn postgres_down_for_30s_loses_nothing_and_recovers_by_itself() -> Result<
             )
         })
         .collect();
-    let log = work.path().join("pipeline.log");
-    let mut pipeline = Pipeline::start(&config, &[], &log)?;
-    let client = connect(&url).await?;
-    produce(stack, &topic, &records[..EVENTS / 3])?;
+    let mut pipeline = run.start(&[])?;
+    let client = connect(url).await?;
+    produce(stack, topic, &records[..EVENTS / 3])?;
     wait_until(Duration::from_secs(60), "first rows", || async {
         Ok(client
             .query_one("SELECT count(*) FROM device_metrics", &[])
@@ -76,7 +66,7 @@ async fn postgres_down_for_30s_loses_nothing_and_recovers_by_itself() -> Result<
     // Down for 30 s while the rest is produced.
     stack_service("stop-service", "postgres")?;
     let down_at = Instant::now();
-    produce(stack, &topic, &records[EVENTS / 3..])?;
+    produce(stack, topic, &records[EVENTS / 3..])?;
     let mut degraded_seen = false;
     let mut not_ready_seen = false;
     let mut peak_rss: f64 = 0.0;
@@ -86,12 +76,12 @@ async fn postgres_down_for_30s_loses_nothing_and_recovers_by_itself() -> Result<
             "the pipeline exited during the outage"
         );
         peak_rss = peak_rss.max(rss_mb(pipeline.pid()));
-        if let Ok(m) = http_get(&http, "/metrics") {
+        if let Ok(m) = http_get(http, "/metrics") {
             degraded_seen |= m
                 .lines()
                 .any(|l| l.starts_with("primespark_sink_degraded{") && l.ends_with(" 1"));
         }
-        if let Ok(r) = http_get(&http, "/readyz") {
+        if let Ok(r) = http_get(http, "/readyz") {
             not_ready_seen |= r.starts_with("HTTP/1.1 503");
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -102,7 +92,7 @@ async fn postgres_down_for_30s_loses_nothing_and_recovers_by_itself() -> Result<
     // Sources pause instead of buffering: the process stays small.
     assert!(peak_rss < 512.0, "RSS {peak_rss:.0} MB during the outage");
 
-    let client = connect(&url).await?;
+    let client = connect(url).await?;
     let points = (EVENTS * 2) as i64;
     let done = wait_until(
         Duration::from_secs(120),
@@ -124,7 +114,7 @@ async fn postgres_down_for_30s_loses_nothing_and_recovers_by_itself() -> Result<
     )
     .await;
     if let Err(e) = done {
-        bail!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        bail!("{e}\n{}", std::fs::read_to_string(log).unwrap_or_default());
     }
     let row = client
         .query_one(
@@ -146,7 +136,7 @@ async fn postgres_down_for_30s_loses_nothing_and_recovers_by_itself() -> Result<
     // its backoff, up to 10 s, when the raw rows are complete).
     let mut still: Vec<String> = Vec::new();
     let cleared = wait_until(Duration::from_secs(60), "degraded cleared", || {
-        let metrics = http_get(&http, "/metrics");
+        let metrics = http_get(http, "/metrics");
         still = metrics
             .as_deref()
             .unwrap_or("")

@@ -9,10 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use primespark_connectors::query::sha256_hex;
-use primespark_tests::{
-    create_topic, free_port, fresh_database, http_request, produce, stack, unique, HttpResponse,
-    Pipeline,
-};
+use primespark_tests::{http_request, produce, stack, HttpResponse, Sections, TelemetryRun};
 use serde_json::{json, Value};
 
 const T0_MS: i64 = 1_762_351_200_000;
@@ -50,10 +47,23 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_query_door_is_locked() -> Result<()> {
     let stack = stack();
-    let db = unique("qsec");
-    let url = fresh_database(stack, &db).await?;
-    let topic = format!("edge.telemetry.{db}");
-    create_topic(stack, &topic, 1).await?;
+    let run = TelemetryRun::new(
+        "qsec",
+        1,
+        Sections {
+            query: &format!(
+                "timeout = \"2s\"\nmax_body_bytes = 4096\n\
+             rate_limit_per_second = 2\nrate_limit_burst = 40\n\
+             [[query.api_keys]]\nname = \"grafana\"\nrole = \"reader\"\nsha256 = \"{}\"\n\
+             [[query.api_keys]]\nname = \"ops\"\nrole = \"admin\"\nsha256 = \"{}\"",
+                sha256_hex(READER),
+                sha256_hex(ADMIN),
+            ),
+            extra: "[inference]\nenabled = false",
+            ..Sections::default()
+        },
+    )
+    .await?;
     let records: Vec<(i32, Vec<u8>)> = (0..EVENTS)
         .map(|i| {
             let e = json!({"device_id": format!("pi-{}", i % 10), "timestamp": T0_MS + i * 100,
@@ -61,29 +71,9 @@ async fn the_query_door_is_locked() -> Result<()> {
             (0, e.to_string().into_bytes())
         })
         .collect();
-    produce(stack, &topic, &records)?;
-    let work = tempfile::tempdir()?;
-    let http = format!("127.0.0.1:{}", free_port());
-    let config = work.path().join("pipeline.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[kafka]\nbrokers = \"{}\"\n[kafka.topics]\ntelemetry = \"{topic}\"\n\
-             [postgres]\nurl = \"{url}\"\n\
-             [nas]\npath = \"{}\"\nroll_interval = \"1s\"\n\
-             [query]\nhttp_addr = \"{http}\"\ntimeout = \"2s\"\nmax_body_bytes = 4096\n\
-             rate_limit_per_second = 2\nrate_limit_burst = 40\n\
-             [[query.api_keys]]\nname = \"grafana\"\nrole = \"reader\"\nsha256 = \"{}\"\n\
-             [[query.api_keys]]\nname = \"ops\"\nrole = \"admin\"\nsha256 = \"{}\"\n\
-             [dataflows]\ninference = false\nanalytics = false\n[inference]\nenabled = false\n",
-            stack.brokers,
-            work.path().join("nas").display(),
-            sha256_hex(READER),
-            sha256_hex(ADMIN),
-        ),
-    )?;
-    let log = work.path().join("pipeline.log");
-    let mut pipeline = Pipeline::start(&config, &[], &log)?;
+    produce(stack, &run.topic, &records)?;
+    let (http, log) = (run.http.clone(), run.log.clone());
+    let mut pipeline = run.start(&[])?;
 
     // Every raw row archived (polled with the admin key; the reader's bucket is tested below).
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -274,6 +264,121 @@ async fn the_query_door_is_locked() -> Result<()> {
         !text.contains(READER) && !text.contains(ADMIN),
         "a token reached the log"
     );
+    pipeline.terminate(Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// With `query.tls_cert`/`tls_key` the HTTP door is HTTPS only: curl, trusting the certificate,
+/// gets answers (SQL and `/metrics`); a plain-HTTP request gets no answer and is counted as a
+/// failed handshake; a client that connects and says nothing holds up nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_door_speaks_tls_when_configured() -> Result<()> {
+    let stack = stack();
+    let certs = tempfile::tempdir()?;
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()?;
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let run = TelemetryRun::new(
+        "qtls",
+        1,
+        Sections {
+            query: &format!(
+                "tls_cert = \"{}\"\ntls_key = \"{}\"\n\
+             [[query.api_keys]]\nname = \"grafana\"\nrole = \"reader\"\nsha256 = \"{}\"",
+                cert.display(),
+                key.display(),
+                sha256_hex(READER),
+            ),
+            extra: "[inference]\nenabled = false",
+            ..Sections::default()
+        },
+    )
+    .await?;
+    let records: Vec<(i32, Vec<u8>)> = (0..100i64)
+        .map(|i| {
+            let e = json!({"device_id": "pi-1", "timestamp": T0_MS + i * 100,
+                           "metrics": {"cpu_percent": 1.0}});
+            (0, e.to_string().into_bytes())
+        })
+        .collect();
+    produce(stack, &run.topic, &records)?;
+    let http = run.http.clone();
+    let port = http.rsplit(':').next().unwrap_or_default().to_owned();
+    let mut pipeline = run.start(&[])?;
+    let https = |path: &str, body: Option<&str>| -> Result<(bool, String)> {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-sS", "--max-time", "20", "--cacert"])
+            .arg(&cert)
+            .args(["-H", &format!("Authorization: Bearer {READER}")]);
+        if let Some(b) = body {
+            cmd.args(["-H", "content-type: application/json", "--data", b]);
+        }
+        let out = cmd
+            .arg(format!("https://localhost:{port}{path}"))
+            .output()?;
+        Ok((
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ))
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let sql = json!({"sql": "SELECT count(*) FROM device_metrics"}).to_string();
+    loop {
+        let (ok, out) = https("/v1/sql", Some(&sql))?;
+        if ok && out.contains("[[100]]") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{out}\n{}", run.log_text());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // A client that connects and never starts its handshake holds up nobody: with it
+    // connected, another client's request is answered (curl gives up after 5 s, half the
+    // server's handshake deadline, so waiting behind the silent one would fail).
+    let _silent = std::net::TcpStream::connect(&http)?;
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "5", "--cacert"])
+        .arg(&cert)
+        .arg(format!("https://localhost:{port}/healthz"))
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Plain HTTP on the TLS port: no HTTP answer at all (and a failed handshake, counted below).
+    let plain = http_request(&http, "GET", "/healthz", &[], b"");
+    assert!(
+        !matches!(plain, Ok((200, _, _))),
+        "plain HTTP was answered: {plain:?}"
+    );
+    let (ok, metrics) = https("/metrics", None)?;
+    assert!(ok, "{metrics}");
+    assert!(
+        metrics.lines().any(|l| l
+            .starts_with("primespark_tls_handshake_failures_total{endpoint=\"http\"}")
+            && !l.ends_with(" 0")),
+        "the failed handshake was not counted"
+    );
+    assert!(pipeline.is_running());
     pipeline.terminate(Duration::from_secs(30))?;
     Ok(())
 }

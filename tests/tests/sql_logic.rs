@@ -38,6 +38,7 @@ impl Runner {
     fn new(root: &Path) -> Result<Self> {
         let ctx = session(
             root,
+            None,
             "edge.telemetry",
             "edge.ai.inference",
             "analytics.events",

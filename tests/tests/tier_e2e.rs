@@ -6,70 +6,32 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use primespark_tests::{
-    bucket_rows, connect, count_files, create_topic, curl, free_port, fresh_database, produce,
-    stack, unique, wait_until, Pipeline,
+    bucket_keys, bucket_rows, connect, count_files, curl, http_post, produce, stack, unique,
+    wait_until, Sections, TelemetryRun,
 };
 use serde_json::json;
 
 const T0_MS: i64 = 1_762_351_200_000;
 
-/// Keys under `prefix` (ListObjectsV2, every page).
-fn list(endpoint: &str, bucket: &str, prefix: &str) -> Result<Vec<String>> {
-    let mut keys = Vec::new();
-    let mut token: Option<String> = None;
-    loop {
-        let mut url = format!("{endpoint}/{bucket}?list-type=2&prefix={prefix}");
-        if let Some(t) = &token {
-            url.push_str(&format!("&continuation-token={t}"));
-        }
-        let xml = curl(&[&url])?;
-        keys.extend(
-            xml.split("<Key>")
-                .skip(1)
-                .filter_map(|s| s.split("</Key>").next())
-                .map(str::to_owned),
-        );
-        token = xml
-            .split("<NextContinuationToken>")
-            .nth(1)
-            .and_then(|s| s.split("</NextContinuationToken>").next())
-            .map(str::to_owned);
-        if token.is_none() {
-            return Ok(keys);
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nas_files_move_to_the_bucket_verified_and_complete() -> Result<()> {
     let stack = stack();
     assert!(!stack.s3_endpoint.is_empty(), "the stack has no S3 server");
-    let db = unique("tier");
-    let url = fresh_database(stack, &db).await?;
-    let topic = format!("edge.telemetry.{db}");
-    create_topic(stack, &topic, 2).await?;
-    let bucket = db.replace('_', "-");
+    let bucket = unique("tier").replace('_', "-");
     curl(&["-X", "PUT", &format!("{}/{bucket}", stack.s3_endpoint)])?;
-
-    let work = tempfile::tempdir()?;
-    let nas = work.path().join("nas");
-    let http = format!("127.0.0.1:{}", free_port());
-    let config = work.path().join("pipeline.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[kafka]\nbrokers = \"{}\"\n[kafka.topics]\ntelemetry = \"{topic}\"\n\
-             [postgres]\nurl = \"{url}\"\nflush_rows = 200\nflush_interval = \"200ms\"\n\
-             [nas]\npath = \"{}\"\nroll_rows = 300\nroll_interval = \"1s\"\n[query]\nhttp_addr = \"{http}\"\n\
-             [s3]\nenabled = true\nbucket = \"{bucket}\"\nprefix = \"archive\"\nendpoint = \"{}\"\nallow_http = true\n\
-             [tier]\nafter = \"1s\"\ninterval = \"1s\"\n\
-             [dataflows]\ninference = false\nanalytics = false\n[inference]\nenabled = false\n",
-            stack.brokers,
-            nas.display(),
-            stack.s3_endpoint,
-        ),
-    )?;
-    let log = work.path().join("pipeline.log");
+    let s3 = format!(
+        "[s3]\nenabled = true\nbucket = \"{bucket}\"\nprefix = \"archive\"\nendpoint = \"{}\"\n\
+         allow_http = true\n[tier]\nafter = \"1s\"\ninterval = \"1s\"\n[inference]\nenabled = false",
+        stack.s3_endpoint,
+    );
+    let sections = Sections {
+        postgres: "flush_rows = 200\nflush_interval = \"200ms\"",
+        nas: "roll_rows = 300",
+        extra: &s3,
+        ..Sections::default()
+    };
+    let run = TelemetryRun::new("tier", 2, sections).await?;
+    let (url, topic, nas, http) = (&run.url, &run.topic, &run.nas, &run.http);
     let records: Vec<(i32, Vec<u8>)> = (0..1000i64)
         .map(|i| {
             (
@@ -81,13 +43,13 @@ async fn nas_files_move_to_the_bucket_verified_and_complete() -> Result<()> {
             )
         })
         .collect();
-    produce(stack, &topic, &records)?;
+    produce(stack, topic, &records)?;
     let env = [
         ("AWS_ACCESS_KEY_ID", "testing"),
         ("AWS_SECRET_ACCESS_KEY", "testing"),
     ];
-    let mut pipeline = Pipeline::start(&config, &env, &log)?;
-    let client = connect(&url).await?;
+    let mut pipeline = run.start(&env)?;
+    let client = connect(url).await?;
 
     // Every raw roll committed, then moved: none left on the NAS, all in the bucket.
     let raw_prefix = format!("archive/topic={topic}/");
@@ -103,11 +65,11 @@ async fn nas_files_move_to_the_bucket_verified_and_complete() -> Result<()> {
             .unwrap_or(0);
         Ok(committed >= 1000
             && count_files(&nas.join(format!("topic={topic}")), "parquet") == 0
-            && !list(&stack.s3_endpoint, &bucket, &raw_prefix)?.is_empty())
+            && !bucket_keys(stack, &bucket, &raw_prefix)?.is_empty())
     })
     .await;
     if let Err(e) = moved {
-        bail!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+        bail!("{e}\n{}", run.log_text());
     }
     assert!(pipeline.is_running());
 
@@ -118,7 +80,37 @@ async fn nas_files_move_to_the_bucket_verified_and_complete() -> Result<()> {
         "rows and distinct (partition, offset) in the bucket"
     );
 
+    // DataFusion reads them from the bucket too: the SQL endpoint's archive spans both tiers,
+    // each row once although none of it is on the NAS any more.
+    let sql = |q: &str| -> Result<serde_json::Value> {
+        let (status, body) = http_post(http, "/v1/sql", &json!({ "sql": q }).to_string())?;
+        if status != 200 {
+            bail!("{q}: {status} {body}");
+        }
+        Ok(serde_json::from_str::<serde_json::Value>(&body)?["rows"].clone())
+    };
+    assert_eq!(
+        sql(
+            "SELECT count(*), count(DISTINCT kafka_partition * 1000000 + kafka_offset), \
+             count(DISTINCT date || hour) FROM archive.telemetry_raw"
+        )?,
+        json!([[1000, 1000, 1]])
+    );
+    assert_eq!(
+        sql("SELECT device_id, count(*) FROM archive.telemetry_raw \
+             WHERE date = '2025-11-05' AND hour = '14' AND device_id = 'pi-3' GROUP BY device_id")?,
+        json!([["pi-3", 143]]),
+        "partition-pruned scan of the bucket"
+    );
+
     let page = curl(&[&format!("http://{http}/metrics")])?;
+    assert!(
+        page.lines().any(
+            |l| l.starts_with("primespark_archive_tier_reads_total{tier=\"bucket\"}")
+                && !l.ends_with(" 0")
+        ),
+        "no archive read was served by the bucket"
+    );
     assert!(
         page.lines()
             .any(|l| l.starts_with("primespark_tier_files_total{outcome=\"moved\"}")),

@@ -8,8 +8,12 @@
 //! out in the order the partition held them (which is what makes lateness decisions replay the
 //! same way).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+mod tiers;
+
+pub use tiers::TieredStore;
+
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -19,6 +23,7 @@ use arrow::array::{
 use bytes::Bytes;
 use chrono::NaiveDate;
 use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -28,7 +33,6 @@ use primespark_schemas::rows::{AnalyticsRow, InferenceRow, RawRow, TelemetryRow}
 use tokio::sync::mpsc;
 
 use crate::metrics::ArchiveFileRead;
-use crate::s3::object_key;
 
 /// Failures reading the archive.
 #[derive(Debug, thiserror::Error)]
@@ -51,29 +55,6 @@ pub enum ArchiveError {
     },
 }
 
-/// Where the archive lives.
-#[derive(Clone)]
-pub enum ArchiveStore {
-    /// The NAS folder (`nas.path`).
-    Nas(PathBuf),
-    /// The bucket, under a key prefix (`s3.prefix`).
-    Bucket {
-        /// The store.
-        store: Arc<dyn ObjectStore>,
-        /// Key prefix ("" for none).
-        prefix: String,
-    },
-}
-
-impl std::fmt::Debug for ArchiveStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ArchiveStore::Nas(p) => write!(f, "nas:{}", p.display()),
-            ArchiveStore::Bucket { prefix, .. } => write!(f, "bucket:{prefix}"),
-        }
-    }
-}
-
 /// One file of a raw roll.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RollFile {
@@ -85,8 +66,6 @@ pub struct RollFile {
     pub hour_us: i64,
     /// Path relative to the archive root (`topic=<t>/date=<d>/hour=<h>/part-...parquet`).
     pub relative: String,
-    /// The store index in the list the file was found in (NAS before bucket).
-    pub store: usize,
 }
 
 /// Parses `topic=<t>/date=YYYY-MM-DD/hour=HH/part-pPPP-oFIRST-LAST.parquet`.
@@ -111,116 +90,45 @@ fn read_err(location: impl Into<String>) -> impl FnOnce(String) -> ArchiveError 
     move |reason| ArchiveError::Read { location, reason }
 }
 
-impl ArchiveStore {
-    /// Every raw roll file of `topic` in this store (`store`: this store's index, kept in each
-    /// file so it is read from where it was found).
-    pub async fn list(&self, topic: &str, store: usize) -> Result<Vec<RollFile>, ArchiveError> {
-        let top = format!("topic={topic}");
-        let mut relative = Vec::new();
-        match self {
-            ArchiveStore::Nas(root) => {
-                let mut dirs = vec![root.join(&top)];
-                while let Some(dir) = dirs.pop() {
-                    let mut entries = match tokio::fs::read_dir(&dir).await {
-                        Ok(e) => e,
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                        Err(e) => return Err(read_err(dir.display().to_string())(e.to_string())),
-                    };
-                    while let Some(entry) = entries
-                        .next_entry()
-                        .await
-                        .map_err(|e| read_err(dir.display().to_string())(e.to_string()))?
-                    {
-                        let path = entry.path();
-                        if path.is_dir() {
-                            dirs.push(path);
-                        } else if let Some(rel) = crate::nas::relative_path(root, &path) {
-                            relative.push(rel);
-                        }
-                    }
-                }
-            }
-            ArchiveStore::Bucket { store, prefix } => {
-                let under = object_key(prefix, &top);
-                let listed: Vec<_> = store
-                    .list(Some(&ObjectPath::from(under.as_str())))
-                    .try_collect()
-                    .await
-                    .map_err(|e| read_err(format!("bucket {under}"))(e.to_string()))?;
-                for meta in listed {
-                    let key = meta.location.to_string();
-                    let rel = if prefix.is_empty() {
-                        Some(key.as_str())
-                    } else {
-                        key.strip_prefix(prefix.as_str())
-                            .and_then(|k| k.strip_prefix('/'))
-                    };
-                    if let Some(rel) = rel {
-                        relative.push(rel.to_owned());
-                    }
-                }
-            }
-        }
-        let mut files: Vec<RollFile> = relative
-            .into_iter()
-            .filter_map(|rel| {
-                let (partition, first, hour_us) = parse_roll_path(&rel)?;
-                Some(RollFile {
-                    partition,
-                    first,
-                    hour_us,
-                    relative: rel,
-                    store,
-                })
-            })
-            .collect();
-        files.sort();
-        Ok(files)
-    }
-
-    /// The bytes of one file.
-    pub async fn read(&self, relative: &str) -> Result<Bytes, ArchiveError> {
-        match self {
-            ArchiveStore::Nas(root) => {
-                let path = root.join(relative);
-                tokio::fs::read(&path)
-                    .await
-                    .map(Bytes::from)
-                    .map_err(|e| read_err(path.display().to_string())(e.to_string()))
-            }
-            ArchiveStore::Bucket { store, prefix } => {
-                let key = object_key(prefix, relative);
-                let location = ObjectPath::from(key.as_str());
-                let fail = read_err(format!("bucket {key}"));
-                match store.get(&location).await {
-                    Ok(got) => got.bytes().await.map_err(|e| fail(e.to_string())),
-                    Err(e) => Err(fail(e.to_string())),
-                }
-            }
-        }
-    }
-}
-
-/// The raw roll files of `topic` across `stores` (a file found in several, e.g. left on the NAS
-/// by a move cut short, is read from the first), for the hours in `[from_us, to_us)`.
+/// The raw roll files of `topic` in the archive's tiers (each file once, wherever tiering has
+/// put it: see [`TieredStore`]), for the hours in `[from_us, to_us)`.
 pub async fn list_rolls(
-    stores: &[ArchiveStore],
+    store: &TieredStore,
     topic: &str,
     from_us: i64,
     to_us: i64,
 ) -> Result<Vec<RollFile>, ArchiveError> {
-    let mut seen = BTreeSet::new();
-    let mut files = Vec::new();
-    for (i, store) in stores.iter().enumerate() {
-        for f in store.list(topic, i).await? {
-            let last_us = f.hour_us.saturating_add(3_600_000_000);
-            if last_us > from_us && f.hour_us < to_us && seen.insert(f.relative.clone()) {
-                files.push(f);
-            }
-        }
-    }
+    let top = format!("topic={topic}");
+    let listed: Vec<_> = store
+        .list(Some(&ObjectPath::from(top.as_str())))
+        .try_collect()
+        .await
+        .map_err(|e| read_err(format!("{top} in {store}"))(e.to_string()))?;
+    let mut files: Vec<RollFile> = listed
+        .into_iter()
+        .filter_map(|meta| {
+            let relative = meta.location.to_string();
+            let (partition, first, hour_us) = parse_roll_path(&relative)?;
+            let last_us = hour_us.saturating_add(3_600_000_000);
+            (last_us > from_us && hour_us < to_us).then_some(RollFile {
+                partition,
+                first,
+                hour_us,
+                relative,
+            })
+        })
+        .collect();
     files.sort();
     Ok(files)
+}
+
+/// The bytes of one file, from the first tier that has it.
+async fn read_file(store: &TieredStore, relative: &str) -> Result<Bytes, ArchiveError> {
+    let fail = read_err(relative);
+    match store.get(&ObjectPath::from(relative)).await {
+        Ok(got) => got.bytes().await.map_err(|e| fail(e.to_string())),
+        Err(e) => Err(fail(e.to_string())),
+    }
 }
 
 /// One record of the archive: the rows a Kafka record became.
@@ -410,7 +318,7 @@ impl ArchiveReader {
     /// `partitions` gets a `Done`, even without files) on the runtime of `handle`.
     pub fn spawn(
         handle: &tokio::runtime::Handle,
-        stores: Arc<Vec<ArchiveStore>>,
+        store: Arc<TieredStore>,
         files: Vec<RollFile>,
         partitions: Vec<i32>,
     ) -> Self {
@@ -437,7 +345,7 @@ impl ArchiveReader {
                         }
                         continue;
                     };
-                    match read_roll(&stores, &files).await {
+                    match read_roll(&store, &files).await {
                         Ok(records) => {
                             for r in records {
                                 if tx.send(ArchiveItem::Record(r)).await.is_err() {
@@ -466,17 +374,13 @@ impl ArchiveReader {
 
 /// The records of one roll (all its hour files), in offset order.
 async fn read_roll(
-    stores: &[ArchiveStore],
+    store: &TieredStore,
     files: &[RollFile],
 ) -> Result<Vec<ArchivedRecord>, ArchiveError> {
     let mut rows = Vec::new();
     for f in files {
         let started = std::time::Instant::now();
-        let store = stores.get(f.store).ok_or_else(|| ArchiveError::Read {
-            location: f.relative.clone(),
-            reason: "unknown store".into(),
-        })?;
-        let bytes = store.read(&f.relative).await?;
+        let bytes = read_file(store, &f.relative).await?;
         let size = bytes.len() as u64;
         let location = f.relative.clone();
         let file_rows = tokio::task::spawn_blocking(move || rows_from_parquet(bytes, &location))
@@ -512,9 +416,20 @@ async fn read_roll(
     Ok(records)
 }
 
-/// The NAS store at `root`.
-pub fn nas(root: &Path) -> ArchiveStore {
-    ArchiveStore::Nas(root.to_owned())
+/// The tiers a backfill reads: the NAS folder `nas` (skipped when it does not exist: nothing
+/// was archived there) and the `bucket` (rooted at `s3.prefix`), in that order.
+pub fn tiers(
+    nas: Option<&Path>,
+    bucket: Option<Arc<dyn ObjectStore>>,
+) -> Result<TieredStore, ArchiveError> {
+    let mut tiers: Vec<(&'static str, Arc<dyn ObjectStore>)> = Vec::new();
+    if let Some(root) = nas.filter(|r| r.exists()) {
+        let local = LocalFileSystem::new_with_prefix(root)
+            .map_err(|e| read_err(root.display().to_string())(e.to_string()))?;
+        tiers.push(("nas", Arc::new(local)));
+    }
+    tiers.extend(bucket.map(|b| ("bucket", b)));
+    Ok(TieredStore::from_tiers(tiers))
 }
 
 #[cfg(test)]
@@ -636,7 +551,7 @@ mod tests {
         archive
             .write_roll(2, 14, 14, &[telemetry(14, "cpu", t + 2)])
             .unwrap();
-        let stores = Arc::new(vec![nas(dir.path())]);
+        let stores = Arc::new(tiers(Some(dir.path()), None).unwrap());
         let files = list_rolls(&stores, "edge.telemetry", i64::MIN, i64::MAX)
             .await
             .unwrap();
@@ -677,7 +592,7 @@ mod tests {
         let folder = dir.path().join("topic=t/date=2025-11-05/hour=14");
         std::fs::create_dir_all(&folder).unwrap();
         std::fs::write(folder.join("part-p000-o1-2.parquet"), b"not parquet").unwrap();
-        let stores = Arc::new(vec![nas(dir.path())]);
+        let stores = Arc::new(tiers(Some(dir.path()), None).unwrap());
         let files = list_rolls(&stores, "t", i64::MIN, i64::MAX).await.unwrap();
         let mut reader =
             ArchiveReader::spawn(&tokio::runtime::Handle::current(), stores, files, vec![0]);

@@ -20,6 +20,10 @@ pub struct NasConfig {
     /// Roll a file when a partition's buffer holds this many rows. Default 200000.
     #[serde(default = "default_roll_rows")]
     pub roll_rows: usize,
+    /// Roll a file when a partition's buffer holds about this many bytes (uncompressed Arrow
+    /// size of its rows; the file is smaller). Default 134217728 (128 MiB).
+    #[serde(default = "default_roll_bytes")]
+    pub roll_bytes: usize,
     /// Roll at least this often. Default `60s`.
     #[serde(default = "default_roll_interval", with = "crate::config::duration")]
     pub roll_interval: Duration,
@@ -37,6 +41,9 @@ fn default_true() -> bool {
 fn default_roll_rows() -> usize {
     200_000
 }
+fn default_roll_bytes() -> usize {
+    128 << 20
+}
 fn default_roll_interval() -> Duration {
     Duration::from_secs(60)
 }
@@ -50,6 +57,7 @@ impl Default for NasConfig {
             path: default_path(),
             enabled: true,
             roll_rows: default_roll_rows(),
+            roll_bytes: default_roll_bytes(),
             roll_interval: default_roll_interval(),
             row_group_rows: default_row_group_rows(),
         }
@@ -65,6 +73,12 @@ impl NasConfig {
         if self.roll_rows == 0 {
             return Err(InvalidConfig::new("nas.roll_rows", "must be positive"));
         }
+        if self.roll_bytes < 1024 {
+            return Err(InvalidConfig::new(
+                "nas.roll_bytes",
+                "must be at least 1024 (bytes of a roll's rows)",
+            ));
+        }
         if self.roll_interval.is_zero() {
             return Err(InvalidConfig::new("nas.roll_interval", "must be positive"));
         }
@@ -72,5 +86,30 @@ impl NasConfig {
             return Err(InvalidConfig::new("nas.row_group_rows", "must be positive"));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_with_defaults_and_names_bad_keys() {
+        let c: NasConfig = toml::from_str("path = \"/mnt/nas\"\nroll_bytes = 65536\n").unwrap();
+        assert_eq!(c.path, PathBuf::from("/mnt/nas"));
+        assert_eq!(c.roll_bytes, 65536);
+        assert_eq!(c.roll_rows, 200_000);
+        assert_eq!(c.roll_interval, Duration::from_secs(60));
+        c.validate().unwrap();
+        let tiny = NasConfig {
+            roll_bytes: 10,
+            ..NasConfig::default()
+        };
+        assert!(tiny
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("nas.roll_bytes"));
+        assert!(toml::from_str::<NasConfig>("roll_size = 1").is_err());
     }
 }

@@ -4,6 +4,7 @@
 //! temporary name and renamed when complete, so readers never see a partial file; a roll whose
 //! offsets were not committed is deleted at start-up and rewritten, so none is doubled.
 
+pub mod compact;
 mod config;
 mod writer;
 

@@ -452,6 +452,7 @@ pub fn aggregate_batch(rows: &[&MetricAggRow]) -> Result<RecordBatch, NasError> 
 
 /// Writes closed windows under `<root>/table=<table>/date=YYYY-MM-DD/`, one file per table and
 /// bucket named by the bucket start: a replayed window rewrites the same file with the same rows.
+/// Once final, the 1-minute files of an hour are merged into one by [`super::compact`].
 /// `task_state` changes are not windows and are not archived.
 pub fn write_aggregate_files(
     root: &Path,
@@ -501,7 +502,7 @@ fn agg_key(r: &AggRow) -> (&str, &str) {
     }
 }
 
-fn write_batch_file(
+pub(super) fn write_batch_file(
     path: &Path,
     batch: &RecordBatch,
     row_group_rows: usize,

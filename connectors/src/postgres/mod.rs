@@ -9,6 +9,6 @@ mod sink;
 pub use config::PostgresConfig;
 pub use retention::RetentionConfig;
 pub use sink::{
-    commit_offsets, connect, load_state, load_task_state, migrate, write_aggregates, write_raw,
-    Backend, PostgresError, StoredState,
+    commit_offsets, connect, load_state, load_task_state, migrate, rejected_records,
+    write_aggregates, write_raw, Backend, PostgresError, Rejected, StoredState,
 };

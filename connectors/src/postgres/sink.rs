@@ -409,25 +409,18 @@ async fn copy_scores(
     Ok(anomalies.len() as u64)
 }
 
-/// Writes raw rows (binary COPY) and dead letters, and stores `offsets` for `sink`, in one
-/// transaction: after a crash either all of it is there or none.
-// Everything of one transaction is passed explicitly, so the atomicity is visible here.
-#[allow(clippy::too_many_arguments)]
-pub async fn write_raw(
-    client: &mut Client,
-    dataflow: &str,
-    sink: &str,
-    topic: &str,
-    rows: &[RawRow],
-    dead: &[DeadLetterRow],
-    late: &[LateEventRow],
-    offsets: &[PartitionOffset],
-) -> Result<(), PostgresError> {
-    let started = Instant::now();
-    let tx = client
-        .transaction()
-        .await
-        .map_err(stmt("beginning raw batch"))?;
+/// Rows COPYed per table by [`copy_raw`].
+#[derive(Debug, Default, Clone, Copy)]
+struct Copied {
+    telemetry: u64,
+    inference: u64,
+    analytics: u64,
+    scores: u64,
+    anomalies: u64,
+}
+
+/// COPYs raw rows of every stream (and scores with their anomalies) inside `tx`.
+async fn copy_raw(tx: &Transaction<'_>, rows: &[RawRow]) -> Result<Copied, PostgresError> {
     let telemetry = rows.iter().filter_map(|r| match r {
         RawRow::Telemetry(t) => Some(t),
         _ => None,
@@ -589,12 +582,146 @@ pub async fn write_raw(
             .await
             .map_err(stmt("finishing COPY into analytics_events"))?;
     }
-    let anomalies = copy_scores(&tx, &scores).await?;
+    let anomalies = copy_scores(tx, &scores).await?;
+    Ok(Copied {
+        telemetry: telemetry_rows,
+        inference: inference_rows,
+        analytics: analytics_rows,
+        scores: scores.len() as u64,
+        anomalies,
+    })
+}
+
+impl PostgresError {
+    /// PostgreSQL refused the data itself (SQLSTATE class 22, data exception, or 23, integrity
+    /// constraint violation): the same rows fail again however often they are retried, so the
+    /// records at fault must leave the batch ([`rejected_records`]).
+    pub fn is_rejected_data(&self) -> bool {
+        let PostgresError::Statement { source, .. } = self else {
+            return false;
+        };
+        source
+            .code()
+            .is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"))
+    }
+}
+
+/// A record PostgreSQL refused: its position and the database's reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// Kafka partition.
+    pub partition: i32,
+    /// Kafka offset.
+    pub offset: i64,
+    /// PostgreSQL's message and SQLSTATE.
+    pub reason: String,
+}
+
+/// The records among `rows` whose rows PostgreSQL refuses, found by bisection in a transaction
+/// that is rolled back: each half of a failing group is tried in a savepoint, groups that pass
+/// stay (so a record refused only next to an earlier one, such as a unique violation, is still
+/// found), until single records are left. `k` bad records among `n` cost about `k log n`
+/// COPYs. Empty when the rows pass together (the failure was not the data's).
+pub async fn rejected_records(
+    client: &mut Client,
+    rows: &[RawRow],
+) -> Result<Vec<Rejected>, PostgresError> {
+    // A record's rows (a telemetry record's points and their scores) stand or fall together.
+    let mut by_record: BTreeMap<(i32, i64), Vec<RawRow>> = BTreeMap::new();
+    for r in rows {
+        by_record.entry(r.position()).or_default().push(r.clone());
+    }
+    let records: Vec<((i32, i64), Vec<RawRow>)> = by_record.into_iter().collect();
+    let mut tx = client
+        .transaction()
+        .await
+        .map_err(stmt("beginning the search for refused records"))?;
+    let mut rejected = Vec::new();
+    // Ranges still to try, the leftmost on top: earlier records are settled first.
+    let mut pending: Vec<std::ops::Range<usize>> = Vec::new();
+    pending.push(0..records.len());
+    while let Some(range) = pending.pop() {
+        if range.is_empty() {
+            continue;
+        }
+        let group: Vec<RawRow> = records[range.clone()]
+            .iter()
+            .flat_map(|(_, rows)| rows.iter().cloned())
+            .collect();
+        let sp = tx
+            .savepoint("probe")
+            .await
+            .map_err(stmt("setting a savepoint"))?;
+        match copy_raw(&sp, &group).await {
+            Ok(_) => sp.commit().await.map_err(stmt("releasing a savepoint"))?,
+            Err(e) if e.is_rejected_data() => {
+                sp.rollback()
+                    .await
+                    .map_err(stmt("rolling back a savepoint"))?;
+                // ROLLBACK TO keeps the savepoint: release it, or they nest with every probe.
+                tx.batch_execute("RELEASE SAVEPOINT probe")
+                    .await
+                    .map_err(stmt("releasing a savepoint"))?;
+                if range.len() == 1 {
+                    let ((partition, offset), _) = &records[range.start];
+                    rejected.push(Rejected {
+                        partition: *partition,
+                        offset: *offset,
+                        reason: db_reason(&e),
+                    });
+                } else {
+                    let mid = range.start + range.len() / 2;
+                    pending.push(mid..range.end);
+                    pending.push(range.start..mid);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tx.rollback()
+        .await
+        .map_err(stmt("ending the search for refused records"))?;
+    Ok(rejected)
+}
+
+/// PostgreSQL's own message and SQLSTATE, for a dead letter.
+fn db_reason(e: &PostgresError) -> String {
+    match e {
+        PostgresError::Statement { what, source } => match source.as_db_error() {
+            Some(db) => format!("{what}: {} (SQLSTATE {})", db.message(), db.code().code()),
+            None => format!("{what}: {source}"),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// Writes raw rows (binary COPY) and dead letters, and stores `offsets` for `sink`, in one
+/// transaction: after a crash either all of it is there or none.
+// Everything of one transaction is passed explicitly, so the atomicity is visible here.
+#[allow(clippy::too_many_arguments)]
+pub async fn write_raw(
+    client: &mut Client,
+    dataflow: &str,
+    sink: &str,
+    topic: &str,
+    rows: &[RawRow],
+    dead: &[DeadLetterRow],
+    late: &[LateEventRow],
+    offsets: &[PartitionOffset],
+) -> Result<(), PostgresError> {
+    let started = Instant::now();
+    let tx = client
+        .transaction()
+        .await
+        .map_err(stmt("beginning raw batch"))?;
+    let copied = copy_raw(&tx, rows).await?;
     if !dead.is_empty() {
         let partitions: Vec<i32> = dead.iter().map(|d| d.partition).collect();
         let offs: Vec<i64> = dead.iter().map(|d| d.offset).collect();
-        let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
-        let errors: Vec<&str> = dead.iter().map(|d| d.error.as_str()).collect();
+        // Whoever made a letter, a NUL in its text must not make the letter itself refused.
+        let text = |s: &str| s.replace('\0', "\\u0000");
+        let reasons: Vec<String> = dead.iter().map(|d| text(&d.reason)).collect();
+        let errors: Vec<String> = dead.iter().map(|d| text(&d.error)).collect();
         let payloads: Vec<&[u8]> = dead.iter().map(|d| d.payload.as_slice()).collect();
         tx.execute(
             "INSERT INTO dead_letters (topic, partition, \"offset\", reason, error, payload)
@@ -622,11 +749,11 @@ pub async fn write_raw(
     upsert_offsets(&tx, dataflow, sink, topic, offsets, true).await?;
     tx.commit().await.map_err(stmt("committing raw batch"))?;
     for (table, rows) in [
-        ("device_metrics", telemetry_rows),
-        ("ai_inference_results", inference_rows),
-        ("analytics_events", analytics_rows),
-        ("anomaly_scores", scores.len() as u64),
-        ("anomalies", anomalies),
+        ("device_metrics", copied.telemetry),
+        ("ai_inference_results", copied.inference),
+        ("analytics_events", copied.analytics),
+        ("anomaly_scores", copied.scores),
+        ("anomalies", copied.anomalies),
     ] {
         if rows > 0 {
             SinkRowsWritten {

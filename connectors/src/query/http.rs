@@ -20,6 +20,8 @@ use datafusion::datasource::listing::{
 };
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use object_store::local::LocalFileSystem;
+use object_store::ObjectStore;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -76,10 +78,15 @@ pub enum QueryError {
 ///
 /// Every aggregate table also has its 1-hour rollup (`*_1h`) with the same columns.
 ///
+/// Every table lists the archive on both tiers ([`crate::archive::TieredStore`]): the NAS and,
+/// when `bucket` is given (an object store rooted at the archive's prefix, as
+/// [`crate::s3::archive_bucket`] builds it), the files tiering moved there, each file once.
+///
 /// All running queries share a memory pool of `memory_limit_bytes`; the PostgreSQL dialect and
 /// the functions of [`super::functions`] (`time_bucket`) are set up.
 pub fn session(
     nas_root: &Path,
+    bucket: Option<Arc<dyn ObjectStore>>,
     telemetry_topic: &str,
     inference_topic: &str,
     events_topic: &str,
@@ -97,17 +104,27 @@ pub fn session(
         .build_arc()?;
     let ctx = SessionContext::new_with_config_rt(config, runtime);
     super::functions::register(&ctx);
+    std::fs::create_dir_all(nas_root)
+        .map_err(|e| QueryError::Encode(format!("creating {}: {e}", nas_root.display())))?;
+    let nas = LocalFileSystem::new_with_prefix(nas_root)
+        .map_err(|e| QueryError::Encode(format!("opening {}: {e}", nas_root.display())))?;
+    let tiers = crate::archive::TieredStore::new(Arc::new(nas), bucket);
+    let archive_url = url::Url::parse(ARCHIVE_URL)
+        .map_err(|e| QueryError::Encode(format!("{ARCHIVE_URL}: {e}")))?;
+    ctx.register_object_store(&archive_url, Arc::new(tiers));
     register_listing(
         &ctx,
         "inference_raw",
-        &nas_root.join(format!("topic={inference_topic}")),
+        nas_root,
+        &format!("topic={inference_topic}"),
         &["date", "hour"],
         primespark_schemas::columnar::inference_raw(),
     )?;
     register_listing(
         &ctx,
         "analytics_raw",
-        &nas_root.join(format!("topic={events_topic}")),
+        nas_root,
+        &format!("topic={events_topic}"),
         &["date", "hour"],
         primespark_schemas::columnar::analytics_raw(),
     )?;
@@ -161,7 +178,8 @@ pub fn session(
         register_listing(
             &ctx,
             name,
-            &nas_root.join(format!("table={name}")),
+            nas_root,
+            &format!("table={name}"),
             &["date"],
             schema,
         )?;
@@ -169,40 +187,48 @@ pub fn session(
     register_listing(
         &ctx,
         "telemetry_raw",
-        &nas_root.join(format!("topic={telemetry_topic}")),
+        nas_root,
+        &format!("topic={telemetry_topic}"),
         &["date", "hour"],
         primespark_schemas::columnar::telemetry_raw(),
     )?;
     register_listing(
         &ctx,
         "anomaly_scores",
-        &nas_root.join(crate::nas::SCORES_TABLE_DIR),
+        nas_root,
+        crate::nas::SCORES_TABLE_DIR,
         &["date", "hour"],
         primespark_schemas::columnar::anomaly_scores(),
     )?;
     register_listing(
         &ctx,
         "device_metrics_1m",
-        &nas_root.join("table=device_metrics_1m"),
+        nas_root,
+        "table=device_metrics_1m",
         &["date"],
         primespark_schemas::columnar::device_metrics_1m(),
     )?;
     Ok(ctx)
 }
 
+/// Where the session finds the archive's tiers: its [`crate::archive::TieredStore`].
+const ARCHIVE_URL: &str = "archive://tiers";
+
+/// A listing table over the archive folder `dir` (relative to the NAS root and the bucket's
+/// prefix alike).
 fn register_listing(
     ctx: &SessionContext,
     name: &str,
-    dir: &Path,
+    nas_root: &Path,
+    dir: &str,
     partition_cols: &[&str],
     schema: datafusion::arrow::datatypes::SchemaRef,
 ) -> Result<(), QueryError> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| QueryError::Encode(format!("creating {}: {e}", dir.display())))?;
-    let dir = dir
-        .canonicalize()
-        .map_err(|e| QueryError::Encode(format!("resolving {}: {e}", dir.display())))?;
-    let table_url = ListingTableUrl::parse(format!("{}/", dir.display()))?;
+    // The writers create it too; made here so a fresh NAS reads as empty tables.
+    let local = nas_root.join(dir);
+    std::fs::create_dir_all(&local)
+        .map_err(|e| QueryError::Encode(format!("creating {}: {e}", local.display())))?;
+    let table_url = ListingTableUrl::parse(format!("{ARCHIVE_URL}/{dir}/"))?;
     let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
         .with_file_extension(".parquet")
         .with_table_partition_cols(
@@ -232,20 +258,33 @@ pub fn router(service: Arc<QueryService>, max_body_bytes: usize) -> Router {
         .with_state(service)
 }
 
-/// Serves `router` on `addr` until `shutdown` resolves.
+/// Serves `router` on `addr` until `shutdown` resolves; over TLS with `tls` (see
+/// [`super::tls::http_acceptor`]), plain HTTP otherwise.
 pub async fn serve(
     addr: SocketAddr,
     router: Router,
+    tls: Option<super::tls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), QueryError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| QueryError::Serve { addr, source })?;
-    tracing::info!(%addr, "sql endpoint listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|source| QueryError::Serve { addr, source })
+    tracing::info!(%addr, tls = tls.is_some(), "sql endpoint listening");
+    let served = match tls {
+        Some(acceptor) => {
+            let listener = super::tls::TlsListener::new(listener, acceptor)
+                .map_err(|source| QueryError::Serve { addr, source })?;
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        None => {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    };
+    served.map_err(|source| QueryError::Serve { addr, source })
 }
 
 impl IntoResponse for QueryError {
@@ -634,6 +673,7 @@ mod tests {
 
         let ctx = session(
             dir.path(),
+            None,
             "edge.telemetry",
             "edge.ai.inference",
             "analytics.events",

@@ -14,6 +14,7 @@ mod http;
 pub mod pgwire;
 pub mod postgres_table;
 pub mod service;
+pub mod tls;
 pub mod unified;
 
 pub use config::{ApiKey, QueryConfig, Role, WireUser};

@@ -40,7 +40,7 @@
 use std::fmt::{self, Debug};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -214,47 +214,15 @@ pub enum PgWireError {
         source: std::io::Error,
     },
     /// The TLS certificate or key could not be read or does not make a TLS configuration.
-    #[error("TLS certificate {cert} with key {key} is unusable")]
-    Tls {
-        /// The certificate chain file.
-        cert: PathBuf,
-        /// The private key file.
-        key: PathBuf,
-        /// What was wrong.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
 }
 
 /// A TLS acceptor for [`serve`] from PEM files: the certificate chain (leaf first) and its
-/// private key (PKCS#8, PKCS#1 or SEC1). Uses ring, so it works whatever crypto provider other
-/// crates install, and offers the `postgresql` ALPN protocol that PostgreSQL 17 clients send.
+/// private key (PKCS#8, PKCS#1 or SEC1), offering the `postgresql` ALPN protocol that
+/// PostgreSQL 17 clients send (see [`super::tls::acceptor`]).
 pub fn tls_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, PgWireError> {
-    use tokio_rustls::rustls;
-    use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let fail = |source: Box<dyn std::error::Error + Send + Sync>| PgWireError::Tls {
-        cert: cert.to_owned(),
-        key: key.to_owned(),
-        source,
-    };
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| fail(e.into()))?;
-    if chain.is_empty() {
-        return Err(fail("no certificate in the file".into()));
-    }
-    let private_key = PrivateKeyDer::from_pem_file(key).map_err(|e| fail(e.into()))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| fail(e.into()))?
-    .with_no_client_auth()
-    .with_single_cert(chain, private_key)
-    .map_err(|e| fail(e.into()))?;
-    config.alpn_protocols = vec![b"postgresql".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(super::tls::acceptor(cert, key, &[b"postgresql"])?)
 }
 
 /// Serves the PostgreSQL wire protocol on `addr` until `shutdown` completes.
@@ -2710,10 +2678,7 @@ mod tests {
             String::from_utf8_lossy(&made.stderr)
         );
         let tls = tls_acceptor(&cert, &key).unwrap();
-        assert!(matches!(
-            tls_acceptor(&key, &key),
-            Err(PgWireError::Tls { .. })
-        ));
+        assert!(matches!(tls_acceptor(&key, &key), Err(PgWireError::Tls(_))));
 
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();

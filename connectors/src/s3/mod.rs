@@ -7,4 +7,4 @@ mod config;
 mod tier;
 
 pub use config::{S3Config, TierConfig};
-pub use tier::{bucket, object_key, S3Error, TierReport, Tierer};
+pub use tier::{archive_bucket, bucket, object_key, S3Error, TierReport, Tierer};

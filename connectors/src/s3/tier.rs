@@ -103,7 +103,8 @@ fn read_credentials(path: &Path) -> Result<(String, String), S3Error> {
 }
 
 /// Finished Parquet files under `root` older than `after` at `now` (in-progress files are
-/// hidden, `.name.inprogress`, and never picked).
+/// hidden, `.name.inprogress`, and never picked; nor are 1-minute aggregate files, which
+/// [`crate::nas::compact`] merges into hour files first).
 fn candidates(root: &Path, after: Duration, now: SystemTime) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut dirs = vec![root.to_owned()];
@@ -118,7 +119,13 @@ fn candidates(root: &Path, after: Duration, now: SystemTime) -> Vec<PathBuf> {
             let name = name.to_string_lossy();
             if meta.is_dir() {
                 dirs.push(path);
-            } else if meta.is_file() && !name.starts_with('.') && name.ends_with(".parquet") {
+            } else if meta.is_file()
+                && !name.starts_with('.')
+                && name.ends_with(".parquet")
+                // 1-minute aggregate files move once compacted into their hour's file.
+                && !crate::nas::relative_path(root, &path)
+                    .is_some_and(|rel| crate::nas::compact::is_minute_file(&rel))
+            {
                 let old = meta
                     .modified()
                     .ok()
@@ -174,6 +181,20 @@ pub fn bucket(cfg: &S3Config) -> Result<Arc<dyn ObjectStore>, S3Error> {
         source,
     })?;
     Ok(Arc::new(store))
+}
+
+/// The configured bucket rooted at `s3.prefix`: a path in it is a path under the NAS root
+/// (what the archive readers' [`crate::archive::TieredStore`] needs).
+pub fn archive_bucket(cfg: &S3Config) -> Result<Arc<dyn ObjectStore>, S3Error> {
+    let store = bucket(cfg)?;
+    let prefix = cfg.prefix.trim_matches('/');
+    if prefix.is_empty() {
+        return Ok(store);
+    }
+    Ok(Arc::new(object_store::prefix::PrefixStore::new(
+        store,
+        ObjectPath::from(prefix),
+    )))
 }
 
 impl Tierer {
