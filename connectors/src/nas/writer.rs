@@ -508,13 +508,29 @@ pub(super) fn write_batch_file(
     row_group_rows: usize,
 ) -> Result<(), NasError> {
     let file = fs::File::create(path).map_err(io(path))?;
-    let props = WriterProperties::builder()
+    let mut props = WriterProperties::builder()
         // zstd level 1: most of level 3's size at a fraction of its time, on a Pi too.
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(1).map_err(|e| NasError::Encode(e.to_string()))?,
         ))
-        .set_max_row_group_row_count(Some(row_group_rows.max(1)))
-        .build();
+        .set_max_row_group_row_count(Some(row_group_rows.max(1)));
+    for field in batch.schema().fields() {
+        let column = parquet::schema::types::ColumnPath::from(field.name().as_str());
+        props = match (field.name().as_str(), field.data_type()) {
+            // Offsets are unique and rising: a dictionary is built only to be dropped, and
+            // deltas of one pack into a few bits.
+            ("kafka_offset", _) => props
+                .set_column_dictionary_enabled(column.clone(), false)
+                .set_column_encoding(column, parquet::basic::Encoding::DELTA_BINARY_PACKED),
+            // Measurements rarely repeat: no dictionary (built, then dropped at its size
+            // limit); byte stream split puts like bytes together, which zstd packs better.
+            (_, arrow::datatypes::DataType::Float64 | arrow::datatypes::DataType::Float32) => props
+                .set_column_dictionary_enabled(column.clone(), false)
+                .set_column_encoding(column, parquet::basic::Encoding::BYTE_STREAM_SPLIT),
+            _ => props,
+        };
+    }
+    let props = props.build();
     let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props))
         .map_err(|e| NasError::Encode(e.to_string()))?;
     writer
