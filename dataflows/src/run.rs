@@ -581,11 +581,11 @@ fn run_mode(
         let addr = config.query.validate()?;
         // The bucket's tier of the archive too, when there is one: files tiering moved (or
         // direct mode wrote) stay in SQL.
-        let bucket = if config.s3.enabled {
-            Some(primespark_connectors::s3::archive_bucket(&config.s3)?)
-        } else {
-            None
-        };
+        let bucket = config
+            .s3
+            .enabled
+            .then(|| primespark_connectors::s3::archive_bucket(&config.s3))
+            .transpose()?;
         let ctx = query::session(
             &config.nas.path,
             bucket,
@@ -605,18 +605,23 @@ fn run_mode(
             tracing::warn!(%addr, "no [[query.api_keys]]: the SQL endpoint is open to local callers as reader");
         }
         let service = Arc::new(query::QueryService::new(ctx, &config.query)?);
+        // Both doors serve the same certificate (validated: both paths or neither).
+        let tls_files = config
+            .query
+            .tls_cert
+            .as_deref()
+            .zip(config.query.tls_key.as_deref());
         if let Some(pg_addr) = &config.query.pg_addr {
             // Validated at start-up: an ip:port.
             let pg_addr: std::net::SocketAddr = pg_addr
                 .parse()
                 .map_err(|e| InvalidConfig::new("query.pg_addr", format!("{e}")))?;
-            let tls = match (&config.query.tls_cert, &config.query.tls_key) {
-                (Some(cert), Some(key)) => Some(
+            let tls = tls_files
+                .map(|(cert, key)| {
                     query::pgwire::tls_acceptor(cert, key)
-                        .map_err(|e| InvalidConfig::new("query.tls_cert", tls_reason(&e)))?,
-                ),
-                _ => None,
-            };
+                        .map_err(|e| InvalidConfig::new("query.tls_cert", tls_reason(&e)))
+                })
+                .transpose()?;
             let backend: Arc<dyn query::pgwire::SqlBackend> =
                 Arc::new(query::service::WireBackend(service.clone()));
             let stop = shutdown.clone();
@@ -635,13 +640,12 @@ fn run_mode(
         let router =
             query::router(service, config.query.max_body_bytes).merge(crate::ops::routes());
         let server_shutdown = shutdown.clone();
-        let http_tls = match (&config.query.tls_cert, &config.query.tls_key) {
-            (Some(cert), Some(key)) => Some(
+        let http_tls = tls_files
+            .map(|(cert, key)| {
                 query::tls::http_acceptor(cert, key)
-                    .map_err(|e| InvalidConfig::new("query.tls_cert", tls_reason(&e)))?,
-            ),
-            _ => None,
-        };
+                    .map_err(|e| InvalidConfig::new("query.tls_cert", tls_reason(&e)))
+            })
+            .transpose()?;
         Some(rt.spawn(query::serve(addr, router, http_tls, async move {
             while !server_shutdown.load(Ordering::Relaxed) {
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -263,33 +263,22 @@ pub async fn raw_writer(
     }
 }
 
-/// Publishes the batch's dead letters that the raw sink has not stored yet to `<topic>.dlq`,
-/// retrying with backoff (the writer, and with it the source, waits meanwhile).
+/// Publishes the batch's dead letters that the raw sink has not stored yet to `<topic>.dlq`.
 async fn publish_dlq(dlq: &DlqTarget, batch: &RawBatch, pg: bool) {
-    let letters: Vec<primespark_connectors::kafka::DeadLetterMessage<'_>> = batch
-        .items
-        .iter()
-        .filter_map(|i| match i {
-            RawItem::Dead(d) if (pg && d.delivery.postgres) || (!pg && d.delivery.parquet) => {
-                Some(primespark_connectors::kafka::DeadLetterMessage {
-                    topic: &dlq.topic,
-                    partition: d.row.partition,
-                    offset: d.row.offset,
-                    reason: &d.row.reason,
-                    error: &d.row.error,
-                    payload: &d.row.payload,
-                })
-            }
-            _ => None,
-        })
-        .collect();
-    send_letters(dlq, &letters).await;
+    let rows = batch.items.iter().filter_map(|i| match i {
+        RawItem::Dead(d) if (pg && d.delivery.postgres) || (!pg && d.delivery.parquet) => {
+            Some(&d.row)
+        }
+        _ => None,
+    });
+    publish_letters(dlq, rows).await;
 }
 
-/// Publishes dead letters made after the batch's own (records PostgreSQL refused).
-async fn publish_letters(dlq: &DlqTarget, rows: &[DeadLetterRow]) {
+/// Publishes dead letters to `<topic>.dlq`, retrying with backoff (the writer, and with it the
+/// source, waits meanwhile).
+async fn publish_letters<'r>(dlq: &DlqTarget, rows: impl IntoIterator<Item = &'r DeadLetterRow>) {
     let letters: Vec<primespark_connectors::kafka::DeadLetterMessage<'_>> = rows
-        .iter()
+        .into_iter()
         .map(|d| primespark_connectors::kafka::DeadLetterMessage {
             topic: &dlq.topic,
             partition: d.partition,
@@ -299,18 +288,11 @@ async fn publish_letters(dlq: &DlqTarget, rows: &[DeadLetterRow]) {
             payload: &d.payload,
         })
         .collect();
-    send_letters(dlq, &letters).await;
-}
-
-async fn send_letters(
-    dlq: &DlqTarget,
-    letters: &[primespark_connectors::kafka::DeadLetterMessage<'_>],
-) {
     if letters.is_empty() {
         return;
     }
     retry("kafka", "dead_letter_topic", || {
-        primespark_connectors::kafka::publish_dead_letters(&dlq.producer, letters)
+        primespark_connectors::kafka::publish_dead_letters(&dlq.producer, &letters)
     })
     .await;
 }
@@ -366,7 +348,7 @@ fn write_dead_letters_file(pq: &ParquetTarget, batch: &RawBatch) {
 }
 
 async fn write_pg_batch(pg: &mut Pg, batch: &RawBatch, dlq: Option<&DlqTarget>) {
-    let rows: Vec<RawRow> = batch
+    let mut rows: Vec<RawRow> = batch
         .items
         .iter()
         .filter_map(|i| match i {
@@ -374,7 +356,7 @@ async fn write_pg_batch(pg: &mut Pg, batch: &RawBatch, dlq: Option<&DlqTarget>) 
             _ => None,
         })
         .collect();
-    let dead: Vec<_> = batch
+    let mut dead: Vec<_> = batch
         .items
         .iter()
         .filter_map(|i| match i {
@@ -419,8 +401,6 @@ async fn write_pg_batch(pg: &mut Pg, batch: &RawBatch, dlq: Option<&DlqTarget>) 
         })
         .collect();
     let (dataflow, topic) = (pg.target.dataflow.clone(), pg.target.topic.clone());
-    let mut rows = rows;
-    let mut dead = dead;
     loop {
         let refused = pg_retry!(pg, "raw", |client| write_or_find_refused(
             client, &dataflow, &topic, &rows, &dead, &late, &offsets
@@ -743,7 +723,7 @@ pub async fn agg_writer(
         // lateness) become one file each; once per hour of watermark progress.
         if let Some(pq) = &parquet {
             let final_before = committed.saturating_sub(allowed_lateness_us);
-            let hour = final_before - final_before.rem_euclid(HOUR_US);
+            let hour = primespark_connectors::nas::compact::hour_start(final_before);
             if compacted_before.is_none_or(|done| done < hour) {
                 let (root, rg) = (pq.root.clone(), pq.row_group_rows);
                 let done = tokio::task::spawn_blocking(move || {
@@ -770,9 +750,6 @@ pub async fn agg_writer(
         }
     }
 }
-
-/// An hour, in microseconds.
-const HOUR_US: i64 = 3_600_000_000;
 
 #[cfg(test)]
 mod tests {

@@ -220,6 +220,16 @@ impl TelemetryRun {
     }
 }
 
+/// The `i64` that `sql` (e.g. a `count(*)`) returns; 0 while it fails, e.g. before the pipeline
+/// has run its migrations.
+pub async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client
+        .query_one(sql, &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0)
+}
+
 /// Creates a topic.
 pub async fn create_topic(stack: &Stack, topic: &str, partitions: i32) -> Result<()> {
     create_topic_on(&stack.brokers, topic, partitions).await

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use primespark_connectors::nas::compact::{hour_file_name, minute_file_bucket};
 use primespark_tests::{
     bucket_keys, connect, count_files, curl, http_post, produce, stack, unique, wait_until,
     Sections, TelemetryRun,
@@ -66,7 +67,7 @@ async fn final_hours_are_compacted_tiered_and_read_once() -> Result<()> {
     // Hour 14 as one file in the bucket, none of its minute files left anywhere.
     let minute_dir = nas.join("table=device_metrics_1m");
     let prefix = "archive/table=device_metrics_1m/";
-    let hour_key = format!("{prefix}date=2025-11-05/part-h{:020}.parquet", T0_MS * 1000);
+    let hour_key = format!("{prefix}date=2025-11-05/{}", hour_file_name(T0_MS * 1000));
     let compacted = wait_until(
         Duration::from_secs(120),
         "hour 14 compacted and tiered",
@@ -76,9 +77,8 @@ async fn final_hours_are_compacted_tiered_and_read_once() -> Result<()> {
                 .map(|d| {
                     d.flatten()
                         .filter(|f| {
-                            let n = f.file_name().to_string_lossy().into_owned();
-                            n.starts_with("part-b")
-                                && n < format!("part-b{:020}", (T0_MS + 3_600_000) * 1000)
+                            minute_file_bucket(&f.file_name().to_string_lossy())
+                                .is_some_and(|b| b < (T0_MS + 3_600_000) * 1000)
                         })
                         .count()
                 })

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use primespark_tests::{
-    connect, create_topic, free_port, fresh_database, produce, stack, unique, wait_until, Pipeline,
+    connect, count, create_topic, free_port, fresh_database, produce, stack, unique, wait_until,
+    Pipeline,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -91,15 +92,6 @@ fn config(dir: &Path, brokers: &str, topic: &str, url: &str) -> Result<std::path
         ),
     )?;
     Ok(path)
-}
-
-async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
-    // Before the migrations ran: 0.
-    client
-        .query_one(sql, &[])
-        .await
-        .map(|r| r.get(0))
-        .unwrap_or(0)
 }
 
 /// Rows in the finished Parquet files under `dir`.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use primespark_tests::{connect, produce, stack, wait_until, Sections, TelemetryRun};
+use primespark_tests::{connect, count, produce, stack, wait_until, Sections, TelemetryRun};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -112,21 +112,10 @@ async fn dead_letters_are_published_to_the_dlq_topic() -> Result<()> {
         Duration::from_secs(120),
         "rows and dead letters",
         || async {
-            let n = |sql: &'static str| {
-                let client = &client;
-                async move {
-                    Ok::<i64, anyhow::Error>(
-                        client
-                            .query_one(sql, &[])
-                            .await
-                            .map(|r| r.get(0))
-                            .unwrap_or(0),
-                    )
-                }
-            };
             Ok(
-                n("SELECT count(*) FROM device_metrics").await? == good as i64
-                    && n("SELECT count(*) FROM dead_letters").await? == bad.len() as i64,
+                count(&client, "SELECT count(*) FROM device_metrics").await == good as i64
+                    && count(&client, "SELECT count(*) FROM dead_letters").await
+                        == bad.len() as i64,
             )
         },
     )
@@ -164,8 +153,8 @@ async fn dead_letters_are_published_to_the_dlq_topic() -> Result<()> {
     Ok(())
 }
 
-/// A record PostgreSQL refuses (here a CHECK constraint a DBA added; a NUL byte or a
-/// TimescaleDB restriction refuses the same way) leaves its batch as a dead letter, in
+/// A record PostgreSQL refuses (here a CHECK constraint a DBA added: SQLSTATE class 23; a
+/// data exception, class 22, is handled the same way) leaves its batch as a dead letter, in
 /// `dead_letters` and on the DLQ topic, with the database's reason and its position; every
 /// other record of the batch is stored, the offsets move on, the pipeline keeps running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,18 +187,21 @@ async fn records_postgres_refuses_become_dead_letters() -> Result<()> {
 
     let mut records = Vec::new();
     let mut refused: Vec<(i32, i64)> = Vec::new();
+    // Per partition 150 records 100 ms apart, then two late ones (back at T0, 15 s behind):
+    // the first refused, the second not. Only the second is a late event.
     for p in 0..2i32 {
-        for i in 0..150i64 {
-            let device = if i % 13 == 5 {
+        for i in 0..152i64 {
+            let device = if i % 13 == 5 || i == 150 {
                 refused.push((p, i));
                 "pi-refused".to_owned()
             } else {
                 format!("pi-{p}")
             };
+            let time = if i < 150 { T0_MS + i * 100 } else { T0_MS };
             records.push((
                 p,
                 json!({"device_id": device, "metrics": {"cpu_percent": 5.0, "load_avg": 0.5},
-                       "timestamp": T0_MS + i * 100})
+                       "timestamp": time})
                 .to_string()
                 .into_bytes(),
             ));
@@ -219,26 +211,18 @@ async fn records_postgres_refuses_become_dead_letters() -> Result<()> {
     let mut pipeline = run.start(&[])?;
     let good = (records.len() - refused.len()) as i64;
     let stored = wait_until(Duration::from_secs(120), "rows and letters", || async {
-        let n = |sql: &'static str| {
-            let client = &client;
-            async move {
-                Ok::<i64, anyhow::Error>(
-                    client
-                        .query_one(sql, &[])
-                        .await
-                        .map(|r| r.get(0))
-                        .unwrap_or(-1),
+        Ok(
+            count(&client, "SELECT count(*) FROM device_metrics").await == 2 * good
+                && count(&client, "SELECT count(*) FROM dead_letters").await
+                    == refused.len() as i64
+                && count(
+                    &client,
+                    "SELECT coalesce(sum(next_offset), 0)::int8 FROM source_offsets \
+                     WHERE sink = 'postgres_raw'",
                 )
-            }
-        };
-        Ok(n("SELECT count(*) FROM device_metrics").await? == 2 * good
-            && n("SELECT count(*) FROM dead_letters").await? == refused.len() as i64
-            && n(
-                "SELECT coalesce(sum(next_offset), 0)::int8 FROM source_offsets \
-                  WHERE sink = 'postgres_raw'",
-            )
-            .await?
-                == 300)
+                .await
+                    == 304,
+        )
     })
     .await;
     if let Err(e) = stored {
@@ -264,6 +248,17 @@ async fn records_postgres_refuses_become_dead_letters() -> Result<()> {
         .await?;
     let positions: Vec<(i32, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     assert_eq!(positions, refused);
+    // A refused record is a dead letter, not also a late event of the sink that refused it.
+    let late: Vec<(i32, i64)> = client
+        .query(
+            "SELECT partition, \"offset\" FROM late_events ORDER BY 1, 2",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(late, [(0, 151), (1, 151)]);
     for r in &rows {
         let (o, reason, error, payload): (i64, String, String, Vec<u8>) =
             (r.get(1), r.get(2), r.get(3), r.get(4));

@@ -16,7 +16,7 @@ use primespark_tests::grafana::{
     panel_exprs, panel_queries, panels, substitute_variables, try_expand_macros, MacroContext,
 };
 use primespark_tests::{
-    connect, create_topic, free_port, fresh_database, produce, repo_root, stack, unique,
+    connect, count, create_topic, free_port, fresh_database, produce, repo_root, stack, unique,
     wait_until, Pipeline,
 };
 use serde_json::{json, Value};
@@ -442,14 +442,6 @@ fn workload(t0_ms: i64, partitions: i32) -> Result<(Records, Records, Records)> 
         ));
     }
     Ok((telemetry, inference, events))
-}
-
-async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
-        .await
-        .map(|r| r.get(0))
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

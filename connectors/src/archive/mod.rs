@@ -416,7 +416,7 @@ async fn read_roll(
     Ok(records)
 }
 
-/// The tiers a backfill reads: the NAS folder `nas` (skipped when it does not exist: nothing
+/// The archive's tiers (SQL, backfill): the NAS folder `nas` (skipped when it does not exist: nothing
 /// was archived there) and the `bucket` (rooted at `s3.prefix`), in that order.
 pub fn tiers(
     nas: Option<&Path>,

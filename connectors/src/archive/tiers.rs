@@ -35,14 +35,8 @@ pub struct TieredStore {
 }
 
 impl TieredStore {
-    /// The NAS and, when given, the bucket behind it (both rooted at the archive's top).
-    pub fn new(nas: Arc<dyn ObjectStore>, bucket: Option<Arc<dyn ObjectStore>>) -> Self {
-        let mut tiers = vec![("nas", nas)];
-        tiers.extend(bucket.map(|b| ("bucket", b)));
-        Self { tiers }
-    }
-
-    /// Any tiers by name (for metrics: `nas`, `bucket`), in order of preference.
+    /// Tiers by name (for metrics: `nas`, `bucket`), in order of preference; [`super::tiers`]
+    /// builds the archive's.
     pub fn from_tiers(tiers: Vec<(&'static str, Arc<dyn ObjectStore>)>) -> Self {
         Self { tiers }
     }
@@ -68,7 +62,7 @@ impl fmt::Display for TieredStore {
 
 fn read_only(operation: &str) -> object_store::Error {
     object_store::Error::NotSupported {
-        source: format!("the archive is read-only through the SQL endpoint ({operation})").into(),
+        source: format!("the archive's readers do not write it ({operation})").into(),
     }
 }
 
@@ -232,7 +226,7 @@ mod tests {
         // An aggregate file rewritten on the NAS after its move: the NAS copy is newer.
         put(&nas, "table=x/date=2025-11-05/part-b1.parquet", b"newer").await;
         put(&bucket, "table=x/date=2025-11-05/part-b1.parquet", b"old").await;
-        let store = TieredStore::new(nas.clone(), Some(bucket.clone()));
+        let store = TieredStore::from_tiers(vec![("nas", nas.clone()), ("bucket", bucket.clone())]);
 
         assert_eq!(
             listed(&store, "topic=t").await,
@@ -287,7 +281,7 @@ mod tests {
             .is_err());
 
         // Without a bucket it is the NAS alone.
-        let alone = TieredStore::new(nas, None);
+        let alone = TieredStore::from_tiers(vec![("nas", nas)]);
         assert_eq!(listed(&alone, "topic=t").await.len(), 1);
     }
 }

@@ -26,7 +26,7 @@ use arrow::array::{Array, RecordBatch, RecordBatchReader, TimestampMicrosecondAr
 use arrow::compute::concat_batches;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use super::writer::write_batch_file;
+use super::writer::{io, publish_batch, sync_dir};
 use super::NasError;
 use crate::metrics::AggregatesCompacted;
 
@@ -58,6 +58,16 @@ pub fn hour_file_start(name: &str) -> Option<i64> {
         .strip_suffix(".parquet")?
         .parse()
         .ok()
+}
+
+/// The name of the minute file of the window starting at `bucket_us`.
+pub fn minute_file_name(bucket_us: i64) -> String {
+    format!("part-b{bucket_us:020}.parquet")
+}
+
+/// The start of the hour `us` lies in.
+pub fn hour_start(us: i64) -> i64 {
+    us.saturating_sub(us.rem_euclid(HOUR_US))
 }
 
 /// The name of the hour file of the hour starting at `hour_us`.
@@ -98,19 +108,9 @@ pub fn hidden_by_hour_files<'a>(paths: impl IntoIterator<Item = &'a str> + Clone
         .into_iter()
         .map(|p| {
             let (folder, name) = p.rsplit_once('/').unwrap_or(("", p));
-            minute_file_bucket(name).is_some_and(|b| {
-                let hour = b - b.rem_euclid(HOUR_US);
-                hours.contains(&(folder, hour))
-            })
+            minute_file_bucket(name).is_some_and(|b| hours.contains(&(folder, hour_start(b))))
         })
         .collect()
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NasError + '_ {
-    move |source| NasError::Io {
-        path: path.to_owned(),
-        source,
-    }
 }
 
 fn read_file(path: &Path) -> Result<Option<RecordBatch>, NasError> {
@@ -183,8 +183,11 @@ pub fn compact(
             for f in fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
                 if let Some(b) = minute_file_bucket(&name) {
-                    let hour = b - b.rem_euclid(HOUR_US);
-                    hours.entry(hour).or_default().minutes.insert(b, f.path());
+                    hours
+                        .entry(hour_start(b))
+                        .or_default()
+                        .minutes
+                        .insert(b, f.path());
                 } else if let Some(h) = hour_file_start(&name) {
                     hours.entry(h).or_default().hour_file = Some(f.path());
                 }
@@ -234,16 +237,11 @@ fn compact_hour(
         };
     }
     let name = hour_file_name(hour_us);
-    let final_path = dir.join(&name);
     let rows: u64 = windows.values().map(|b| b.num_rows() as u64).sum();
     if let Some(first) = windows.values().next() {
-        let schema = first.schema();
-        let batch = concat_batches(&schema, windows.values())
-            .map_err(|e| NasError::Encode(format!("{}: {e}", final_path.display())))?;
-        let tmp_path = dir.join(format!(".{name}.inprogress"));
-        write_batch_file(&tmp_path, &batch, row_group_rows)?;
-        fs::rename(&tmp_path, &final_path).map_err(io(&final_path))?;
-        sync_dir(dir)?;
+        let batch = concat_batches(&first.schema(), windows.values())
+            .map_err(|e| NasError::Encode(format!("{}: {e}", dir.join(&name).display())))?;
+        publish_batch(dir, &name, &batch, row_group_rows)?;
     }
     // From here the hour file hides the minute files; removing them is tidying up.
     for path in hour.minutes.values() {
@@ -255,12 +253,6 @@ fn compact_hour(
     }
     sync_dir(dir)?;
     Ok(rows)
-}
-
-fn sync_dir(dir: &Path) -> Result<(), NasError> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
 }
 
 #[cfg(test)]
@@ -357,8 +349,8 @@ mod tests {
         assert_eq!(
             files,
             [
-                format!("part-b{:020}.parquet", H14 + 60 * MINUTE),
-                format!("part-b{:020}.parquet", H14 + 61 * MINUTE),
+                minute_file_name(H14 + 60 * MINUTE),
+                minute_file_name(H14 + 61 * MINUTE),
                 hour_file_name(H14),
             ]
         );
@@ -403,12 +395,12 @@ mod tests {
                 hour_file_name(H14)
             ),
             format!(
-                "table=device_metrics_1m/date=2025-11-05/part-b{:020}.parquet",
-                H14 + MINUTE
+                "table=device_metrics_1m/date=2025-11-05/{}",
+                minute_file_name(H14 + MINUTE)
             ),
             format!(
-                "table=device_metrics_1m/date=2025-11-05/part-b{:020}.parquet",
-                H14 + 60 * MINUTE
+                "table=device_metrics_1m/date=2025-11-05/{}",
+                minute_file_name(H14 + 60 * MINUTE)
             ),
             format!("table=device_metrics_1h/date=2025-11-05/part-b{H14:020}.parquet"),
         ];

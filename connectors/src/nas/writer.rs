@@ -37,7 +37,7 @@ pub enum NasError {
     Encode(String),
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NasError + '_ {
+pub(super) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NasError + '_ {
     move |source| NasError::Io {
         path: path.to_owned(),
         source,
@@ -476,15 +476,13 @@ pub fn write_aggregate_files(
             .join(format!("table={table}"))
             .join(format!("date={}", start.format("%Y-%m-%d")));
         fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let name = format!("part-b{bucket:020}.parquet");
-        let final_path = dir.join(&name);
-        let tmp_path = dir.join(format!(".{name}.inprogress"));
-        write_batch_file(&tmp_path, &agg_batch(&rows)?, row_group_rows)?;
-        fs::rename(&tmp_path, &final_path).map_err(io(&final_path))?;
-        fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&dir))?;
-        written.push(final_path);
+        let name = super::compact::minute_file_name(bucket);
+        written.push(publish_batch(
+            &dir,
+            &name,
+            &agg_batch(&rows)?,
+            row_group_rows,
+        )?);
     }
     Ok(written)
 }
@@ -502,7 +500,31 @@ fn agg_key(r: &AggRow) -> (&str, &str) {
     }
 }
 
-pub(super) fn write_batch_file(
+/// Writes `batch` as `dir/name` so that readers never see it partial: under a hidden
+/// temporary name (`.name.inprogress`, which no `*.parquet` listing or glob picks up), renamed
+/// when complete, the rename made durable by a directory fsync. Returns the final path.
+pub(super) fn publish_batch(
+    dir: &Path,
+    name: &str,
+    batch: &RecordBatch,
+    row_group_rows: usize,
+) -> Result<PathBuf, NasError> {
+    let final_path = dir.join(name);
+    let tmp_path = dir.join(format!(".{name}.inprogress"));
+    write_batch_file(&tmp_path, batch, row_group_rows)?;
+    fs::rename(&tmp_path, &final_path).map_err(io(&final_path))?;
+    sync_dir(dir)?;
+    Ok(final_path)
+}
+
+/// Makes renames and removals in `dir` durable.
+pub(super) fn sync_dir(dir: &Path) -> Result<(), NasError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+fn write_batch_file(
     path: &Path,
     batch: &RecordBatch,
     row_group_rows: usize,
@@ -694,26 +716,10 @@ impl ParquetArchive {
                 .join(format!("hour={}", start.format("%H")));
             fs::create_dir_all(&dir).map_err(io(&dir))?;
             let name = format!("part-p{partition:03}-o{first:020}-{last:020}.parquet");
-            let final_path = dir.join(&name);
-            // Not `*.parquet`, so SQL listings and globs skip it until the rename.
-            let tmp_path = dir.join(format!(".{name}.inprogress"));
-            self.write_file(&tmp_path, &rows)?;
-            fs::rename(&tmp_path, &final_path).map_err(io(&final_path))?;
-            // Make the rename itself durable.
-            fs::File::open(&dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io(&dir))?;
-            written.push(final_path);
+            let batch = raw_batch_of(rows.iter().copied())?;
+            written.push(publish_batch(&dir, &name, &batch, self.row_group_rows)?);
         }
         Ok(written)
-    }
-
-    fn write_file(&self, path: &Path, rows: &[&RawRow]) -> Result<(), NasError> {
-        write_batch_file(
-            path,
-            &raw_batch_of(rows.iter().copied())?,
-            self.row_group_rows,
-        )
     }
 }
 
@@ -757,6 +763,40 @@ mod tests {
         assert_eq!(removed, 1);
         assert!(!later[0].exists());
         assert!(files.iter().all(|f| f.exists()));
+    }
+
+    #[test]
+    fn offsets_are_delta_encoded_and_floats_byte_stream_split() {
+        use parquet::basic::Encoding;
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let dir = tempfile::tempdir().unwrap();
+        let archive = ParquetArchive::new(dir.path(), "edge.telemetry", 1024);
+        let t0 = 1_762_351_387_000_000;
+        let rows: Vec<RawRow> = (0..100).map(|i| row(t0, i)).collect();
+        let files = archive.write_roll(0, 0, 99, &rows).unwrap();
+        let reader = SerializedFileReader::new(fs::File::open(&files[0]).unwrap()).unwrap();
+        let group = reader.metadata().row_group(0);
+        let encodings = |name: &str| {
+            let column = group
+                .columns()
+                .iter()
+                .find(|c| c.column_path().string() == name)
+                .unwrap();
+            column.encodings().collect::<Vec<_>>()
+        };
+        for (column, wanted) in [
+            ("kafka_offset", Encoding::DELTA_BINARY_PACKED),
+            ("value", Encoding::BYTE_STREAM_SPLIT),
+        ] {
+            let used = encodings(column);
+            assert!(used.contains(&wanted), "{column}: {used:?}");
+            assert!(
+                !used.contains(&Encoding::RLE_DICTIONARY),
+                "{column} has a dictionary: {used:?}"
+            );
+        }
+        // Everything else keeps the default dictionaries.
+        assert!(encodings("device_id").contains(&Encoding::RLE_DICTIONARY));
     }
 
     #[test]

@@ -20,7 +20,6 @@ use datafusion::datasource::listing::{
 };
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
-use object_store::local::LocalFileSystem;
 use object_store::ObjectStore;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -104,11 +103,11 @@ pub fn session(
         .build_arc()?;
     let ctx = SessionContext::new_with_config_rt(config, runtime);
     super::functions::register(&ctx);
+    // Created, so the NAS is a tier even before anything is archived.
     std::fs::create_dir_all(nas_root)
         .map_err(|e| QueryError::Encode(format!("creating {}: {e}", nas_root.display())))?;
-    let nas = LocalFileSystem::new_with_prefix(nas_root)
-        .map_err(|e| QueryError::Encode(format!("opening {}: {e}", nas_root.display())))?;
-    let tiers = crate::archive::TieredStore::new(Arc::new(nas), bucket);
+    let tiers = crate::archive::tiers(Some(nas_root), bucket)
+        .map_err(|e| QueryError::Encode(e.to_string()))?;
     let archive_url = url::Url::parse(ARCHIVE_URL)
         .map_err(|e| QueryError::Encode(format!("{ARCHIVE_URL}: {e}")))?;
     ctx.register_object_store(&archive_url, Arc::new(tiers));
