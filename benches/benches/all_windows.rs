@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use primespark_operators::decode::StreamKind;
-use primespark_operators::record::{Delivery, SourceRecord};
+use primespark_operators::decode::{DecodeRecord, StreamKind};
+use primespark_operators::record::{SinkId, SinkSet, SourceRecord};
 use primespark_operators::routing::{InferenceWindowSpec, InferenceWindows};
 use primespark_operators::tasks::{task_windows, TaskInput, TaskWindowSpec};
 use primespark_operators::window::metric_windows;
@@ -222,7 +222,7 @@ fn main() {
                         partition: index as i32,
                         offset: (chunk_no * 4096 + i) as i64,
                         payload: payload.clone(),
-                        delivery: Delivery::ALL,
+                        delivery: SinkSet::of([SinkId::WINDOWS]),
                         watermark_us: i64::MIN,
                         allowed_lateness_us: 0,
                     };

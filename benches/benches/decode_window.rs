@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use primespark_operators::decode::DecodeTelemetry;
-use primespark_operators::record::{Delivery, SourceRecord};
+use primespark_operators::record::{SinkId, SinkSet, SourceRecord};
 use primespark_operators::window::{Stats, TumblingWindow, WindowSpec};
 use primespark_schemas::rows::RawRow;
 use primespark_schemas::telemetry::TelemetryEvent;
@@ -72,7 +72,7 @@ fn main() {
             partition: 0,
             offset: i as i64,
             payload: p.clone(),
-            delivery: Delivery::ALL,
+            delivery: SinkSet::of([SinkId::WINDOWS]),
             watermark_us: i64::MIN,
             allowed_lateness_us: 0,
         })

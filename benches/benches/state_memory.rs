@@ -9,8 +9,8 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use primespark_operators::decode::StreamKind;
-use primespark_operators::record::{Delivery, SourceRecord};
+use primespark_operators::decode::{DecodeRecord, StreamKind};
+use primespark_operators::record::{SinkId, SinkSet, SourceRecord};
 use primespark_operators::window::metric_windows;
 use primespark_schemas::rows::RawRow;
 use primespark_schemas::DecodeLimits;
@@ -76,7 +76,7 @@ fn main() {
                         partition: index as i32,
                         offset,
                         payload: payload.into_bytes(),
-                        delivery: Delivery::ALL,
+                        delivery: SinkSet::of([SinkId::WINDOWS]),
                         watermark_us: i64::MIN,
                         allowed_lateness_us: 0,
                     });

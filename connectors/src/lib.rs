@@ -9,20 +9,23 @@
 //! - [`nas`]: Parquet files on the NAS, partitioned by topic/date/hour, made visible atomically.
 //! - [`archive`]: reading the Parquet archive (NAS or bucket) back as records, for backfills.
 //! - [`s3`]: S3-compatible object storage, the cold tier the NAS files move to.
-//! - [`query`]: the DataFusion SQL endpoint over HTTP.
+//! - [`query`]: the DataFusion SQL endpoint over HTTP and the PostgreSQL wire protocol.
+//! - [`sink`]: the sink contract every sink above implements, its registry and runtime.
 //!
-//! Connectors know the row types of `primespark-schemas` and nothing of timely.
+//! Connectors know the row and flow types of `primespark-schemas` and nothing of timely.
 
 // Tests may unwrap: a panic there is a failed test with its message.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod archive;
 pub mod config;
+pub mod failpoint;
 pub mod kafka;
 pub mod metrics;
 pub mod nas;
 pub mod postgres;
 pub mod query;
 pub mod s3;
+pub mod sink;
 
 pub use config::InvalidConfig;

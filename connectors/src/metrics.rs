@@ -38,8 +38,6 @@ pub struct QueryLabels {
 }
 
 struct Metrics {
-    records: Family<PartitionLabels, Counter>,
-    bytes: Family<PartitionLabels, Counter>,
     rows_written: Family<SinkLabels, Counter>,
     flush_seconds: Family<SinkLabels, Histogram>,
     sink_errors: Family<SinkLabels, Counter>,
@@ -95,8 +93,6 @@ fn seconds_histogram() -> Histogram {
 fn metrics() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
     M.get_or_init(|| Metrics {
-        records: Family::default(),
-        bytes: Family::default(),
         rows_written: Family::default(),
         flush_seconds: Family::new_with_constructor(seconds_histogram),
         sink_errors: Family::default(),
@@ -125,16 +121,6 @@ pub fn register(registry: &mut Registry) {
         "primespark_consumer_lag_records",
         "Records between a partition's consumer position and its high watermark, from the client's statistics",
         m.consumer_lag.clone(),
-    );
-    registry.register(
-        "primespark_source_records",
-        "Kafka records consumed",
-        m.records.clone(),
-    );
-    registry.register(
-        "primespark_source_bytes",
-        "Kafka payload bytes consumed",
-        m.bytes.clone(),
     );
     registry.register(
         "primespark_sink_rows_written",
@@ -223,45 +209,7 @@ pub fn register(registry: &mut Registry) {
     );
 }
 
-/// Records were read from a Kafka partition.
-pub struct KafkaRecordsReceived<'a> {
-    /// Topic.
-    pub topic: &'a str,
-    /// Partition.
-    pub partition: i32,
-    /// Records.
-    pub count: u64,
-    /// Payload bytes.
-    pub bytes: u64,
-}
-
-impl KafkaRecordsReceived<'_> {
-    /// Logs and counts.
-    pub fn emit(&self) {
-        tracing::trace!(
-            topic = self.topic,
-            partition = self.partition,
-            count = self.count,
-            bytes = self.bytes,
-            "records received"
-        );
-        let labels = PartitionLabels {
-            topic: self.topic.to_owned(),
-            partition: self.partition.to_string(),
-        };
-        metrics().records.get_or_create(&labels).inc_by(self.count);
-        metrics().bytes.get_or_create(&labels).inc_by(self.bytes);
-        RECORDS_TOTAL.fetch_add(self.count, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-static RECORDS_TOTAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static DEAD_LETTERS_TOTAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Records consumed by this process so far, all topics (for status lines).
-pub fn records_total() -> u64 {
-    RECORDS_TOTAL.load(std::sync::atomic::Ordering::Relaxed)
-}
 
 /// Dead letters stored by this process so far (for status lines).
 pub fn dead_letters_total() -> u64 {
@@ -356,6 +304,35 @@ pub fn degraded_sinks() -> Vec<(String, String, String)> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A sink failed in a way retrying cannot fix: the pipeline stops.
+pub struct SinkStopped<'a> {
+    /// Sink.
+    pub sink: &'a str,
+    /// Table.
+    pub table: &'a str,
+    /// The error.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl SinkStopped<'_> {
+    /// Logs, counts the error and marks the sink degraded with it (for `/readyz`).
+    pub fn emit(&self) {
+        tracing::error!(sink = self.sink, table = self.table, error = %self.error, "sink failed for good; the pipeline stops");
+        let labels = SinkLabels {
+            sink: self.sink.to_owned(),
+            table: self.table.to_owned(),
+        };
+        metrics().sink_errors.get_or_create(&labels).inc();
+        metrics().sink_degraded.get_or_create(&labels).set(1);
+        if let Ok(mut d) = degraded().lock() {
+            d.insert(
+                (self.sink.to_owned(), self.table.to_owned()),
+                self.error.to_string(),
+            );
+        }
+    }
 }
 
 /// A sink recovered after failures.

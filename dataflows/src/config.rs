@@ -213,7 +213,7 @@ pub struct Config {
     pub tier: TierConfig,
     /// Anomaly scoring of telemetry.
     #[serde(default)]
-    pub inference: crate::scoring::InferenceConfig,
+    pub inference: primespark_operators::inference::config::InferenceConfig,
 }
 
 /// `[postgres]` with an on/off switch.

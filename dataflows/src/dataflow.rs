@@ -15,17 +15,19 @@
 //!   windows -> `api_events_1m` (`primespark_operators::tasks`); the join's state goes to
 //!   `task_state` with the windows it feeds.
 
-use std::cell::Cell;
-use std::rc::Rc;
-use std::time::Duration;
-
 use primespark_operators::checkpoint::CheckpointTracker;
+use primespark_operators::control::Drained;
 use primespark_operators::decode::StreamKind;
+use primespark_operators::record::{RawItem, SinkId};
 use primespark_operators::routing::{InferenceWindowSpec, InferenceWindows};
+use primespark_operators::scoring::{ScoreTelemetry, ScoringSpec, ANOMALY_METRIC, SCORE_METRIC};
+use primespark_operators::sink::{CommitAggregates, FlushPolicy, RawSink};
+use primespark_operators::source::{FeedSource, SourceSpec};
 use primespark_operators::tasks::{task_windows, TaskInput, TaskWindowSpec};
 use primespark_operators::window::metric_windows;
 use primespark_operators::EventTime;
 use primespark_schemas::analytics::{AnalyticsEvent, TaskEvent};
+use primespark_schemas::flow::{AggCommit, Feed, RawBatch};
 use primespark_schemas::inference::InferenceEvent;
 use primespark_schemas::rows::{Agg, AggRow, MetricAggRow, RawRow, Rollup};
 use timely::dataflow::operators::core::OkErr;
@@ -34,50 +36,9 @@ use timely::dataflow::operators::{Concat, ToStream};
 use timely::dataflow::{Scope, StreamVec};
 use tokio::sync::mpsc::Sender;
 
-use crate::scoring::{score_telemetry, ScoringSpec, ANOMALY_METRIC, SCORE_METRIC};
-use crate::sinks::{commit_aggregates, raw_sink, AggCommit, FlushPolicy, RawBatch};
-use crate::source::{kafka_source, Feed, RawItem, SourceSpec};
-
 /// The widest window: the checkpoint keeps every partition's records from the first record of
 /// its oldest open window of this width, so a restart can rebuild every open window.
 pub const WINDOW_US: i64 = Rollup::WIDEST.width_us();
-
-/// Name of a stream's dataflow in `source_offsets`, `dataflow_state` and metrics.
-pub fn dataflow_name(kind: StreamKind) -> &'static str {
-    match kind {
-        StreamKind::Telemetry => "telemetry",
-        StreamKind::Inference => "inference",
-        StreamKind::Analytics => "analytics",
-    }
-}
-
-/// Flags the worker loop watches to know when a shutdown has flushed everything.
-#[derive(Clone)]
-pub struct Drained {
-    /// The raw sink handed off its buffer.
-    pub raw: Rc<Cell<bool>>,
-    /// The commit operator handed off its last checkpoint.
-    pub aggregates: Rc<Cell<bool>>,
-    /// The scoring operator holds no sample (true where there is none).
-    pub scoring: Rc<Cell<bool>>,
-}
-
-impl Default for Drained {
-    fn default() -> Self {
-        Self {
-            raw: Rc::default(),
-            aggregates: Rc::default(),
-            scoring: Rc::new(Cell::new(true)),
-        }
-    }
-}
-
-impl Drained {
-    /// All done.
-    pub fn all(&self) -> bool {
-        self.raw.get() && self.aggregates.get() && self.scoring.get()
-    }
-}
 
 /// The windows of `kind` over the on-time points that still need windowing, for every rollup
 /// (1 minute and 1 hour, each computed from the events, so percentiles stay exact to the sketch).
@@ -90,14 +51,14 @@ fn windows<'s>(
     out_of_orderness_us: u64,
     restored_tasks: Vec<TaskEvent>,
 ) -> StreamVec<'s, EventTime, AggRow> {
-    let dataflow = dataflow_name(kind).to_owned();
+    let dataflow = kind.name().to_owned();
     let mut outputs = Vec::new();
     match kind {
         StreamKind::Telemetry => {
             let points = raw.flat_map(|item: RawItem| {
                 let mut out = Vec::new();
                 if let RawItem::Point(p) = item {
-                    if p.delivery.window && !p.late {
+                    if p.delivery.contains(SinkId::WINDOWS) && !p.late {
                         match p.row {
                             RawRow::Telemetry(r) => {
                                 out.push(((r.device_id, r.metric_name), r.time_us, r.value))
@@ -140,10 +101,12 @@ fn windows<'s>(
         StreamKind::Inference => {
             let events: StreamVec<'s, EventTime, InferenceEvent> =
                 raw.flat_map(|item: RawItem| match item {
-                    RawItem::Point(p) if p.delivery.window && !p.late => match p.row {
-                        RawRow::Inference(r) => Some(r.event),
-                        _ => None,
-                    },
+                    RawItem::Point(p) if p.delivery.contains(SinkId::WINDOWS) && !p.late => {
+                        match p.row {
+                            RawRow::Inference(r) => Some(r.event),
+                            _ => None,
+                        }
+                    }
                     _ => None,
                 });
             for rollup in Rollup::ALL {
@@ -167,7 +130,8 @@ fn windows<'s>(
         StreamKind::Analytics => {
             let scope = raw.scope();
             let events = raw.flat_map(|item: RawItem| match item {
-                RawItem::Point(p) if p.delivery.window && !p.late => match p.row {
+                RawItem::Point(p) if p.delivery.contains(SinkId::WINDOWS) && !p.late => match p.row
+                {
                     RawRow::Analytics(r) => Some(r.event),
                     _ => None,
                 },
@@ -230,58 +194,68 @@ fn windows<'s>(
     outputs.fold(first, |all, next| all.concat(next))
 }
 
-/// Builds the dataflow in `scope`.
-#[allow(clippy::too_many_arguments)]
-pub fn build<'s>(
-    scope: Scope<'s, EventTime>,
-    spec: SourceSpec,
-    reader: Option<Feed>,
-    tracker: CheckpointTracker,
-    raw_tx: Sender<RawBatch>,
-    agg_tx: Sender<AggCommit>,
-    flush: FlushPolicy,
-    commit_interval: Duration,
-    drained: &Drained,
-    restored_tasks: Vec<TaskEvent>,
-    scoring: Option<ScoringSpec>,
-) {
-    let pressure = spec.pressure.clone();
-    let shutdown = spec.shutdown.clone();
-    let committed = spec.committed_watermark_us;
-    let spec_kind = spec.kind;
-    let lateness = u64::try_from(spec.allowed_lateness_us).unwrap_or(0);
-    let out_of_orderness = u64::try_from(spec.out_of_orderness_us).unwrap_or(0);
-    let (raw, marks) = kafka_source(scope, spec, reader).ok_err(|item| item);
+/// Everything one worker's dataflow of one stream is built from.
+pub struct DataflowSpec {
+    /// The source's partitions, resume points, event time and flags.
+    pub source: SourceSpec,
+    /// Where it reads (`None` on a worker with no partitions).
+    pub feed: Option<Box<dyn Feed>>,
+    /// The aggregate checkpoint, restored from the last commit.
+    pub tracker: CheckpointTracker,
+    /// This worker's raw sinks.
+    pub raw_tx: Sender<RawBatch>,
+    /// The aggregate sinks (worker 0's operator commits).
+    pub agg_tx: Sender<AggCommit>,
+    /// When the raw sink operator hands a batch off.
+    pub raw_flush: FlushPolicy,
+    /// When the commit operator commits.
+    pub commit: FlushPolicy,
+    /// This worker's share of `task_state` (analytics only).
+    pub restored_tasks: Vec<TaskEvent>,
+    /// Anomaly scoring (telemetry only).
+    pub scoring: Option<ScoringSpec>,
+}
+
+/// Builds the dataflow of `spec` in `scope`; `drained` tells when it has handed off everything.
+pub fn build(scope: Scope<'_, EventTime>, spec: DataflowSpec, drained: &Drained) {
+    let DataflowSpec {
+        source,
+        feed,
+        tracker,
+        raw_tx,
+        agg_tx,
+        raw_flush,
+        commit,
+        restored_tasks,
+        scoring,
+    } = spec;
+    let control = source.control.clone();
+    let kind = source.kind;
+    let committed = source.time.committed_watermark_us;
+    let lateness = u64::try_from(source.time.allowed_lateness_us).unwrap_or(0);
+    let out_of_orderness = u64::try_from(source.time.out_of_orderness_us).unwrap_or(0);
+    let (raw, marks) = scope.feed_source(source, feed).ok_err(|item| item);
     let raw = match scoring {
-        Some(scoring) if spec_kind == StreamKind::Telemetry => {
-            score_telemetry(raw, scoring, drained.scoring.clone())
+        Some(scoring) if kind == StreamKind::Telemetry => {
+            raw.score_telemetry(scoring, drained.scoring.clone())
         }
         _ => raw,
     };
     let aggregates = windows(
-        spec_kind,
+        kind,
         raw.clone(),
         committed,
         lateness,
         out_of_orderness,
         restored_tasks,
     );
-    raw_sink(
-        raw,
-        raw_tx,
-        flush,
-        pressure,
-        shutdown.clone(),
-        drained.raw.clone(),
-    );
-    commit_aggregates(
-        aggregates,
+    raw.raw_sink(raw_tx, raw_flush, &control, drained.raw.clone());
+    aggregates.commit_aggregates(
         marks,
         tracker,
         agg_tx,
-        commit_interval,
-        flush.rows,
-        shutdown,
+        commit,
+        &control,
         drained.aggregates.clone(),
     );
 }

@@ -99,7 +99,7 @@ pub fn demo(opts: &DemoOptions, status: impl Fn(&str) + Send + 'static) -> Resul
         while !stop.load(Ordering::Relaxed) {
             std::thread::sleep(Duration::from_secs(1));
             ticks += 1;
-            let total = primespark_connectors::metrics::records_total();
+            let total = primespark_operators::metrics::records_total();
             status(&format!(
                 "[{ticks:>4}s] events/s {:>7} | consumed {:>9} | windows closed {:>7} | dead letters {:>6} | sql: curl -s {http}/v1/sql -d '{{\"sql\":\"select count(*) from telemetry_raw\"}}' -H 'content-type: application/json'",
                 total - last,

@@ -1,13 +1,15 @@
 //! Wires primespark's operators and connectors into dataflows, and the `primespark` binary.
 //!
+//! This crate is the wiring only: the operators live in `primespark-operators` (source, windows,
+//! raw sink and commit, scoring), the sinks and their runtime in `primespark-connectors`
+//! (`sink`).
+//!
 //! - [`config`]: the typed configuration (TOML + environment).
-//! - [`source`]: the source operator, over Kafka (explicit partition assignment, non-blocking polls,
-//!   per-partition watermarks, resume offsets) or the Parquet archive (`primespark backfill`).
-//! - [`sinks`]: timely operators that hand batches to the async writers with backpressure.
-//! - [`writers`]: the async writers (PostgreSQL, Parquet) with retries.
-//! - [`dataflow`]: the dataflow of one topic (telemetry, inference) and its windows.
-//! - [`scoring`]: anomaly scoring of telemetry samples (`[inference]`, the scoring operator).
-//! - [`run`]: process start-up and shutdown: runtime, migrations, state, timely workers.
+//! - [`plan`]: the pure plan of a run from its configuration: streams, topics, sinks.
+//! - [`dataflow`]: the dataflow of one stream and the windows its kind needs.
+//! - [`run`]: process start-up and shutdown: runtime, migrations, each stream's sinks and
+//!   state, the services, the timely workers.
+//! - [`npu`]: opening the Hailo-8 when there is one.
 //! - [`fleet`]: a synthetic fleet producer (demo, `produce`, tests, benchmarks).
 //! - [`demo`]: the embedded default with an in-process Kafka-protocol broker.
 //! - [`ops`]: the process's metrics registry and HTTP routes (`/metrics`, `/healthz`).
@@ -21,9 +23,7 @@ pub mod config;
 pub mod dataflow;
 pub mod demo;
 pub mod fleet;
+pub mod npu;
 pub mod ops;
+pub mod plan;
 pub mod run;
-pub mod scoring;
-pub mod sinks;
-pub mod source;
-pub mod writers;

@@ -21,14 +21,8 @@ use crate::EventTime;
 /// Where one partition resumes.
 pub use primespark_schemas::rows::PartitionOffset as PartitionResume;
 
-/// What to commit with the aggregates of windows ending before `frontier`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Checkpoint {
-    /// Windows ending at or before this are final (`frontier - 1`).
-    pub committed_watermark_us: EventTime,
-    /// Resume point of every partition seen so far.
-    pub partitions: Vec<PartitionResume>,
-}
+/// What to commit with the aggregates of windows ending before a frontier.
+pub use primespark_schemas::flow::Checkpoint;
 
 /// Bookkeeping of [`SourceMark`]s for one dataflow (lives on the committing worker).
 #[derive(Debug)]

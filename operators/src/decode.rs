@@ -1,82 +1,39 @@
 //! Decode and validate Kafka records into typed points; bad records become [`DeadLetter`]s with
 //! their reason and source offset instead of failing anything.
 
-use primespark_schemas::analytics::AnalyticsEvent;
-use primespark_schemas::inference::InferenceEvent;
-use primespark_schemas::rows::{AnalyticsRow, DeadLetterRow, InferenceRow, RawRow, TelemetryRow};
-use primespark_schemas::telemetry::TelemetryEvent;
+use primespark_schemas::rows::{DeadLetterRow, RawRow};
 use primespark_schemas::{DecodeError, DecodeLimits};
-use serde::{Deserialize, Serialize};
 use timely::dataflow::channels::pact::Pipeline;
 use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::StreamVec;
 
 use crate::metrics::DecodeFailed;
-use crate::record::{DeadLetter, Delivery, Point, SourceRecord};
+use crate::record::{DeadLetter, Point, SinkSet, SourceRecord};
 use crate::EventTime;
 
-/// Which event shape a topic carries: how its records become raw rows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum StreamKind {
-    /// `edge.telemetry`: one row per metric.
-    Telemetry,
-    /// `edge.ai.inference`: one row per request.
-    Inference,
-    /// `analytics.events`: one row per task lifecycle or API event.
-    Analytics,
-}
+pub use primespark_schemas::streams::StreamKind;
 
-impl StreamKind {
+/// Decoding of a stream's records, by its kind: the decoder of its [`primespark_schemas::streams::STREAMS`] entry.
+pub trait DecodeRecord {
     /// Decodes and validates one record into its points, or a dead letter with the reason and
     /// source offset (and a counted, logged decode error).
-    pub fn decode(
+    fn decode(
+        self,
+        topic: &str,
+        limits: &DecodeLimits,
+        record: SourceRecord,
+    ) -> Result<Vec<Point>, DeadLetter>;
+}
+
+impl DecodeRecord for StreamKind {
+    fn decode(
         self,
         topic: &str,
         limits: &DecodeLimits,
         record: SourceRecord,
     ) -> Result<Vec<Point>, DeadLetter> {
-        let decoded: Result<(i64, Vec<RawRow>), DecodeError> = match self {
-            StreamKind::Telemetry => TelemetryEvent::decode(&record.payload, limits).map(|event| {
-                let device_id = event.device_id;
-                let rows = event
-                    .metrics
-                    .into_iter()
-                    .map(|m| {
-                        RawRow::Telemetry(TelemetryRow {
-                            time_us: event.time_us,
-                            device_id: device_id.clone(),
-                            metric_name: m.name,
-                            value: m.value,
-                            partition: record.partition,
-                            offset: record.offset,
-                        })
-                    })
-                    .collect();
-                (event.time_us, rows)
-            }),
-            StreamKind::Inference => InferenceEvent::decode(&record.payload, limits).map(|event| {
-                (
-                    event.time_us,
-                    vec![RawRow::Inference(InferenceRow {
-                        event,
-                        partition: record.partition,
-                        offset: record.offset,
-                    })],
-                )
-            }),
-            StreamKind::Analytics => AnalyticsEvent::decode(&record.payload, limits).map(|event| {
-                (
-                    event.time_us(),
-                    vec![RawRow::Analytics(AnalyticsRow {
-                        event,
-                        partition: record.partition,
-                        offset: record.offset,
-                    })],
-                )
-            }),
-        };
-        match decoded {
+        match (self.def().decode)(&record.payload, limits, record.partition, record.offset) {
             Ok((time_us, rows)) => Ok(points_of(
                 rows,
                 time_us,
@@ -94,7 +51,7 @@ impl StreamKind {
 pub fn points_of(
     rows: Vec<RawRow>,
     time_us: i64,
-    delivery: Delivery,
+    delivery: SinkSet,
     watermark_us: i64,
     allowed_lateness_us: i64,
 ) -> Vec<Point> {
@@ -153,13 +110,13 @@ pub trait DecodeTelemetry<'scope> {
     /// ```
     /// use timely::dataflow::operators::{ToStream, Capture, capture::Event};
     /// use primespark_operators::decode::DecodeTelemetry;
-    /// use primespark_operators::record::{Delivery, SourceRecord};
+    /// use primespark_operators::record::{SinkSet, SourceRecord};
     ///
     /// let (points, dead) = timely::example(|scope| {
     ///     let records = vec![
-    ///         SourceRecord { partition: 0, offset: 7, delivery: Delivery::ALL, watermark_us: 0, allowed_lateness_us: 0,
+    ///         SourceRecord { partition: 0, offset: 7, delivery: SinkSet::EMPTY, watermark_us: 0, allowed_lateness_us: 0,
     ///             payload: br#"{"device_id":"pi","metrics":{"cpu_percent":5},"timestamp":1762351387123}"#.to_vec() },
-    ///         SourceRecord { partition: 0, offset: 8, delivery: Delivery::ALL, watermark_us: 0, allowed_lateness_us: 0,
+    ///         SourceRecord { partition: 0, offset: 8, delivery: SinkSet::EMPTY, watermark_us: 0, allowed_lateness_us: 0,
     ///             payload: b"oops".to_vec() },
     ///     ];
     ///     let (ok, err) = records.to_stream(scope).container::<Vec<_>>()

@@ -1,7 +1,13 @@
 //! Timely operators of primespark.
 //!
-//! Each operator is an extension trait on a timely `Stream`, named, non-blocking, and built on
-//! timely's generic `unary_frontier` builder:
+//! Each operator is an extension trait on a timely `Stream` (or, for the source, on a scope),
+//! named, non-blocking, and built on timely's generic builders:
+//! - [`source`]: the source of every dataflow over a `Feed` (Kafka partitions or the Parquet
+//!   archive): decoding in place, per-partition watermarks, which consumers need each record.
+//! - [`sink`]: the raw sink and commit operators, which hand batches to the sinks' async
+//!   runtimes through bounded channels (backpressure pauses the source).
+//! - [`scoring`]: anomaly scoring of telemetry samples, micro-batched to an inference thread.
+//! - [`control`]: the shutdown, pause and pressure flags the operators of a worker share.
 //! - [`decode`]: Kafka records to validated telemetry points; bad records become dead letters.
 //! - [`window`]: event-time tumbling windows, emitted when the watermark (the timely frontier)
 //!   passes their end.
@@ -21,12 +27,16 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod checkpoint;
+pub mod control;
 pub mod decode;
 pub mod inference;
 pub mod metrics;
 pub mod record;
 pub mod routing;
+pub mod scoring;
+pub mod sink;
 pub mod sketch;
+pub mod source;
 pub mod tasks;
 pub mod watermark;
 pub mod window;

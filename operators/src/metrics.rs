@@ -38,9 +38,20 @@ pub struct WorkerLabels {
     pub worker: String,
 }
 
+/// Labels of per-partition source series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: String,
+}
+
 type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
 struct Metrics {
+    records: Family<PartitionLabels, Counter>,
+    bytes: Family<PartitionLabels, Counter>,
     watermark: Family<WorkerLabels, FloatGauge>,
     watermark_lag: Family<WorkerLabels, FloatGauge>,
     decode_errors: Family<ReasonLabels, Counter>,
@@ -97,6 +108,8 @@ pub struct BackendLabels {
 fn metrics() -> &'static Metrics {
     static M: OnceLock<Metrics> = OnceLock::new();
     M.get_or_init(|| Metrics {
+        records: Family::default(),
+        bytes: Family::default(),
         watermark: Family::default(),
         watermark_lag: Family::default(),
         decode_errors: Family::default(),
@@ -122,6 +135,16 @@ fn metrics() -> &'static Metrics {
 /// Registers the operators' series.
 pub fn register(registry: &mut Registry) {
     let m = metrics();
+    registry.register(
+        "primespark_source_records",
+        "Kafka records consumed",
+        m.records.clone(),
+    );
+    registry.register(
+        "primespark_source_bytes",
+        "Kafka payload bytes consumed",
+        m.bytes.clone(),
+    );
     registry.register(
         "primespark_watermark_seconds",
         "Event-time watermark of a source, seconds since the epoch",
@@ -611,3 +634,42 @@ pub fn windows_closed_total() -> u64 {
 }
 
 static WINDOWS_CLOSED_TOTAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A source read records of a Kafka partition.
+pub struct RecordsRead<'a> {
+    /// Topic.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// Records.
+    pub count: u64,
+    /// Payload bytes.
+    pub bytes: u64,
+}
+
+impl RecordsRead<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        tracing::trace!(
+            topic = self.topic,
+            partition = self.partition,
+            count = self.count,
+            bytes = self.bytes,
+            "records received"
+        );
+        let labels = PartitionLabels {
+            topic: self.topic.to_owned(),
+            partition: self.partition.to_string(),
+        };
+        metrics().records.get_or_create(&labels).inc_by(self.count);
+        metrics().bytes.get_or_create(&labels).inc_by(self.bytes);
+        RECORDS_TOTAL.fetch_add(self.count, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+static RECORDS_TOTAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Records consumed by this process so far, all topics (for status lines).
+pub fn records_total() -> u64 {
+    RECORDS_TOTAL.load(std::sync::atomic::Ordering::Relaxed)
+}

@@ -1,34 +1,9 @@
 //! Records that flow between primespark's operators. All are serde so that timely can exchange
-//! them between processes of a cluster.
+//! them between processes of a cluster. What flows on to the sinks (points, dead letters, their
+//! [`SinkSet`]s, batches) is defined in `primespark_schemas::flow` and re-exported here.
 
-use primespark_schemas::rows::{DeadLetterRow, RawRow};
+pub use primespark_schemas::flow::{DeadLetter, Point, RawBatch, RawItem, SinkId, SinkSet};
 use serde::{Deserialize, Serialize};
-
-/// Which sinks still need a record. On restart a partition is re-read from the lowest offset any
-/// sink still needs; each record then goes only to the sinks that have not stored it yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct Delivery {
-    /// Raw rows (and dead letters) into PostgreSQL.
-    pub postgres: bool,
-    /// Raw rows into Parquet on the NAS.
-    pub parquet: bool,
-    /// Event-time windows (aggregates).
-    pub window: bool,
-}
-
-impl Delivery {
-    /// Every sink.
-    pub const ALL: Delivery = Delivery {
-        postgres: true,
-        parquet: true,
-        window: true,
-    };
-
-    /// Whether any raw sink needs the record.
-    pub fn raw(&self) -> bool {
-        self.postgres || self.parquet
-    }
-}
 
 /// One Kafka message as read by a source.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,36 +14,13 @@ pub struct SourceRecord {
     pub offset: i64,
     /// The message value, as published.
     pub payload: Vec<u8>,
-    /// Which sinks need it.
-    pub delivery: Delivery,
+    /// Which consumers need it.
+    pub delivery: SinkSet,
     /// The partition's watermark just before this record: an event earlier than this is late.
     pub watermark_us: i64,
     /// How far behind the watermark an event may be and still update its window
     /// (`windows.allowed_lateness`); later than that it is only stored raw and in `late_events`.
     pub allowed_lateness_us: i64,
-}
-
-/// A raw row of any stream on its way to the sinks and windows.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Point {
-    /// The row.
-    pub row: RawRow,
-    /// Which sinks need it.
-    pub delivery: Delivery,
-    /// Too late for the windows: earlier than its partition's watermark minus the allowed
-    /// lateness when read. Stored raw and in `late_events`, never aggregated.
-    pub late: bool,
-    /// How far behind its partition's watermark the event was, microseconds (0 when on time).
-    pub late_by_us: i64,
-}
-
-/// A dead letter on its way to the sinks.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct DeadLetter {
-    /// The row.
-    pub row: DeadLetterRow,
-    /// Which sinks need it (only `postgres` matters).
-    pub delivery: Delivery,
 }
 
 /// Progress a source reports so that the checkpoint knows where a partition must resume.

@@ -4,7 +4,10 @@
 //! messages must look like and what they become: typed events ([`telemetry`], [`inference`],
 //! [`analytics`]), the validation that turns bytes into them with errors that name the offending
 //! field ([`error`]), the Arrow schemas of the rows we write ([`columnar`]) and the DDL of the
-//! tables the sinks fill ([`ddl`]).
+//! tables the sinks fill ([`ddl`]). [`streams`] is the one table of streams (topic, key,
+//! decoder, raw and aggregate tables) everything else reads its names from; [`flow`] is what
+//! moves from the dataflows' operators to their sinks; [`config`] the validation error and
+//! duration syntax every configuration section shares.
 //!
 //! It does no I/O: `connectors` and `operators` depend on it, never the other way round.
 
@@ -13,11 +16,14 @@
 
 pub mod analytics;
 pub mod columnar;
+pub mod config;
 pub mod ddl;
 pub mod error;
+pub mod flow;
 pub mod inference;
 mod json;
 pub mod rows;
+pub mod streams;
 pub mod telemetry;
 pub mod time;
 

@@ -223,23 +223,29 @@ impl AggRow {
         }
     }
 
-    /// The table the row belongs to, e.g. `device_metrics_1m`.
+    /// The table the row belongs to, e.g. `device_metrics_1m` (`task_state` for join state).
     pub fn table(&self) -> &'static str {
-        match (&self.row, self.rollup) {
-            (Agg::Metrics(_), Rollup::Minute) => "device_metrics_1m",
-            (Agg::Metrics(_), Rollup::Hour) => "device_metrics_1h",
-            (Agg::Inference(_), Rollup::Minute) => "inference_stats_1m",
-            (Agg::Inference(_), Rollup::Hour) => "inference_stats_1h",
-            (Agg::Routing(_), Rollup::Minute) => "routing_stats_1m",
-            (Agg::Routing(_), Rollup::Hour) => "routing_stats_1h",
-            (Agg::Task(_), Rollup::Minute) => "task_stats_1m",
-            (Agg::Task(_), Rollup::Hour) => "task_stats_1h",
-            (Agg::Agent(_), Rollup::Minute) => "agent_load_1m",
-            (Agg::Agent(_), Rollup::Hour) => "agent_load_1h",
-            (Agg::Api(_), Rollup::Minute) => "api_events_1m",
-            (Agg::Api(_), Rollup::Hour) => "api_events_1h",
-            (Agg::TaskState(_), _) => "task_state",
-        }
+        self.row
+            .family()
+            .map_or("task_state", |f| f.table(self.rollup))
+    }
+}
+
+impl Agg {
+    /// The aggregate family of the row, from the table of streams (`None`: join state, not a
+    /// window).
+    pub fn family(&self) -> Option<&'static crate::streams::AggregateFamily> {
+        use crate::streams::StreamKind;
+        let (kind, index) = match self {
+            Agg::Metrics(_) => (StreamKind::Telemetry, 0),
+            Agg::Inference(_) => (StreamKind::Inference, 0),
+            Agg::Routing(_) => (StreamKind::Inference, 1),
+            Agg::Task(_) => (StreamKind::Analytics, 0),
+            Agg::Agent(_) => (StreamKind::Analytics, 1),
+            Agg::Api(_) => (StreamKind::Analytics, 2),
+            Agg::TaskState(_) => return None,
+        };
+        kind.def().aggregates.get(index)
     }
 }
 

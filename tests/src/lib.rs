@@ -2,6 +2,7 @@
 //! `deploy/dev/stack.sh` when the environment does not already describe one), per-test
 //! databases and topics, producers, and the pipeline as a child process.
 
+pub mod compliance;
 pub mod grafana;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

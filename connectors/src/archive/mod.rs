@@ -131,18 +131,7 @@ async fn read_file(store: &TieredStore, relative: &str) -> Result<Bytes, Archive
     }
 }
 
-/// One record of the archive: the rows a Kafka record became.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ArchivedRecord {
-    /// Partition.
-    pub partition: i32,
-    /// Offset.
-    pub offset: i64,
-    /// Event time.
-    pub time_us: i64,
-    /// Its rows (one per metric for telemetry).
-    pub rows: Vec<RawRow>,
-}
+pub use primespark_schemas::flow::ArchivedRecord;
 
 /// What the archive reader hands the source.
 #[derive(Debug)]
@@ -369,6 +358,22 @@ impl ArchiveReader {
     /// The next item, without waiting.
     pub fn poll(&mut self) -> Option<ArchiveItem> {
         self.rx.try_recv().ok()
+    }
+}
+
+impl primespark_schemas::flow::Feed for ArchiveReader {
+    fn poll(&mut self) -> primespark_schemas::flow::Polled {
+        use primespark_schemas::flow::Polled;
+        match ArchiveReader::poll(self) {
+            None => Polled::Empty,
+            Some(ArchiveItem::Record(r)) => Polled::Rows(r),
+            Some(ArchiveItem::Done(p)) => Polled::Done(p),
+            Some(ArchiveItem::Failed(e)) => Polled::Failed(e.to_string()),
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        "archive"
     }
 }
 

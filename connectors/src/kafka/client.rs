@@ -328,6 +328,29 @@ impl PartitionReader {
     }
 }
 
+impl primespark_schemas::flow::Feed for PartitionReader {
+    fn poll(&mut self) -> primespark_schemas::flow::Polled {
+        use primespark_schemas::flow::Polled;
+        use rdkafka::Message;
+        match PartitionReader::poll(self) {
+            None => Polled::Empty,
+            Some(Ok(msg)) => Polled::Payload {
+                partition: msg.partition(),
+                offset: msg.offset(),
+                payload: msg.payload().unwrap_or_default().to_vec(),
+            },
+            Some(Err(e)) => {
+                tracing::warn!(topic = self.topic(), error = %e, "kafka poll error");
+                Polled::Empty
+            }
+        }
+    }
+
+    fn kind(&self) -> &'static str {
+        "kafka"
+    }
+}
+
 /// Partition ids of `topic`.
 pub fn partition_ids<X: rdkafka::consumer::ConsumerContext, C: Consumer<X>>(
     consumer: &C,

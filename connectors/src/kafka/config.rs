@@ -31,10 +31,23 @@ pub struct TopicsConfig {
 
 impl Default for TopicsConfig {
     fn default() -> Self {
+        use primespark_schemas::streams::StreamKind;
         Self {
-            telemetry: "edge.telemetry".into(),
-            inference: "edge.ai.inference".into(),
-            events: "analytics.events".into(),
+            telemetry: StreamKind::Telemetry.def().default_topic.into(),
+            inference: StreamKind::Inference.def().default_topic.into(),
+            events: StreamKind::Analytics.def().default_topic.into(),
+        }
+    }
+}
+
+impl TopicsConfig {
+    /// The topic of `kind` (its key in this section is the stream's `topic_key`).
+    pub fn of(&self, kind: primespark_schemas::streams::StreamKind) -> &str {
+        use primespark_schemas::streams::StreamKind;
+        match kind {
+            StreamKind::Telemetry => &self.telemetry,
+            StreamKind::Inference => &self.inference,
+            StreamKind::Analytics => &self.events,
         }
     }
 }

@@ -243,6 +243,9 @@ fn compact_hour(
             .map_err(|e| NasError::Encode(format!("{}: {e}", dir.join(&name).display())))?;
         publish_batch(dir, &name, &batch, row_group_rows)?;
     }
+    if crate::failpoint::hit("compact.published").is_err() {
+        return Err(NasError::Encode("failpoint compact.published".into()));
+    }
     // From here the hour file hides the minute files; removing them is tidying up.
     for path in hour.minutes.values() {
         match fs::remove_file(path) {

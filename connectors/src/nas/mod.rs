@@ -3,12 +3,17 @@
 //! (`part-p003-o00000000000000000042-00000000000000000997.parquet`). Files are written under a
 //! temporary name and renamed when complete, so readers never see a partial file; a roll whose
 //! offsets were not committed is deleted at start-up and rewritten, so none is doubled.
+//! Its sinks: [`RAW_ROLLS`] (raw rows) and [`AGGREGATE_FILES`] (windows).
 
+mod aggregate_sink;
 pub mod compact;
 mod config;
+mod raw_sink;
 mod writer;
 
+pub use aggregate_sink::{AggregateFilesSink, AGGREGATE_FILES};
 pub use config::NasConfig;
+pub use raw_sink::{build_rolls, OnTheNas, Publish, RollSink, RAW_ROLLS};
 
 /// `path` under `root` as a `/`-separated relative path (the archive's layout, and the object
 /// key of the file under the bucket's prefix).

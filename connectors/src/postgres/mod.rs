@@ -1,10 +1,20 @@
 //! PostgreSQL / TimescaleDB: migrations, raw rows by binary COPY, aggregates by batched upsert,
 //! dead letters and source offsets, each batch in one transaction with the offsets it covers.
+//! Its sinks: [`RAW_ROWS`] (raw rows and dead letters) and [`AGGREGATE_ROWS`] (windows).
 
+mod aggregate_sink;
 pub mod backfill;
 mod config;
+mod connection;
+mod error;
+mod raw_sink;
 pub mod retention;
 mod sink;
+
+pub use aggregate_sink::{AggregateRowsSink, AGGREGATE_ROWS};
+pub use connection::{Connection, OffsetStore};
+pub use error::{classify_sqlstate, SqlClass};
+pub use raw_sink::{RawRowsSink, RAW_ROWS};
 
 pub use config::PostgresConfig;
 pub use retention::RetentionConfig;

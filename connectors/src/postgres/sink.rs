@@ -37,6 +37,14 @@ pub enum PostgresError {
     /// by hand): someone must fix or remove the row.
     #[error("{0}")]
     InvalidRow(String),
+    /// A test's failpoint failed the statement (see `crate::failpoint`).
+    #[error("{0}")]
+    Injected(String),
+}
+
+/// Fails with [`PostgresError::Injected`] where a test armed the failpoint `name`.
+fn failpoint(name: &'static str) -> Result<(), PostgresError> {
+    crate::failpoint::hit(name).map_err(|e| PostgresError::Injected(e.to_string()))
 }
 
 fn stmt(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PostgresError {
@@ -648,6 +656,7 @@ pub async fn rejected_records(
             .iter()
             .flat_map(|(_, rows)| rows.iter().cloned())
             .collect();
+        failpoint("postgres.bisect")?;
         let sp = tx
             .savepoint("probe")
             .await
@@ -747,6 +756,7 @@ pub async fn write_raw(
         .map_err(stmt("inserting late events"))?;
     }
     upsert_offsets(&tx, dataflow, sink, topic, offsets, true).await?;
+    failpoint("postgres.raw_before_commit")?;
     tx.commit().await.map_err(stmt("committing raw batch"))?;
     for (table, rows) in [
         ("device_metrics", copied.telemetry),

@@ -315,6 +315,18 @@ impl Tierer {
         Ok(bytes)
     }
 
+    /// Checks that the bucket answers a listing under the prefix (a health check).
+    pub async fn check(&self) -> Result<(), S3Error> {
+        let prefix = ObjectPath::parse(&self.prefix).ok();
+        match self.store.list(prefix.as_ref()).next().await {
+            None | Some(Ok(_)) => Ok(()),
+            Some(Err(source)) => Err(S3Error::Request {
+                what: format!("listing {}", self.prefix),
+                source,
+            }),
+        }
+    }
+
     /// Deletes the objects under `dirs` (folders under the root, as the archive writes them)
     /// whose file name `uncommitted` picks: rolls uploaded by a direct-mode sink that crashed
     /// before committing their offsets (the replay writes them again). Returns how many.

@@ -16,11 +16,10 @@
 
 pub mod batcher;
 pub mod cache;
+pub mod config;
 pub mod cpu;
 pub mod executor;
 pub mod features;
-#[cfg(feature = "hailo")]
-pub mod hailo;
 pub mod quant;
 
 use std::path::PathBuf;

@@ -1,5 +1,10 @@
-//! The Hailo-8 NPU backend: runs a HEF (the ONNX model compiled with Hailo's Dataflow
-//! Compiler) through HailoRT's C API, with the quantization done in Rust by [`super::quant`].
+//! The Hailo-8 NPU backend of primespark's anomaly scoring: runs a HEF (the ONNX model compiled
+//! with Hailo's Dataflow Compiler) through HailoRT's C API, with the quantization done in Rust
+//! by `primespark_operators::inference::quant` (device-independent, tested everywhere).
+//!
+//! This crate is the project's only FFI: it lives apart from `primespark-operators` (whose
+//! operators do no I/O) and is built only with the binary's `hailo` feature, which links
+//! libhailort. It implements `primespark_operators::inference::Backend`.
 //!
 //! Life of a model:
 //! - [`HailoBackend::open`] creates one vdevice with HailoRT's defaults, which include the
@@ -27,9 +32,10 @@
 //! swapped, and the configure-params struct changed between HailoRT releases, so the network
 //! group is configured with HailoRT's defaults (null params) instead.
 
-// This module is the crate's FFI boundary: every HailoRT call is `unsafe`. Each unsafe block
-// says what it relies on; nothing unsafe leaves this file.
+// This crate is the FFI boundary: every HailoRT call is `unsafe`. Each unsafe block says what
+// it relies on; nothing unsafe leaves this file.
 #![allow(unsafe_code)]
+#![cfg(feature = "device")]
 
 use std::ffi::CString;
 use std::os::raw::c_void;
@@ -42,8 +48,10 @@ use std::time::SystemTime;
 use hailort_sys as sys;
 use tracing::{debug, info, warn};
 
-use super::quant::{self, FrameLayout, HailoStatus, QuantInfo, ValueType};
-use super::{Backend, InferenceError, Model, ModelSpec};
+use primespark_operators::inference::quant::{
+    self, FrameLayout, HailoStatus, QuantInfo, ValueType,
+};
+use primespark_operators::inference::{check_batch, Backend, InferenceError, Model, ModelSpec};
 
 /// The backend's name in logs and metrics.
 const BACKEND: &str = "hailo";
@@ -907,7 +915,7 @@ impl Model for HailoModel {
         rows: usize,
         scores: &mut Vec<f32>,
     ) -> Result<(), InferenceError> {
-        super::check_batch(&self.name, self.inputs, features, rows)?;
+        check_batch(&self.name, self.inputs, features, rows)?;
         if self.broken {
             return Err(run_error(
                 &self.name,
@@ -950,5 +958,52 @@ impl Model for HailoModel {
             .output_quant
             .decode_into(streams.output_type, &self.out_values, scores);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// The name table must stay in step with the codes in the bindings.
+    #[test]
+    fn status_names_match_hailort_sys() {
+        use hailort_sys as sys;
+        for (code, name) in [
+            (sys::HAILO_SUCCESS, "HAILO_SUCCESS"),
+            (sys::HAILO_INVALID_ARGUMENT, "HAILO_INVALID_ARGUMENT"),
+            (sys::HAILO_TIMEOUT, "HAILO_TIMEOUT"),
+            (sys::HAILO_INVALID_HEF, "HAILO_INVALID_HEF"),
+            (
+                sys::HAILO_DRIVER_OPERATION_FAILED,
+                "HAILO_DRIVER_OPERATION_FAILED",
+            ),
+            (sys::HAILO_STREAM_ABORT, "HAILO_STREAM_ABORT"),
+            (
+                sys::HAILO_DRIVER_NOT_INSTALLED,
+                "HAILO_DRIVER_NOT_INSTALLED",
+            ),
+            (
+                sys::HAILO_STREAM_NOT_ACTIVATED,
+                "HAILO_STREAM_NOT_ACTIVATED",
+            ),
+            (sys::HAILO_DEVICE_IN_USE, "HAILO_DEVICE_IN_USE"),
+            (sys::HAILO_QUEUE_IS_FULL, "HAILO_QUEUE_IS_FULL"),
+            (
+                sys::HAILO_HEF_NOT_COMPATIBLE_WITH_DEVICE,
+                "HAILO_HEF_NOT_COMPATIBLE_WITH_DEVICE",
+            ),
+            (
+                sys::HAILO_DEVICE_TEMPORARILY_UNAVAILABLE,
+                "HAILO_DEVICE_TEMPORARILY_UNAVAILABLE",
+            ),
+        ] {
+            let status = HailoStatus(u32::try_from(code).unwrap());
+            assert_eq!(status.name(), Some(name), "code {code}");
+        }
+        // The table ends where the bindings do.
+        let past = u32::try_from(sys::HAILO_DEVICE_TEMPORARILY_UNAVAILABLE).unwrap() + 1;
+        assert_eq!(HailoStatus(past).name(), None);
     }
 }

@@ -1,0 +1,507 @@
+//! The raw archive as a sink: raw rows in Parquet rolls, one roll per partition at a time, cut
+//! by rows, bytes or age, written under a temporary name and renamed into place, then published
+//! ([`Publish`]: nothing more on the NAS, an upload to the bucket in direct mode) and only then
+//! its offsets stored (`source_offsets`, sink `parquet_raw`). A crash in between leaves a roll
+//! at or beyond the stored offsets: [`Sink::recover`] removes it and the replay writes it again.
+//!
+//! Without PostgreSQL (the demo) nothing is stored, dead letters go to
+//! `<nas>/dead_letters.jsonl`, and a restart starts over.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use primespark_schemas::flow::{RawBatch, RawItem, SinkId};
+use primespark_schemas::rows::{DeadLetterRow, PartitionOffset, RawRow};
+
+use super::{NasConfig, NasError, ParquetArchive};
+use crate::metrics::SinkRowsWritten;
+use crate::postgres::OffsetStore;
+use crate::sink::registry::{Built, RawSinkKind, SinkContext, SinkSettings};
+use crate::sink::{
+    BoxRawSink, Classify, Domain, ErrorClass, Flush, Healthcheck, Sink, SinkError, Target,
+};
+
+/// Its name in `source_offsets`: the raw archive's position, wherever its rolls end up.
+pub const NAME: &str = "parquet_raw";
+
+/// The registry entry: the NAS archive, unless rolls go straight to the bucket.
+pub const RAW_ROLLS: RawSinkKind = RawSinkKind {
+    name: NAME,
+    wanted: |settings, scope| settings.nas.is_some() && !settings.direct() && !scope.backfill,
+    build: |settings, ctx, id| async move { build_rolls(settings, ctx, id, OnTheNas) }.boxed(),
+};
+
+/// What happens to a roll's files once they are renamed into place, before its offsets are
+/// stored; and what recovery removes besides the NAS's own uncommitted files.
+#[async_trait]
+pub trait Publish: Send + Sync + 'static {
+    /// The `sink` label of publishing failures.
+    fn label(&self) -> &'static str;
+    /// Makes the files durable where they belong.
+    async fn publish(&self, files: &[PathBuf]) -> Result<(), SinkError>;
+    /// Removes published objects of rolls of `partitions` at or beyond the `committed` offsets.
+    async fn recover(
+        &self,
+        archive: &ParquetArchive,
+        committed: &HashMap<i32, i64>,
+        partitions: &[i32],
+    ) -> Result<usize, SinkError>;
+    /// Checks the destination once at start-up.
+    fn healthcheck(&self) -> Healthcheck;
+}
+
+/// Rolls stay on the NAS.
+pub struct OnTheNas;
+
+#[async_trait]
+impl Publish for OnTheNas {
+    fn label(&self) -> &'static str {
+        "parquet"
+    }
+    async fn publish(&self, _files: &[PathBuf]) -> Result<(), SinkError> {
+        Ok(())
+    }
+    async fn recover(
+        &self,
+        _: &ParquetArchive,
+        _: &HashMap<i32, i64>,
+        _: &[i32],
+    ) -> Result<usize, SinkError> {
+        Ok(0)
+    }
+    fn healthcheck(&self) -> Healthcheck {
+        crate::sink::healthy()
+    }
+}
+
+/// Builds a rolling archive sink publishing through `publish`.
+pub fn build_rolls<P: Publish>(
+    settings: &SinkSettings,
+    ctx: &SinkContext,
+    id: SinkId,
+    publish: P,
+) -> Result<Built<BoxRawSink>, SinkError> {
+    let Some(nas) = &settings.nas else {
+        return Err(SinkError::fatal(
+            Domain::Internal,
+            "archive sink without [nas]",
+        ));
+    };
+    let mut archive = ParquetArchive::new(&nas.path, &ctx.topic, nas.row_group_rows);
+    if ctx.stream.writes_scores() {
+        archive = archive.with_scores();
+    }
+    let committed: HashMap<i32, i64> = ctx
+        .stored
+        .offsets_of(NAME)
+        .map(|o| (o.partition, o.next_offset))
+        .collect();
+    let mut rolls: BTreeMap<i32, PartitionRoll> = BTreeMap::new();
+    for (p, next) in &committed {
+        rolls.entry(*p).or_default().committed = Some(*next);
+    }
+    let writable = writable(nas.path.clone());
+    let published = publish.healthcheck();
+    let sink = RollSink {
+        id,
+        table: ctx.stream.archive_table(),
+        topic: ctx.topic.clone(),
+        archive,
+        root: nas.path.clone(),
+        limits: RollLimits::of(nas),
+        rolls,
+        pending: Vec::new(),
+        published: Vec::new(),
+        partitions: ctx.partitions.clone(),
+        committed,
+        offsets: settings
+            .postgres
+            .as_ref()
+            .map(|pg| OffsetStore::new(&pg.url, ctx.stream.name, &ctx.topic)),
+        // With PostgreSQL the letters are its sink's; without, they go to a file here.
+        letters_to_file: settings.postgres.is_none(),
+        publish,
+    };
+    let check: Healthcheck = Box::pin(async move {
+        writable.await?;
+        published.await
+    });
+    Ok((Box::new(sink), check))
+}
+
+/// The health check of the NAS: the folder exists (or can be made) and takes a file.
+fn writable(root: PathBuf) -> Healthcheck {
+    Box::pin(async move {
+        tokio::task::spawn_blocking(move || {
+            let probe = root.join(".primespark-probe");
+            std::fs::create_dir_all(&root)
+                .and_then(|()| std::fs::write(&probe, b"ok"))
+                .and_then(|()| std::fs::remove_file(&probe))
+                .map_err(|source| NasError::Io { path: root, source }.into_sink_error())
+        })
+        .await
+        .map_err(|e| SinkError::fatal(Domain::Internal, e))?
+    })
+}
+
+/// When a roll is cut.
+#[derive(Debug, Clone, Copy)]
+struct RollLimits {
+    rows: usize,
+    bytes: usize,
+    interval: Duration,
+}
+
+impl RollLimits {
+    fn of(nas: &NasConfig) -> Self {
+        Self {
+            rows: nas.roll_rows,
+            bytes: nas.roll_bytes,
+            interval: nas.roll_interval,
+        }
+    }
+}
+
+/// The open roll of one partition.
+#[derive(Debug, Default)]
+struct PartitionRoll {
+    rows: Vec<RawRow>,
+    /// [`RawRow::approx_bytes`] of `rows`.
+    bytes: usize,
+    first: Option<i64>,
+    next: i64,
+    committed: Option<i64>,
+    opened: Option<Instant>,
+}
+
+/// A roll cut and waiting to be written and published.
+#[derive(Debug)]
+struct Due {
+    partition: i32,
+    first: i64,
+    next: i64,
+    rows: Arc<Vec<RawRow>>,
+}
+
+/// The raw archive of one worker.
+pub struct RollSink<P: Publish> {
+    id: SinkId,
+    table: &'static str,
+    topic: String,
+    archive: ParquetArchive,
+    root: PathBuf,
+    limits: RollLimits,
+    rolls: BTreeMap<i32, PartitionRoll>,
+    /// Cut rolls not yet published (a failed commit continues with these).
+    pending: Vec<Due>,
+    /// Published rolls whose offsets are not stored yet.
+    published: Vec<PartitionOffset>,
+    partitions: Vec<i32>,
+    committed: HashMap<i32, i64>,
+    offsets: Option<OffsetStore>,
+    letters_to_file: bool,
+    publish: P,
+}
+
+impl<P: Publish> RollSink<P> {
+    /// Cuts the rolls that are due (or all).
+    fn cut(&mut self, all: bool) {
+        for (p, roll) in &mut self.rolls {
+            let Some(first) = roll.first else { continue };
+            let aged = roll
+                .opened
+                .is_some_and(|o| o.elapsed() >= self.limits.interval);
+            if all || aged || roll.rows.len() >= self.limits.rows || roll.bytes >= self.limits.bytes
+            {
+                self.pending.push(Due {
+                    partition: *p,
+                    first,
+                    next: roll.next,
+                    rows: Arc::new(std::mem::take(&mut roll.rows)),
+                });
+                roll.first = None;
+                roll.opened = None;
+                roll.bytes = 0;
+            }
+        }
+    }
+
+    /// Writes and publishes the first pending roll.
+    async fn write_roll(&self, due: &Due) -> Result<(), SinkError> {
+        if due.rows.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let (archive, rows) = (self.archive.clone(), due.rows.clone());
+        let (partition, first, last) = (due.partition, due.first, due.next - 1);
+        let files =
+            tokio::task::spawn_blocking(move || archive.write_roll(partition, first, last, &rows))
+                .await
+                .map_err(|e| SinkError::fatal(Domain::Internal, e))?
+                .map_err(Classify::into_sink_error)?;
+        self.publish.publish(&files).await.map_err(|e| {
+            e.at(Target {
+                sink: self.publish.label(),
+                table: self.table,
+            })
+        })?;
+        SinkRowsWritten {
+            sink: "parquet",
+            table: self.table,
+            rows: due.rows.len() as u64,
+            duration: started.elapsed(),
+        }
+        .emit();
+        Ok(())
+    }
+
+    /// Adds the batch's rows to their partitions' rolls.
+    fn append(&mut self, batch: &RawBatch) {
+        for item in &batch.items {
+            let (partition, offset) = item.position();
+            let roll = self.rolls.entry(partition).or_default();
+            if roll.committed.is_some_and(|c| offset < c) {
+                // Replayed for another sink: already in a committed roll.
+                continue;
+            }
+            if roll.first.is_none() {
+                // A roll covers offsets from the committed one: during a replay the first
+                // items are below it (needed by another sink only), and naming the roll after
+                // them would let it survive `recover` and be written twice.
+                roll.first = Some(roll.committed.unwrap_or(offset));
+                roll.opened = Some(Instant::now());
+            }
+            roll.next = roll.next.max(offset + 1);
+            if let RawItem::Point(p) = item {
+                if p.delivery.contains(self.id) {
+                    roll.bytes += p.row.approx_bytes();
+                    roll.rows.push(p.row.clone());
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl<P: Publish> Sink for RollSink<P> {
+    type Input = RawBatch;
+
+    fn id(&self) -> SinkId {
+        self.id
+    }
+
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn target(&self) -> Target<'static> {
+        Target {
+            sink: "parquet",
+            table: self.table,
+        }
+    }
+
+    fn resume(&self, partition: i32) -> Option<PartitionOffset> {
+        self.committed.get(&partition).map(|next| PartitionOffset {
+            partition,
+            next_offset: *next,
+            max_event_us: i64::MIN,
+        })
+    }
+
+    async fn recover(&mut self) -> Result<usize, SinkError> {
+        let (archive, committed, mine) = (
+            self.archive.clone(),
+            self.committed.clone(),
+            self.partitions.clone(),
+        );
+        let local = tokio::task::spawn_blocking(move || {
+            archive.recover(&committed, &|p| mine.contains(&p))
+        })
+        .await
+        .map_err(|e| SinkError::fatal(Domain::Internal, e))?
+        .map_err(Classify::into_sink_error)?;
+        let remote = self
+            .publish
+            .recover(&self.archive, &self.committed, &self.partitions)
+            .await?;
+        Ok(local + remote)
+    }
+
+    async fn write(&mut self, batch: &RawBatch) -> Result<(), SinkError> {
+        if self.letters_to_file {
+            let letters: Vec<&DeadLetterRow> = batch.letters_for(self.id).collect();
+            write_dead_letters_file(&self.root, &self.topic, &letters)?;
+        }
+        self.append(batch);
+        Ok(())
+    }
+
+    async fn commit(&mut self, flush: Flush) -> Result<(), SinkError> {
+        self.cut(flush == Flush::All);
+        while let Some(due) = self.pending.first() {
+            let due = Due {
+                partition: due.partition,
+                first: due.first,
+                next: due.next,
+                rows: due.rows.clone(),
+            };
+            self.write_roll(&due).await?;
+            self.pending.remove(0);
+            self.published.push(PartitionOffset {
+                partition: due.partition,
+                next_offset: due.next,
+                max_event_us: 0,
+            });
+        }
+        if self.published.is_empty() {
+            return Ok(());
+        }
+        // The delicate moment: the rolls are in place, their offsets not stored yet.
+        crate::failpoint::hit("archive.roll_published")?;
+        if let Some(store) = self.offsets.as_mut() {
+            store.commit(NAME, &self.published).await.map_err(|e| {
+                e.at(Target {
+                    sink: "postgres",
+                    table: "source_offsets",
+                })
+            })?;
+        }
+        for o in self.published.drain(..) {
+            self.rolls.entry(o.partition).or_default().committed = Some(o.next_offset);
+            self.committed.insert(o.partition, o.next_offset);
+        }
+        Ok(())
+    }
+}
+
+/// Without PostgreSQL (the demo), dead letters go to `<nas>/dead_letters.jsonl`.
+fn write_dead_letters_file(
+    root: &std::path::Path,
+    topic: &str,
+    letters: &[&DeadLetterRow],
+) -> Result<(), SinkError> {
+    use std::io::Write;
+    if letters.is_empty() {
+        return Ok(());
+    }
+    let path = root.join("dead_letters.jsonl");
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| {
+            for d in letters {
+                let line = serde_json::json!({
+                    "topic": topic,
+                    "partition": d.partition,
+                    "offset": d.offset,
+                    "reason": d.reason,
+                    "error": d.error,
+                    "payload": String::from_utf8_lossy(&d.payload),
+                });
+                writeln!(f, "{line}")?;
+            }
+            Ok(())
+        });
+    match written {
+        Ok(()) => {
+            for d in letters {
+                crate::metrics::DeadLettersWritten {
+                    topic,
+                    partition: d.partition,
+                    count: 1,
+                }
+                .emit();
+            }
+            Ok(())
+        }
+        Err(source) => Err(NasError::Io { path, source }.into_sink_error()),
+    }
+}
+
+impl Classify for NasError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            NasError::Io { source, .. } => crate::sink::io_class(source),
+            // Our own encoder refusing our own rows is a bug.
+            NasError::Encode(_) => ErrorClass::Fatal(Domain::Internal),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use primespark_schemas::flow::{Point, SinkSet};
+    use primespark_schemas::rows::TelemetryRow;
+
+    fn sink(dir: &std::path::Path, rows: usize, bytes: usize) -> RollSink<OnTheNas> {
+        RollSink {
+            id: SinkId::raw(0).unwrap(),
+            table: "telemetry_raw",
+            topic: "edge.telemetry".into(),
+            archive: ParquetArchive::new(dir, "edge.telemetry", 1024),
+            root: dir.to_owned(),
+            limits: RollLimits {
+                rows,
+                bytes,
+                interval: Duration::from_secs(3600),
+            },
+            rolls: BTreeMap::new(),
+            pending: Vec::new(),
+            published: Vec::new(),
+            partitions: vec![0],
+            committed: HashMap::new(),
+            offsets: None,
+            letters_to_file: false,
+            publish: OnTheNas,
+        }
+    }
+
+    fn batch(rows: usize, device: &str) -> RawBatch {
+        let mut batch = RawBatch::default();
+        for i in 0..rows {
+            batch.push(RawItem::Point(Point {
+                row: RawRow::Telemetry(TelemetryRow {
+                    time_us: 0,
+                    device_id: device.into(),
+                    metric_name: "cpu_percent".into(),
+                    value: 1.0,
+                    partition: 0,
+                    offset: i as i64,
+                }),
+                delivery: SinkSet::of([SinkId::raw(0).unwrap()]),
+                late: false,
+                late_by_us: 0,
+            }));
+        }
+        batch
+    }
+
+    #[test]
+    fn rolls_are_cut_by_rows_or_bytes_whichever_comes_first() {
+        let dir = tempfile::tempdir().unwrap();
+        // 10 small rows: under both limits, not due.
+        let mut s = sink(dir.path(), 100, 10_000);
+        s.append(&batch(10, "pi"));
+        s.cut(false);
+        assert!(s.pending.is_empty());
+        // The same rows with long device ids pass the byte limit first.
+        let mut s = sink(dir.path(), 100, 10_000);
+        s.append(&batch(10, &"d".repeat(1000)));
+        s.cut(false);
+        assert_eq!(s.pending.len(), 1);
+        assert_eq!(s.pending[0].rows.len(), 10);
+        assert_eq!(s.rolls[&0].bytes, 0, "a cut roll starts empty");
+        // The row limit still applies.
+        let mut s = sink(dir.path(), 5, 1 << 30);
+        s.append(&batch(10, "pi"));
+        s.cut(false);
+        assert_eq!(s.pending.len(), 1);
+    }
+}

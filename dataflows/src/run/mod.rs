@@ -1,0 +1,282 @@
+//! Process start-up and shutdown of the pipeline.
+//!
+//! Start-up ([`run`], [`backfill`]): the plan from the configuration, models, the I/O runtime and
+//! signals, migrations, then per stream its stored state, partitions, sinks and their runtimes
+//! ([`streams`]), the services ([`services`]: SQL, tiering, retention), and the timely workers
+//! ([`workers`]). Shutdown (SIGINT/SIGTERM or the caller's flag): sources stop reading but keep
+//! their capabilities, so open windows are not emitted partial; the sink operators hand off
+//! their buffers; the sink runtimes commit everything and exit within
+//! `runtime.shutdown_grace`. A sink that fails for good stops the run with its error.
+
+mod backfill;
+mod error;
+mod services;
+mod streams;
+mod workers;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use primespark_connectors::postgres::{self, Backend};
+use primespark_operators::inference::config::InferenceConfig;
+use primespark_operators::scoring::ModelTable;
+use primespark_operators::source::EventTimeSpec;
+use tokio::runtime::Runtime;
+use tokio::task::JoinHandle;
+
+pub use backfill::{ArchiveFrom, BackfillRange};
+pub use error::{Fatal, RunError};
+pub use workers::{owner_process, owner_worker, WINDOW_US};
+
+use crate::config::Config;
+use crate::npu::{primary_backend, PrimaryFactory};
+use crate::plan::{micros, Plan};
+
+/// Runs the pipeline until `shutdown` is set (or SIGINT/SIGTERM when `handle_signals`).
+pub fn run(
+    config: &Config,
+    shutdown: Arc<AtomicBool>,
+    handle_signals: bool,
+) -> Result<(), RunError> {
+    run_mode(config, shutdown, handle_signals, None)
+}
+
+/// Rebuilds the PostgreSQL tables of every enabled stream for the event times in `range`
+/// from the Parquet archive: the range is cleared, then the archived records go through the
+/// same dataflow (scoring, windows, raw and aggregate sinks) as a streaming run's. Stores no
+/// resume positions; runs in one process. Returns when everything is written.
+pub fn backfill(config: &Config, range: &BackfillRange) -> Result<(), RunError> {
+    run_mode(config, Arc::new(AtomicBool::new(false)), true, Some(range))
+}
+
+/// Anomaly scoring, loaded once at start-up so a bad model file fails it.
+pub struct Scoring {
+    /// Which model scores which device.
+    pub models: ModelTable,
+    /// Batching and queue settings.
+    pub config: InferenceConfig,
+    /// The NPU, if one is in use.
+    pub primary: Option<PrimaryFactory>,
+}
+
+impl Scoring {
+    /// Loads every model and opens the NPU the configuration asks for (`None`: scoring off or
+    /// no telemetry stream).
+    fn load(config: &Config) -> Result<Option<Self>, RunError> {
+        if !(config.inference.enabled && config.dataflows.telemetry) {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            models: ModelTable::load(&config.inference)?,
+            config: config.inference.clone(),
+            // Asked-for hardware must be there before any worker starts; opened once, shared.
+            primary: primary_backend(config.inference.backend)?,
+        }))
+    }
+}
+
+fn run_mode(
+    config: &Config,
+    shutdown: Arc<AtomicBool>,
+    handle_signals: bool,
+    backfill: Option<&BackfillRange>,
+) -> Result<(), RunError> {
+    let plan = Plan::of(config, backfill)?;
+    let scoring = Scoring::load(config)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("primespark-io")
+        .build()
+        .map_err(RunError::Runtime)?;
+    let paused = Arc::new(AtomicBool::new(config.runtime.start_paused));
+    if handle_signals {
+        watch_signals(&rt, &shutdown, &paused, config.runtime.start_paused);
+    }
+    let backend = rt.block_on(prepare_database(config))?;
+    let archive = backfill::archive_stores(config, backfill)?;
+    let fatal = Fatal::new(shutdown.clone());
+    let mut writers = Vec::new();
+    let env = streams::Start {
+        rt: &rt,
+        config,
+        plan: &plan,
+        archive: &archive,
+        fatal: &fatal,
+    };
+    let mut started = Vec::with_capacity(plan.streams.len());
+    for stream in &plan.streams {
+        started.push(streams::start(&env, stream, &mut writers)?);
+    }
+    // The SQL endpoint, tiering and retention (not for a backfill: a batch job next to the
+    // running pipeline).
+    let services = match backfill {
+        None => services::Services::start(&rt, config, backend, &shutdown)?,
+        Some(_) => services::Services::default(),
+    };
+    let backfill_failure: Arc<Mutex<Option<String>>> = Arc::default();
+    let shared = workers::Shared {
+        kafka: config.kafka.clone(),
+        time: EventTimeSpec {
+            out_of_orderness_us: micros(config.windows.max_out_of_orderness),
+            allowed_lateness_us: micros(config.windows.allowed_lateness),
+            width_us: WINDOW_US,
+            idle_timeout: config.windows.idle_timeout,
+            committed_watermark_us: 0,
+        },
+        limits: plan.limits,
+        raw_flush: plan.raw_flush,
+        commit: plan.commit,
+        shutdown: shutdown.clone(),
+        paused,
+        fatal: fatal.clone(),
+        handle: rt.handle().clone(),
+        archive,
+        backfill: backfill.map(|r| {
+            let (since_us, until_us) = r.bounds();
+            primespark_operators::source::Backfill {
+                since_us,
+                until_us,
+                failure: backfill_failure.clone(),
+            }
+        }),
+        backfill_done: Arc::default(),
+        scoring,
+        workers: config.runtime.workers,
+        process_id: config.runtime.process_id,
+    };
+    let failed =
+        workers::execute(config.runtime.timely()?, started, shared).map_err(RunError::Timely)?;
+    let interrupted = backfill.is_some() && shutdown.load(Ordering::SeqCst);
+    let finished = drain(&rt, writers, config.runtime.shutdown_grace);
+    shutdown.store(true, Ordering::SeqCst);
+    services.stop(&rt);
+    if let Some(e) = fatal.take() {
+        return Err(RunError::Sink(e));
+    }
+    if let Some(e) = failed.into_iter().next() {
+        tracing::error!(error = %e, "worker failed");
+        return Err(RunError::Timely(e));
+    }
+    if let Some(e) = backfill_failure.lock().ok().and_then(|mut f| f.take()) {
+        return Err(RunError::Backfill(e));
+    }
+    if interrupted {
+        return Err(RunError::Backfill("interrupted".into()));
+    }
+    finished.map_err(|_| RunError::ShutdownTimeout(config.runtime.shutdown_grace))?;
+    tracing::info!("pipeline stopped cleanly");
+    Ok(())
+}
+
+/// Waits up to `grace` for the sink runtimes to commit everything and exit (the workers are
+/// gone, and with them every sender).
+fn drain(rt: &Runtime, writers: Vec<JoinHandle<()>>, grace: Duration) -> Result<(), ()> {
+    rt.block_on(async {
+        tokio::time::timeout(grace, async {
+            for h in writers {
+                let _ = h.await;
+            }
+        })
+        .await
+    })
+    .map_err(|_| ())
+}
+
+/// Migrations (and TimescaleDB's retention policies, by process 0) when PostgreSQL is on;
+/// which backend the tables live in.
+async fn prepare_database(config: &Config) -> Result<Option<Backend>, RunError> {
+    if !config.postgres.enabled {
+        return Ok(None);
+    }
+    let pg = &config.postgres.config;
+    let mut client = connect_with_retry(&pg.url, Duration::from_secs(30)).await?;
+    let backend = postgres::migrate(&mut client).await?;
+    if backend == Backend::Timescale && pg.retention.enabled && config.runtime.process_id == 0 {
+        postgres::retention::apply_timescale_policies(&client, &pg.retention).await?;
+    }
+    Ok(Some(backend))
+}
+
+async fn connect_with_retry(
+    url: &str,
+    deadline: Duration,
+) -> Result<tokio_postgres::Client, postgres::PostgresError> {
+    let started = std::time::Instant::now();
+    loop {
+        match postgres::connect(url).await {
+            Ok(c) => return Ok(c),
+            Err(e) if started.elapsed() < deadline => {
+                tracing::warn!(error = %e, "postgres not reachable yet, retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// SIGINT/SIGTERM raise `shutdown`; with a paused start, SIGUSR1 lowers `paused`.
+fn watch_signals(
+    rt: &Runtime,
+    shutdown: &Arc<AtomicBool>,
+    paused: &Arc<AtomicBool>,
+    start_paused: bool,
+) {
+    let flag = shutdown.clone();
+    rt.spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested: draining");
+        flag.store(true, Ordering::SeqCst);
+    });
+    if start_paused {
+        tracing::warn!("sources start paused: partitions are assigned and their lag reported, nothing is read until SIGUSR1");
+        let flag = paused.clone();
+        rt.spawn(async move {
+            wait_for_resume().await;
+            tracing::info!("SIGUSR1: sources resume reading");
+            flag.store(false, Ordering::SeqCst);
+        });
+    }
+}
+
+/// SIGUSR1 (never on other platforms: there a paused run stays paused).
+async fn wait_for_resume() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::user_defined1()) {
+            Ok(mut usr1) => {
+                usr1.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGUSR1: the paused sources cannot be resumed");
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    std::future::pending::<()>().await;
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
