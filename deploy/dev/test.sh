@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite in one command: start the private service stack, export
-# its addresses, run `cargo test --workspace`, and tear the stack down again.
+# its addresses, run `cargo test --workspace --no-fail-fast` (every test binary, even after a
+# failure), and tear the stack down again. Exits non-zero when any test or binary failed.
 #   PRIMESPARK_KEEP_STACK=1  leave the stack running afterwards (for debugging)
 #   extra arguments are passed to `cargo test`
 set -euo pipefail
@@ -29,12 +30,34 @@ trap 'exit 143' TERM
 eval "$("$STACK" env)"
 
 cd "$REPO_ROOT"
-# cargo prints one "test result" line per test binary, the last often a doc-test run with no
-# tests; close with one total so a reader (or CI) sees at once what ran.
+# Every test binary runs (--no-fail-fast): a failure in one does not hide the results of the
+# others. cargo prints one "test result" line per binary that ran (the last often a doc-test
+# run with no tests); a binary that crashed, or could not be built, has none, but cargo names
+# it in "error: test failed, to rerun pass `...`". Close with one total so a reader (or CI) sees
+# at once what ran, and fail when anything failed.
 out="$(mktemp)"
 rc=0
-cargo test --workspace --locked "$@" 2>&1 | tee "$out" || rc=$?
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "total: %d passed, %d failed\n", p, f }' "$out"
+cargo test --workspace --locked --no-fail-fast "$@" 2>&1 | tee "$out" || rc=$?
+summary="$(awk '
+    /^test result:/ {
+        binaries++
+        if ($3 != "ok.") failed_binaries++
+        for (i = 1; i < NF; i++) {
+            if ($(i+1) ~ /^passed/) p += $i
+            if ($(i+1) ~ /^failed/) f += $i
+            if ($(i+1) ~ /^ignored/) ig += $i
+        }
+    }
+    /^error: test failed, to rerun pass / { sub(/^error: test failed, to rerun pass /, ""); crashed[$0] = 1 }
+    END {
+        printf "total: %d passed, %d failed, %d ignored in %d test binaries", p, f, ig, binaries
+        n = 0
+        for (t in crashed) n++
+        if (n > 0) printf "; %d binaries failed:", n
+        for (t in crashed) printf " %s", t
+        printf "\n"
+        exit (f > 0 || failed_binaries > 0 || n > 0) ? 1 : 0
+    }' "$out")" || { [ "$rc" -ne 0 ] || rc=1; }
+echo "$summary"
 rm -f "$out"
 exit "$rc"
