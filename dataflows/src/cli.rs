@@ -94,9 +94,13 @@ enum Command {
         /// Events per second.
         #[arg(long, default_value_t = 1000)]
         rate: u64,
-        /// Seconds to run.
-        #[arg(long, default_value_t = 10)]
-        duration_secs: u64,
+        /// Seconds to run (default 10; without a limit when only --count is given).
+        #[arg(long)]
+        duration_secs: Option<u64>,
+        /// Stop after this many telemetry events (and the inference and analytics events
+        /// sent with them); with --duration-secs, whichever comes first.
+        #[arg(long)]
+        count: Option<u64>,
         /// Share of malformed events (0..1).
         #[arg(long, default_value_t = 0.0)]
         bad_share: f64,
@@ -243,6 +247,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             devices,
             rate,
             duration_secs,
+            count,
             bad_share,
             inference_topic,
             events_topic,
@@ -254,7 +259,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 .context("creating producer")?;
             let mut fleet = crate::fleet::Fleet::new(devices, bad_share, rand::random());
             let stop = AtomicBool::new(false);
-            let sent = crate::fleet::produce(
+            let sent = crate::fleet::produce_counted(
                 &producer,
                 &topic,
                 crate::fleet::ExtraTopics {
@@ -263,7 +268,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 },
                 &mut fleet,
                 rate,
-                Some(Duration::from_secs(duration_secs)),
+                match (duration_secs, count) {
+                    (Some(secs), _) => Some(Duration::from_secs(secs)),
+                    (None, Some(_)) => None,
+                    (None, None) => Some(Duration::from_secs(10)),
+                },
+                count,
                 &stop,
             );
             tracing::info!(sent, topic, "produced");

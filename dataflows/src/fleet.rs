@@ -186,7 +186,6 @@ pub struct ExtraTopics<'a> {
 
 /// Produces `rate` telemetry events per second for `duration` (or until `stop`), to `topic`,
 /// and to the [`ExtraTopics`].
-#[allow(clippy::too_many_arguments)]
 pub fn produce(
     producer: &rdkafka::producer::BaseProducer,
     topic: &str,
@@ -196,14 +195,32 @@ pub fn produce(
     duration: Option<Duration>,
     stop: &std::sync::atomic::AtomicBool,
 ) -> u64 {
+    produce_counted(producer, topic, extra, fleet, rate, duration, None, stop)
+}
+
+/// [`produce`], stopping also once `count` telemetry events (with their inference and analytics
+/// companions) are sent. Returns the telemetry events sent.
+#[allow(clippy::too_many_arguments)]
+pub fn produce_counted(
+    producer: &rdkafka::producer::BaseProducer,
+    topic: &str,
+    extra: ExtraTopics<'_>,
+    fleet: &mut Fleet,
+    rate: u64,
+    duration: Option<Duration>,
+    count: Option<u64>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> u64 {
     use rdkafka::producer::Producer;
     let started = std::time::Instant::now();
     let mut sent = 0u64;
     let rate = rate.max(1);
     while !stop.load(std::sync::atomic::Ordering::Relaxed)
         && duration.is_none_or(|d| started.elapsed() < d)
+        && count.is_none_or(|c| sent < c)
     {
         let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+        let due = count.map_or(due, |c| due.min(c));
         while sent < due {
             let (key, payload) = fleet.next_event(Utc::now());
             send(producer, topic, &key, &payload);

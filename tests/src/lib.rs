@@ -33,6 +33,13 @@ pub struct Stack {
     pub s3_endpoint: String,
     /// The broker whose log lives in the S3 server, so it survives its own restart.
     pub durable_brokers: String,
+    /// Whether the main PostgreSQL (`postgres_url`) preloads TimescaleDB: the stack found the
+    /// shared TimescaleDB build (`PRIMESPARK_STACK_TIMESCALEDB=1`).
+    pub timescaledb: bool,
+    /// PostgreSQL URL of the stack's second cluster, `postgres_plain`: the same binaries
+    /// without the preload, so TimescaleDB is installed (when `timescaledb`) but not preloaded.
+    /// Tests of the plain-PostgreSQL path run here. Empty when the stack predates it.
+    pub plain_postgres_url: String,
 }
 
 /// The repository root. Read at run time (cargo sets `CARGO_MANIFEST_DIR` for test runs):
@@ -96,6 +103,13 @@ pub fn stack() -> &'static Stack {
                 .get("PRIMESPARK_STACK_DURABLE_BROKERS")
                 .cloned()
                 .unwrap_or_default(),
+            timescaledb: vars
+                .get("PRIMESPARK_STACK_TIMESCALEDB")
+                .is_some_and(|v| v == "1"),
+            plain_postgres_url: vars
+                .get("PRIMESPARK_STACK_PLAIN_POSTGRES_URL")
+                .cloned()
+                .unwrap_or_default(),
         }
     })
 }
@@ -109,16 +123,23 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
-/// Creates a fresh database for one test and returns its URL.
+/// Creates a fresh database for one test on the stack's main PostgreSQL and returns its URL.
 pub async fn fresh_database(stack: &Stack, name: &str) -> Result<String> {
-    let (client, conn) =
-        tokio_postgres::connect(&stack.postgres_url, tokio_postgres::NoTls).await?;
+    fresh_database_on(&stack.postgres_url, name).await
+}
+
+/// Creates a fresh database `name` on the server of `url` (e.g. [`Stack::plain_postgres_url`])
+/// and returns its URL.
+pub async fn fresh_database_on(url: &str, name: &str) -> Result<String> {
+    if url.is_empty() {
+        bail!("no PostgreSQL URL (a stack from before postgres_plain? run deploy/dev/stack.sh down, then up)");
+    }
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
     client
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await?;
-    let (base, _) = stack
-        .postgres_url
+    let (base, _) = url
         .rsplit_once('/')
         .context("postgres url has no database")?;
     Ok(format!("{base}/{name}"))

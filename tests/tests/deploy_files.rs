@@ -2,7 +2,9 @@
 //! configuration with `promtool check`, and the rules' behaviour on sample series with
 //! `promtool test rules` (deploy/prometheus/alerts_test.yml), the systemd unit with
 //! `systemd-analyze verify`, the compose file against the compose specification, the Kubernetes
-//! manifests against the API schemas, and every shipped configuration with `check-config`.
+//! manifests against the API schemas, every shipped configuration with `check-config`, and the
+//! declared Rust toolchain (workspace `rust-version`, the image's `FROM rust:X.Y`) against the
+//! locked dependencies.
 
 use std::process::Command;
 
@@ -274,5 +276,110 @@ fn shipped_pipeline_configs_pass_check_config() -> Result<()> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    Ok(())
+}
+
+/// `1.94` or `1.94.1` as (major, minor, patch).
+fn rust_version(text: &str) -> Option<(u64, u64, u64)> {
+    let mut parts = text.trim().split('.').map(str::parse::<u64>);
+    let major = parts.next()?.ok()?;
+    let minor = parts.next()?.ok()?;
+    let patch = parts.next().map_or(Some(0), Result::ok)?;
+    parts.next().is_none().then_some((major, minor, patch))
+}
+
+/// The workspace's `rust-version` and the image's `FROM rust:X.Y` both reach the newest
+/// `rust_version` any locked package declares (with less, `cargo build --locked` refuses that
+/// package: the image would not build), and they name the same release.
+#[test]
+fn rust_version_and_image_cover_every_locked_package() -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--locked"])
+        .current_dir(repo_root())
+        .output()?;
+    assert!(
+        out.status.success(),
+        "cargo metadata failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let metadata: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let members: Vec<&str> = metadata["workspace_members"]
+        .as_array()
+        .context("no workspace_members")?
+        .iter()
+        .filter_map(serde_json::Value::as_str)
+        .collect();
+    let mut newest: Option<((u64, u64, u64), String)> = None;
+    let mut member_versions = Vec::new();
+    for p in metadata["packages"].as_array().context("no packages")? {
+        let Some(v) = p["rust_version"].as_str() else {
+            continue;
+        };
+        let version = rust_version(v).with_context(|| format!("rust_version {v:?}"))?;
+        let name = format!(
+            "{} {}",
+            p["name"].as_str().unwrap_or("?"),
+            p["version"].as_str().unwrap_or("?")
+        );
+        if p["id"].as_str().is_some_and(|id| members.contains(&id)) {
+            member_versions.push((version, name));
+        } else if newest.as_ref().is_none_or(|(n, _)| version > *n) {
+            newest = Some((version, name));
+        }
+    }
+    let (need, who) = newest.context("no locked package declares a rust_version")?;
+    let shown = format!("{}.{}.{}", need.0, need.1, need.2);
+
+    let manifest = std::fs::read_to_string(repo_root().join("Cargo.toml"))?;
+    let declared = manifest
+        .split("[workspace.package]")
+        .nth(1)
+        .and_then(|section| section.split("\n[").next())
+        .and_then(|section| {
+            section
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("rust-version"))
+        })
+        .and_then(|rest| rest.trim().strip_prefix('='))
+        .map(|v| v.trim().trim_matches('"').to_owned())
+        .context("no rust-version in [workspace.package]")?;
+    let workspace =
+        rust_version(&declared).with_context(|| format!("rust-version {declared:?}"))?;
+    assert!(
+        workspace >= need,
+        "workspace rust-version {declared} is older than {shown}, which {who} needs"
+    );
+    for (v, name) in &member_versions {
+        assert_eq!(
+            *v, workspace,
+            "{name} does not inherit the workspace rust-version"
+        );
+    }
+
+    let dockerfile = std::fs::read_to_string(repo_root().join("deploy/Dockerfile"))?;
+    let images: Vec<&str> = dockerfile
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("FROM rust:"))
+        .collect();
+    assert!(
+        !images.is_empty(),
+        "deploy/Dockerfile builds FROM no rust image"
+    );
+    for image in images {
+        let tag = image.split_whitespace().next().unwrap_or(image);
+        let release = tag.split('-').next().unwrap_or(tag);
+        let (major, minor, _) =
+            rust_version(release).with_context(|| format!("FROM rust:{tag}: no X.Y version"))?;
+        assert!(
+            (major, minor) >= (need.0, need.1),
+            "deploy/Dockerfile builds FROM rust:{tag}, older than {shown}, which {who} needs"
+        );
+        assert_eq!(
+            (major, minor),
+            (workspace.0, workspace.1),
+            "deploy/Dockerfile builds FROM rust:{tag}, the workspace says rust-version {declared}"
+        );
+    }
     Ok(())
 }

@@ -1,14 +1,16 @@
-//! Retention on plain PostgreSQL (TimescaleDB is not installable here; its policies are
-//! unit-tested as statements): the running pipeline deletes rows past each table's horizon at
-//! start-up and every `interval`, and keeps the rest; the delete works in batches.
+//! Retention on plain PostgreSQL: the running pipeline deletes rows past each table's horizon at
+//! start-up and every `interval`, and keeps the rest; the delete works in batches. It runs on the
+//! stack's `postgres_plain` cluster, since on TimescaleDB (the stack's main `postgres` when the
+//! shared build is installed) the hypertables get policies instead (`timescale_e2e`) and the
+//! pipeline deletes only from the plain tables.
 
 use std::time::Duration;
 
 use anyhow::{bail, Result};
 use primespark_connectors::postgres::retention::{delete_expired, RetentionConfig};
 use primespark_tests::{
-    connect, create_topic, free_port, fresh_database, pipeline_command, stack, unique, wait_until,
-    Pipeline,
+    connect, create_topic, free_port, fresh_database_on, pipeline_command, stack, unique,
+    wait_until, Pipeline,
 };
 
 /// Inserts into `table` one row per age in days (the rest of the columns filled per table).
@@ -49,7 +51,7 @@ async fn count(client: &tokio_postgres::Client, table: &str) -> Result<i64> {
 async fn the_pipeline_deletes_rows_past_their_horizon() -> Result<()> {
     let stack = stack();
     let db = unique("retention");
-    let url = fresh_database(stack, &db).await?;
+    let url = fresh_database_on(&stack.plain_postgres_url, &db).await?;
     let topic = format!("edge.telemetry.{db}");
     create_topic(stack, &topic, 1).await?;
     let work = tempfile::tempdir()?;

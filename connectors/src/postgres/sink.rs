@@ -74,9 +74,48 @@ pub async fn connect(url: &str) -> Result<Client, PostgresError> {
 }
 
 /// Applies pending migrations (idempotent; serialized across processes by an advisory lock) and,
-/// when the `timescaledb` extension is available, makes the time-series tables hypertables.
+/// when the server can run the `timescaledb` extension, makes the time-series tables
+/// hypertables (see [`timescale_decision`] for when it tries). Plain tables otherwise, with a
+/// log line saying why.
+///
+/// On a server where TimescaleDB is installed but not preloaded, `CREATE EXTENSION` is a FATAL
+/// that ends the connection, so it is never attempted there. If setting it up fails anyway, the
+/// migrations (already committed) stay and the tables stay plain; if that failure ended the
+/// connection, `client` is closed ([`Client::is_closed`]) when this returns [`Backend::Plain`],
+/// and a caller that still needs it must connect again.
 pub async fn migrate(client: &mut Client) -> Result<Backend, PostgresError> {
-    let mut tx = client
+    apply_migrations(client).await?;
+    let probe = probe_timescale(client).await?;
+    let decision = timescale_decision(probe.created, probe.available, probe.preloaded);
+    let backend = match decision {
+        TimescaleDecision::Plain(why) => {
+            why.log();
+            Backend::Plain
+        }
+        TimescaleDecision::Use | TimescaleDecision::Create => match setup_timescale(client).await {
+            Ok(()) => {
+                tracing::info!(
+                    created = decision == TimescaleDecision::Create,
+                    "timescaledb found: device_metrics is a hypertable"
+                );
+                Backend::Timescale
+            }
+            Err(e) if client.is_closed() => {
+                tracing::warn!(error = %e, "setting up timescaledb ended the connection: plain tables (the migration client is closed)");
+                Backend::Plain
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "timescaledb is available but could not be set up; using plain tables");
+                Backend::Plain
+            }
+        },
+    };
+    Ok(backend)
+}
+
+/// The migrations in one transaction, under the migration lock.
+async fn apply_migrations(client: &mut Client) -> Result<(), PostgresError> {
+    let tx = client
         .transaction()
         .await
         .map_err(stmt("beginning migration"))?;
@@ -109,55 +148,120 @@ pub async fn migrate(client: &mut Client) -> Result<Backend, PostgresError> {
         .map_err(stmt("recording a migration"))?;
         tracing::info!(version = m.version, name = m.name, "migration applied");
     }
-    let available = tx
-        .query_opt(
-            "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'",
+    tx.commit().await.map_err(stmt("committing migrations"))
+}
+
+/// What the server says about TimescaleDB.
+#[derive(Debug, Clone, Copy)]
+struct TimescaleProbe {
+    /// In this database's `pg_extension`.
+    created: bool,
+    /// In `pg_available_extensions` (its files are installed on the server).
+    available: bool,
+    /// Loaded at server start (`shared_preload_libraries`).
+    preloaded: bool,
+}
+
+/// Reads the inputs of [`timescale_decision`] without touching the extension (which would load
+/// it). `shared_preload_libraries` comes from `pg_settings`, not `SHOW`: only superusers and
+/// `pg_read_all_settings` may see it, and `SHOW` is an error for anyone else where `pg_settings`
+/// just has no row. Without the row, the loader's own setting `timescaledb.disable_load`
+/// answers: it exists only when the loader was preloaded.
+async fn probe_timescale(client: &Client) -> Result<TimescaleProbe, PostgresError> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'),
+                    EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'),
+                    (SELECT setting FROM pg_settings WHERE name = 'shared_preload_libraries'),
+                    current_setting('timescaledb.disable_load', true) IS NOT NULL",
             &[],
         )
         .await
-        .map_err(stmt("looking for timescaledb"))?
-        .is_some();
-    // Installed but not loadable (e.g. missing from shared_preload_libraries) must not stop the
-    // pipeline: the savepoint lets us fall back to the plain tables in the same transaction.
-    let mut timescale = false;
-    if available {
-        let sp = tx
-            .savepoint("timescaledb_setup")
-            .await
-            .map_err(stmt("setting up timescaledb"))?;
-        let mut failure = None;
-        for sql in TIMESCALE_SETUP {
-            if let Err(e) = sp.batch_execute(sql).await {
-                failure = Some(e);
-                break;
-            }
-        }
-        match failure {
-            None => {
-                sp.commit().await.map_err(stmt("setting up timescaledb"))?;
-                timescale = true;
-            }
-            Some(e) => {
-                tracing::warn!(error = %e, "timescaledb is available but could not be set up; using plain tables");
-                sp.rollback()
-                    .await
-                    .map_err(stmt("setting up timescaledb"))?;
-            }
+        .map_err(stmt("looking for timescaledb"))?;
+    let preload_list: Option<String> = row.get(2);
+    let loader_present: bool = row.get(3);
+    Ok(TimescaleProbe {
+        created: row.get(0),
+        available: row.get(1),
+        preloaded: preload_list.map_or(loader_present, |l| preloads_timescaledb(&l)),
+    })
+}
+
+/// Whether a `shared_preload_libraries` value (`'pg_stat_statements, timescaledb'`,
+/// `'$libdir/timescaledb.so'`, ...) names TimescaleDB's loader.
+pub(crate) fn preloads_timescaledb(list: &str) -> bool {
+    list.split(',')
+        .map(|lib| lib.trim().trim_matches('"'))
+        .map(|lib| lib.rsplit('/').next().unwrap_or(lib))
+        .any(|lib| lib.strip_suffix(".so").unwrap_or(lib) == "timescaledb")
+}
+
+/// What [`migrate`] does about TimescaleDB.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TimescaleDecision {
+    /// The extension is created in this database and loaded: make the hypertables.
+    Use,
+    /// Installed and preloaded but not created here yet: `CREATE EXTENSION`, then as `Use`.
+    Create,
+    /// Plain tables, and why.
+    Plain(PlainReason),
+}
+
+/// Why the tables stay plain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PlainReason {
+    /// Not installed on the server.
+    NotInstalled,
+    /// Installed but not in `shared_preload_libraries`: `CREATE EXTENSION` would be a FATAL.
+    NotPreloaded,
+    /// Created in this database (so it was preloaded once) but not preloaded now: every call
+    /// into it would be that FATAL too.
+    CreatedNotPreloaded,
+}
+
+impl PlainReason {
+    fn log(self) {
+        match self {
+            PlainReason::NotInstalled => tracing::info!(
+                "timescaledb not installed: plain PostgreSQL tables with the same indexes"
+            ),
+            PlainReason::NotPreloaded => tracing::warn!(
+                "timescaledb installed but not preloaded: plain tables (add timescaledb to shared_preload_libraries and restart PostgreSQL to use it)"
+            ),
+            PlainReason::CreatedNotPreloaded => tracing::warn!(
+                "timescaledb is created in this database but not preloaded: plain tables; hypertables refuse writes until timescaledb is in shared_preload_libraries again"
+            ),
         }
     }
-    tx.commit().await.map_err(stmt("committing migrations"))?;
-    let backend = if timescale {
-        Backend::Timescale
-    } else {
-        Backend::Plain
-    };
-    match backend {
-        Backend::Timescale => tracing::info!("timescaledb found: device_metrics is a hypertable"),
-        Backend::Plain => tracing::info!(
-            "timescaledb not installed: plain PostgreSQL tables with the same indexes"
-        ),
+}
+
+/// Look before you create: whether the extension is `created` in this database, `available`
+/// on the server, and `preloaded` decide, without ever running a statement that could end the
+/// connection.
+pub(crate) fn timescale_decision(
+    created: bool,
+    available: bool,
+    preloaded: bool,
+) -> TimescaleDecision {
+    match (created, available, preloaded) {
+        (true, _, true) => TimescaleDecision::Use,
+        (true, _, false) => TimescaleDecision::Plain(PlainReason::CreatedNotPreloaded),
+        (false, true, true) => TimescaleDecision::Create,
+        (false, true, false) => TimescaleDecision::Plain(PlainReason::NotPreloaded),
+        (false, false, _) => TimescaleDecision::Plain(PlainReason::NotInstalled),
     }
-    Ok(backend)
+}
+
+/// `CREATE EXTENSION IF NOT EXISTS timescaledb` and the hypertables, in one transaction under
+/// the migration lock (so cluster processes do not race), after the migrations committed.
+async fn setup_timescale(client: &mut Client) -> Result<(), tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock(7262)", &[])
+        .await?;
+    for sql in TIMESCALE_SETUP {
+        tx.batch_execute(sql).await?;
+    }
+    tx.commit().await
 }
 
 /// What earlier runs committed for one dataflow and topic.
@@ -1165,6 +1269,59 @@ pub async fn commit_offsets(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The three states a server can be in, plus a database created on a server that no
+    /// longer preloads the extension. The stack has two of them live: its `postgres` cluster
+    /// preloads TimescaleDB (when the shared build is installed) and `postgres_plain` has it
+    /// installed but not preloaded (`tests/tests/timescale_e2e.rs`). The third, absent, is a
+    /// machine without the shared TimescaleDB folder, where neither cluster has it installed:
+    /// no end-to-end test can run there with the extension, so this covers the decision.
+    #[test]
+    fn timescale_is_only_created_where_it_is_preloaded() {
+        use PlainReason::*;
+        use TimescaleDecision::*;
+        // (created in the database, available on the server, preloaded) -> decision
+        let cases = [
+            ((false, false, false), Plain(NotInstalled)),
+            // A preload entry without the files: postgres would not start, but never create.
+            ((false, false, true), Plain(NotInstalled)),
+            ((false, true, false), Plain(NotPreloaded)),
+            ((false, true, true), Create),
+            ((true, true, true), Use),
+            ((true, false, true), Use),
+            ((true, true, false), Plain(CreatedNotPreloaded)),
+            ((true, false, false), Plain(CreatedNotPreloaded)),
+        ];
+        for ((created, available, preloaded), want) in cases {
+            assert_eq!(
+                timescale_decision(created, available, preloaded),
+                want,
+                "created {created}, available {available}, preloaded {preloaded}"
+            );
+        }
+    }
+
+    #[test]
+    fn preload_lists_are_read_like_postgres_does() {
+        for yes in [
+            "timescaledb",
+            "pg_stat_statements,timescaledb",
+            "pg_stat_statements, timescaledb ",
+            "\"timescaledb\"",
+            "$libdir/timescaledb",
+            "$libdir/timescaledb.so",
+        ] {
+            assert!(preloads_timescaledb(yes), "{yes:?}");
+        }
+        for no in [
+            "",
+            "pg_stat_statements",
+            "timescaledb_toolkit",
+            "timescaledb-2.28.3",
+        ] {
+            assert!(!preloads_timescaledb(no), "{no:?}");
+        }
+    }
 
     #[test]
     fn json_text_is_sent_as_jsonb_without_parsing() {
