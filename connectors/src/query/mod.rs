@@ -11,11 +11,14 @@ pub mod catalog;
 mod config;
 pub mod functions;
 mod http;
-pub mod pgwire;
 pub mod postgres_table;
 pub mod service;
 pub mod tls;
 pub mod unified;
+pub mod wire;
+
+/// The wire endpoint under its former name, for callers (`dataflows`) that use it.
+pub use wire as pgwire;
 
 pub use config::{ApiKey, QueryConfig, Role, WireUser};
 pub use http::{batches_to_json, router, serve, session, QueryError};
