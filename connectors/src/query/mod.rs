@@ -11,12 +11,14 @@ pub mod catalog;
 mod config;
 pub mod functions;
 mod http;
-pub mod postgres_table;
+pub mod pg_table;
 pub mod service;
 pub mod tls;
 pub mod unified;
 pub mod wire;
 
+/// The PostgreSQL table under its former name.
+pub use pg_table as postgres_table;
 /// The wire endpoint under its former name, for callers (`dataflows`) that use it.
 pub use wire as pgwire;
 
