@@ -9,6 +9,8 @@
 
 pub mod catalog;
 mod config;
+mod context;
+mod error;
 pub mod functions;
 mod http;
 pub mod pg_table;
@@ -23,5 +25,7 @@ pub use pg_table as postgres_table;
 pub use wire as pgwire;
 
 pub use config::{ApiKey, QueryConfig, Role, WireUser};
-pub use http::{batches_to_json, router, serve, session, QueryError};
+pub use context::session;
+pub use error::QueryError;
+pub use http::{batches_to_json, router, serve};
 pub use service::{hash_password, sha256_hex, Principal, QueryOutput, QueryService};

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::error::DataFusionError;
 use datafusion::execution::context::SQLOptions;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
@@ -560,36 +559,6 @@ fn authorize(role: Role, statement: &DFStatement) -> Result<(), QueryError> {
                 never(&verb.to_uppercase())
             }
         },
-    }
-}
-
-impl QueryError {
-    /// The audit/metric outcome of an error.
-    pub fn outcome(&self) -> &'static str {
-        match self {
-            QueryError::Unauthenticated(_) => "unauthenticated",
-            QueryError::Forbidden(_) => "forbidden",
-            QueryError::RateLimited { .. } => "rate_limited",
-            QueryError::Timeout(_) => "timeout",
-            QueryError::DataFusion(DataFusionError::ResourcesExhausted(_)) => "resources_exhausted",
-            QueryError::DataFusion(_) => "error",
-            QueryError::Encode(_) | QueryError::Serve { .. } => "internal",
-        }
-    }
-
-    /// The PostgreSQL SQLSTATE of an error (wire endpoint).
-    pub fn sqlstate(&self) -> &'static str {
-        match self {
-            QueryError::Unauthenticated(_) => "28P01",
-            QueryError::Forbidden(_) => "42501",
-            QueryError::RateLimited { .. } => "53400",
-            QueryError::Timeout(_) => "57014",
-            QueryError::DataFusion(DataFusionError::ResourcesExhausted(_)) => "53200",
-            QueryError::DataFusion(DataFusionError::SQL(..)) => "42601",
-            QueryError::DataFusion(DataFusionError::Plan(_)) => "42P01",
-            QueryError::DataFusion(_) => "XX000",
-            QueryError::Encode(_) | QueryError::Serve { .. } => "XX000",
-        }
     }
 }
 
