@@ -7,8 +7,9 @@ use async_trait::async_trait;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::sql::sqlparser::tokenizer::Token;
 
-use super::lexer::{lex, Tk};
+use super::lexer::lex;
 use super::MAX_PARAMS;
 
 /// What the wire endpoint needs from the query service.
@@ -124,7 +125,7 @@ pub(super) async fn describe_by_probe<B: SqlBackend + ?Sized>(
     let mut copied = 0;
     let mut params = 0;
     for t in &tokens {
-        if let Tk::Param(n) = t.kind {
+        if let Some(n) = t.param() {
             params = params.max(n);
             probe.push_str(&sql[copied..t.start]);
             probe.push_str(" NULL ");
@@ -140,11 +141,9 @@ pub(super) async fn describe_by_probe<B: SqlBackend + ?Sized>(
     }
     let first = tokens.iter().find(|t| t.is_significant());
     let is_query = first.is_some_and(|t| {
-        t.kind == Tk::Punct('(')
-            || (t.kind == Tk::Word
-                && ["select", "with", "values", "table"]
-                    .iter()
-                    .any(|w| sql[t.start..t.end].eq_ignore_ascii_case(w)))
+        t.is(&Token::LParen)
+            || t.word()
+                .is_some_and(|w| ["select", "with", "values", "table"].contains(&w.as_str()))
     });
     let schema = if is_query {
         let limited = format!("SELECT * FROM ({probe}\n) AS primespark_describe LIMIT 0");

@@ -1,152 +1,131 @@
-// ---------------------------------------------------------------------------------------------
-// A small SQL lexer: enough to split statements, find `$n` and spot the statements answered
-// here without being fooled by strings, quoted identifiers or comments.
+//! A query string's tokens, read by DataFusion's own SQL tokenizer (sqlparser) with the
+//! PostgreSQL dialect the session parses with, so strings, quoted identifiers, comments and
+//! dollar quoting are read here exactly as the planner reads them.
+//!
+//! The wire layer needs tokens for what the planner cannot do for it: splitting a simple-query
+//! string into statements (some are answered here, the others run one by one), recognising the
+//! statements it answers itself (`SET ...` has many forms DataFusion does not parse), and
+//! finding `$n` and `current_setting('...')` before a statement is planned.
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Tk {
-    Space,
-    Comment,
-    Word,
-    QuotedIdent,
-    /// A standard `'...'` string.
-    Str,
-    /// An escape (`E'...'`) or dollar-quoted string.
-    OtherStr,
-    Param(usize),
-    Semi,
-    Punct(char),
-}
+use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use datafusion::sql::sqlparser::tokenizer::{Location, Token, Tokenizer};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Token {
-    pub(super) kind: Tk,
+/// One token and where it is in the query string.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Lexeme<'a> {
+    /// `None` for the rest of a string the tokenizer cannot read (an unterminated string or
+    /// comment, an invalid escape): it stays one piece, and the planner reports the error.
+    pub(super) token: Option<Token>,
+    /// The token's text as written.
+    pub(super) text: &'a str,
+    /// Byte offsets of the text in the query string.
     pub(super) start: usize,
     pub(super) end: usize,
 }
 
-impl Token {
+impl Lexeme<'_> {
+    /// Not white space or a comment.
     pub(super) fn is_significant(&self) -> bool {
-        !matches!(self.kind, Tk::Space | Tk::Comment)
+        !matches!(self.token, Some(Token::Whitespace(_)))
+    }
+
+    /// The lower-case text of an unquoted word (keywords included).
+    pub(super) fn word(&self) -> Option<String> {
+        match &self.token {
+            Some(Token::Word(w)) if w.quote_style.is_none() => Some(w.value.to_ascii_lowercase()),
+            _ => None,
+        }
+    }
+
+    /// `n` of a positional parameter `$n` (`usize::MAX` when it does not fit).
+    pub(super) fn param(&self) -> Option<usize> {
+        match &self.token {
+            Some(Token::Placeholder(p)) => {
+                let digits = p.strip_prefix('$')?;
+                (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| digits.parse().unwrap_or(usize::MAX))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether it is this token.
+    pub(super) fn is(&self, token: &Token) -> bool {
+        self.token.as_ref() == Some(token)
+    }
+
+    /// A standard `'...'` string (not `E'...'` or dollar-quoted).
+    pub(super) fn is_string(&self) -> bool {
+        matches!(self.token, Some(Token::SingleQuotedString(_)))
     }
 }
 
-pub(super) fn lex(sql: &str) -> Vec<Token> {
-    let b = sql.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while let Some(c) = sql[i..].chars().next() {
-        let start = i;
-        let kind = if c.is_whitespace() {
-            while let Some(c) = sql[i..].chars().next().filter(|c| c.is_whitespace()) {
-                i += c.len_utf8();
-            }
-            Tk::Space
-        } else if sql[i..].starts_with("--") {
-            i = sql[i..].find('\n').map_or(sql.len(), |n| i + n);
-            Tk::Comment
-        } else if sql[i..].starts_with("/*") {
-            // PostgreSQL block comments nest.
-            i += 2;
-            let mut depth = 1;
-            // Bytes, not str: a step of one byte may land inside a multi-byte character.
-            while i < b.len() && depth > 0 {
-                if b[i..].starts_with(b"/*") {
-                    depth += 1;
-                    i += 2;
-                } else if b[i..].starts_with(b"*/") {
-                    depth -= 1;
-                    i += 2;
-                } else {
-                    i += 1;
-                }
-            }
-            Tk::Comment
-        } else if c == '\'' {
-            i = end_of_quoted(b, i, b'\'', false);
-            Tk::Str
-        } else if c == '"' {
-            i = end_of_quoted(b, i, b'"', false);
-            Tk::QuotedIdent
-        } else if c == ';' {
-            i += 1;
-            Tk::Semi
-        } else if c == '$' {
-            let digits = b[i + 1..].iter().take_while(|d| d.is_ascii_digit()).count();
-            if digits > 0 {
-                let n = sql[i + 1..i + 1 + digits].parse().unwrap_or(usize::MAX);
-                i += 1 + digits;
-                Tk::Param(n)
-            } else if let Some(end) = end_of_dollar_quoted(sql, i) {
-                i = end;
-                Tk::OtherStr
-            } else {
-                i += 1;
-                Tk::Punct('$')
-            }
-        } else if c.is_alphanumeric() || c == '_' {
-            while let Some(c) = sql[i..]
-                .chars()
-                .next()
-                .filter(|c| c.is_alphanumeric() || *c == '_' || *c == '$')
-            {
-                i += c.len_utf8();
-            }
-            if (&sql[start..i] == "e" || &sql[start..i] == "E") && b.get(i) == Some(&b'\'') {
-                // E'...': backslash escapes, so \' does not end it.
-                i = end_of_quoted(b, i, b'\'', true);
-                Tk::OtherStr
-            } else {
-                Tk::Word
-            }
-        } else {
-            i += c.len_utf8();
-            Tk::Punct(c)
-        };
-        out.push(Token {
-            kind,
+/// The tokens of `sql`, covering it from start to end.
+pub(super) fn lex(sql: &str) -> Vec<Lexeme<'_>> {
+    let dialect = PostgreSqlDialect {};
+    let mut tokens = Vec::new();
+    // The tokens read before an error stay in `tokens`; the rest is one unreadable piece.
+    let complete = Tokenizer::new(&dialect, sql)
+        .with_unescape(false)
+        .tokenize_with_location_into_buf(&mut tokens)
+        .is_ok();
+    let mut cursor = Cursor::new(sql);
+    let mut out = Vec::with_capacity(tokens.len() + 1);
+    for t in tokens {
+        let start = cursor.offset_of(t.span.start);
+        let end = cursor.offset_of(t.span.end);
+        out.push(Lexeme {
+            token: Some(t.token),
+            text: &sql[start..end],
             start,
-            end: i,
+            end,
+        });
+    }
+    let read = out.last().map_or(0, |l| l.end);
+    if !complete || read < sql.len() {
+        out.push(Lexeme {
+            token: None,
+            text: &sql[read..],
+            start: read,
+            end: sql.len(),
         });
     }
     out
 }
 
-/// The end of a quoted token opening at `i`; a doubled quote is part of it. Unterminated
-/// runs to the end (the backend reports the error).
-fn end_of_quoted(b: &[u8], i: usize, quote: u8, backslash: bool) -> usize {
-    let mut j = i + 1;
-    while j < b.len() {
-        if backslash && b[j] == b'\\' {
-            j += 2;
-        } else if b[j] == quote {
-            if b.get(j + 1) == Some(&quote) {
-                j += 2;
-            } else {
-                return j + 1;
-            }
-        } else {
-            j += 1;
-        }
-    }
-    b.len()
+/// Turns the tokenizer's locations (line, and column in characters, both from 1) into byte
+/// offsets, walking the string once as the tokens come in order.
+struct Cursor<'a> {
+    chars: std::str::Chars<'a>,
+    line: u64,
+    column: u64,
+    offset: usize,
 }
 
-/// The end of a `$tag$...$tag$` string opening at `i`, or None if `i` opens no tag.
-fn end_of_dollar_quoted(sql: &str, i: usize) -> Option<usize> {
-    let b = sql.as_bytes();
-    let mut j = i + 1;
-    while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_') {
-        j += 1;
+impl<'a> Cursor<'a> {
+    fn new(sql: &'a str) -> Self {
+        Self {
+            chars: sql.chars(),
+            line: 1,
+            column: 1,
+            offset: 0,
+        }
     }
-    if b.get(j) != Some(&b'$') {
-        return None;
+
+    fn offset_of(&mut self, to: Location) -> usize {
+        while (self.line, self.column) < (to.line, to.column) {
+            let Some(c) = self.chars.next() else { break };
+            self.offset += c.len_utf8();
+            // As the tokenizer counts.
+            if c == '\n' {
+                self.line += 1;
+                self.column = 1;
+            } else {
+                self.column += 1;
+            }
+        }
+        self.offset
     }
-    let tag = &sql[i..=j];
-    Some(
-        sql[j + 1..]
-            .find(tag)
-            .map_or(sql.len(), |n| j + 1 + n + tag.len()),
-    )
 }
 
 /// The statements of a query string, without separators, comment-only ones dropped.
@@ -155,16 +134,14 @@ pub(super) fn split_statements(sql: &str) -> Vec<&str> {
     let mut start = 0;
     let mut significant = false;
     for t in lex(sql) {
-        match t.kind {
-            Tk::Semi => {
-                if significant {
-                    out.push(sql[start..t.start].trim());
-                }
-                start = t.end;
-                significant = false;
+        if t.is(&Token::SemiColon) {
+            if significant {
+                out.push(sql[start..t.start].trim());
             }
-            Tk::Space | Tk::Comment => {}
-            _ => significant = true,
+            start = t.end;
+            significant = false;
+        } else if t.is_significant() {
+            significant = true;
         }
     }
     if significant {
@@ -173,7 +150,12 @@ pub(super) fn split_statements(sql: &str) -> Vec<&str> {
     out
 }
 
-/// The value of a `'...'` string or `"..."` identifier.
+/// The highest `$n` in `sql`, 0 when there is none.
+pub(super) fn highest_param(sql: &str) -> usize {
+    lex(sql).iter().filter_map(Lexeme::param).max().unwrap_or(0)
+}
+
+/// The value of a `'...'` string or `"..."` identifier as written.
 pub(super) fn unquote(quoted: &str) -> String {
     let Some(q) = quoted.chars().next() else {
         return String::new();
@@ -215,5 +197,28 @@ mod tests {
             split_statements("SELECT 'unterminated ; x"),
             vec!["SELECT 'unterminated ; x"]
         );
+    }
+
+    #[test]
+    fn tokens_cover_the_string_with_byte_offsets() {
+        let sql = "SELECT 'é''s' AS \"ü\", $12\n  , $99999999999999999999 -- ü\n/* ; */ x";
+        let tokens = lex(sql);
+        assert_eq!(
+            tokens.iter().map(|t| t.text).collect::<String>(),
+            sql,
+            "the tokens' texts are the string"
+        );
+        assert!(tokens.iter().all(|t| t.token.is_some()));
+        let params: Vec<usize> = tokens.iter().filter_map(Lexeme::param).collect();
+        assert_eq!(params, [12, usize::MAX]);
+        assert!(tokens.iter().any(|t| t.is_string() && t.text == "'é''s'"));
+        assert_eq!(unquote("'é''s'"), "é's");
+        assert_eq!(unquote("\"a\"\"b\""), "a\"b");
+        assert_eq!(highest_param("SELECT $2, '$9', $1 /* $7 */"), 2);
+
+        // What the tokenizer cannot read stays one piece to the end.
+        let tokens = lex("SELECT 1; SELECT 'open");
+        let last = tokens.last().unwrap();
+        assert_eq!((last.token.as_ref(), last.text), (None, "'open"));
     }
 }

@@ -42,7 +42,7 @@
 //! - `auth.rs`: the startup handshake's password check;
 //! - `handler.rs`: the simple and extended query protocols;
 //! - `session.rs`: the statements answered here (`SET`, `SHOW`, `BEGIN`, ...) and the settings;
-//! - `lexer.rs`: splitting a query string into statements and finding `$n`;
+//! - `lexer.rs`: the query string's tokens (DataFusion's sqlparser tokenizer): statements, `$n`;
 //! - `params.rs`: the values of bound parameters;
 //! - `encode.rs` and `numeric.rs`: Arrow columns as PostgreSQL values.
 

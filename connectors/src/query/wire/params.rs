@@ -6,7 +6,7 @@ use ::pgwire::api::Type;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use tokio_postgres::types::FromSql;
 
-use super::lexer::{lex, Tk};
+use super::lexer::lex;
 use super::numeric::numeric_from_binary;
 use super::BackendError;
 
@@ -58,7 +58,7 @@ pub(super) fn bind(
     let mut out = String::with_capacity(sql.len() + 16 * literals.len());
     let mut copied = 0;
     for t in lex(sql) {
-        if let Tk::Param(n) = t.kind {
+        if let Some(n) = t.param() {
             let literal = n
                 .checked_sub(1)
                 .and_then(|i| literals.get(i))

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use ::pgwire::api::portal::Format;
 use ::pgwire::api::results::{DataRowEncoder, QueryResponse, Response, Tag};
 use ::pgwire::api::{ClientInfo, Type, METADATA_APPLICATION_NAME, METADATA_USER};
+use datafusion::sql::sqlparser::tokenizer::Token;
 
 use super::encode::fields;
-use super::lexer::{lex, unquote, Tk, Token};
+use super::lexer::{lex, unquote, Lexeme};
 use super::params::sql_string;
 use super::{BackendError, DATE_STYLE, MAX_PARAMS, SERVER_VERSION, SERVER_VERSION_NUM, TIME_ZONE};
 
@@ -88,117 +89,120 @@ pub(super) enum Classified {
 /// Sorts one statement (no `;` separators) into local or backend.
 pub(super) fn classify(sql: &str, session: &Session) -> Result<Classified, BackendError> {
     let tokens = lex(sql);
-    let sig: Vec<&Token> = tokens.iter().filter(|t| t.is_significant()).collect();
-    if sig.is_empty() {
+    let sig: Vec<&Lexeme> = tokens.iter().filter(|t| t.is_significant()).collect();
+    let Some(first) = sig.first() else {
         return Ok(Classified::Empty);
-    }
-    let word = |i: usize| -> Option<String> {
-        sig.get(i)
-            .filter(|t| t.kind == Tk::Word)
-            .map(|t| sql[t.start..t.end].to_ascii_lowercase())
     };
-    let first_word = word(0).unwrap_or_default();
-    let local = |l: Local| Ok(Classified::Local(l));
-    match first_word.as_str() {
-        "set" | "reset" | "deallocate" | "savepoint" | "release" => {
-            return local(Local::Command(first_word.to_ascii_uppercase()))
-        }
-        "discard" => {
-            let what = word(1).unwrap_or_default().to_ascii_uppercase();
-            return local(Local::Command(format!("DISCARD {what}").trim().to_owned()));
-        }
-        "begin" => return local(Local::Begin("BEGIN".to_owned())),
-        "start" if word(1).as_deref() == Some("transaction") => {
-            return local(Local::Begin("START TRANSACTION".to_owned()))
-        }
-        "commit" | "end" => return local(Local::End("COMMIT".to_owned())),
-        "rollback" | "abort" => {
-            // ROLLBACK TO SAVEPOINT stays inside the transaction block.
-            if word(1).as_deref() == Some("to") {
-                return local(Local::Command("ROLLBACK".to_owned()));
-            }
-            return local(Local::End("ROLLBACK".to_owned()));
-        }
-        "show" if sig.len() > 1 && sig[1..].iter().all(|t| t.kind == Tk::Word) => {
-            let name = sig[1..]
-                .iter()
-                .map(|t| sql[t.start..t.end].to_ascii_lowercase())
-                .collect::<Vec<_>>()
-                .join("_");
-            if let Some((column, value)) = setting(&name, session) {
-                return local(Local::Value {
-                    column: column.to_owned(),
-                    value,
-                });
-            }
-        }
-        "select" => {
-            let punct = |i: usize, c: char| sig.get(i).is_some_and(|t| t.kind == Tk::Punct(c));
-            // SELECT version()
-            if sig.len() == 4
-                && word(1).as_deref() == Some("version")
-                && punct(2, '(')
-                && punct(3, ')')
-            {
-                return local(Local::Value {
-                    column: "version".to_owned(),
-                    value: version_string(),
-                });
-            }
-            // SELECT current_setting('name') [[AS] alias]
-            if word(1).as_deref() == Some("current_setting")
-                && punct(2, '(')
-                && sig.get(3).is_some_and(|t| t.kind == Tk::Str)
-                && punct(4, ')')
-            {
-                let alias = match sig.len() {
-                    5 => Some("current_setting".to_owned()),
-                    6 => alias_name(sql, sig[5]),
-                    7 if word(5).as_deref() == Some("as") => alias_name(sql, sig[6]),
-                    _ => None,
-                };
-                if let Some(column) = alias {
-                    let name = unquote(&sql[sig[3].start..sig[3].end]);
-                    let (_, value) = setting(&name.to_ascii_lowercase(), session)
-                        .ok_or_else(|| unknown_setting(&name))?;
-                    return local(Local::Value { column, value });
-                }
-            }
-        }
-        _ => {}
+    let first_word = first.word().unwrap_or_default();
+    if let Some(local) = local_statement(&first_word, &sig, session)? {
+        return Ok(Classified::Local(local));
     }
     let tag = match first_word.as_str() {
         "" | "with" | "values" | "table" => "SELECT".to_owned(),
         w => w.to_ascii_uppercase(),
     };
     Ok(Classified::Backend {
-        params: cast_types(sql, &tokens),
-        sql: resolve_settings(sql, &tokens, session)?,
+        params: cast_types(&sig),
+        sql: resolve_settings(sql, &sig, session)?,
         tag,
     })
 }
 
+/// The statement as one answered here, if it is one (`sig`: its significant tokens).
+fn local_statement(
+    first: &str,
+    sig: &[&Lexeme],
+    session: &Session,
+) -> Result<Option<Local>, BackendError> {
+    let word = |i: usize| sig.get(i).and_then(|t| t.word());
+    Ok(Some(match first {
+        "set" | "reset" | "deallocate" | "savepoint" | "release" => {
+            Local::Command(first.to_ascii_uppercase())
+        }
+        "discard" => {
+            let what = word(1).unwrap_or_default().to_ascii_uppercase();
+            Local::Command(format!("DISCARD {what}").trim().to_owned())
+        }
+        "begin" => Local::Begin("BEGIN".to_owned()),
+        "start" if word(1).as_deref() == Some("transaction") => {
+            Local::Begin("START TRANSACTION".to_owned())
+        }
+        "commit" | "end" => Local::End("COMMIT".to_owned()),
+        // ROLLBACK TO SAVEPOINT stays inside the transaction block.
+        "rollback" | "abort" if word(1).as_deref() == Some("to") => {
+            Local::Command("ROLLBACK".to_owned())
+        }
+        "rollback" | "abort" => Local::End("ROLLBACK".to_owned()),
+        "show" if sig.len() > 1 && sig[1..].iter().all(|t| t.word().is_some()) => {
+            let name = sig[1..]
+                .iter()
+                .filter_map(|t| t.word())
+                .collect::<Vec<_>>()
+                .join("_");
+            match setting(&name, session) {
+                Some((column, value)) => Local::Value {
+                    column: column.to_owned(),
+                    value,
+                },
+                None => return Ok(None),
+            }
+        }
+        "select" => return select_answered_here(sig, session),
+        _ => return Ok(None),
+    }))
+}
+
+/// `SELECT version()` and `SELECT current_setting('name') [[AS] alias]`.
+fn select_answered_here(sig: &[&Lexeme], session: &Session) -> Result<Option<Local>, BackendError> {
+    let word = |i: usize| sig.get(i).and_then(|t| t.word());
+    let is = |i: usize, token: Token| sig.get(i).is_some_and(|t| t.is(&token));
+    if sig.len() == 4
+        && word(1).as_deref() == Some("version")
+        && is(2, Token::LParen)
+        && is(3, Token::RParen)
+    {
+        return Ok(Some(Local::Value {
+            column: "version".to_owned(),
+            value: version_string(),
+        }));
+    }
+    if word(1).as_deref() == Some("current_setting")
+        && is(2, Token::LParen)
+        && sig.get(3).is_some_and(|t| t.is_string())
+        && is(4, Token::RParen)
+    {
+        let alias = match sig.len() {
+            5 => Some("current_setting".to_owned()),
+            6 => alias_name(sig[5]),
+            7 if word(5).as_deref() == Some("as") => alias_name(sig[6]),
+            _ => None,
+        };
+        if let Some(column) = alias {
+            let name = unquote(sig[3].text);
+            let (_, value) = setting(&name.to_ascii_lowercase(), session)
+                .ok_or_else(|| unknown_setting(&name))?;
+            return Ok(Some(Local::Value { column, value }));
+        }
+    }
+    Ok(None)
+}
+
 /// For each parameter `$1..$n`, the type of an explicit `$n::type` or `CAST($n AS type)`.
-fn cast_types(sql: &str, tokens: &[Token]) -> Vec<Option<Type>> {
-    let sig: Vec<&Token> = tokens.iter().filter(|t| t.is_significant()).collect();
-    let word = |i: usize| {
-        sig.get(i)
-            .filter(|t| t.kind == Tk::Word)
-            .map(|t| sql[t.start..t.end].to_ascii_lowercase())
-    };
-    let punct = |i: usize, c: char| sig.get(i).is_some_and(|t| t.kind == Tk::Punct(c));
+fn cast_types(sig: &[&Lexeme]) -> Vec<Option<Type>> {
+    let word = |i: usize| sig.get(i).and_then(|t| t.word());
+    let is = |i: usize, token: Token| sig.get(i).is_some_and(|t| t.is(&token));
     let mut types: Vec<Option<Type>> = Vec::new();
     for (k, t) in sig.iter().enumerate() {
-        let Tk::Param(n) = t.kind else { continue };
+        let Some(n) = t.param() else { continue };
         if n == 0 || n > MAX_PARAMS {
             continue;
         }
         if types.len() < n {
             types.resize(n, None);
         }
-        let type_at = if punct(k + 1, ':') && punct(k + 2, ':') {
-            Some(k + 3)
-        } else if k >= 2 && punct(k - 1, '(') && word(k - 2).as_deref() == Some("cast") {
+        let type_at = if is(k + 1, Token::DoubleColon) {
+            Some(k + 2)
+        } else if k >= 2 && is(k - 1, Token::LParen) && word(k - 2).as_deref() == Some("cast") {
             (word(k + 1).as_deref() == Some("as")).then_some(k + 2)
         } else {
             None
@@ -229,10 +233,10 @@ fn cast_types(sql: &str, tokens: &[Token]) -> Vec<Option<Type>> {
     types
 }
 
-fn alias_name(sql: &str, token: &Token) -> Option<String> {
-    match token.kind {
-        Tk::Word => Some(sql[token.start..token.end].to_ascii_lowercase()),
-        Tk::QuotedIdent => Some(unquote(&sql[token.start..token.end])),
+fn alias_name(token: &Lexeme) -> Option<String> {
+    match &token.token {
+        Some(Token::Word(w)) if w.quote_style.is_none() => token.word(),
+        Some(Token::Word(w)) if w.quote_style == Some('"') => Some(unquote(token.text)),
         _ => None,
     }
 }
@@ -285,53 +289,53 @@ fn setting(name: &str, session: &Session) -> Option<(&'static str, String)> {
     }
 }
 
-/// Replaces `[pg_catalog.]current_setting('name')` by the setting's value as a string literal.
-fn resolve_settings(
-    sql: &str,
-    tokens: &[Token],
-    session: &Session,
-) -> Result<String, BackendError> {
-    let sig: Vec<(usize, &Token)> = tokens
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| t.is_significant())
-        .collect();
-    let text = |t: &Token| &sql[t.start..t.end];
-    let mut out = String::with_capacity(sql.len());
-    let mut copied = 0;
-    for (k, (_, t)) in sig.iter().enumerate() {
-        let is_call = t.kind == Tk::Word
-            && text(t).eq_ignore_ascii_case("current_setting")
-            && sig
-                .get(k + 1)
-                .is_some_and(|(_, t)| t.kind == Tk::Punct('('))
-            && sig.get(k + 2).is_some_and(|(_, t)| t.kind == Tk::Str)
-            && sig
-                .get(k + 3)
-                .is_some_and(|(_, t)| t.kind == Tk::Punct(')'));
+/// A `[pg_catalog.]current_setting('name')` call: where it is and the setting's name.
+struct SettingCall {
+    start: usize,
+    end: usize,
+    name: String,
+}
+
+/// The `current_setting('...')` calls among `sig`, in order.
+fn setting_calls(sig: &[&Lexeme]) -> Vec<SettingCall> {
+    let mut calls = Vec::new();
+    for (k, t) in sig.iter().enumerate() {
+        let is_call = t.word().as_deref() == Some("current_setting")
+            && sig.get(k + 1).is_some_and(|t| t.is(&Token::LParen))
+            && sig.get(k + 2).is_some_and(|t| t.is_string())
+            && sig.get(k + 3).is_some_and(|t| t.is(&Token::RParen));
         if !is_call {
             continue;
         }
         let mut start = t.start;
-        // pg_catalog.current_setting(...): the qualifier goes too.
+        // pg_catalog.current_setting(...): the qualifier goes too; any other is not ours.
         if k >= 2
-            && sig[k - 1].1.kind == Tk::Punct('.')
-            && sig[k - 2].1.kind == Tk::Word
-            && text(sig[k - 2].1).eq_ignore_ascii_case("pg_catalog")
+            && sig[k - 1].is(&Token::Period)
+            && sig[k - 2].word().as_deref() == Some("pg_catalog")
         {
-            start = sig[k - 2].1.start;
-        } else if k >= 1 && sig[k - 1].1.kind == Tk::Punct('.') {
+            start = sig[k - 2].start;
+        } else if k >= 1 && sig[k - 1].is(&Token::Period) {
             continue;
         }
-        if start < copied {
-            continue;
-        }
-        let name = unquote(text(sig[k + 2].1));
-        let (_, value) =
-            setting(&name.to_ascii_lowercase(), session).ok_or_else(|| unknown_setting(&name))?;
-        out.push_str(&sql[copied..start]);
+        calls.push(SettingCall {
+            start,
+            end: sig[k + 3].end,
+            name: unquote(sig[k + 2].text),
+        });
+    }
+    calls
+}
+
+/// Replaces `[pg_catalog.]current_setting('name')` by the setting's value as a string literal.
+fn resolve_settings(sql: &str, sig: &[&Lexeme], session: &Session) -> Result<String, BackendError> {
+    let mut out = String::with_capacity(sql.len());
+    let mut copied = 0;
+    for call in setting_calls(sig) {
+        let (_, value) = setting(&call.name.to_ascii_lowercase(), session)
+            .ok_or_else(|| unknown_setting(&call.name))?;
+        out.push_str(&sql[copied..call.start]);
         out.push_str(&sql_string(&value).map_err(|e| BackendError::new("22021", e))?);
-        copied = sig[k + 3].1.end;
+        copied = call.end;
     }
     out.push_str(&sql[copied..]);
     Ok(out)
