@@ -6,10 +6,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::ScalarValue;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::sqlparser::tokenizer::Token;
 
-use super::lexer::lex;
+use super::lexer::{highest_param, lex};
 use super::MAX_PARAMS;
 
 /// What the wire endpoint needs from the query service.
@@ -20,19 +21,24 @@ pub trait SqlBackend: Send + Sync + 'static {
     /// Called on tokio's blocking pool, so it may hash.
     fn authenticate(&self, user: &str, password: &str) -> Result<(), String>;
 
-    /// Runs one SQL statement for `user`; the result schema and batches, or an error with a
-    /// SQLSTATE (e.g. "42501" insufficient_privilege, "57014" query_canceled,
-    /// "42601"/"42P01"/"XX000").
+    /// Runs one SQL statement for `user` with `params` as the values of its `$1..$n`; the
+    /// result schema and batches, or an error with a SQLSTATE (e.g. "42501"
+    /// insufficient_privilege, "57014" query_canceled, "42601"/"42P01"/"XX000").
+    ///
+    /// Plan `sql` as it is, placeholders and all, and bind `params` into the plan
+    /// (`LogicalPlan::with_param_values`): never write them into the SQL. `params` is empty when
+    /// the statement has no placeholders.
     async fn execute(
         &self,
         user: &str,
         sql: &str,
+        params: Vec<ScalarValue>,
     ) -> Result<(SchemaRef, Vec<RecordBatch>), BackendError>;
 
     /// Plans one statement without running it: its result columns and the types of its `$n`
     /// parameters, for the extended protocol's Describe.
     ///
-    /// The default probes with [`execute`](Self::execute): the parameters replaced by `NULL`, a
+    /// The default probes with [`execute`](Self::execute): every parameter bound to `NULL`, a
     /// query wrapped in `SELECT * FROM (...) LIMIT 0` (when DataFusion refuses the wrapping, as
     /// for a join with two columns of one name, the query runs once in full), and every
     /// parameter reported as text. So each prepared statement costs a second, audited
@@ -113,46 +119,36 @@ impl Description {
     }
 }
 
-/// [`SqlBackend::describe`]'s default: run the statement with its parameters nulled, limited
-/// to no rows where it is a query.
+/// [`SqlBackend::describe`]'s default: run the statement with every parameter bound to NULL,
+/// limited to no rows where it is a query.
 pub(super) async fn describe_by_probe<B: SqlBackend + ?Sized>(
     backend: &B,
     user: &str,
     sql: &str,
 ) -> Result<Description, BackendError> {
-    let tokens = lex(sql);
-    let mut probe = String::with_capacity(sql.len());
-    let mut copied = 0;
-    let mut params = 0;
-    for t in &tokens {
-        if let Some(n) = t.param() {
-            params = params.max(n);
-            probe.push_str(&sql[copied..t.start]);
-            probe.push_str(" NULL ");
-            copied = t.end;
-        }
-    }
-    probe.push_str(&sql[copied..]);
+    let params = highest_param(sql);
     if params > MAX_PARAMS {
         return Err(BackendError::new(
             "42P02",
             format!("there is no parameter ${params}"),
         ));
     }
+    let tokens = lex(sql);
     let first = tokens.iter().find(|t| t.is_significant());
     let is_query = first.is_some_and(|t| {
         t.is(&Token::LParen)
             || t.word()
                 .is_some_and(|w| ["select", "with", "values", "table"].contains(&w.as_str()))
     });
+    let nulls = vec![ScalarValue::Null; params];
     let schema = if is_query {
-        let limited = format!("SELECT * FROM ({probe}\n) AS primespark_describe LIMIT 0");
-        match backend.execute(user, &limited).await {
+        let limited = format!("SELECT * FROM ({sql}\n) AS primespark_describe LIMIT 0");
+        match backend.execute(user, &limited, nulls.clone()).await {
             Ok((schema, _)) => schema,
-            Err(_) => backend.execute(user, &probe).await?.0,
+            Err(_) => backend.execute(user, sql, nulls).await?.0,
         }
     } else {
-        backend.execute(user, &probe).await?.0
+        backend.execute(user, sql, nulls).await?.0
     };
     Ok(Description {
         schema,

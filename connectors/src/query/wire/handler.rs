@@ -1,5 +1,6 @@
 //! The two query protocols: simple (a string of statements) and extended (Parse, Bind,
-//! Execute), each statement answered here or run by the backend.
+//! Execute), each statement answered here or run by the backend with its parameters bound as
+//! values.
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -13,12 +14,14 @@ use ::pgwire::api::{ClientInfo, ClientPortalStore, Type};
 use ::pgwire::error::{ErrorInfo, PgWireError as ProtocolError, PgWireResult, SEVERITY_ERROR};
 use ::pgwire::messages::PgWireBackendMessage;
 use async_trait::async_trait;
+use datafusion::common::ScalarValue;
 use futures::Sink;
 
+use super::backend::Description;
 use super::encode::{fields, pg_type_of, rows_response};
 use super::lexer::split_statements;
 use super::params::bind;
-use super::session::{classify, Classified, Local, Session};
+use super::session::{bind_connection_settings, classify, Classified, Local, Session};
 use super::{BackendError, SqlBackend};
 
 /// A statement parsed by the extended protocol.
@@ -31,12 +34,15 @@ pub(super) enum Prepared {
 /// A statement for the backend, described.
 #[derive(Debug)]
 pub(super) struct BackendStatement {
-    /// The SQL with `current_setting(...)` resolved and `$n` placeholders still in place.
+    /// The SQL with the client's `$n` placeholders still in place, server settings resolved
+    /// and the connection's settings as placeholders after the client's.
     sql: String,
     /// The command tag (`SELECT`, `SHOW`, ...).
     tag: String,
-    /// The type of each parameter `$1..$n`.
+    /// The type of each of the client's parameters `$1..$n`.
     params: Vec<Type>,
+    /// The values of the placeholders after the client's: the connection's settings.
+    settings: Vec<ScalarValue>,
     /// Name and type of each result column.
     columns: Vec<(String, Type)>,
 }
@@ -45,6 +51,65 @@ pub(super) struct BackendStatement {
 /// statement fails at Parse as it does in PostgreSQL.
 pub(super) struct Parser {
     pub(super) backend: Arc<dyn SqlBackend>,
+}
+
+impl Parser {
+    /// Describes a statement for the backend. `casts`: the type an explicit cast gives each
+    /// `$n`; `declared`: the types the client gave in its Parse message.
+    async fn describe(
+        &self,
+        session: &Session,
+        sql: &str,
+        tag: String,
+        casts: Vec<Option<Type>>,
+        declared: &[Option<Type>],
+    ) -> Result<BackendStatement, BackendError> {
+        let client_params = casts.len().max(declared.len());
+        let (sql, settings) = bind_connection_settings(sql, session, client_params)?;
+        let description = self.backend.describe(&session.user, &sql).await?;
+        // The plan also numbers the connection's settings; the client sees its own only.
+        let count = if settings.is_empty() {
+            client_params.max(description.parameters.len())
+        } else {
+            client_params
+        };
+        let params = (0..count)
+            .map(|i| param_type(i, declared, &casts, &description))
+            .collect();
+        let columns = description
+            .schema
+            .fields()
+            .iter()
+            .map(|f| (f.name().clone(), pg_type_of(f.data_type())))
+            .collect();
+        Ok(BackendStatement {
+            sql,
+            tag,
+            params,
+            settings,
+            columns,
+        })
+    }
+}
+
+/// Like PostgreSQL: the client's declared type, else an explicit cast (`$1::bigint`), else
+/// what the plan infers, else text.
+fn param_type(
+    i: usize,
+    declared: &[Option<Type>],
+    casts: &[Option<Type>],
+    description: &Description,
+) -> Type {
+    match declared.get(i) {
+        Some(Some(t)) if *t != Type::UNKNOWN => t.clone(),
+        _ => casts.get(i).cloned().flatten().unwrap_or_else(|| {
+            description
+                .parameters
+                .get(i)
+                .and_then(|t| t.as_ref())
+                .map_or(Type::TEXT, pg_type_of)
+        }),
+    }
 }
 
 #[async_trait]
@@ -76,44 +141,14 @@ impl QueryParser for Parser {
             Classified::Empty => Ok(None),
             Classified::Local(local) => Ok(Some(Prepared::Local(local))),
             Classified::Backend { sql, tag, params } => {
-                let description =
-                    self.backend
-                        .describe(&session.user, &sql)
-                        .await
-                        .map_err(|e| {
-                            log_backend_error(&session.user, &e);
-                            into_protocol(e)
-                        })?;
-                // Like PostgreSQL: the client's declared type, else an explicit cast
-                // (`$1::bigint`), else what the plan infers, else text.
-                let count = params
-                    .len()
-                    .max(description.parameters.len())
-                    .max(types.len());
-                let params = (0..count)
-                    .map(|i| match types.get(i) {
-                        Some(Some(t)) if *t != Type::UNKNOWN => t.clone(),
-                        _ => params.get(i).cloned().flatten().unwrap_or_else(|| {
-                            description
-                                .parameters
-                                .get(i)
-                                .and_then(|t| t.as_ref())
-                                .map_or(Type::TEXT, pg_type_of)
-                        }),
-                    })
-                    .collect();
-                let columns = description
-                    .schema
-                    .fields()
-                    .iter()
-                    .map(|f| (f.name().clone(), pg_type_of(f.data_type())))
-                    .collect();
-                Ok(Some(Prepared::Backend(Arc::new(BackendStatement {
-                    sql,
-                    tag,
-                    params,
-                    columns,
-                }))))
+                let described = self
+                    .describe(&session, &sql, tag, params, types)
+                    .await
+                    .map_err(|e| {
+                        log_backend_error(&session.user, &e);
+                        into_protocol(e)
+                    })?;
+                Ok(Some(Prepared::Backend(Arc::new(described))))
             }
         }
     }
@@ -144,6 +179,32 @@ pub(super) struct QueryHandler {
     pub(super) parser: Arc<Parser>,
 }
 
+impl QueryHandler {
+    /// One statement of a simple query, for the backend: rows in text, typed by the result.
+    async fn run_simple(
+        &self,
+        session: &Session,
+        sql: &str,
+        tag: &str,
+    ) -> Result<Response, BackendError> {
+        let (sql, settings) = bind_connection_settings(sql, session, 0)?;
+        match self.backend.execute(&session.user, &sql, settings).await {
+            Ok((schema, batches)) => {
+                let columns: Vec<_> = schema
+                    .fields()
+                    .iter()
+                    .map(|f| (f.name().clone(), pg_type_of(f.data_type())))
+                    .collect();
+                rows_response(&columns, None, tag, &batches)
+            }
+            Err(e) => {
+                log_backend_error(&session.user, &e);
+                Err(e)
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl SimpleQueryHandler for QueryHandler {
     async fn do_query<C>(&self, client: &mut C, query: &str) -> PgWireResult<Vec<Response>>
@@ -164,20 +225,7 @@ impl SimpleQueryHandler for QueryHandler {
                 Ok(Classified::Empty) => Ok(Response::EmptyQuery),
                 Ok(Classified::Local(local)) => local.respond(None),
                 Ok(Classified::Backend { sql, tag, .. }) => {
-                    match self.backend.execute(&session.user, &sql).await {
-                        Ok((schema, batches)) => {
-                            let columns: Vec<_> = schema
-                                .fields()
-                                .iter()
-                                .map(|f| (f.name().clone(), pg_type_of(f.data_type())))
-                                .collect();
-                            rows_response(&columns, None, &tag, &batches)
-                        }
-                        Err(e) => {
-                            log_backend_error(&session.user, &e);
-                            Err(e)
-                        }
-                    }
+                    self.run_simple(&session, &sql, &tag).await
                 }
                 Err(e) => Err(e),
             };
@@ -227,16 +275,17 @@ impl ExtendedQueryHandler for QueryHandler {
             Prepared::Backend(b) => b.clone(),
         };
         let session = Session::of(client);
-        let sql = bind(
-            &statement.sql,
+        // The client's values, then the connection's settings: `$1..$n`, `$n+1..`.
+        let mut values = bind(
             &statement.params,
             &portal.parameter_format,
             &portal.parameters,
         )
         .map_err(into_protocol)?;
+        values.extend(statement.settings.iter().cloned());
         let (_, batches) = self
             .backend
-            .execute(&session.user, &sql)
+            .execute(&session.user, &statement.sql, values)
             .await
             .map_err(|e| {
                 log_backend_error(&session.user, &e);

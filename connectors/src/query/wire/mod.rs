@@ -18,23 +18,27 @@
 //!   [`SqlBackend::describe`], which gives the result columns (for Describe) and the parameter
 //!   types (for ParameterDescription). A parameter's type is the one the client declares, else
 //!   an explicit cast's (`$1::bigint`, `CAST($1 AS date)`), else the planner's, else text.
-//!   Execute substitutes the bound parameters into the SQL text as literals DataFusion reads back
-//!   to the same typed value (strings quoted, numbers validated, never spliced raw) and runs it
-//!   with [`SqlBackend::execute`]; the rows
-//!   are encoded with the described column types in the text or binary format each client asks
-//!   for. Portals with a row limit are suspended and resumed by pgwire.
+//!   Execute decodes each bound parameter from its text or binary format into a typed value
+//!   (`params.rs`) and hands the statement, unchanged with its `$n`, and the values to
+//!   [`SqlBackend::execute`], which binds them into the plan (`LogicalPlan::with_param_values`):
+//!   a parameter is never SQL text, whatever it holds. The rows are encoded with the described
+//!   column types in the text or binary format each client asks for. Portals with a row limit
+//!   are suspended and resumed by pgwire.
 //! - **Answered here, never sent to the backend**, so a session setup can never be refused:
 //!   `SET`, `RESET`, `DISCARD`, `DEALLOCATE`, `SAVEPOINT`, `RELEASE` (accepted and ignored: the
 //!   backend's session is shared, so per-connection settings could not be honoured anyway);
 //!   `BEGIN`/`COMMIT`/`ROLLBACK` (the service is read-only, so a transaction is bookkeeping);
 //!   `SHOW` of a connection setting (`server_version`, `TimeZone`, ...), `SELECT version()`,
-//!   `SELECT current_setting('...')`; and `current_setting('...')` inside any other statement
-//!   is replaced by the setting's value before the statement reaches the backend. Empty and
+//!   `SELECT current_setting('...')`. Inside any other statement, `current_setting('...')` of
+//!   a server setting (a constant of this server) is replaced by its value as a literal, and of
+//!   a connection setting the client chose (`application_name`, `session_authorization`) by a
+//!   placeholder bound to its value after the client's parameters. Empty and
 //!   comment-only statements (`;`, `-- ping`) answer EmptyQueryResponse. Any other `SHOW` goes to
 //!   the backend (DataFusion knows `SHOW ALL` and its own options).
 //! - **Cancel requests** stop the running statement with `57014`.
 //!
 //! Arrow types map to PostgreSQL types as [`pg_type_of`] says; results always use the
+//! connection's time zone `Etc/UTC`.
 //!
 //! The files, one job each:
 //! - `backend.rs`: what the endpoint needs from the query service ([`SqlBackend`]);
@@ -43,7 +47,7 @@
 //! - `handler.rs`: the simple and extended query protocols;
 //! - `session.rs`: the statements answered here (`SET`, `SHOW`, `BEGIN`, ...) and the settings;
 //! - `lexer.rs`: the query string's tokens (DataFusion's sqlparser tokenizer): statements, `$n`;
-//! - `params.rs`: the values of bound parameters;
+//! - `params.rs`: bound parameters decoded into typed values, by type and format;
 //! - `encode.rs` and `numeric.rs`: Arrow columns as PostgreSQL values.
 
 mod auth;

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use ::pgwire::api::portal::Format;
 use ::pgwire::api::results::{DataRowEncoder, QueryResponse, Response, Tag};
 use ::pgwire::api::{ClientInfo, Type, METADATA_APPLICATION_NAME, METADATA_USER};
+use datafusion::common::ScalarValue;
 use datafusion::sql::sqlparser::tokenizer::Token;
 
 use super::encode::fields;
 use super::lexer::{lex, unquote, Lexeme};
-use super::params::sql_string;
 use super::{BackendError, DATE_STYLE, MAX_PARAMS, SERVER_VERSION, SERVER_VERSION_NUM, TIME_ZONE};
 
 /// Who is connected, from the startup message.
@@ -255,38 +255,50 @@ fn version_string() -> String {
     )
 }
 
-/// A connection setting by lower-case name (words joined by `_`): its display name and value.
+/// A setting by lower-case name (words joined by `_`): its display name and value.
 fn setting(name: &str, session: &Session) -> Option<(&'static str, String)> {
-    let fixed = |column: &'static str, value: &str| Some((column, value.to_owned()));
+    match connection_setting(name, session) {
+        Some((column, value)) => Some((column, value.to_owned())),
+        None => server_setting(name).map(|(column, value)| (column, value.to_owned())),
+    }
+}
+
+/// A setting of the connection, which the client chose at startup.
+fn connection_setting<'a>(name: &str, session: &'a Session) -> Option<(&'static str, &'a str)> {
     match name {
-        "server_version" => fixed("server_version", SERVER_VERSION),
-        "server_version_num" => fixed("server_version_num", SERVER_VERSION_NUM),
-        "timezone" | "time_zone" => fixed("TimeZone", TIME_ZONE),
-        "datestyle" => fixed("DateStyle", DATE_STYLE),
-        "intervalstyle" => fixed("IntervalStyle", "postgres"),
-        "client_encoding" => fixed("client_encoding", "UTF8"),
-        "server_encoding" => fixed("server_encoding", "UTF8"),
-        "standard_conforming_strings" => fixed("standard_conforming_strings", "on"),
-        "integer_datetimes" => fixed("integer_datetimes", "on"),
-        "search_path" => fixed("search_path", "public"),
-        "transaction_isolation" | "transaction_isolation_level" => {
-            fixed("transaction_isolation", "read committed")
-        }
-        "default_transaction_read_only" => fixed("default_transaction_read_only", "on"),
-        "transaction_read_only" => fixed("transaction_read_only", "on"),
-        "is_superuser" => fixed("is_superuser", "off"),
-        "max_identifier_length" => fixed("max_identifier_length", "63"),
-        "extra_float_digits" => fixed("extra_float_digits", "1"),
-        "bytea_output" => fixed("bytea_output", "hex"),
-        "lc_messages" | "lc_collate" | "lc_ctype" => match name {
-            "lc_messages" => fixed("lc_messages", "C"),
-            "lc_collate" => fixed("lc_collate", "C"),
-            _ => fixed("lc_ctype", "C"),
-        },
-        "application_name" => Some(("application_name", session.application_name.clone())),
-        "session_authorization" => Some(("session_authorization", session.user.clone())),
+        "application_name" => Some(("application_name", &session.application_name)),
+        "session_authorization" => Some(("session_authorization", &session.user)),
         _ => None,
     }
+}
+
+/// A setting of this server: a constant, the same for every connection.
+fn server_setting(name: &str) -> Option<(&'static str, &'static str)> {
+    Some(match name {
+        "server_version" => ("server_version", SERVER_VERSION),
+        "server_version_num" => ("server_version_num", SERVER_VERSION_NUM),
+        "timezone" | "time_zone" => ("TimeZone", TIME_ZONE),
+        "datestyle" => ("DateStyle", DATE_STYLE),
+        "intervalstyle" => ("IntervalStyle", "postgres"),
+        "client_encoding" => ("client_encoding", "UTF8"),
+        "server_encoding" => ("server_encoding", "UTF8"),
+        "standard_conforming_strings" => ("standard_conforming_strings", "on"),
+        "integer_datetimes" => ("integer_datetimes", "on"),
+        "search_path" => ("search_path", "public"),
+        "transaction_isolation" | "transaction_isolation_level" => {
+            ("transaction_isolation", "read committed")
+        }
+        "default_transaction_read_only" => ("default_transaction_read_only", "on"),
+        "transaction_read_only" => ("transaction_read_only", "on"),
+        "is_superuser" => ("is_superuser", "off"),
+        "max_identifier_length" => ("max_identifier_length", "63"),
+        "extra_float_digits" => ("extra_float_digits", "1"),
+        "bytea_output" => ("bytea_output", "hex"),
+        "lc_messages" => ("lc_messages", "C"),
+        "lc_collate" => ("lc_collate", "C"),
+        "lc_ctype" => ("lc_ctype", "C"),
+        _ => return None,
+    })
 }
 
 /// A `[pg_catalog.]current_setting('name')` call: where it is and the setting's name.
@@ -326,19 +338,68 @@ fn setting_calls(sig: &[&Lexeme]) -> Vec<SettingCall> {
     calls
 }
 
-/// Replaces `[pg_catalog.]current_setting('name')` by the setting's value as a string literal.
+/// Replaces `[pg_catalog.]current_setting('name')` of a server setting by its value as a
+/// string literal, and refuses unknown names.
+///
+/// Textual on purpose, and safe: the value spliced is one of this server's constants
+/// (`server_version`, `TimeZone`, ...; see [`server_setting`]), never client data. The
+/// connection's own settings, which the client chose, stay for [`bind_connection_settings`].
 fn resolve_settings(sql: &str, sig: &[&Lexeme], session: &Session) -> Result<String, BackendError> {
     let mut out = String::with_capacity(sql.len());
     let mut copied = 0;
     for call in setting_calls(sig) {
-        let (_, value) = setting(&call.name.to_ascii_lowercase(), session)
-            .ok_or_else(|| unknown_setting(&call.name))?;
+        let name = call.name.to_ascii_lowercase();
+        if connection_setting(&name, session).is_some() {
+            continue;
+        }
+        let (_, value) = server_setting(&name).ok_or_else(|| unknown_setting(&call.name))?;
         out.push_str(&sql[copied..call.start]);
-        out.push_str(&sql_string(&value).map_err(|e| BackendError::new("22021", e))?);
+        // The constants hold no quote or backslash; doubling quotes keeps that true anyway.
+        out.push_str(&format!("'{}'", value.replace('\'', "''")));
         copied = call.end;
     }
     out.push_str(&sql[copied..]);
     Ok(out)
+}
+
+/// The connection's own settings inside a statement for the backend, as parameters: each
+/// `current_setting('application_name')` (or `'session_authorization'`) becomes a placeholder
+/// numbered after `after` and after every `$n` of the statement, and its value is returned to be
+/// bound after the client's. The client chose these values at startup, so they are bound as
+/// values like the client's parameters, never written into the SQL.
+pub(super) fn bind_connection_settings(
+    sql: &str,
+    session: &Session,
+    after: usize,
+) -> Result<(String, Vec<ScalarValue>), BackendError> {
+    let tokens = lex(sql);
+    let sig: Vec<&Lexeme> = tokens.iter().filter(|t| t.is_significant()).collect();
+    let calls: Vec<(SettingCall, &str)> = setting_calls(&sig)
+        .into_iter()
+        .filter_map(|call| {
+            let (_, value) = connection_setting(&call.name.to_ascii_lowercase(), session)?;
+            Some((call, value))
+        })
+        .collect();
+    if calls.is_empty() {
+        return Ok((sql.to_owned(), Vec::new()));
+    }
+    let mut next = sig.iter().filter_map(|t| t.param()).fold(after, usize::max);
+    let mut out = String::with_capacity(sql.len());
+    let mut values = Vec::with_capacity(calls.len());
+    let mut copied = 0;
+    for (call, value) in calls {
+        next = next
+            .checked_add(1)
+            .filter(|n| *n <= MAX_PARAMS)
+            .ok_or_else(|| BackendError::new("54023", "too many parameters"))?;
+        out.push_str(&sql[copied..call.start]);
+        out.push_str(&format!("${next}"));
+        values.push(ScalarValue::Utf8(Some(value.to_owned())));
+        copied = call.end;
+    }
+    out.push_str(&sql[copied..]);
+    Ok((out, values))
 }
 
 #[cfg(test)]
@@ -420,6 +481,46 @@ mod tests {
                 tag: "SELECT".to_owned(),
                 params: vec![None, None]
             }
+        );
+    }
+
+    #[test]
+    fn connection_settings_become_parameters_and_server_settings_literals() {
+        let s = Session {
+            user: "bob".to_owned(),
+            application_name: "x'); DROP VIEW v; --".to_owned(),
+        };
+        let Classified::Backend { sql, .. } = classify(
+            "SELECT current_setting('server_version'), upper(current_setting('application_name')), \
+             pg_catalog.current_setting('session_authorization'), $2",
+            &s,
+        )
+        .unwrap() else {
+            panic!("not for the backend")
+        };
+        // The server's constant is written in; the client's values are left for binding.
+        assert_eq!(
+            sql,
+            "SELECT '16.6', upper(current_setting('application_name')), \
+             pg_catalog.current_setting('session_authorization'), $2"
+        );
+        let (bound, values) = bind_connection_settings(&sql, &s, 1).unwrap();
+        assert_eq!(bound, "SELECT '16.6', upper($3), $4, $2");
+        assert_eq!(
+            values,
+            [
+                ScalarValue::Utf8(Some("x'); DROP VIEW v; --".to_owned())),
+                ScalarValue::Utf8(Some("bob".to_owned())),
+            ]
+        );
+        // Numbered after what the client declared, too; nothing to bind leaves the SQL as is.
+        let (bound, _) =
+            bind_connection_settings("SELECT current_setting('application_name')", &s, 5).unwrap();
+        assert_eq!(bound, "SELECT $6");
+        let sql = "SELECT '$1', current_setting('timezone') -- current_setting('application_name')";
+        assert_eq!(
+            bind_connection_settings(sql, &s, 0).unwrap(),
+            (sql.to_owned(), Vec::new())
         );
     }
 }

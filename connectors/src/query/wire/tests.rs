@@ -1,35 +1,32 @@
 //! The endpoint end to end: tokio-postgres and psql against a fake backend.
 
 use std::path::Path;
-use std::sync::Mutex;
-
-use datafusion::arrow::array::{
-    BooleanArray, Date32Array, Decimal128Array, Float64Array, Int32Array, Int64Array,
-    TimestampMicrosecondArray, TimestampNanosecondArray, UInt64Array,
-};
-use datafusion::arrow::datatypes::{Field, Schema};
-use datafusion::datasource::MemTable;
-use datafusion::error::DataFusionError;
-use datafusion::prelude::SessionContext;
-use tokio::sync::oneshot;
-use tokio_postgres::error::SqlState;
-use tokio_postgres::types::Type as PgType;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
-
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
-use datafusion::arrow::array::{ArrayRef, StringArray};
-use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use datafusion::arrow::array::{
+    ArrayRef, BooleanArray, Date32Array, Decimal128Array, Float64Array, Int32Array, Int64Array,
+    StringArray, TimestampMicrosecondArray, TimestampNanosecondArray, UInt64Array,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::common::ScalarValue;
+use datafusion::datasource::MemTable;
+use datafusion::error::DataFusionError;
+use datafusion::prelude::SessionContext;
 use tokio::net::TcpListener;
-use tokio_postgres::types::FromSql;
+use tokio::sync::oneshot;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{FromSql, Type as PgType};
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 use super::backend::describe_by_probe;
 use super::numeric::numeric_from_binary;
 use super::*;
+
+mod binding;
 
 const USER: &str = "alice";
 const PASSWORD: &str = "s3cret";
@@ -39,7 +36,8 @@ struct Fake {
     ctx: SessionContext,
     /// Plan Describe with DataFusion (as the real service should) or use the default probe.
     plan_describe: bool,
-    executed: Mutex<Vec<String>>,
+    /// Every statement run, with its parameters.
+    executed: Mutex<Vec<(String, Vec<ScalarValue>)>>,
 }
 
 fn df_error(e: DataFusionError) -> BackendError {
@@ -77,13 +75,33 @@ impl SqlBackend for Fake {
         &self,
         _user: &str,
         sql: &str,
+        params: Vec<ScalarValue>,
     ) -> Result<(SchemaRef, Vec<RecordBatch>), BackendError> {
-        self.executed.lock().unwrap().push(sql.to_owned());
+        self.executed
+            .lock()
+            .unwrap()
+            .push((sql.to_owned(), params.clone()));
         forbidden(sql)?;
         if sql.contains("pg_sleep") {
             tokio::time::sleep(Duration::from_secs(60)).await;
         }
-        let df = self.ctx.sql(sql).await.map_err(df_error)?;
+        // Planned with its placeholders, the values bound into the plan.
+        let plan = self
+            .ctx
+            .state()
+            .create_logical_plan(sql)
+            .await
+            .map_err(df_error)?;
+        let plan = if params.is_empty() {
+            plan
+        } else {
+            plan.with_param_values(params).map_err(df_error)?
+        };
+        let df = self
+            .ctx
+            .execute_logical_plan(plan)
+            .await
+            .map_err(df_error)?;
         let schema = Arc::new(df.schema().as_arrow().clone());
         let batches = df.collect().await.map_err(df_error)?;
         Ok((schema, batches))
@@ -174,17 +192,17 @@ fn fake(plan_describe: bool) -> Fake {
 
 /// Serves a fake backend on a free loopback port; dropping the sender stops it.
 async fn start(plan_describe: bool) -> (u16, oneshot::Sender<()>) {
+    start_backend(Arc::new(fake(plan_describe))).await
+}
+
+/// Serves `backend` on a free loopback port; dropping the sender stops it.
+async fn start_backend(backend: Arc<dyn SqlBackend>) -> (u16, oneshot::Sender<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(serve_listener(
-        listener,
-        Arc::new(fake(plan_describe)),
-        None,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    tokio::spawn(serve_listener(listener, backend, None, async move {
+        let _ = stopped.await;
+    }));
     (port, stop)
 }
 
