@@ -19,11 +19,14 @@
 //!   IEEE rules plus `NaN` as largest: float comparisons go down only against a finite,
 //!   non-zero literal, where both agree.
 //!
-//! Connections come from a small [`PgPool`] shared by the tables of one database. Every
-//! session runs with `TimeZone = UTC`, so `timestamp` to `timestamptz` casts mean UTC.
+//! Connections come from a [`PgPool`] (deadpool-postgres) shared by the tables of one database.
+//! Every session runs with `TimeZone = UTC`, so `timestamp` to `timestamptz` casts mean UTC. A
+//! scan dropped before its last row (a `LIMIT` above it was met, the query was cancelled or
+//! failed) sends PostgreSQL a cancel request and closes its connection instead of returning it,
+//! so the cancel can never reach the next query on that connection.
 //!
 //! The files, one job each:
-//! - `pool.rs`: the connections ([`PgPool`]);
+//! - `pool.rs`: the connections ([`PgPool`], deadpool-postgres);
 //! - `types.rs`: how a column is read and compared (its PostgreSQL type), names in SQL;
 //! - `pushdown.rs`: DataFusion filters translated to PostgreSQL SQL, or refused;
 //! - `provider.rs`: the [`TableProvider`](datafusion::catalog::TableProvider) ([`PostgresTable`]);

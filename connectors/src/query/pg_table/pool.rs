@@ -1,42 +1,40 @@
-//! The connections of one database, shared by its tables.
+//! The connections of one database, shared by its tables: a deadpool-postgres pool whose new
+//! connections are set to UTC and ISO dates, lent out so that only a connection whose query
+//! ran to the end goes back.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use deadpool_postgres::{
+    Hook, HookError, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod,
+};
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, NoTls};
 
 use super::types::quote_ident;
 use super::{pg_message, PgTableError};
 
-/// A small pool of PostgreSQL connections (at most `max_size` open at once), shared by cloning.
+/// A pool of PostgreSQL connections (at most `max_size` open at once), shared by cloning.
 ///
 /// A connection goes back to the pool only after its query ran to the end; one abandoned
-/// mid-query is closed, so a late cancel can never hit the next user's query.
+/// mid-query is taken out of the pool and closed, so a late cancel can never hit the next
+/// user's query. A connection found closed when it is taken again is replaced.
 ///
 /// A scan holds its connection until its last row, so a query whose scans of this database run
 /// at the same time (a sort-merge self-join, say) needs that many connections: size the pool
 /// above the most such scans one query has, times the queries that run at once.
 #[derive(Clone)]
 pub struct PgPool {
-    inner: Arc<PoolInner>,
-}
-
-struct PoolInner {
-    config: tokio_postgres::Config,
-    target: String,
-    max_size: usize,
-    idle: Mutex<Vec<Client>>,
-    permits: Arc<Semaphore>,
+    pool: Pool,
+    target: Arc<str>,
 }
 
 // The config holds the password: show where we connect, never how.
 impl fmt::Debug for PgPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PgPool")
-            .field("target", &self.inner.target)
-            .field("max_size", &self.inner.max_size)
+            .field("target", &self.target)
+            .field("max_size", &self.pool.status().max_size)
             .finish()
     }
 }
@@ -53,22 +51,40 @@ impl PgPool {
 
     /// A pool for a parsed configuration. `max_size` below 1 counts as 1.
     pub fn from_config(config: tokio_postgres::Config, max_size: usize) -> Self {
-        let max_size = max_size.max(1);
-        let target = target_of(&config);
-        Self {
-            inner: Arc::new(PoolInner {
-                config,
-                target,
-                max_size,
-                idle: Mutex::new(Vec::new()),
-                permits: Arc::new(Semaphore::new(max_size)),
-            }),
-        }
+        let target: Arc<str> = target_of(&config).into();
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                // `is_closed` only: a connection comes back only after a finished query.
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let opened = Arc::clone(&target);
+        let pool = Pool::builder(manager)
+            .max_size(max_size.max(1))
+            .post_create(Hook::async_fn(move |client, _| {
+                let target = Arc::clone(&opened);
+                Box::pin(async move {
+                    // Literals and casts assume UTC and ISO dates, whatever the server's
+                    // defaults are.
+                    client
+                        .batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'")
+                        .await
+                        .map_err(HookError::Backend)?;
+                    tracing::debug!(target_db = %target, "postgres connection opened");
+                    Ok(())
+                })
+            }))
+            .build()
+            // Building fails only for wait/create/recycle timeouts without a runtime: none set.
+            .expect("a pool without timeouts needs no runtime");
+        Self { pool, target }
     }
 
     /// `host:port/database` (for logs and errors; no credentials).
     pub fn target(&self) -> &str {
-        &self.inner.target
+        &self.target
     }
 
     /// The oldest value of timestamp column `column` in `table`, in microseconds since the
@@ -92,67 +108,37 @@ impl PgPool {
         let row = client
             .query_one(&sql, &[])
             .await
-            .map_err(|source| PgTableError::Query {
-                table: table.to_owned(),
-                message: pg_message(&source),
-                source,
-            })?;
+            .map_err(|e| PgTableError::query(table, e))?;
         conn.reusable = true;
         Ok(row.get::<_, Option<i64>>(0))
     }
 
-    /// Waits for a free slot, then hands out an idle connection or opens one.
+    /// Waits for a free slot, then lends an idle connection or opens one.
     pub(super) async fn get(&self) -> Result<PooledClient, PgTableError> {
-        let permit = Arc::clone(&self.inner.permits)
-            .acquire_owned()
-            .await
-            .map_err(|_| PgTableError::PoolClosed)?;
-        loop {
-            let idle = self
-                .inner
-                .idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .pop();
-            match idle {
-                Some(client) if !client.is_closed() => {
-                    return Ok(PooledClient::new(client, self, permit))
-                }
-                // The server or the network closed it while idle: drop it, try the next.
-                Some(_) => continue,
-                None => break,
-            }
-        }
-        let client = self.connect().await?;
-        Ok(PooledClient::new(client, self, permit))
+        let object = self.pool.get().await.map_err(|e| self.pool_error(e))?;
+        Ok(PooledClient {
+            object: Some(object),
+            reusable: false,
+        })
     }
 
-    async fn connect(&self) -> Result<Client, PgTableError> {
-        let target = &self.inner.target;
-        let connect_err = |source: tokio_postgres::Error| PgTableError::Connect {
-            target: target.clone(),
+    fn pool_error(&self, e: PoolError) -> PgTableError {
+        let connect = |source: tokio_postgres::Error| PgTableError::Connect {
+            target: self.target.to_string(),
             message: pg_message(&source),
             source,
         };
-        let (client, connection) = self
-            .inner
-            .config
-            .connect(NoTls)
-            .await
-            .map_err(connect_err)?;
-        let log_target = target.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(target_db = %log_target, error = %e, "postgres connection closed");
+        match e {
+            PoolError::Backend(source) | PoolError::PostCreateHook(HookError::Backend(source)) => {
+                connect(source)
             }
-        });
-        // Literals and casts assume UTC and ISO dates, whatever the server's defaults are.
-        client
-            .batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'")
-            .await
-            .map_err(connect_err)?;
-        tracing::debug!(target_db = %target, "postgres connection opened");
-        Ok(client)
+            // The rest cannot happen: no timeouts are set, and the hook fails only with the
+            // server's errors. Closed is the nearest meaning.
+            PoolError::Closed
+            | PoolError::Timeout(_)
+            | PoolError::NoRuntimeSpecified
+            | PoolError::PostCreateHook(HookError::Message(_)) => PgTableError::PoolClosed,
+        }
     }
 }
 
@@ -172,38 +158,26 @@ fn target_of(config: &tokio_postgres::Config) -> String {
     format!("{host}:{port}/{db}")
 }
 
-/// A connection lent by a [`PgPool`]. It goes back on drop only if marked reusable.
+/// A connection lent by a [`PgPool`]. It goes back on drop only if marked reusable; otherwise
+/// it leaves the pool (freeing its slot) and is closed.
 pub(super) struct PooledClient {
-    client: Option<Client>,
-    pool: Arc<PoolInner>,
+    object: Option<Object>,
+    /// Its query ran to the end: nothing of it can arrive late.
     pub(super) reusable: bool,
-    _permit: OwnedSemaphorePermit,
 }
 
 impl PooledClient {
-    fn new(client: Client, pool: &PgPool, permit: OwnedSemaphorePermit) -> Self {
-        Self {
-            client: Some(client),
-            pool: Arc::clone(&pool.inner),
-            reusable: false,
-            _permit: permit,
-        }
-    }
-
     pub(super) fn client(&self) -> Option<&Client> {
-        self.client.as_ref()
+        self.object.as_deref().map(|wrapper| &**wrapper)
     }
 }
 
 impl Drop for PooledClient {
     fn drop(&mut self) {
-        if let Some(client) = self.client.take() {
-            if self.reusable && !client.is_closed() {
-                self.pool
-                    .idle
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(client);
+        if let Some(object) = self.object.take() {
+            if !self.reusable {
+                // Out of the pool; dropping the client closes the connection.
+                drop(Object::take(object));
             }
         }
     }

@@ -565,3 +565,62 @@ async fn postgres_table_streams_many_rows_in_batches() {
     );
     fx.drop_table().await;
 }
+
+#[tokio::test]
+async fn postgres_table_abandoned_scan_gives_its_pool_slot_back() {
+    use futures::StreamExt;
+    let Some(fx) = Fixture::new().await else {
+        return;
+    };
+    fx.client
+        .batch_execute(&format!(
+            "INSERT INTO {} (id, name) SELECT g, 'n' || g FROM generate_series(100, 50099) g",
+            fx.table
+        ))
+        .await
+        .unwrap();
+    // One connection: every query below needs the one before to have given it back.
+    let pool = PgPool::new(&fx.url, 1).unwrap();
+    let provider = PostgresTable::discover_with_pool(pool.clone(), &fx.table)
+        .await
+        .unwrap();
+    let ctx = SessionContext::new();
+    ctx.register_table("t", Arc::new(provider)).unwrap();
+    for _ in 0..3 {
+        // A long scan, dropped after its first batch: cancelled, and its connection closed.
+        let mut stream = ctx
+            .sql("SELECT id, name FROM t")
+            .await
+            .unwrap()
+            .execute_stream()
+            .await
+            .unwrap();
+        let first = stream.next().await.unwrap().unwrap();
+        assert_eq!(first.num_rows(), BATCH_ROWS);
+        drop(stream);
+        let batch = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            query(&ctx, "SELECT count(*) FROM t"),
+        )
+        .await
+        .expect("the abandoned scan's slot came back");
+        let n = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap();
+        assert_eq!(n.value(0), 50_005);
+    }
+    // A finished query's connection is reused.
+    assert!(pool
+        .min_time_us(&fx.table, "created")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(pool
+        .min_time_us(&fx.table, "created")
+        .await
+        .unwrap()
+        .is_some());
+    fx.drop_table().await;
+}
