@@ -6,6 +6,12 @@
 //! 400 (DataFusion's message), 401 (no or unknown key), 403 (not allowed for the role, or for
 //! anyone: DDL, DML, COPY, external tables, file readers), 408 (cancelled at `query.timeout`),
 //! 413 (body over `query.max_body_bytes`), 429 (rate limit; `Retry-After`).
+//!
+//! The files: `service.rs` (who may run what, within which limits, audited: both doors go
+//! through it), `context.rs` (the DataFusion session and the archive's tables), `catalog.rs`
+//! (PostgreSQL's tables and the unified ones), `unified.rs`, `functions.rs` (`time_bucket`),
+//! `http.rs` (the HTTP door), [`wire`] (the PostgreSQL wire door), [`pg_table`] (PostgreSQL
+//! tables for DataFusion), `tls.rs`, `config.rs` and `error.rs`.
 
 pub mod catalog;
 mod config;
