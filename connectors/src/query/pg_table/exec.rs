@@ -45,7 +45,7 @@ pub(super) struct ScanSpec {
     pub(super) kinds: Vec<ColumnKind>,
 }
 
-/// The physical scan of a [`PostgresTable`]: one partition that runs its SQL when executed
+/// The physical scan of a [`PostgresTable`](super::PostgresTable): one partition that runs its SQL when executed
 /// and streams batches of [`BATCH_ROWS`] rows as rows arrive. `EXPLAIN` shows the SQL.
 #[derive(Debug)]
 pub struct PostgresScanExec {

@@ -1,12 +1,13 @@
 //! A DataFusion table over a PostgreSQL table, for the query service: SQL over the live tables
 //! without copying them first.
 //!
-//! [`PostgresTable`] is a [`TableProvider`] that hands PostgreSQL as much of the query as it can
-//! answer exactly: the projected columns, the filters it can translate faithfully (comparisons
-//! with literals, `AND`/`OR`/`NOT`, `IS [NOT] NULL`, `BETWEEN`, `IN` lists, `LIKE`) and, when
-//! every filter went down, the `LIMIT`. Whatever it cannot translate it reports as
-//! [`TableProviderFilterPushDown::Unsupported`], so DataFusion applies it above the scan and the
-//! answer stays right. The generated SQL shows in `EXPLAIN` (see [`PostgresScanExec`]).
+//! [`PostgresTable`] is a [`TableProvider`](datafusion::catalog::TableProvider) that hands
+//! PostgreSQL as much of the query as it can answer exactly: the projected columns, the filters
+//! it can translate faithfully (comparisons with literals, `AND`/`OR`/`NOT`, `IS [NOT] NULL`,
+//! `BETWEEN`, `IN` lists, `LIKE`) and, when every filter went down, the `LIMIT`. Whatever it
+//! cannot translate it reports as
+//! [`Unsupported`](datafusion::logical_expr::TableProviderFilterPushDown::Unsupported), so
+//! DataFusion applies it above the scan and the answer stays right. The generated SQL shows in `EXPLAIN` (see [`PostgresScanExec`]).
 //!
 //! "Faithful" means PostgreSQL selects exactly the rows DataFusion would. Three differences
 //! between the two engines decide what is translated and how:
