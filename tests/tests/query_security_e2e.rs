@@ -3,13 +3,19 @@
 //! No token -> 401; a reader's DDL -> 403; external tables, COPY and file-reading functions ->
 //! 403 for everyone; an oversize body -> 413; a runaway query -> cancelled (408) while the
 //! pipeline keeps serving; over the rate -> 429 with Retry-After; results as JSON, CSV and an
-//! Arrow IPC stream; `GET /v1/tables` lists the catalog; one audit line per query.
+//! Arrow IPC stream; `GET /v1/tables` lists the catalog; one audit line per query. On the
+//! PostgreSQL wire door, bound parameters are values: injection attempts match nothing and drop
+//! nothing, whichever tier (PostgreSQL push-down, the Parquet archive) the query reads.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use primespark_connectors::query::hash_password;
 use primespark_connectors::query::sha256_hex;
-use primespark_tests::{http_request, produce, stack, HttpResponse, Sections, TelemetryRun};
+use primespark_tests::{
+    connect, free_port, http_request, produce, stack, wait_until, HttpResponse, Sections,
+    TelemetryRun,
+};
 use serde_json::{json, Value};
 
 const T0_MS: i64 = 1_762_351_200_000;
@@ -377,6 +383,158 @@ async fn the_http_door_speaks_tls_when_configured() -> Result<()> {
             .starts_with("primespark_tls_handshake_failures_total{endpoint=\"http\"}")
             && !l.ends_with(" 0")),
         "the failed handshake was not counted"
+    );
+    assert!(pipeline.is_running());
+    pipeline.terminate(Duration::from_secs(30))?;
+    Ok(())
+}
+
+/// A wire user's password in [`wire_parameters_are_values_not_sql`].
+const WIRE_PASSWORD: &str = "wire-test-password-5d1c";
+
+/// Strings that would change the statement if they were spliced into its text.
+const INJECTIONS: &[&str] = &[
+    "x' OR '1'='1",
+    "pi-1' OR device_id <> '",
+    "'; DROP TABLE device_metrics; --",
+    "'; DROP VIEW busy; --",
+    "pi-1'; --",
+    "\\'; DROP TABLE device_metrics; --",
+    "$2",
+];
+
+async fn wire_client(port: u16, user: &str) -> Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={port} user={user} password={WIRE_PASSWORD} dbname=primespark"
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+async fn wire_count(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<i64> {
+    Ok(client.query_one(sql, params).await?.get(0))
+}
+
+/// The pipeline's wire endpoint with a reader and an admin: parameters compared with columns of
+/// the hot table (pushed down into PostgreSQL), the archive and a view match only themselves,
+/// come back unchanged, bind typed (timestamptz, float8, bool, bytea in binary), and no
+/// injection attempt drops anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wire_parameters_are_values_not_sql() -> Result<()> {
+    let stack = stack();
+    let port = free_port();
+    let hash = hash_password(WIRE_PASSWORD)?;
+    let run = TelemetryRun::new(
+        "qwire",
+        1,
+        Sections {
+            query: &format!(
+                "pg_addr = \"127.0.0.1:{port}\"\nrate_limit_per_second = 1000\n\
+                 rate_limit_burst = 1000\n\
+                 [[query.users]]\nname = \"grafana\"\nrole = \"reader\"\npassword_hash = \"{hash}\"\n\
+                 [[query.users]]\nname = \"ops\"\nrole = \"admin\"\npassword_hash = \"{hash}\""
+            ),
+            extra: "[inference]\nenabled = false",
+            ..Sections::default()
+        },
+    )
+    .await?;
+    let events = 400i64;
+    let records: Vec<(i32, Vec<u8>)> = (0..events)
+        .map(|i| {
+            let e = json!({"device_id": format!("pi-{}", i % 4), "timestamp": T0_MS + i * 100,
+                           "metrics": {"cpu_percent": (i % 100) as f64}});
+            (0, e.to_string().into_bytes())
+        })
+        .collect();
+    produce(stack, &run.topic, &records)?;
+    let mut pipeline = run.start(&[])?;
+    let sql_of = |table: &str| format!("SELECT count(*) FROM {table} WHERE device_id = $1");
+    let ready = wait_until(Duration::from_secs(120), "rows in both tiers", || async {
+        let Ok(reader) = wire_client(port, "grafana").await else {
+            return Ok(false);
+        };
+        let hot = wire_count(&reader, "SELECT count(*) FROM pg.device_metrics", &[]).await;
+        let cold = wire_count(&reader, "SELECT count(*) FROM archive.telemetry_raw", &[]).await;
+        Ok(matches!((hot, cold), (Ok(h), Ok(c)) if h == events && c == events))
+    })
+    .await;
+    if let Err(e) = ready {
+        bail!("{e}\n{}", run.log_text());
+    }
+    let reader = wire_client(port, "grafana").await?;
+    let admin = wire_client(port, "ops").await?;
+    admin
+        .simple_query("CREATE VIEW busy AS SELECT device_id, value FROM device_metrics")
+        .await?;
+    let tables = [
+        "device_metrics",
+        "pg.device_metrics",
+        "archive.telemetry_raw",
+        "busy",
+    ];
+    for table in tables {
+        let sql = sql_of(table);
+        assert_eq!(wire_count(&reader, &sql, &[&"pi-1"]).await?, 100, "{table}");
+        for attack in INJECTIONS {
+            assert_eq!(
+                wire_count(&reader, &sql, &[attack]).await?,
+                0,
+                "{table}: {attack}"
+            );
+        }
+    }
+    // Each comes back as sent.
+    for attack in INJECTIONS {
+        let row = reader
+            .query_one("SELECT $1::text AS a, $2::text AS b", &[attack, &"it's $1"])
+            .await?;
+        assert_eq!(
+            (row.get::<_, String>("a"), row.get::<_, String>("b")),
+            (attack.to_string(), "it's $1".to_owned())
+        );
+    }
+    // Typed parameters in the binary format.
+    let from = chrono::DateTime::from_timestamp_millis(T0_MS + 200 * 100).unwrap_or_default();
+    let sql = "SELECT count(*) FROM device_metrics WHERE time >= $1 AND value >= $2";
+    assert_eq!(wire_count(&reader, sql, &[&from, &50.0f64]).await?, 100);
+    let sql = "SELECT count(*) FROM device_metrics WHERE $1::bool";
+    assert_eq!(wire_count(&reader, sql, &[&true]).await?, events);
+    assert_eq!(wire_count(&reader, sql, &[&false]).await?, 0);
+    let row = reader
+        .query_one("SELECT $1::bytea AS b", &[&b"\x00'\\;".as_slice()])
+        .await?;
+    assert_eq!(row.get::<_, Vec<u8>>("b"), b"\x00'\\;");
+    // Nothing was dropped: the view, the hot table and the archive are whole.
+    assert_eq!(wire_count(&reader, &sql_of("busy"), &[&"pi-2"]).await?, 100);
+    let direct = connect(&run.url).await?;
+    assert_eq!(
+        wire_count(&direct, "SELECT count(*) FROM device_metrics", &[]).await?,
+        events
+    );
+    assert_eq!(
+        wire_count(&reader, "SELECT count(*) FROM archive.telemetry_raw", &[]).await?,
+        events
+    );
+    // The audit line has the statement with its `$n`, never the values.
+    let log = run.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("primespark::audit") && l.contains("params=1")),
+        "no audited parameters"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("primespark::audit") && l.contains("DROP TABLE")),
+        "a parameter value reached the audit log"
     );
     assert!(pipeline.is_running());
     pipeline.terminate(Duration::from_secs(30))?;

@@ -6,17 +6,32 @@
 //! 400 (DataFusion's message), 401 (no or unknown key), 403 (not allowed for the role, or for
 //! anyone: DDL, DML, COPY, external tables, file readers), 408 (cancelled at `query.timeout`),
 //! 413 (body over `query.max_body_bytes`), 429 (rate limit; `Retry-After`).
+//!
+//! The files: `service.rs` (who may run what, within which limits, audited: both doors go
+//! through it), `context.rs` (the DataFusion session and the archive's tables), `catalog.rs`
+//! (PostgreSQL's tables and the unified ones), `unified.rs`, `functions.rs` (`time_bucket`),
+//! `http.rs` (the HTTP door), [`wire`] (the PostgreSQL wire door), [`pg_table`] (PostgreSQL
+//! tables for DataFusion), `tls.rs`, `config.rs` and `error.rs`.
 
 pub mod catalog;
 mod config;
+mod context;
+mod error;
 pub mod functions;
 mod http;
-pub mod pgwire;
-pub mod postgres_table;
+pub mod pg_table;
 pub mod service;
 pub mod tls;
 pub mod unified;
+pub mod wire;
+
+/// The PostgreSQL table under its former name.
+pub use pg_table as postgres_table;
+/// The wire endpoint under its former name, for callers (`dataflows`) that use it.
+pub use wire as pgwire;
 
 pub use config::{ApiKey, QueryConfig, Role, WireUser};
-pub use http::{batches_to_json, router, serve, session, QueryError};
+pub use context::session;
+pub use error::QueryError;
+pub use http::{batches_to_json, router, serve};
 pub use service::{hash_password, sha256_hex, Principal, QueryOutput, QueryService};

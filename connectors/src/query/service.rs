@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::error::DataFusionError;
+use datafusion::common::ScalarValue;
 use datafusion::execution::context::SQLOptions;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SessionContext;
@@ -301,7 +301,22 @@ impl QueryService {
         endpoint: &'static str,
         sql: &str,
     ) -> Result<QueryOutput, QueryError> {
+        self.execute_with_params(who, endpoint, sql, Vec::new())
+            .await
+    }
+
+    /// [`Self::execute`] with `params` as the values of the statement's `$1..$n`: the
+    /// statement is checked and planned as written, placeholders and all, and the values are
+    /// bound into the plan that passed (`LogicalPlan::with_param_values`), never into its text.
+    pub async fn execute_with_params(
+        self: &Arc<Self>,
+        who: &Principal,
+        endpoint: &'static str,
+        sql: &str,
+        params: Vec<ScalarValue>,
+    ) -> Result<QueryOutput, QueryError> {
         let started = Instant::now();
+        let param_count = params.len();
         let result = match self.check_rate(who) {
             Ok(()) => {
                 // Its own task: the timer fires on another worker even while the query keeps
@@ -310,7 +325,7 @@ impl QueryService {
                 let task = self
                     .executor
                     .handle
-                    .spawn(async move { service.run(&caller, &text).await });
+                    .spawn(async move { service.run(&caller, &text, params).await });
                 let abort = task.abort_handle();
                 match tokio::time::timeout(self.timeout, task).await {
                     Ok(Ok(r)) => r,
@@ -329,14 +344,15 @@ impl QueryService {
             Ok(_) => "ok",
             Err(e) => e.outcome(),
         };
-        // The statement is the caller's text, cut so one huge query cannot flood the log.
+        // The statement is the caller's text (with its `$n`; values are not logged), cut so one
+        // huge query cannot flood the log.
         let statement: String = sql.chars().take(4096).collect();
         match &result {
             Ok(_) => {
-                tracing::info!(target: "primespark::audit", user = %who.name, role = who.role.as_str(), endpoint, statement = %statement, rows, duration_ms = duration.as_millis() as u64, outcome, "query")
+                tracing::info!(target: "primespark::audit", user = %who.name, role = who.role.as_str(), endpoint, statement = %statement, params = param_count, rows, duration_ms = duration.as_millis() as u64, outcome, "query")
             }
             Err(e) => {
-                tracing::info!(target: "primespark::audit", user = %who.name, role = who.role.as_str(), endpoint, statement = %statement, rows, duration_ms = duration.as_millis() as u64, outcome, error = %e, "query")
+                tracing::info!(target: "primespark::audit", user = %who.name, role = who.role.as_str(), endpoint, statement = %statement, params = param_count, rows, duration_ms = duration.as_millis() as u64, outcome, error = %e, "query")
             }
         }
         QueryExecuted {
@@ -367,8 +383,20 @@ impl QueryService {
         Ok(plan)
     }
 
-    async fn run(&self, who: &Principal, sql: &str) -> Result<QueryOutput, QueryError> {
+    async fn run(
+        &self,
+        who: &Principal,
+        sql: &str,
+        params: Vec<ScalarValue>,
+    ) -> Result<QueryOutput, QueryError> {
         let plan = self.plan(who, sql).await?;
+        // The checks passed on the statement with its placeholders; binding replaces each by
+        // its value and changes nothing else.
+        let plan = if params.is_empty() {
+            plan
+        } else {
+            plan.with_param_values(params)?
+        };
         // EXPLAIN must stay the plan's root, and DDL has no rows: only queries get the limit.
         let query = !matches!(
             plan,
@@ -473,11 +501,12 @@ impl super::pgwire::SqlBackend for WireBackend {
         &self,
         user: &str,
         sql: &str,
+        params: Vec<ScalarValue>,
     ) -> Result<(SchemaRef, Vec<RecordBatch>), super::pgwire::BackendError> {
         let who = self.principal(user)?;
         let out = self
             .0
-            .execute(&who, "pgwire", sql)
+            .execute_with_params(&who, "pgwire", sql, params)
             .await
             .map_err(wire_error)?;
         Ok((out.schema, out.batches))
@@ -560,36 +589,6 @@ fn authorize(role: Role, statement: &DFStatement) -> Result<(), QueryError> {
                 never(&verb.to_uppercase())
             }
         },
-    }
-}
-
-impl QueryError {
-    /// The audit/metric outcome of an error.
-    pub fn outcome(&self) -> &'static str {
-        match self {
-            QueryError::Unauthenticated(_) => "unauthenticated",
-            QueryError::Forbidden(_) => "forbidden",
-            QueryError::RateLimited { .. } => "rate_limited",
-            QueryError::Timeout(_) => "timeout",
-            QueryError::DataFusion(DataFusionError::ResourcesExhausted(_)) => "resources_exhausted",
-            QueryError::DataFusion(_) => "error",
-            QueryError::Encode(_) | QueryError::Serve { .. } => "internal",
-        }
-    }
-
-    /// The PostgreSQL SQLSTATE of an error (wire endpoint).
-    pub fn sqlstate(&self) -> &'static str {
-        match self {
-            QueryError::Unauthenticated(_) => "28P01",
-            QueryError::Forbidden(_) => "42501",
-            QueryError::RateLimited { .. } => "53400",
-            QueryError::Timeout(_) => "57014",
-            QueryError::DataFusion(DataFusionError::ResourcesExhausted(_)) => "53200",
-            QueryError::DataFusion(DataFusionError::SQL(..)) => "42601",
-            QueryError::DataFusion(DataFusionError::Plan(_)) => "42P01",
-            QueryError::DataFusion(_) => "XX000",
-            QueryError::Encode(_) | QueryError::Serve { .. } => "XX000",
-        }
     }
 }
 

@@ -1,0 +1,82 @@
+//! The PostgreSQL wire-protocol endpoint of the query service: psql, Grafana's PostgreSQL data
+//! source (pgx) and tokio-postgres connect here and run the service's DataFusion SQL.
+//!
+//! This module speaks the protocol and nothing else. What a user may do, limits and audit live
+//! in the query service, which plugs in through [`SqlBackend`]. [`serve`] accepts connections and
+//! runs each on its own tokio task, so a broken or slow client affects nobody else.
+//!
+//! - **Authentication**: a cleartext password message, checked by [`SqlBackend::authenticate`]
+//!   on tokio's blocking pool (password hashes are slow on purpose). A refusal is `FATAL 28P01`
+//!   and closes the connection. SCRAM is not offered: it needs the password or a SCRAM verifier
+//!   on the server, and the backend keeps its own hashes. Pass a TLS acceptor to [`serve`]
+//!   ([`tls_acceptor`] builds one from PEM files) so passwords never cross the network in clear;
+//!   clients that ask for TLS when none is configured are told no and go on in plain text, like
+//!   PostgreSQL without `ssl = on`.
+//! - **Simple query** (psql, pgx's `Ping`): the string may hold several statements; they run in
+//!   order and the first error skips the rest, as in PostgreSQL.
+//! - **Extended query** (tokio-postgres, pgx, JDBC): Parse plans the statement with
+//!   [`SqlBackend::describe`], which gives the result columns (for Describe) and the parameter
+//!   types (for ParameterDescription). A parameter's type is the one the client declares, else
+//!   an explicit cast's (`$1::bigint`, `CAST($1 AS date)`), else the planner's, else text.
+//!   Execute decodes each bound parameter from its text or binary format into a typed value
+//!   (`params.rs`) and hands the statement, unchanged with its `$n`, and the values to
+//!   [`SqlBackend::execute`], which binds them into the plan (`LogicalPlan::with_param_values`):
+//!   a parameter is never SQL text, whatever it holds. The rows are encoded with the described
+//!   column types in the text or binary format each client asks for. Portals with a row limit
+//!   are suspended and resumed by pgwire.
+//! - **Answered here, never sent to the backend**, so a session setup can never be refused:
+//!   `SET`, `RESET`, `DISCARD`, `DEALLOCATE`, `SAVEPOINT`, `RELEASE` (accepted and ignored: the
+//!   backend's session is shared, so per-connection settings could not be honoured anyway);
+//!   `BEGIN`/`COMMIT`/`ROLLBACK` (the service is read-only, so a transaction is bookkeeping);
+//!   `SHOW` of a connection setting (`server_version`, `TimeZone`, ...), `SELECT version()`,
+//!   `SELECT current_setting('...')`. Inside any other statement, `current_setting('...')` of
+//!   a server setting (a constant of this server) is replaced by its value as a literal, and of
+//!   a connection setting the client chose (`application_name`, `session_authorization`) by a
+//!   placeholder bound to its value after the client's parameters. Empty and
+//!   comment-only statements (`;`, `-- ping`) answer EmptyQueryResponse. Any other `SHOW` goes to
+//!   the backend (DataFusion knows `SHOW ALL` and its own options).
+//! - **Cancel requests** stop the running statement with `57014`.
+//!
+//! Arrow types map to PostgreSQL types as [`pg_type_of`] says; results always use the
+//! connection's time zone `Etc/UTC`.
+//!
+//! The files, one job each:
+//! - `backend.rs`: what the endpoint needs from the query service ([`SqlBackend`]);
+//! - `server.rs`: the accept loop, TLS and the pgwire handlers wired together;
+//! - `auth.rs`: the startup handshake's password check;
+//! - `handler.rs`: the simple and extended query protocols;
+//! - `session.rs`: the statements answered here (`SET`, `SHOW`, `BEGIN`, ...) and the settings;
+//! - `lexer.rs`: the query string's tokens (DataFusion's sqlparser tokenizer): statements, `$n`;
+//! - `params.rs`: bound parameters decoded into typed values, by type and format;
+//! - `encode.rs` and `numeric.rs`: Arrow columns as PostgreSQL values.
+
+mod auth;
+mod backend;
+mod encode;
+mod handler;
+mod lexer;
+mod numeric;
+mod params;
+mod server;
+mod session;
+#[cfg(test)]
+mod tests;
+
+pub use backend::{BackendError, Description, SqlBackend};
+pub use encode::pg_type_of;
+pub use server::{serve, serve_listener, tls_acceptor, PgWireError};
+
+/// The TLS acceptor [`serve`] takes: tokio-rustls, re-exported with its `rustls`.
+pub use ::pgwire::tokio::tokio_rustls;
+pub use ::pgwire::tokio::TlsAcceptor;
+
+/// The PostgreSQL version the endpoint reports; clients pick SQL dialect features by it.
+pub const SERVER_VERSION: &str = "16.6";
+/// [`SERVER_VERSION`] as `server_version_num`.
+pub(crate) const SERVER_VERSION_NUM: &str = "160006";
+/// PostgreSQL's limit on parameters; also bounds what a `$99999999` can make us allocate.
+pub(crate) const MAX_PARAMS: usize = 65_535;
+/// The session time zone: timestamps with a time zone are shown in UTC.
+pub(crate) const TIME_ZONE: &str = "Etc/UTC";
+/// pgwire's text encoding of dates follows this style, so it is what we report.
+pub(crate) const DATE_STYLE: &str = "ISO, YMD";
