@@ -88,8 +88,13 @@ impl RawSink for StreamVec<'_, EventTime, RawItem> {
                 let activator = scope.activator_for(info.address);
                 let mut buffer = RawBatch::default();
                 let mut last_flush = Instant::now();
+                let mut runtime_gone = false;
                 move |(input, frontier), _output| {
                     input.for_each(|_cap, data| {
+                        if runtime_gone {
+                            data.clear();
+                            return;
+                        }
                         for item in data.drain(..) {
                             buffer.push(item);
                         }
@@ -104,17 +109,21 @@ impl RawSink for StreamVec<'_, EventTime, RawItem> {
                             Ok(()) => last_flush = Instant::now(),
                             Err(TrySendError::Full(batch)) => buffer = batch,
                             Err(TrySendError::Closed(batch)) => {
+                                // Nothing uncommitted is lost: the next run resumes from the
+                                // sinks' committed positions and reads these records again.
+                                // Dropping the batch lets shutdown finish instead of waiting
+                                // for a runtime that is gone.
                                 tracing::error!(
                                     items = batch.items.len(),
-                                    "raw sinks stopped; batch kept for the next run"
+                                    "raw sinks stopped; batch left for the next run to read again"
                                 );
-                                buffer = batch;
+                                runtime_gone = true;
                             }
                         }
                     }
                     control
                         .pressure
-                        .set(buffer.items.len() >= policy.rows.saturating_mul(2));
+                        .set(runtime_gone || buffer.items.len() >= policy.rows.saturating_mul(2));
                     drained.set(stopping && buffer.is_empty());
                     // Come back for the age-based flush, and now and then to notice shutdown.
                     let wait = if buffer.is_empty() {

@@ -219,6 +219,7 @@ async fn through_runtime(topic: &str, sink: BoxRawSink, batch: RawBatch) -> Resu
 pub async fn run_sink_compliance(sut: &SinkUnderTest) -> Result<()> {
     let name = sut.kind.name;
     // 1. Fresh.
+    eprintln!("{name}: step 1 fresh");
     let (mut sink, health) = sut.build().await?;
     health
         .await
@@ -232,6 +233,7 @@ pub async fn run_sink_compliance(sut: &SinkUnderTest) -> Result<()> {
         "{name}: a fresh sink resumes somewhere"
     );
     // 2. A batch, then the shutdown flushes it.
+    eprintln!("{name}: step 2 shutdown flush");
     through_runtime(&sut.topic, sink, batch(0..20, SinkSet::of([id()]))).await?;
     sut.check_holds(0..20, "after a shutdown").await?;
     let (sink, _) = sut.build().await?;
@@ -246,6 +248,7 @@ pub async fn run_sink_compliance(sut: &SinkUnderTest) -> Result<()> {
     }
     drop(sink);
     // 3. A crash between write and commit.
+    eprintln!("{name}: step 3 crash");
     failpoint::arm(sut.crash_point, Action::Error, 1);
     let (mut sink, _) = sut.build().await?;
     let crashed = async {
@@ -269,6 +272,7 @@ pub async fn run_sink_compliance(sut: &SinkUnderTest) -> Result<()> {
         .await?;
     drop(sink);
     // 4. One failed attempt: retried, counted, recovered.
+    eprintln!("{name}: step 4 retry");
     let (sink, _) = sut.build().await?;
     let target = sink.target();
     let before = metrics(target);
@@ -291,6 +295,7 @@ pub async fn run_sink_compliance(sut: &SinkUnderTest) -> Result<()> {
         "{name}: still degraded after the retry succeeded"
     );
     // 5. Backpressure.
+    eprintln!("{name}: step 5 backpressure");
     backpressure(sut).await
 }
 
@@ -391,8 +396,8 @@ impl primespark_schemas::flow::Feed for Counted {
         Polled::Payload {
             partition,
             offset,
-            payload: serde_json::json!({"device_id": format!("pi-{partition}"),
-                "metrics": {"cpu_percent": offset as f64},
+            payload: serde_json::json!({"device_id": format!("pi-{partition}-{}", offset / 100),
+                "metrics": {"cpu_percent": (offset % 100) as f64},
                 "timestamp": 1_762_351_200_000i64 + offset * 1000})
             .to_string()
             .into_bytes(),
@@ -479,6 +484,11 @@ async fn backpressure(sut: &SinkUnderTest) -> Result<()> {
             while !(control.is_shutting_down() && drained.get()) {
                 worker.step_or_park(Some(Duration::from_millis(5)));
             }
+            // The source keeps its capability at shutdown (open windows stay open), so the
+            // dataflow never completes by itself: drop it, as the run's workers do.
+            for id in worker.installed_dataflows() {
+                worker.drop_dataflow(id);
+            }
         })
     });
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -494,6 +504,7 @@ async fn backpressure(sut: &SinkUnderTest) -> Result<()> {
         writes.load(Ordering::Relaxed) == 0,
         "{name}: the gate did not hold"
     );
+    eprintln!("{name}: stalled after {while_stalled} records");
     open_tx.send(true)?;
     let total = (TO - FROM) as u64 * PARTITIONS.len() as u64;
     for _ in 0..600 {
@@ -502,10 +513,15 @@ async fn backpressure(sut: &SinkUnderTest) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    eprintln!(
+        "{name}: released, source took {}",
+        taken.load(Ordering::Relaxed)
+    );
     stop.store(true, Ordering::SeqCst);
     tokio::task::spawn_blocking(move || worker.join())
         .await?
         .map_err(|_| anyhow::anyhow!("{name}: the worker panicked"))?;
+    eprintln!("{name}: worker joined");
     runtime.await??;
     ensure!(
         taken.load(Ordering::Relaxed) == total,
@@ -519,6 +535,11 @@ async fn backpressure(sut: &SinkUnderTest) -> Result<()> {
     }
     if sut.takes != Takes::Letters {
         let records = counts.len() as u64;
+        if records != total {
+            let first = counts.keys().next();
+            let last = counts.keys().last();
+            eprintln!("{name}: holds {first:?}..{last:?}");
+        }
         ensure!(
             records == total,
             "{name}: holds {records} of the {total} records read behind the stall"

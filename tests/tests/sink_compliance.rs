@@ -57,7 +57,8 @@ async fn settings(name: &str, nas: &Path) -> Result<SinkSettings> {
     })
 }
 
-/// Rows in `device_metrics` (device `pi-<partition>`, value = offset) and letters of `topic`.
+/// Rows in `device_metrics` (their position from device and value, see below) and letters of
+/// `topic`.
 fn postgres_rows(url: String, topic: String) -> ReadBack {
     Box::new(move || {
         let (url, topic) = (url.clone(), topic.clone());
@@ -70,8 +71,15 @@ fn postgres_rows(url: String, topic: String) -> ReadBack {
             {
                 let device: String = row.get(0);
                 let value: f64 = row.get(1);
-                let partition = device.trim_start_matches("pi-").parse()?;
-                out.push((partition, value as i64));
+                // `pi-<partition>` with value = offset, or (the backpressure step, whose
+                // values must be valid percentages) `pi-<partition>-<offset / 100>` with
+                // value = offset % 100.
+                let id = device.trim_start_matches("pi-");
+                let (partition, hundreds) = match id.split_once('-') {
+                    Some((p, h)) => (p.parse()?, h.parse::<i64>()?),
+                    None => (id.parse()?, 0),
+                };
+                out.push((partition, hundreds * 100 + value as i64));
             }
             for row in client
                 .query(

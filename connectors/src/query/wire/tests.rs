@@ -685,4 +685,3 @@ async fn serve_reports_an_address_in_use() {
         .unwrap_err();
     assert!(matches!(e, PgWireError::Bind { addr: a, .. } if a == addr));
 }
-
