@@ -1,8 +1,10 @@
 //! Table definitions of the PostgreSQL/TimescaleDB sink, as versioned migrations.
 //!
 //! Plain-PostgreSQL DDL is the base; when the `timescaledb` extension is available the sink
-//! additionally runs [`TIMESCALE_SETUP`] to turn the time-series tables into hypertables. Table
+//! additionally runs [`timescale_setup`] to turn the time-series tables into hypertables. Table
 //! and column names match what the platform's Grafana panels already query.
+
+use crate::streams::{raw_tables, StreamDef, STREAMS};
 
 /// One schema migration. Versions are applied in order, once, and recorded in
 /// `primespark_migrations`.
@@ -271,28 +273,25 @@ CREATE INDEX IF NOT EXISTS anomalies_time_idx ON anomalies (time DESC);
 ];
 
 /// Run once after the migrations when the `timescaledb` extension is available: hypertables
-/// for the time-series tables (TimescaleDB 2.x `create_hypertable` with `migrate_data`, so it is
+/// for the time-series tables of [`STREAMS`] (every raw table on its time column, every
+/// aggregate table on `bucket`; TimescaleDB 2.x `create_hypertable` with `migrate_data`, so it is
 /// safe on tables that already hold rows and on every restart).
-pub const TIMESCALE_SETUP: &[&str] = &[
-    "CREATE EXTENSION IF NOT EXISTS timescaledb",
-    "SELECT create_hypertable('device_metrics', 'time', if_not_exists => TRUE, migrate_data => TRUE)",
-    "SELECT create_hypertable('device_metrics_1m', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
-    "SELECT create_hypertable('ai_inference_results', 'time', if_not_exists => TRUE, migrate_data => TRUE)",
-    "SELECT create_hypertable('inference_stats_1m', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
-    "SELECT create_hypertable('routing_stats_1m', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
-    "SELECT create_hypertable('device_metrics_1h', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
-    "SELECT create_hypertable('inference_stats_1h', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
-    "SELECT create_hypertable('routing_stats_1h', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
-    "SELECT create_hypertable('analytics_events', 'time', if_not_exists => TRUE, migrate_data => TRUE)",
-    "SELECT create_hypertable('task_stats_1m', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
-    "SELECT create_hypertable('agent_load_1m', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
-    "SELECT create_hypertable('api_events_1m', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
-    "SELECT create_hypertable('task_stats_1h', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
-    "SELECT create_hypertable('agent_load_1h', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
-    "SELECT create_hypertable('api_events_1h', 'bucket', if_not_exists => TRUE, migrate_data => TRUE)",
-    "SELECT create_hypertable('anomaly_scores', 'time', if_not_exists => TRUE, migrate_data => TRUE)",
-    "SELECT create_hypertable('anomalies', 'time', if_not_exists => TRUE, migrate_data => TRUE)",
-];
+pub fn timescale_setup() -> Vec<String> {
+    let hypertable = |table: &str, column: &str| {
+        format!(
+            "SELECT create_hypertable('{table}', '{column}', if_not_exists => TRUE, migrate_data => TRUE)"
+        )
+    };
+    let raw = raw_tables().map(|t| hypertable(t.name, t.time_column));
+    let aggregates = STREAMS
+        .iter()
+        .flat_map(StreamDef::aggregate_tables)
+        .map(|(_, table)| hypertable(table, "bucket"));
+    std::iter::once("CREATE EXTENSION IF NOT EXISTS timescaledb".to_owned())
+        .chain(raw)
+        .chain(aggregates)
+        .collect()
+}
 
 #[cfg(test)]
 mod tests {
@@ -305,5 +304,31 @@ mod tests {
         sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(versions, sorted);
+    }
+
+    /// Every table the table of streams names is created by a migration, and becomes a
+    /// hypertable on TimescaleDB.
+    #[test]
+    fn every_stream_table_is_created_and_a_hypertable() {
+        let ddl: String = MIGRATIONS.iter().map(|m| m.sql).collect();
+        let setup = timescale_setup().join("\n");
+        let tables = raw_tables().map(|t| t.name).chain(
+            STREAMS
+                .iter()
+                .flat_map(|s| s.aggregate_tables().map(|(_, t)| t)),
+        );
+        let mut n = 0;
+        for table in tables {
+            assert!(
+                ddl.contains(&format!("CREATE TABLE IF NOT EXISTS {table} (")),
+                "no migration creates {table}"
+            );
+            assert!(
+                setup.contains(&format!("create_hypertable('{table}',")),
+                "{table} is not made a hypertable"
+            );
+            n += 1;
+        }
+        assert_eq!(n, 5 + 12);
     }
 }

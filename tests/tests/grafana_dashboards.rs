@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use chrono::{DateTime, Utc};
 use primespark_dataflows::fleet::Fleet;
+use primespark_schemas::streams::{SHARED_TABLES, STREAMS};
 use primespark_tests::grafana::{
     panel_exprs, panel_queries, panels, substitute_variables, try_expand_macros, MacroContext,
 };
@@ -30,30 +31,31 @@ const DASHBOARDS: [(&str, &str); 4] = [
 ];
 /// The TimescaleDB data source of deploy/grafana/provisioning/datasources/primespark.yml.
 const SQL_DATASOURCE: &str = "primespark-timescaledb";
-/// Tables the pipeline creates (schemas/src/ddl.rs).
-const TABLES: &[&str] = &[
-    "device_metrics_1m",
-    "device_metrics_1h",
-    "inference_stats_1m",
-    "inference_stats_1h",
-    "routing_stats_1m",
-    "routing_stats_1h",
-    "task_stats_1m",
-    "task_stats_1h",
-    "agent_load_1m",
-    "agent_load_1h",
-    "api_events_1m",
-    "api_events_1h",
-    "anomaly_scores",
-    "anomalies",
-    "dead_letters",
-    "late_events",
-    "source_offsets",
-    "dataflow_state",
-];
-/// Raw tables that have aggregates: panels read the aggregates instead.
-const RAW_WITH_AGGREGATES: &[&str] =
-    &["device_metrics", "ai_inference_results", "analytics_events"];
+/// Raw tables that have aggregates (each stream's own events): panels read the aggregates
+/// instead.
+fn raw_with_aggregates() -> Vec<&'static str> {
+    STREAMS
+        .iter()
+        .filter(|s| !s.aggregates.is_empty())
+        .filter_map(|s| s.raw_tables.first().map(|t| t.name))
+        .collect()
+}
+
+/// Tables a panel may read, from the table of streams: every aggregate table, the raw tables
+/// without aggregates of their own (scores, anomalies) and the shared tables.
+fn panel_tables() -> Vec<&'static str> {
+    let with_aggregates = raw_with_aggregates();
+    STREAMS
+        .iter()
+        .flat_map(|s| s.aggregate_tables().map(|(_, t)| t))
+        .chain(
+            primespark_schemas::streams::raw_tables()
+                .map(|t| t.name)
+                .filter(|t| !with_aggregates.contains(t)),
+        )
+        .chain(SHARED_TABLES.iter().copied())
+        .collect()
+}
 
 /// TimescaleDB's `time_bucket(interval, timestamptz)` for PostgreSQL without the extension:
 /// fixed-width buckets from TimescaleDB's default origin, Monday 2000-01-03 00:00 UTC (the
@@ -178,11 +180,11 @@ fn dashboards_follow_the_conventions() -> Result<()> {
                 assert!(!read.is_empty(), "{name} / {title}: reads no table");
                 for table in read {
                     assert!(
-                        !RAW_WITH_AGGREGATES.contains(&table.as_str()),
+                        !raw_with_aggregates().contains(&table.as_str()),
                         "{name} / {title}: reads {table}; use its aggregate table"
                     );
                     assert!(
-                        TABLES.contains(&table.as_str()),
+                        panel_tables().contains(&table.as_str()),
                         "{name} / {title}: reads {table}, which the pipeline does not create"
                     );
                 }

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use futures::StreamExt;
@@ -28,7 +28,7 @@ use primespark_tests::compliance::{
 use primespark_tests::{connect, create_topic, curl, fresh_database, stack, unique};
 
 /// One suite at a time: failpoints are process-wide.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Settings with a fresh, migrated database and NAS folder; rolls only at shutdown.
 async fn settings(name: &str, nas: &Path) -> Result<SinkSettings> {
@@ -191,7 +191,7 @@ fn dlq_letters(brokers: String, topic: String) -> ReadBack {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_raw_rows_comply() -> Result<()> {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let name = unique("comply_pg");
     let work = tempfile::tempdir()?;
     let settings = settings(&name, work.path()).await?;
@@ -216,7 +216,7 @@ async fn postgres_raw_rows_comply() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nas_archive_complies() -> Result<()> {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let name = unique("comply_nas");
     let work = tempfile::tempdir()?;
     let settings = settings(&name, work.path()).await?;
@@ -236,7 +236,7 @@ async fn nas_archive_complies() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_bucket_archive_complies() -> Result<()> {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let stack = stack();
     let name = unique("comply_s3");
     let work = tempfile::tempdir()?;
@@ -269,7 +269,7 @@ async fn direct_bucket_archive_complies() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letter_topic_complies() -> Result<()> {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let stack = stack();
     let name = unique("comply_dlq");
     let work = tempfile::tempdir()?;
@@ -312,7 +312,7 @@ fn window(device: &str, bucket_us: i64, count: i64) -> AggRow {
 /// there after the runtime's shutdown.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aggregate_sinks_comply() -> Result<()> {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let name = unique("comply_agg");
     let work = tempfile::tempdir()?;
     let settings = settings(&name, work.path()).await?;

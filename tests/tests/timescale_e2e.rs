@@ -1,7 +1,7 @@
 //! The pipeline on the three TimescaleDB states a server can be in.
 //!
 //! - Preloaded (the stack's `postgres` when it found the shared TimescaleDB build): every table
-//!   `TIMESCALE_SETUP` (schemas/src/ddl.rs) names is a hypertable, the retention and
+//!   `timescale_setup` (schemas/src/ddl.rs) names is a hypertable, the retention and
 //!   compression policies of `[postgres.retention]` are TimescaleDB jobs, chunks compress with
 //!   `compress_chunk`, and a pipeline restarted after compression keeps committing: COPY into
 //!   compressed raw chunks, and upserts (late events re-emitting a window) into compressed
@@ -24,8 +24,8 @@ use chrono::{TimeZone, Utc};
 use primespark_connectors::postgres::RetentionConfig;
 use primespark_dataflows::fleet::Fleet;
 use primespark_tests::{
-    connect, count, create_topic, free_port, fresh_database_on, http_get, produce, repo_root,
-    stack, unique, wait_until, Pipeline, Sections, TelemetryRun,
+    connect, count, create_topic, free_port, fresh_database_on, http_get, produce, stack, unique,
+    wait_until, Pipeline, Sections, TelemetryRun,
 };
 use serde_json::json;
 
@@ -62,17 +62,16 @@ fn sentinel(at_s: i64) -> (i32, Vec<u8>) {
     (0, e.to_string().into_bytes())
 }
 
-/// The tables `TIMESCALE_SETUP` makes hypertables, read from its source.
+/// The tables `timescale_setup` (schemas/src/ddl.rs) makes hypertables.
 fn setup_hypertables() -> Result<BTreeSet<String>> {
-    let ddl = std::fs::read_to_string(repo_root().join("schemas/src/ddl.rs"))?;
-    let tables: BTreeSet<String> = ddl
-        .split("create_hypertable('")
-        .skip(1)
+    let tables: BTreeSet<String> = primespark_schemas::ddl::timescale_setup()
+        .iter()
+        .filter_map(|sql| sql.split("create_hypertable('").nth(1))
         .filter_map(|s| s.split('\'').next())
         .map(str::to_owned)
         .collect();
     if tables.len() < 10 {
-        bail!("found only {tables:?} in schemas/src/ddl.rs");
+        bail!("timescale_setup names only {tables:?}");
     }
     Ok(tables)
 }

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
+use primespark_schemas::streams::{aggregate_families, StreamKind, STREAMS};
+
 use super::sink::PostgresError;
 use crate::InvalidConfig;
 
@@ -142,52 +144,30 @@ impl RetentionConfig {
             keep,
             compress_segment_by: seg,
         };
-        let mut tables = vec![
-            raw(
-                "device_metrics",
-                "time",
-                self.raw_telemetry,
-                Some("device_id"),
-            ),
-            raw(
-                "anomaly_scores",
-                "time",
-                self.raw_telemetry,
-                Some("device_id"),
-            ),
-            raw("anomalies", "time", self.raw_telemetry, Some("device_id")),
-            raw(
-                "ai_inference_results",
-                "time",
-                self.raw_inference,
-                Some("model_name"),
-            ),
-            raw(
-                "analytics_events",
-                "time",
-                self.raw_inference,
-                Some("event_type"),
-            ),
-            raw("dead_letters", "received_at", self.raw_telemetry, None),
-            raw("late_events", "received_at", self.raw_telemetry, None),
-        ];
-        for (minute, hour) in AGGREGATE_TABLES {
-            tables.push(raw(minute, "bucket", self.aggregates_1m, None));
-            tables.push(raw(hour, "bucket", self.aggregates_1h, None));
+        // Telemetry's tables keep `raw_telemetry`; the other streams' raw tables keep
+        // `raw_inference` (its key predates the analytics stream).
+        let mut tables: Vec<Retained> = STREAMS
+            .iter()
+            .flat_map(|stream| {
+                let keep = match stream.kind {
+                    StreamKind::Telemetry => self.raw_telemetry,
+                    StreamKind::Inference | StreamKind::Analytics => self.raw_inference,
+                };
+                stream
+                    .raw_tables
+                    .iter()
+                    .map(move |t| raw(t.name, t.time_column, keep, Some(t.segment_by)))
+            })
+            .collect();
+        tables.push(raw("dead_letters", "received_at", self.raw_telemetry, None));
+        tables.push(raw("late_events", "received_at", self.raw_telemetry, None));
+        for family in aggregate_families() {
+            tables.push(raw(family.minute, "bucket", self.aggregates_1m, None));
+            tables.push(raw(family.hour, "bucket", self.aggregates_1h, None));
         }
         tables
     }
 }
-
-/// The aggregate tables: (1-minute, 1-hour).
-const AGGREGATE_TABLES: [(&str, &str); 6] = [
-    ("device_metrics_1m", "device_metrics_1h"),
-    ("inference_stats_1m", "inference_stats_1h"),
-    ("routing_stats_1m", "routing_stats_1h"),
-    ("task_stats_1m", "task_stats_1h"),
-    ("agent_load_1m", "agent_load_1h"),
-    ("api_events_1m", "api_events_1h"),
-];
 
 fn interval(d: Duration) -> String {
     format!("INTERVAL '{} seconds'", d.as_secs())

@@ -6,7 +6,7 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use futures::pin_mut;
 use primespark_schemas::analytics::{AnalyticsEvent, TaskEvent, TaskEventKind};
-use primespark_schemas::ddl::{MIGRATIONS, TIMESCALE_SETUP};
+use primespark_schemas::ddl::{timescale_setup, MIGRATIONS};
 use primespark_schemas::rows::{
     latest_rows, AgentLoadRow, Agg, AggRow, ApiEventsRow, DeadLetterRow, InferenceStatsRow,
     LateEventRow, MetricAggRow, PartitionOffset, RawRow, RoutingStatsRow, ScoreRow,
@@ -258,8 +258,8 @@ async fn setup_timescale(client: &mut Client) -> Result<(), tokio_postgres::Erro
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock(7262)", &[])
         .await?;
-    for sql in TIMESCALE_SETUP {
-        tx.batch_execute(sql).await?;
+    for sql in timescale_setup() {
+        tx.batch_execute(&sql).await?;
     }
     tx.commit().await
 }

@@ -16,38 +16,31 @@ use datafusion::catalog::{MemorySchemaProvider, SchemaProvider, TableProvider};
 use datafusion::error::DataFusionError;
 use datafusion::prelude::SessionContext;
 
+use primespark_schemas::streams::{aggregate_families, raw_tables, AggregateFamily, SHARED_TABLES};
+
 use super::postgres_table::{PgPool, PostgresTable};
 use super::unified::{Boundary, UnifiedTable};
 use super::QueryError;
 
-/// (PostgreSQL table and unified name, archive table, time column).
-const HOT_COLD: &[(&str, &str, &str)] = &[
-    ("device_metrics", "telemetry_raw", "time"),
-    ("ai_inference_results", "inference_raw", "time"),
-    ("analytics_events", "analytics_raw", "time"),
-    ("anomaly_scores", "anomaly_scores", "time"),
-    ("device_metrics_1m", "device_metrics_1m", "bucket"),
-    ("device_metrics_1h", "device_metrics_1h", "bucket"),
-    ("inference_stats_1m", "inference_stats_1m", "bucket"),
-    ("inference_stats_1h", "inference_stats_1h", "bucket"),
-    ("routing_stats_1m", "routing_stats_1m", "bucket"),
-    ("routing_stats_1h", "routing_stats_1h", "bucket"),
-    ("task_stats_1m", "task_stats_1m", "bucket"),
-    ("task_stats_1h", "task_stats_1h", "bucket"),
-    ("agent_load_1m", "agent_load_1m", "bucket"),
-    ("agent_load_1h", "agent_load_1h", "bucket"),
-    ("api_events_1m", "api_events_1m", "bucket"),
-    ("api_events_1h", "api_events_1h", "bucket"),
-];
+/// (PostgreSQL table and unified name, archive table, time column) for every table the archive
+/// also holds, from the table of streams: raw tables with an archive table, and every
+/// aggregate table (the archive's files carry the PostgreSQL name).
+fn hot_cold() -> Vec<(&'static str, &'static str, &'static str)> {
+    let raw = raw_tables().filter_map(|t| t.archive.map(|a| (t.name, a.name, t.time_column)));
+    let aggregates = aggregate_families()
+        .flat_map(AggregateFamily::tables)
+        .map(|(_, table)| (table, table, "bucket"));
+    raw.chain(aggregates).collect()
+}
 
-/// Tables only PostgreSQL has.
-const HOT_ONLY: &[&str] = &[
-    "dead_letters",
-    "late_events",
-    "anomalies",
-    "source_offsets",
-    "dataflow_state",
-];
+/// Tables only PostgreSQL has: raw tables the archive does not keep, and the shared ones.
+fn hot_only() -> Vec<&'static str> {
+    raw_tables()
+        .filter(|t| t.archive.is_none())
+        .map(|t| t.name)
+        .chain(SHARED_TABLES.iter().copied())
+        .collect()
+}
 
 fn df(e: impl Into<DataFusionError>) -> QueryError {
     QueryError::DataFusion(e.into())
@@ -71,7 +64,7 @@ pub async fn attach_postgres(ctx: &SessionContext, url: &str) -> Result<(), Quer
         .map_err(df)?;
 
     let mut attached = 0;
-    for (name, cold_name, time) in HOT_COLD {
+    for (name, cold_name, time) in &hot_cold() {
         let cold = ctx.table_provider(*cold_name).await.ok();
         if let Some(cold) = &cold {
             archive
@@ -112,7 +105,7 @@ pub async fn attach_postgres(ctx: &SessionContext, url: &str) -> Result<(), Quer
         .map_err(df)?;
         attached += 1;
     }
-    for name in HOT_ONLY {
+    for name in &hot_only() {
         match PostgresTable::discover_with_pool(pool.clone(), name).await {
             Ok(t) => {
                 let t: Arc<dyn TableProvider> = Arc::new(t);

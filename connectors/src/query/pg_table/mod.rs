@@ -142,12 +142,13 @@ impl PgTableError {
     pub fn is_transient(&self) -> bool {
         match self {
             Self::Connect { .. } => true,
+            // The sinks' classifier: a server-side error it would retry. An error without a
+            // SQLSTATE came from the client (a value that does not convert): not transient.
             Self::Query { source, .. } => {
                 source.is_closed()
                     || source.code().is_some_and(|c| {
-                        // Connection exception, insufficient resources, operator intervention,
-                        // transaction rollback (serialization failure, deadlock).
-                        matches!(c.code().get(..2), Some("08" | "53" | "57" | "40"))
+                        crate::postgres::classify_sqlstate(Some(c))
+                            == crate::postgres::SqlClass::Transient
                     })
             }
             _ => false,
