@@ -178,6 +178,18 @@ ensure_timescaledb() {
     local tarball version
     tarball="$(timescaledb_tarball)"
     if [ -z "$tarball" ]; then
+        # A clone outside the usual tree has no ../shared, but the machine may already have
+        # TimescaleDB in pg_config's folders (an earlier `up`, or a package): use that one.
+        # PRIMESPARK_TIMESCALEDB_DIR=none still means plain PostgreSQL.
+        local ext installed=""
+        ext="$("$PG_CONFIG" --sharedir)/extension"
+        [ "${PRIMESPARK_TIMESCALEDB_DIR:-}" = none ] \
+            || installed="$(sed -nE "s/^default_version = '([0-9.]+)'.*/\1/p" "$ext/timescaledb.control" 2>/dev/null | head -n1)"
+        if [ -n "$installed" ] && timescaledb_installed "$installed"; then
+            log "no TimescaleDB build in $TIMESCALE_DIR, but TimescaleDB $installed is installed: postgres preloads it, postgres_plain does not"
+            TIMESCALEDB_FOUND=1
+            return 0
+        fi
         log "no TimescaleDB build in $TIMESCALE_DIR: postgres runs plain PostgreSQL (PRIMESPARK_TIMESCALEDB_DIR names another folder)"
         return 0
     fi
