@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use primespark_connectors::sink::registry::{self, raw_sink_names, SinkSettings, StreamScope};
+use primespark_connectors::sink::registry::{raw_sink_names, SinkSettings, StreamScope};
 use primespark_connectors::InvalidConfig;
 use primespark_operators::sink::FlushPolicy;
 use primespark_schemas::streams::StreamDef;
@@ -62,7 +62,6 @@ impl Plan {
             kafka: config.kafka.clone(),
             allowed_lateness_us: micros(config.windows.allowed_lateness),
         };
-        registry::validate(&sinks)?;
         let streams = config
             .dataflows
             .enabled()

@@ -107,6 +107,7 @@ fn dashboards_follow_the_conventions() -> Result<()> {
     let provisioning = std::fs::read_to_string(
         repo_root().join("deploy/grafana/provisioning/datasources/primespark.yml"),
     )?;
+    let (raw_with_aggregates, panel_tables) = (raw_with_aggregates(), panel_tables());
     for uid in [
         "uid: primespark-prometheus",
         "uid: primespark-timescaledb",
@@ -180,11 +181,11 @@ fn dashboards_follow_the_conventions() -> Result<()> {
                 assert!(!read.is_empty(), "{name} / {title}: reads no table");
                 for table in read {
                     assert!(
-                        !raw_with_aggregates().contains(&table.as_str()),
+                        !raw_with_aggregates.contains(&table.as_str()),
                         "{name} / {title}: reads {table}; use its aggregate table"
                     );
                     assert!(
-                        panel_tables().contains(&table.as_str()),
+                        panel_tables.contains(&table.as_str()),
                         "{name} / {title}: reads {table}, which the pipeline does not create"
                     );
                 }

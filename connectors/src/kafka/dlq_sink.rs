@@ -29,7 +29,6 @@ pub const NAME: &str = "dead_letter_topic";
 pub const DEAD_LETTER_TOPIC: RawSinkKind = RawSinkKind {
     name: NAME,
     wanted: |settings, scope| settings.kafka.dead_letter_topics && !scope.backfill,
-    validate: |settings| settings.kafka.validate(),
     build: |settings, ctx, id| build(settings, ctx, id).boxed(),
 };
 

@@ -31,12 +31,6 @@ pub const NAME: &str = "aggregate_files";
 pub const AGGREGATE_FILES: AggSinkKind = AggSinkKind {
     name: NAME,
     wanted: |settings, scope| settings.nas.is_some() && !scope.backfill,
-    validate: |settings| {
-        settings
-            .nas
-            .as_ref()
-            .map_or(Ok(()), super::NasConfig::validate)
-    },
     build: |settings, _ctx| async move { build(settings) }.boxed(),
 };
 

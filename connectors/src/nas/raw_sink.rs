@@ -32,12 +32,6 @@ pub const NAME: &str = "parquet_raw";
 pub const RAW_ROLLS: RawSinkKind = RawSinkKind {
     name: NAME,
     wanted: |settings, scope| settings.nas.is_some() && !settings.direct() && !scope.backfill,
-    validate: |settings| {
-        settings
-            .nas
-            .as_ref()
-            .map_or(Ok(()), super::NasConfig::validate)
-    },
     build: |settings, ctx, id| async move { build_rolls(settings, ctx, id, OnTheNas) }.boxed(),
 };
 

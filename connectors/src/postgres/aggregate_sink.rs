@@ -21,12 +21,6 @@ pub const NAME: &str = "aggregates";
 pub const AGGREGATE_ROWS: AggSinkKind = AggSinkKind {
     name: NAME,
     wanted: |settings, _| settings.postgres.is_some(),
-    validate: |settings| {
-        settings
-            .postgres
-            .as_ref()
-            .map_or(Ok(()), super::PostgresConfig::validate)
-    },
     build: |settings, ctx| async move { build(settings, ctx) }.boxed(),
 };
 

@@ -22,12 +22,6 @@ pub const NAME: &str = "postgres_raw";
 pub const RAW_ROWS: RawSinkKind = RawSinkKind {
     name: NAME,
     wanted: |settings, _| settings.postgres.is_some(),
-    validate: |settings| {
-        settings
-            .postgres
-            .as_ref()
-            .map_or(Ok(()), super::PostgresConfig::validate)
-    },
     build: |settings, ctx, id| async move { build(settings, ctx, id) }.boxed(),
 };
 

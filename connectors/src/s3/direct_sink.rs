@@ -20,12 +20,6 @@ use crate::sink::{Classify, Domain, ErrorClass, Healthcheck, SinkError};
 pub const DIRECT_ROLLS: RawSinkKind = RawSinkKind {
     name: crate::nas::RAW_ROLLS.name,
     wanted: |settings, scope| settings.direct() && !scope.backfill,
-    validate: |settings| {
-        settings
-            .s3
-            .as_ref()
-            .map_or(Ok(()), super::S3Config::validate)
-    },
     build: |settings, ctx, id| {
         async move {
             let (Some(s3), Some(nas)) = (&settings.s3, &settings.nas) else {

@@ -4,9 +4,7 @@
 //! Modelled on Arroyo's `TwoPhaseCommitter` (one exactly-once protocol for many sinks) and
 //! Vector's `SinkConfig::build -> (Sink, Healthcheck)` (pure validation, then I/O):
 //!
-//! 1. **Validate** (pure, `check-config`): each registry entry's `validate` checks its
-//!    section ([`registry::validate`] runs them all while the plan is made), naming the key
-//!    that is wrong and why.
+//! 1. **Validate** (pure, `check-config`): each connector's config section has `validate()`.
 //! 2. **Build** ([`registry`]): for each worker and stream, the registry builds the sinks the
 //!    configuration asks for, each with its [`SinkId`] and a health check run once at start-up.
 //! 3. **Resume** ([`Sink::resume`]): per partition, the first offset the sink still needs (what
@@ -39,9 +37,8 @@
 //!    take is `Quarantine`, a setting or invariant is `Fatal`.
 //! 4. Emit `SinkRowsWritten` per durable write (rows, duration); the runtime emits the failure,
 //!    recovery and stop events.
-//! 5. Add one line to [`registry::RAW_SINKS`] (or the aggregate list): a `const` entry of your
-//!    folder saying when the configuration wants it, how its settings are validated and how it
-//!    is built.
+//! 5. Add one line to [`registry::RAW_SINKS`] (or the aggregate list) saying when the
+//!    configuration wants it and how to build it.
 //! 6. Add it to the compliance suite (`tests/src/compliance.rs`, run by
 //!    `tests/tests/sink_compliance.rs` against the real service): resume, recovery after a crash
 //!    between write and commit, retries and metrics, backpressure, shutdown flush.

@@ -13,7 +13,6 @@ use crate::kafka::KafkaConfig;
 use crate::nas::NasConfig;
 use crate::postgres::{PostgresConfig, StoredState};
 use crate::s3::S3Config;
-use crate::InvalidConfig;
 
 /// What the sinks of a run are configured with (the enabled sections only).
 #[derive(Debug, Clone)]
@@ -99,19 +98,12 @@ pub type BuildAgg = for<'a> fn(
     &'a SinkContext,
 ) -> BoxFuture<'a, Result<Built<BoxAggSink>, SinkError>>;
 
-/// Checks a sink's settings without I/O (at start-up, before anything is built): the key that
-/// is wrong and why.
-pub type Validate = fn(&SinkSettings) -> Result<(), InvalidConfig>;
-
-/// One kind of raw sink: when the configuration wants it, how its settings are checked and how
-/// it is built.
+/// One kind of raw sink: when the configuration wants it and how to build it.
 pub struct RawSinkKind {
     /// Its name (in `source_offsets` and logs).
     pub name: &'static str,
     /// Whether this run wants it for this stream.
     pub wanted: fn(&SinkSettings, &StreamScope) -> bool,
-    /// Its settings' checks (run when its section is enabled).
-    pub validate: Validate,
     /// Builds it with its id.
     pub build: BuildRaw,
 }
@@ -122,8 +114,6 @@ pub struct AggSinkKind {
     pub name: &'static str,
     /// Whether this run wants it for this stream.
     pub wanted: fn(&SinkSettings, &StreamScope) -> bool,
-    /// Its settings' checks (run when its section is enabled).
-    pub validate: Validate,
     /// Builds it.
     pub build: BuildAgg,
 }
@@ -142,15 +132,6 @@ pub const RAW_SINKS: &[RawSinkKind] = &[
 /// committed watermark makes them final.
 pub const AGGREGATE_SINKS: &[AggSinkKind] =
     &[crate::nas::AGGREGATE_FILES, crate::postgres::AGGREGATE_ROWS];
-
-/// Runs every sink's [`Validate`]: the first wrong key stops the start-up.
-pub fn validate(settings: &SinkSettings) -> Result<(), InvalidConfig> {
-    RAW_SINKS
-        .iter()
-        .map(|k| k.validate)
-        .chain(AGGREGATE_SINKS.iter().map(|k| k.validate))
-        .try_for_each(|check| check(settings))
-}
 
 /// Builds the raw sinks `settings` asks for, ids in registry order.
 pub async fn raw_sinks(
