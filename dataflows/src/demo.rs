@@ -101,11 +101,13 @@ pub fn demo(opts: &DemoOptions, status: impl Fn(&str) + Send + 'static) -> Resul
             ticks += 1;
             let total = primespark_operators::metrics::records_total();
             status(&format!(
-                "[{ticks:>4}s] events/s {:>7} | consumed {:>9} | windows closed {:>7} | dead letters {:>6} | sql: curl -s {http}/v1/sql -d '{{\"sql\":\"select count(*) from telemetry_raw\"}}' -H 'content-type: application/json'",
+                "[{ticks:>4}s] events/s {:>7} | consumed {:>9} | windows closed {:>7} | dead letters {:>6} | anomalies flagged {:>5} of {:>5} injected | sql: curl -s {http}/v1/sql -d '{{\"sql\":\"select count(*) from telemetry_raw\"}}' -H 'content-type: application/json'",
                 total - last,
                 total,
                 primespark_operators::metrics::windows_closed_total(),
                 primespark_connectors::metrics::dead_letters_total(),
+                primespark_operators::metrics::anomalies_total(),
+                crate::fleet::injected_total(),
             ));
             last = total;
         }

@@ -20,6 +20,7 @@ fn process() -> &'static Process {
         let mut registry = Registry::default();
         primespark_operators::metrics::register(&mut registry);
         primespark_connectors::metrics::register(&mut registry);
+        crate::fleet::register(&mut registry);
         let started = Instant::now();
         let uptime = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(

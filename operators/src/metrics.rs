@@ -412,7 +412,15 @@ impl AnomaliesDetected<'_> {
                 model: self.model.to_owned(),
             })
             .inc_by(self.count);
+        ANOMALIES_TOTAL.fetch_add(self.count, std::sync::atomic::Ordering::Relaxed);
     }
+}
+
+static ANOMALIES_TOTAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Anomalies the scoring operators of this process flagged so far (for status lines).
+pub fn anomalies_total() -> u64 {
+    ANOMALIES_TOTAL.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Task lifecycle events the join left out.

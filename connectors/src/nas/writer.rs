@@ -673,7 +673,8 @@ impl ParquetArchive {
                 };
                 if orphan {
                     fs::remove_file(&path).map_err(io(&path))?;
-                    tracing::info!(path = %path.display(), "removed uncommitted parquet file");
+                    // Per file; the caller logs how many at info.
+                    tracing::debug!(path = %path.display(), "removed uncommitted parquet file");
                     removed += 1;
                 }
             }
