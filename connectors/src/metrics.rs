@@ -47,6 +47,8 @@ struct Metrics {
     sink_degraded: Family<SinkLabels, Gauge>,
     source_degraded: Family<TableLabels, Gauge>,
     consumer_lag: Family<PartitionLabels, Gauge>,
+    group_committed: Family<PartitionLabels, Gauge>,
+    group_commit_failures: Counter,
     tier_files: Family<OutcomeLabels, Counter>,
     tier_bytes: Counter,
     retention_deleted: Family<TableLabels, Counter>,
@@ -102,6 +104,8 @@ fn metrics() -> &'static Metrics {
         sink_degraded: Family::default(),
         source_degraded: Family::default(),
         consumer_lag: Family::default(),
+        group_committed: Family::default(),
+        group_commit_failures: Counter::default(),
         tier_files: Family::default(),
         tier_bytes: Counter::default(),
         retention_deleted: Family::default(),
@@ -151,6 +155,16 @@ pub fn register(registry: &mut Registry) {
         "primespark_query_duration_seconds",
         "SQL query duration",
         m.query_seconds.clone(),
+    );
+    registry.register(
+        "primespark_kafka_group_committed_offset",
+        "Position last committed to the Kafka consumer group (monitoring only), per partition",
+        m.group_committed.clone(),
+    );
+    registry.register(
+        "primespark_kafka_group_commit_failures",
+        "Commits of sink positions to the Kafka consumer group that failed",
+        m.group_commit_failures.clone(),
     );
     registry.register(
         "primespark_tier_files",
@@ -373,7 +387,8 @@ pub struct DeadLettersWritten<'a> {
 impl DeadLettersWritten<'_> {
     /// Logs and counts.
     pub fn emit(&self) {
-        tracing::info!(
+        // Per batch: the counter and the status line carry the numbers at the default level.
+        tracing::debug!(
             topic = self.topic,
             partition = self.partition,
             count = self.count,
@@ -422,6 +437,48 @@ impl QueryExecuted<'_> {
             .query_seconds
             .get_or_create(&labels)
             .observe(self.duration.as_secs_f64());
+    }
+}
+
+/// Positions were committed to the consumer group.
+pub struct GroupOffsetCommitted<'a> {
+    /// Consumer group.
+    pub group: &'a str,
+    /// Topic.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// The committed position: the first offset not yet durable in every sink.
+    pub next_offset: i64,
+}
+
+impl GroupOffsetCommitted<'_> {
+    /// Logs and sets the gauge.
+    pub fn emit(&self) {
+        tracing::trace!(
+            group = self.group,
+            topic = self.topic,
+            partition = self.partition,
+            next_offset = self.next_offset,
+            "group offset committed"
+        );
+        metrics()
+            .group_committed
+            .get_or_create(&PartitionLabels {
+                topic: self.topic.to_owned(),
+                partition: self.partition.to_string(),
+            })
+            .set(self.next_offset);
+    }
+}
+
+/// A commit to the consumer group failed (the caller logs it, rate-limited).
+pub struct GroupCommitFailed;
+
+impl GroupCommitFailed {
+    /// Counts.
+    pub fn emit(&self) {
+        metrics().group_commit_failures.inc();
     }
 }
 

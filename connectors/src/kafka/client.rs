@@ -27,7 +27,7 @@ pub enum KafkaError {
     #[error("topic {0} not found on the broker")]
     UnknownTopic(String),
     /// A helper thread could not start.
-    #[error("starting the consumer-lag watcher: {0}")]
+    #[error("starting a Kafka helper thread: {0}")]
     Thread(String),
     /// Topic creation failed.
     #[error("creating topic {topic}: {code}")]
@@ -39,12 +39,14 @@ pub enum KafkaError {
     },
 }
 
-fn client_error(what: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> KafkaError {
+pub(super) fn client_error(
+    what: impl Into<String>,
+) -> impl FnOnce(rdkafka::error::KafkaError) -> KafkaError {
     let what = what.into();
     move |source| KafkaError::Client { what, source }
 }
 
-fn base_config(cfg: &KafkaConfig) -> ClientConfig {
+pub(super) fn base_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &cfg.brokers);
     for (k, v) in &cfg.properties {
@@ -138,7 +140,8 @@ pub fn reader(
     client_id: &str,
 ) -> Result<PartitionReader, KafkaError> {
     let mut c = base_config(cfg);
-    c.set("group.id", "primespark")
+    // Never joined nor committed by this client: see `group` for the group's positions.
+    c.set("group.id", &cfg.consumer_group)
         .set("client.id", client_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

@@ -75,6 +75,19 @@ pub struct KafkaConfig {
     /// as the record, original bytes, reason and position in headers). Default true.
     #[serde(default = "default_true")]
     pub dead_letter_topics: bool,
+    /// The consumer group whose offsets show the pipeline's progress to Kafka's tooling
+    /// (kafka-consumer-groups, kafka-exporter, Burrow). Default `primespark`; give each
+    /// pipeline on one cluster its own.
+    #[serde(default = "default_group")]
+    pub consumer_group: String,
+    /// Commit the sinks' positions to `consumer_group` after they commit (monitoring only:
+    /// resume positions stay with the data). Default true.
+    #[serde(default = "default_true")]
+    pub commit_group_offsets: bool,
+}
+
+fn default_group() -> String {
+    "primespark".into()
 }
 
 fn default_true() -> bool {
@@ -98,6 +111,8 @@ impl Default for KafkaConfig {
             metadata_timeout_ms: default_metadata_timeout_ms(),
             properties: BTreeMap::new(),
             dead_letter_topics: true,
+            consumer_group: default_group(),
+            commit_group_offsets: true,
         }
     }
 }
@@ -140,6 +155,17 @@ impl KafkaConfig {
                 ));
             }
         }
+        // Kafka's group ids are strings of any length; tools and ACLs choke on blanks and
+        // control characters, and the broker caps request sizes.
+        if self.consumer_group.trim().is_empty()
+            || self.consumer_group.len() > 255
+            || self.consumer_group.chars().any(char::is_control)
+        {
+            return Err(InvalidConfig::new(
+                "kafka.consumer_group",
+                "must be 1 to 255 characters, not blank, without control characters",
+            ));
+        }
         if self.metadata_timeout_ms == 0 {
             return Err(InvalidConfig::new(
                 "kafka.metadata_timeout_ms",
@@ -178,5 +204,18 @@ mod tests {
         };
         assert_eq!(bad.validate().unwrap_err().key, "kafka.brokers");
         assert!(toml::from_str::<KafkaConfig>("brokrs = \"a:1\"").is_err());
+        assert_eq!(c.consumer_group, "primespark");
+        assert!(c.commit_group_offsets);
+        for group in ["", "  ", "a\nb", &"g".repeat(256)] {
+            let bad = KafkaConfig {
+                consumer_group: group.to_owned(),
+                ..Default::default()
+            };
+            assert_eq!(
+                bad.validate().unwrap_err().key,
+                "kafka.consumer_group",
+                "{group:?}"
+            );
+        }
     }
 }

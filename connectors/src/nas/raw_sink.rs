@@ -313,6 +313,13 @@ impl<P: Publish> Sink for RollSink<P> {
         })
     }
 
+    fn committed(&self, partition: i32) -> crate::sink::Committed {
+        match self.committed.get(&partition) {
+            Some(next) => crate::sink::Committed::Below(*next),
+            None => crate::sink::Committed::Nothing,
+        }
+    }
+
     async fn recover(&mut self) -> Result<usize, SinkError> {
         let (archive, committed, mine) = (
             self.archive.clone(),

@@ -47,6 +47,11 @@ fn build(
             .map(|o| (o.partition, o))
             .collect(),
         backfill: ctx.backfill.is_some(),
+        committed: ctx
+            .stored
+            .offsets_of(NAME)
+            .map(|o| (o.partition, o.next_offset))
+            .collect(),
     };
     Ok((Box::new(sink), Box::pin(ping(pg.url.clone()))))
 }
@@ -60,6 +65,8 @@ pub struct RawRowsSink {
     resume: HashMap<i32, PartitionOffset>,
     /// A backfill stores no positions: they belong to the streaming run.
     backfill: bool,
+    /// Per partition, the first offset not yet committed (stored, then each write's).
+    committed: HashMap<i32, i64>,
 }
 
 /// One transaction's worth of a batch.
@@ -181,6 +188,16 @@ impl Sink for RawRowsSink {
         self.resume.get(&partition).copied()
     }
 
+    fn committed(&self, partition: i32) -> crate::sink::Committed {
+        if self.backfill {
+            return crate::sink::Committed::NotTracked;
+        }
+        match self.committed.get(&partition) {
+            Some(next) => crate::sink::Committed::Below(*next),
+            None => crate::sink::Committed::Nothing,
+        }
+    }
+
     async fn recover(&mut self) -> Result<usize, SinkError> {
         // Rows and offsets commit in one transaction: nothing is ever half written.
         Ok(0)
@@ -189,6 +206,13 @@ impl Sink for RawRowsSink {
     async fn write(&mut self, batch: &RawBatch) -> Result<(), SinkError> {
         let share = self.share(batch);
         let result = self.try_write(&share).await;
+        if result.is_ok() {
+            // Rows and offsets went in one transaction: these are committed now.
+            for o in &share.offsets {
+                let next = self.committed.entry(o.partition).or_insert(o.next_offset);
+                *next = (*next).max(o.next_offset);
+            }
+        }
         if result
             .as_ref()
             .is_err_and(|e| matches!(e.class(), crate::sink::ErrorClass::Retry))

@@ -66,6 +66,34 @@ pub enum Flush {
     All,
 }
 
+/// A sink's progress on one partition ([`Sink::committed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// The sink keeps no positions of its own (a relay, or files rewritten from the replay).
+    NotTracked,
+    /// It has made nothing of the partition durable yet.
+    Nothing,
+    /// Every record below this offset is durable in it.
+    Below(i64),
+}
+
+/// The first offset of `partition` not yet durable in every sink that tracks positions:
+/// `None` while one of them has made nothing durable, or when none tracks any.
+pub fn committed_everywhere<I: Send + Sync>(
+    sinks: &[Box<dyn Sink<Input = I>>],
+    partition: i32,
+) -> Option<i64> {
+    let mut least: Option<i64> = None;
+    for sink in sinks {
+        match sink.committed(partition) {
+            Committed::NotTracked => {}
+            Committed::Nothing => return None,
+            Committed::Below(next) => least = Some(least.map_or(next, |l| l.min(next))),
+        }
+    }
+    least
+}
+
 /// A sink of one dataflow on one worker. See the module documentation for the protocol.
 #[async_trait]
 pub trait Sink: Send {
@@ -96,6 +124,13 @@ pub trait Sink: Send {
     /// partition's highest event time before it, for sinks that track one), or `None` when it
     /// has stored nothing for the partition.
     fn resume(&self, partition: i32) -> Option<PartitionOffset>;
+
+    /// How far it has made `partition` durable as of now (after its last commit), for
+    /// progress reports such as the Kafka consumer group's offsets. Default
+    /// [`Committed::NotTracked`]: a sink that stores no positions of its own.
+    fn committed(&self, _partition: i32) -> Committed {
+        Committed::NotTracked
+    }
 
     /// Removes what it wrote but never committed. Returns how many objects it removed.
     async fn recover(&mut self) -> Result<usize, SinkError>;

@@ -8,14 +8,21 @@
 //! what is due; every 500 ms a commit of what became due by age; at the end, a commit of
 //! everything. A sink's quarantine takes the refused records out of its share of the batch as
 //! dead letters (also handed to the sinks that relay letters, the dead-letter topic) and writes
-//! it again. A fatal error ends the runtime with that error.
+//! it again. A fatal error ends the runtime with that error. After each commit, a partition's
+//! position committed by every sink that tracks positions goes to the Kafka consumer group
+//! (when one is given: monitoring only).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tokio::sync::mpsc::Receiver;
 
 use super::quarantine::quarantine;
-use super::{BoxAggSink, BoxRawSink, Domain, ErrorClass, Flush, RawBatch, SinkError, SinkSet};
+use super::{
+    committed_everywhere, BoxAggSink, BoxRawSink, Domain, ErrorClass, Flush, RawBatch, SinkError,
+    SinkSet,
+};
+use crate::kafka::GroupOffsets;
 use crate::retrying;
 
 /// How often rolling sinks are asked to publish what became due by age.
@@ -27,6 +34,10 @@ pub struct RawRuntime {
     sinks: Vec<BoxRawSink>,
     /// The sinks that also take the letters another sink refused.
     relays: SinkSet,
+    /// Where positions committed by every sink are reported (the Kafka consumer group).
+    progress: Option<GroupOffsets>,
+    /// Per partition seen, the position last reported.
+    reported: BTreeMap<i32, Option<i64>>,
 }
 
 impl RawRuntime {
@@ -37,6 +48,28 @@ impl RawRuntime {
             topic: topic.into(),
             sinks,
             relays,
+            progress: None,
+            reported: BTreeMap::new(),
+        }
+    }
+
+    /// Reports what every sink has committed to `group` after each commit.
+    pub fn with_progress(mut self, group: GroupOffsets) -> Self {
+        self.progress = Some(group);
+        self
+    }
+
+    /// Reports each seen partition's position committed by every sink, if it moved.
+    fn report_progress(&mut self) {
+        let Some(group) = &self.progress else { return };
+        for (partition, last) in &mut self.reported {
+            let now = committed_everywhere(&self.sinks, *partition);
+            if now.is_some() && now != *last {
+                if let Some(next) = now {
+                    group.report(&self.topic, *partition, next);
+                }
+                *last = now;
+            }
         }
     }
 
@@ -55,15 +88,25 @@ impl RawRuntime {
                     Some(batch) => self.deliver(batch).await?,
                     None => break,
                 },
-                _ = tick.tick() => commit_all(&mut self.sinks, Flush::Due).await?,
+                _ = tick.tick() => {
+                    commit_all(&mut self.sinks, Flush::Due).await?;
+                    self.report_progress();
+                }
             }
         }
-        commit_all(&mut self.sinks, Flush::All).await
+        commit_all(&mut self.sinks, Flush::All).await?;
+        self.report_progress();
+        Ok(())
     }
 
     /// Writes one batch to every sink, quarantining what a sink refuses, then commits what is
     /// due.
     pub async fn deliver(&mut self, mut batch: RawBatch) -> Result<(), SinkError> {
+        if self.progress.is_some() {
+            for p in batch.next_offsets.keys() {
+                self.reported.entry(*p).or_insert(None);
+            }
+        }
         let mut i = 0;
         while i < self.sinks.len() {
             let sink = &mut self.sinks[i];
@@ -97,7 +140,9 @@ impl RawRuntime {
                 Err(e) => return Err(e),
             }
         }
-        commit_all(&mut self.sinks, Flush::Due).await
+        commit_all(&mut self.sinks, Flush::Due).await?;
+        self.report_progress();
+        Ok(())
     }
 }
 

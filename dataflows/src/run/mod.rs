@@ -98,12 +98,17 @@ fn run_mode(
     let archive = backfill::archive_stores(config, backfill)?;
     let fatal = Fatal::new(shutdown.clone());
     let mut writers = Vec::new();
+    // A backfill's positions are not the stream's progress.
+    let group = (backfill.is_none() && config.kafka.commit_group_offsets)
+        .then(|| primespark_connectors::kafka::GroupOffsets::start(&config.kafka))
+        .transpose()?;
     let env = streams::Start {
         rt: &rt,
         config,
         plan: &plan,
         archive: &archive,
         fatal: &fatal,
+        group: group.as_ref(),
     };
     let mut started = Vec::with_capacity(plan.streams.len());
     for stream in &plan.streams {

@@ -57,6 +57,9 @@ pub struct Start<'a> {
     pub archive: &'a TieredStore,
     /// Where sink runtimes report a fatal error.
     pub fatal: &'a Fatal,
+    /// Where raw sink runtimes report committed positions (none in a backfill, or when
+    /// `kafka.commit_group_offsets` is off).
+    pub group: Option<&'a kafka::GroupOffsets>,
 }
 
 /// Starts `stream`: its sinks' runtimes are pushed to `writers`.
@@ -129,6 +132,9 @@ pub fn start(
         };
         let built = rt.block_on(registry::raw_sinks(&plan.sinks, &ctx))?;
         let mut raw = RawRuntime::new(&stream.topic, checked(rt, built, local == 0)?);
+        if let Some(group) = env.group {
+            raw = raw.with_progress(group.clone());
+        }
         let removed = rt.block_on(recover(raw.sinks_mut()))?;
         if removed > 0 {
             tracing::info!(
