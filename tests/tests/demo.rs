@@ -1,6 +1,6 @@
 //! The README's first command: `primespark demo` runs on its embedded broker with no external
 //! service, every stream gets raw Parquet files within seconds (rolled at the clean stop), and
-//! its bad records are dead letters.
+//! its bad records are dead letters; its status line is not buried under per-batch logs.
 
 use anyhow::Result;
 use primespark_tests::{count_files, free_port, pipeline_command};
@@ -34,5 +34,20 @@ fn demo_runs_every_stream_without_services() -> Result<()> {
     }
     let dead = std::fs::read_to_string(data.join("dead_letters.jsonl"))?;
     assert!(dead.lines().count() > 10, "{dead}");
+    // The status line is what a user watches: it says how many injected failures were flagged,
+    // and per-batch chatter does not bury it.
+    let status: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("anomalies flagged"))
+        .collect();
+    assert!(status.len() >= 5, "few status lines:\n{stderr}");
+    let per_batch = stderr
+        .lines()
+        .filter(|l| l.contains("dead letters stored") || l.contains("removed uncommitted"))
+        .count();
+    assert_eq!(
+        per_batch, 0,
+        "per-batch logs at the default level:\n{stderr}"
+    );
     Ok(())
 }
