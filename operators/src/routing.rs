@@ -97,6 +97,7 @@ impl InferenceStats {
             avg_input_tokens: self.avg_input_tokens(),
             avg_output_tokens: self.avg_output_tokens(),
             output_tokens_per_s: self.output_tokens_per_second(),
+            avg_latency_ms: ratio(self.latency_ms_sum, self.count as f64),
         }
     }
 }
@@ -246,6 +247,8 @@ impl RoutingStats {
             cloud_success_rate: self.cloud_success_rate(),
             edge_p95_ms: self.edge_latency.quantile(0.95),
             cloud_p95_ms: self.cloud_latency.quantile(0.95),
+            tried_edge_first: i64::try_from(self.tried_edge_first).unwrap_or(i64::MAX),
+            fallbacks: i64::try_from(self.fallbacks).unwrap_or(i64::MAX),
         }
     }
 }
@@ -467,6 +470,7 @@ mod tests {
             let latency: f64 = group.iter().map(|e| e.latency_ms).sum();
             prop_assert!(close(row.avg_input_tokens, input / n));
             prop_assert!(close(row.avg_output_tokens, output / n));
+            prop_assert!(close(row.avg_latency_ms, latency / n));
             match row.output_tokens_per_s {
                 Some(tps) => prop_assert!(close(tps, output / (latency / 1000.0))),
                 None => prop_assert!(latency == 0.0),
@@ -529,6 +533,11 @@ mod tests {
             let fallbacks = group.iter().filter(|e| e.fallback).count();
             let rate = |a: usize, b: usize| (b > 0).then(|| a as f64 / b as f64);
             prop_assert_eq!(row.cloud_fallback_rate, rate(fallbacks, tried));
+            // The rate's own counts, so that windows combine by weight.
+            prop_assert_eq!(
+                (row.tried_edge_first, row.fallbacks),
+                (tried as i64, fallbacks as i64)
+            );
             let ok = |src: Source| side(src).filter(|e| e.status == Status::Ok).count();
             prop_assert_eq!(row.edge_success_rate, rate(ok(Source::Edge), edge));
             prop_assert_eq!(row.cloud_success_rate, rate(ok(Source::Cloud), cloud));

@@ -888,12 +888,14 @@ mod tests {
         Vec<TaskStateChange>,
     );
 
-    /// Where the test's watermark stops: past every generated event, short of the retirements.
-    const T_END: u64 = (T0 + 3 * 3_600_000_000) as u64;
+    /// Where the generated cases' watermark stops: past every generated event and past the
+    /// close of the day window they fall in (T0 is 14:00 UTC, midnight is ten hours on), short
+    /// of the retirements (a day and a minute after a finish).
+    const T_END: u64 = (T0 + 11 * 3_600_000_000) as u64;
 
-    /// Sends every event at time 0, advances the watermark to [`T_END`] and returns what was
+    /// Sends every event at time 0, advances the watermark to `end` and returns what was
     /// emitted by then.
-    fn run(tasks: Vec<TaskEvent>, api: Vec<ApiEvent>) -> Outputs {
+    fn run(tasks: Vec<TaskEvent>, api: Vec<ApiEvent>, end: u64) -> Outputs {
         use timely::dataflow::operators::Probe;
         use timely::dataflow::{InputHandleVec, ProbeHandle};
         let (tx, rx) = std::sync::mpsc::channel();
@@ -928,9 +930,9 @@ mod tests {
             for e in api {
                 api_input.send(e);
             }
-            task_input.advance_to(T_END);
-            api_input.advance_to(T_END);
-            while probe.less_than(&T_END) {
+            task_input.advance_to(end);
+            api_input.advance_to(end);
+            while probe.less_than(&end) {
                 worker.step();
             }
             // What a running pipeline has emitted at this watermark (closing the inputs would
@@ -967,7 +969,9 @@ mod tests {
             task(TaskEventKind::Created, "t1", T0 + 9_000_000, "voice"),
             task(TaskEventKind::Created, "t2", T0 + 5_000_000, "voice"),
         ];
-        let (stats, agents, _, state) = run(events, Vec::new());
+        // Past t1's retirement: a day and a minute after its finish.
+        let end = (T0 + 25 * 3_600_000_000) as u64;
+        let (stats, agents, _, state) = run(events, Vec::new(), end);
         let minute: BTreeMap<i64, TaskStatsRow> = stats
             .into_iter()
             .filter(|(r, _)| *r == Rollup::Minute)
@@ -1002,9 +1006,9 @@ mod tests {
             ]
         );
         // t2 stays open: its backlog is sampled every minute up to the watermark.
-        let last = &minute[&(T_END as i64 - m)];
+        let last = &minute[&(end as i64 - m)];
         assert_eq!((last.created, last.backlog), (0, 1));
-        // Kept: 5 distinct events; the finished task retires once the input ends.
+        // Kept: 5 distinct events; the finished task retires, the open one stays.
         let keeps = state
             .iter()
             .filter(|s| matches!(s, TaskStateChange::Keep(_)))
@@ -1092,7 +1096,7 @@ mod tests {
         events: Vec<TaskEvent>,
         api: Vec<ApiEvent>,
     ) -> Result<(), TestCaseError> {
-        let (stats, agents, api_rows, _) = run(events.clone(), api.clone());
+        let (stats, agents, api_rows, _) = run(events.clone(), api.clone(), T_END);
         let step = STEP_US;
         let minute = |t: i64| window_start(t, step);
         // First event of each kind per task, in input order.
@@ -1188,7 +1192,13 @@ mod tests {
                     }
                 }
             }
+            // Only windows the watermark has closed are emitted: the day that starts while
+            // the sampler runs on is still open at the end.
+            let closed = |m: i64| bucket(m) + width <= T_END as i64;
             for ((ty, m), v) in samples(backlog_items) {
+                if !closed(m) {
+                    continue;
+                }
                 let w = want.entry((ty, bucket(m))).or_default();
                 w.backlog = latest(w.backlog, Some((m, v)));
             }
@@ -1287,6 +1297,9 @@ mod tests {
                 }
             }
             for ((agent, m), v) in samples(active_items) {
+                if !closed(m) {
+                    continue;
+                }
                 let w = want.entry((agent, bucket(m))).or_default();
                 w.1 = latest(w.1, Some((m, v)));
             }

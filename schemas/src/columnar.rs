@@ -112,6 +112,8 @@ pub fn inference_stats_1m() -> SchemaRef {
                 Field::new("avg_input_tokens", DataType::Float64, false),
                 Field::new("avg_output_tokens", DataType::Float64, false),
                 Field::new("output_tokens_per_s", DataType::Float64, true),
+                // Nullable: files written before it was added do not have it.
+                Field::new("avg_latency_ms", DataType::Float64, true),
             ]))
         })
         .clone()
@@ -133,6 +135,9 @@ pub fn routing_stats_1m() -> SchemaRef {
                 Field::new("cloud_success_rate", DataType::Float64, true),
                 Field::new("edge_p95_ms", DataType::Float64, true),
                 Field::new("cloud_p95_ms", DataType::Float64, true),
+                // Nullable: files written before they were added do not have them.
+                Field::new("tried_edge_first", DataType::Int64, true),
+                Field::new("fallbacks", DataType::Int64, true),
             ]))
         })
         .clone()

@@ -270,7 +270,69 @@ CREATE INDEX IF NOT EXISTS anomalies_device_time_idx ON anomalies (device_id, ti
 CREATE INDEX IF NOT EXISTS anomalies_time_idx ON anomalies (time DESC);
 "#,
     },
+    Migration {
+        version: 7,
+        name: "mean inference latency, fallback counts, 1-day rollups",
+        // Nullable: windows closed before this version have no mean. The 1-day tables are
+        // created after the new column so that they have it too.
+        sql: r#"
+ALTER TABLE inference_stats_1m ADD COLUMN IF NOT EXISTS avg_latency_ms DOUBLE PRECISION;
+ALTER TABLE inference_stats_1h ADD COLUMN IF NOT EXISTS avg_latency_ms DOUBLE PRECISION;
+ALTER TABLE routing_stats_1m ADD COLUMN IF NOT EXISTS tried_edge_first BIGINT;
+ALTER TABLE routing_stats_1m ADD COLUMN IF NOT EXISTS fallbacks BIGINT;
+ALTER TABLE routing_stats_1h ADD COLUMN IF NOT EXISTS tried_edge_first BIGINT;
+ALTER TABLE routing_stats_1h ADD COLUMN IF NOT EXISTS fallbacks BIGINT;
+CREATE TABLE IF NOT EXISTS device_metrics_1d (LIKE device_metrics_1m INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS inference_stats_1d (LIKE inference_stats_1m INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS routing_stats_1d (LIKE routing_stats_1m INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS task_stats_1d (LIKE task_stats_1m INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS agent_load_1d (LIKE agent_load_1m INCLUDING ALL);
+CREATE TABLE IF NOT EXISTS api_events_1d (LIKE api_events_1m INCLUDING ALL);
+"#,
+    },
 ];
+
+/// A view under a name the platform's documents use for an aggregate (seed 000, bottleneck #5
+/// and section 3.4), over the rollup that holds its rows.
+#[derive(Debug, Clone, Copy)]
+pub struct SeedView {
+    /// View name.
+    pub name: &'static str,
+    /// Its `SELECT`, valid in PostgreSQL and in the SQL endpoint (DataFusion) alike.
+    pub select: &'static str,
+}
+
+/// The seeds' aggregate names. `hourly_metrics` has the seed's columns (`hour`, `device_id`,
+/// `avg_value`) per metric, since a mean across different metrics means nothing;
+/// `hourly_device_metrics` is the whole 1-hour row; `daily_inference_stats` the 1-day inference
+/// windows. Views, not copies: their rows and retention are those of the rollup tables.
+pub const SEED_VIEWS: &[SeedView] = &[
+    SeedView {
+        name: "hourly_metrics",
+        select: "SELECT bucket AS hour, device_id, metric_name, avg AS avg_value, \
+                 min AS min_value, max AS max_value, count AS sample_count FROM device_metrics_1h",
+    },
+    SeedView {
+        name: "hourly_device_metrics",
+        select: "SELECT bucket AS hour, device_id, metric_name, count, sum, min, max, avg \
+                 FROM device_metrics_1h",
+    },
+    SeedView {
+        name: "daily_inference_stats",
+        select: "SELECT bucket AS day, model_name, source, count, errors, avg_latency_ms, \
+                 latency_p50_ms, latency_p95_ms, latency_p99_ms, avg_input_tokens, \
+                 avg_output_tokens, output_tokens_per_s FROM inference_stats_1d",
+    },
+];
+
+/// Run at the end of the migrations' transaction on every start: the [`SEED_VIEWS`], replaced
+/// so that a new version's definition wins (views of hypertables need no TimescaleDB step).
+pub fn seed_views() -> Vec<String> {
+    SEED_VIEWS
+        .iter()
+        .map(|v| format!("CREATE OR REPLACE VIEW {} AS {}", v.name, v.select))
+        .collect()
+}
 
 /// Run once after the migrations when the `timescaledb` extension is available: hypertables
 /// for the time-series tables of [`STREAMS`] (every raw table on its time column, every
@@ -329,6 +391,6 @@ mod tests {
             );
             n += 1;
         }
-        assert_eq!(n, 5 + 12);
+        assert_eq!(n, 5 + 18);
     }
 }

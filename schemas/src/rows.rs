@@ -137,35 +137,39 @@ impl RawRow {
     }
 }
 
-/// The window width of an aggregate table: `*_1m` or `*_1h`.
+/// The window width of an aggregate table: `*_1m`, `*_1h` or `*_1d`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Rollup {
     /// 1-minute windows (`*_1m`).
     Minute,
     /// 1-hour windows (`*_1h`), for long dashboard ranges.
     Hour,
+    /// 1-day windows (UTC days, `*_1d`), kept longest: the seeds' `daily_inference_stats`.
+    Day,
 }
 
 impl Rollup {
     /// Every rollup, narrowest first.
-    pub const ALL: [Rollup; 2] = [Rollup::Minute, Rollup::Hour];
+    pub const ALL: [Rollup; 3] = [Rollup::Minute, Rollup::Hour, Rollup::Day];
 
-    /// The widest rollup.
-    pub const WIDEST: Rollup = Rollup::Hour;
+    /// The widest rollup: a restart replays the records of its open window.
+    pub const WIDEST: Rollup = Rollup::Day;
 
     /// Window width, microseconds.
     pub const fn width_us(self) -> i64 {
         match self {
             Rollup::Minute => 60_000_000,
             Rollup::Hour => 3_600_000_000,
+            Rollup::Day => 86_400_000_000,
         }
     }
 
-    /// Table-name suffix: `1m` or `1h`.
+    /// Table-name suffix: `1m`, `1h` or `1d`.
     pub fn suffix(self) -> &'static str {
         match self {
             Rollup::Minute => "1m",
             Rollup::Hour => "1h",
+            Rollup::Day => "1d",
         }
     }
 }
@@ -340,7 +344,7 @@ pub struct PartitionOffset {
     pub max_event_us: i64,
 }
 
-/// One closed window of one (model, source) (`inference_stats_1m`, `inference_stats_1h`).
+/// One closed window of one (model, source) (`inference_stats_1m`, `_1h`, `_1d`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InferenceStatsRow {
     /// Window start, microseconds since the epoch.
@@ -365,6 +369,9 @@ pub struct InferenceStatsRow {
     pub avg_output_tokens: f64,
     /// `sum(response_length) / sum(latency seconds)`; `None` when no time was spent.
     pub output_tokens_per_s: Option<f64>,
+    /// Mean latency, milliseconds (the seeds' "Edge vs Cloud" panel charts it by source;
+    /// weight it by `count` when averaging windows).
+    pub avg_latency_ms: f64,
 }
 
 /// One closed window of one routing slice (`routing_stats_1m`, `routing_stats_1h`).
@@ -390,6 +397,11 @@ pub struct RoutingStatsRow {
     pub edge_p95_ms: Option<f64>,
     /// 95th percentile cloud latency, milliseconds; `None` without cloud requests.
     pub cloud_p95_ms: Option<f64>,
+    /// Requests that tried the edge first: the denominator of `cloud_fallback_rate`, so that
+    /// windows combine as `sum(fallbacks) / sum(tried_edge_first)`.
+    pub tried_edge_first: i64,
+    /// Requests that fell back from the edge to the cloud.
+    pub fallbacks: i64,
 }
 
 /// One closed window of one task type (`task_stats_1m`, `task_stats_1h`).

@@ -60,12 +60,15 @@ pub enum ArchiveDir {
 /// One aggregate family: the same windows at every [`Rollup`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AggregateFamily {
-    /// Family name, e.g. `device_metrics`; the tables are `<name>_1m` and `<name>_1h`.
+    /// Family name, e.g. `device_metrics`; the tables are `<name>_1m`, `<name>_1h` and
+    /// `<name>_1d`.
     pub name: &'static str,
     /// The 1-minute table.
     pub minute: &'static str,
     /// The 1-hour table.
     pub hour: &'static str,
+    /// The 1-day table.
+    pub day: &'static str,
     /// Its windows need every event since the stream's beginning (the task lifecycle join):
     /// a backfill of a time range cannot rebuild them.
     pub whole_history: bool,
@@ -77,6 +80,7 @@ impl AggregateFamily {
         match rollup {
             Rollup::Minute => self.minute,
             Rollup::Hour => self.hour,
+            Rollup::Day => self.day,
         }
     }
 
@@ -143,20 +147,21 @@ impl StreamDef {
 /// The archive table (and folder `table=anomaly_scores`) of the anomaly scores.
 pub const SCORES_ARCHIVE: &str = "anomaly_scores";
 
-const fn family(name: &'static str, minute: &'static str, hour: &'static str) -> AggregateFamily {
+const fn family(name: &'static str, [minute, hour, day]: [&'static str; 3]) -> AggregateFamily {
     AggregateFamily {
         name,
         minute,
         hour,
+        day,
         whole_history: false,
     }
 }
 
 /// A family fed by the task lifecycle join.
-const fn joined(name: &'static str, minute: &'static str, hour: &'static str) -> AggregateFamily {
+const fn joined(name: &'static str, tables: [&'static str; 3]) -> AggregateFamily {
     AggregateFamily {
         whole_history: true,
-        ..family(name, minute, hour)
+        ..family(name, tables)
     }
 }
 
@@ -197,8 +202,11 @@ pub const STREAMS: [StreamDef; 3] = [
         ],
         aggregates: &[family(
             "device_metrics",
-            "device_metrics_1m",
-            "device_metrics_1h",
+            [
+                "device_metrics_1m",
+                "device_metrics_1h",
+                "device_metrics_1d",
+            ],
         )],
     },
     StreamDef {
@@ -220,10 +228,16 @@ pub const STREAMS: [StreamDef; 3] = [
         aggregates: &[
             family(
                 "inference_stats",
-                "inference_stats_1m",
-                "inference_stats_1h",
+                [
+                    "inference_stats_1m",
+                    "inference_stats_1h",
+                    "inference_stats_1d",
+                ],
             ),
-            family("routing_stats", "routing_stats_1m", "routing_stats_1h"),
+            family(
+                "routing_stats",
+                ["routing_stats_1m", "routing_stats_1h", "routing_stats_1d"],
+            ),
         ],
     },
     StreamDef {
@@ -243,9 +257,18 @@ pub const STREAMS: [StreamDef; 3] = [
             }),
         }],
         aggregates: &[
-            joined("task_stats", "task_stats_1m", "task_stats_1h"),
-            joined("agent_load", "agent_load_1m", "agent_load_1h"),
-            family("api_events", "api_events_1m", "api_events_1h"),
+            joined(
+                "task_stats",
+                ["task_stats_1m", "task_stats_1h", "task_stats_1d"],
+            ),
+            joined(
+                "agent_load",
+                ["agent_load_1m", "agent_load_1h", "agent_load_1d"],
+            ),
+            family(
+                "api_events",
+                ["api_events_1m", "api_events_1h", "api_events_1d"],
+            ),
         ],
     },
 ];

@@ -24,8 +24,10 @@ const MINUTE: i64 = 60_000;
 const PARTITIONS: i32 = 2;
 const TASKS: usize = 300;
 const TYPES: [&str; 3] = ["voice_recognition", "voice_synthesis", "llm"];
-/// The sentinels' time: their watermark (less the 5 s bound) closes every window before it.
-const SENTINEL_MS: i64 = T0_MS + 2 * 3_600_000;
+/// The sentinels' time: their watermark (less the 5 s bound) closes every window before it,
+/// the 2025-11-05 day window too, and is more than a day (the widest window, which bounds how
+/// long the join keeps a finished task) past every finish, so finished tasks have retired.
+const SENTINEL_MS: i64 = T0_MS + 26 * 3_600_000;
 
 #[derive(Clone, Debug)]
 struct Task {
@@ -402,6 +404,7 @@ async fn analytics_end_to_end_with_restart() -> Result<()> {
                 && n("SELECT count(*) FROM api_events_1m WHERE endpoint <> '/sentinel'").await?
                     >= want_api.len() as i64
                 && n("SELECT count(*) FROM task_stats_1h").await? >= TYPES.len() as i64
+                && n("SELECT count(*) FROM task_stats_1d").await? >= TYPES.len() as i64
                 && n("SELECT count(*) FROM dead_letters").await? >= dead.len() as i64,
         )
     })
@@ -512,37 +515,43 @@ async fn analytics_end_to_end_with_restart() -> Result<()> {
         .collect();
     assert_eq!(got, want, "api_events_1m");
 
-    // 1-hour rollups: counts add up, backlog is the value at the hour's end.
-    let rows = client
+    // 1-hour and 1-day rollups: counts add up, backlog is the value at the window's end.
+    for (table, width) in [("task_stats_1h", 3_600_000), ("task_stats_1d", 86_400_000)] {
+        let rows = client
         .query(
-            "SELECT task_type, (extract(epoch FROM bucket) * 1000)::int8, created, completed + failed, backlog
-             FROM task_stats_1h",
+            &format!("SELECT task_type, (extract(epoch FROM bucket) * 1000)::int8, created, completed + failed, backlog
+             FROM {table}"),
             &[],
         )
         .await?;
-    for r in &rows {
-        let (ty, hour): (String, i64) = (r.get(0), r.get(1));
-        let in_hour = |t: i64| t >= hour && t < hour + 3_600_000;
-        let of_type = tasks.iter().filter(|t| t.task_type == ty);
-        let created = of_type.clone().filter(|t| in_hour(t.created)).count() as i64;
-        let finished = of_type
-            .clone()
-            .filter(|t| t.finished.is_some_and(|f| in_hour(f.0)))
-            .count() as i64;
-        assert_eq!(
-            (r.get::<_, i64>(2), r.get::<_, i64>(3)),
-            (created, finished),
-            "task_stats_1h {ty} {hour}"
-        );
-        let end = minute(hour + 3_600_000 - 1);
-        let open = of_type
-            .filter(|t| minute(t.created) <= end && t.finished.is_none_or(|f| minute(f.0) > end))
-            .count() as i64;
-        assert_eq!(
-            r.get::<_, i64>(4),
-            open,
-            "backlog at the end of {ty} {hour}"
-        );
+        let types: BTreeSet<String> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(types.len(), TYPES.len(), "{table}: {types:?}");
+        for r in &rows {
+            let (ty, hour): (String, i64) = (r.get(0), r.get(1));
+            let in_hour = |t: i64| t >= hour && t < hour + width;
+            let of_type = tasks.iter().filter(|t| t.task_type == ty);
+            let created = of_type.clone().filter(|t| in_hour(t.created)).count() as i64;
+            let finished = of_type
+                .clone()
+                .filter(|t| t.finished.is_some_and(|f| in_hour(f.0)))
+                .count() as i64;
+            assert_eq!(
+                (r.get::<_, i64>(2), r.get::<_, i64>(3)),
+                (created, finished),
+                "{table} {ty} {hour}"
+            );
+            let end = minute(hour + width - 1);
+            let open = of_type
+                .filter(|t| {
+                    minute(t.created) <= end && t.finished.is_none_or(|f| minute(f.0) > end)
+                })
+                .count() as i64;
+            assert_eq!(
+                r.get::<_, i64>(4),
+                open,
+                "backlog at the end of {table} {ty} {hour}"
+            );
+        }
     }
 
     // The join's state: every finished task retired (its finish is long before the

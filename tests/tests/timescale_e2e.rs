@@ -115,7 +115,7 @@ async fn hypertables_policies_and_compressed_chunks_on_preloaded_timescaledb() -
         Sections {
             postgres: "flush_rows = 500\nflush_interval = \"200ms\"\n\
                        [postgres.retention]\nraw_telemetry = \"3650d\"\nraw_inference = \"3650d\"\n\
-                       aggregates_1m = \"3650d\"\naggregates_1h = \"3650d\"\ncompress_after = \"7d\"",
+                       aggregates_1m = \"3650d\"\naggregates_1h = \"3650d\"\naggregates_1d = \"3650d\"\ncompress_after = \"7d\"",
             extra: "[windows]\nallowed_lateness = \"1h\"\nidle_timeout = \"10m\"",
             ..Sections::default()
         },

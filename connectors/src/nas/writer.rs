@@ -209,6 +209,7 @@ pub fn inference_stats_batch(rows: &[&InferenceStatsRow]) -> Result<RecordBatch,
                     .map(|r| r.output_tokens_per_s)
                     .collect::<Vec<_>>(),
             )),
+            f(|r| r.avg_latency_ms),
         ],
     )
     .map_err(encode)
@@ -242,6 +243,12 @@ pub fn routing_stats_batch(rows: &[&RoutingStatsRow]) -> Result<RecordBatch, Nas
             opt(|r| r.cloud_success_rate),
             opt(|r| r.edge_p95_ms),
             opt(|r| r.cloud_p95_ms),
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|r| r.tried_edge_first),
+            )),
+            Arc::new(Int64Array::from_iter_values(
+                rows.iter().map(|r| r.fallbacks),
+            )),
         ],
     )
     .map_err(encode)
@@ -1000,15 +1007,18 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let files = write_aggregate_files(dir.path(), &rows, 1024).unwrap();
-        assert_eq!(files.len(), 6);
+        assert_eq!(files.len(), 9);
         assert!(!dir.path().join("table=task_state").exists());
         for table in [
             "task_stats_1m",
             "task_stats_1h",
+            "task_stats_1d",
             "agent_load_1m",
             "agent_load_1h",
+            "agent_load_1d",
             "api_events_1m",
             "api_events_1h",
+            "api_events_1d",
         ] {
             assert!(
                 files

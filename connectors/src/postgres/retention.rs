@@ -38,6 +38,9 @@ pub struct RetentionConfig {
     /// 1-hour aggregates (`*_1h`).
     #[serde(default = "y3", with = "crate::config::duration")]
     pub aggregates_1h: Duration,
+    /// 1-day aggregates (`*_1d`, the seeds' `daily_inference_stats`: 3 years).
+    #[serde(default = "y3", with = "crate::config::duration")]
+    pub aggregates_1d: Duration,
     /// TimescaleDB: compress raw chunks older than this.
     #[serde(default = "d7", with = "crate::config::duration")]
     pub compress_after: Duration,
@@ -83,6 +86,7 @@ impl Default for RetentionConfig {
             raw_inference: d90(),
             aggregates_1m: y1(),
             aggregates_1h: y3(),
+            aggregates_1d: y3(),
             compress_after: d7(),
             interval: h1(),
             batch_rows: default_batch(),
@@ -111,6 +115,7 @@ impl RetentionConfig {
             ("raw_inference", self.raw_inference),
             ("aggregates_1m", self.aggregates_1m),
             ("aggregates_1h", self.aggregates_1h),
+            ("aggregates_1d", self.aggregates_1d),
             ("compress_after", self.compress_after),
             ("interval", self.interval),
         ] {
@@ -125,6 +130,12 @@ impl RetentionConfig {
             return Err(InvalidConfig::new(
                 "postgres.retention.aggregates_1h",
                 "must be at least aggregates_1m (dashboards fall back to the hourly rollup for long ranges)",
+            ));
+        }
+        if self.aggregates_1d < self.aggregates_1h {
+            return Err(InvalidConfig::new(
+                "postgres.retention.aggregates_1d",
+                "must be at least aggregates_1h (the daily rollup is what long ranges read)",
             ));
         }
         if self.batch_rows < 1 {
@@ -164,6 +175,7 @@ impl RetentionConfig {
         for family in aggregate_families() {
             tables.push(raw(family.minute, "bucket", self.aggregates_1m, None));
             tables.push(raw(family.hour, "bucket", self.aggregates_1h, None));
+            tables.push(raw(family.day, "bucket", self.aggregates_1d, None));
         }
         tables
     }
@@ -230,6 +242,7 @@ pub async fn apply_timescale_policies(
         raw_inference_days = config.raw_inference.as_secs() / DAY,
         aggregates_1m_days = config.aggregates_1m.as_secs() / DAY,
         aggregates_1h_days = config.aggregates_1h.as_secs() / DAY,
+        aggregates_1d_days = config.aggregates_1d.as_secs() / DAY,
         compress_after_days = config.compress_after.as_secs() / DAY,
         "timescaledb retention and compression policies installed"
     );
@@ -305,7 +318,7 @@ mod tests {
     fn every_table_has_a_horizon_and_raw_ones_compress() {
         let c = RetentionConfig::default();
         let tables = c.tables();
-        assert_eq!(tables.len(), 7 + 12);
+        assert_eq!(tables.len(), 7 + 18);
         assert!(tables.iter().all(|t| !t.table.is_empty()));
         let keep = |name: &str| tables.iter().find(|t| t.table == name).map(|t| t.keep);
         assert_eq!(keep("device_metrics"), Some(Duration::from_secs(30 * DAY)));
@@ -316,6 +329,10 @@ mod tests {
         assert_eq!(keep("task_stats_1m"), Some(Duration::from_secs(365 * DAY)));
         assert_eq!(
             keep("api_events_1h"),
+            Some(Duration::from_secs(3 * 365 * DAY))
+        );
+        assert_eq!(
+            keep("inference_stats_1d"),
             Some(Duration::from_secs(3 * 365 * DAY))
         );
         let sql = timescale_statements(&c);
@@ -344,6 +361,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("postgres.retention.aggregates_1h"));
+        c = RetentionConfig {
+            aggregates_1d: Duration::from_secs(30 * DAY),
+            ..RetentionConfig::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("postgres.retention.aggregates_1d"));
         c = RetentionConfig {
             raw_telemetry: Duration::from_secs(1),
             ..RetentionConfig::default()

@@ -6,7 +6,7 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use futures::pin_mut;
 use primespark_schemas::analytics::{AnalyticsEvent, TaskEvent, TaskEventKind};
-use primespark_schemas::ddl::{timescale_setup, MIGRATIONS};
+use primespark_schemas::ddl::{seed_views, timescale_setup, MIGRATIONS};
 use primespark_schemas::rows::{
     latest_rows, AgentLoadRow, Agg, AggRow, ApiEventsRow, DeadLetterRow, InferenceStatsRow,
     LateEventRow, MetricAggRow, PartitionOffset, RawRow, RoutingStatsRow, ScoreRow,
@@ -147,6 +147,11 @@ async fn apply_migrations(client: &mut Client) -> Result<(), PostgresError> {
         .await
         .map_err(stmt("recording a migration"))?;
         tracing::info!(version = m.version, name = m.name, "migration applied");
+    }
+    for sql in seed_views() {
+        tx.batch_execute(&sql)
+            .await
+            .map_err(stmt("creating the seeds' views"))?;
     }
     tx.commit().await.map_err(stmt("committing migrations"))
 }
@@ -1041,17 +1046,19 @@ async fn upsert_inference_stats(
     let input: Vec<f64> = rows.iter().map(|r| r.avg_input_tokens).collect();
     let output: Vec<f64> = rows.iter().map(|r| r.avg_output_tokens).collect();
     let tps: Vec<Option<f64>> = rows.iter().map(|r| r.output_tokens_per_s).collect();
+    let mean: Vec<f64> = rows.iter().map(|r| r.avg_latency_ms).collect();
     tx.execute(
         &format!("INSERT INTO {table} (bucket, model_name, source, count, errors, latency_p50_ms, latency_p95_ms,
-                                         latency_p99_ms, avg_input_tokens, avg_output_tokens, output_tokens_per_s)
+                                         latency_p99_ms, avg_input_tokens, avg_output_tokens, output_tokens_per_s,
+                                         avg_latency_ms)
          SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::float8[],
-                              $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::float8[])
+                              $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::float8[], $12::float8[])
          ON CONFLICT (model_name, source, bucket) DO UPDATE
            SET count = EXCLUDED.count, errors = EXCLUDED.errors, latency_p50_ms = EXCLUDED.latency_p50_ms,
                latency_p95_ms = EXCLUDED.latency_p95_ms, latency_p99_ms = EXCLUDED.latency_p99_ms,
                avg_input_tokens = EXCLUDED.avg_input_tokens, avg_output_tokens = EXCLUDED.avg_output_tokens,
-               output_tokens_per_s = EXCLUDED.output_tokens_per_s"),
-        &[&buckets, &models, &sources, &counts, &errors, &p50, &p95, &p99, &input, &output, &tps],
+               output_tokens_per_s = EXCLUDED.output_tokens_per_s, avg_latency_ms = EXCLUDED.avg_latency_ms"),
+        &[&buckets, &models, &sources, &counts, &errors, &p50, &p95, &p99, &input, &output, &tps, &mean],
     )
     .await
     .map_err(stmt("upserting inference statistics windows"))?;
@@ -1076,17 +1083,21 @@ async fn upsert_routing_stats(
     let cloud_ok: Vec<Option<f64>> = rows.iter().map(|r| r.cloud_success_rate).collect();
     let edge_p95: Vec<Option<f64>> = rows.iter().map(|r| r.edge_p95_ms).collect();
     let cloud_p95: Vec<Option<f64>> = rows.iter().map(|r| r.cloud_p95_ms).collect();
+    let tried: Vec<i64> = rows.iter().map(|r| r.tried_edge_first).collect();
+    let fallbacks: Vec<i64> = rows.iter().map(|r| r.fallbacks).collect();
     tx.execute(
         &format!("INSERT INTO {table} (bucket, routing_strategy, edge_requests, cloud_requests, edge_share,
-                                       cloud_fallback_rate, edge_success_rate, cloud_success_rate, edge_p95_ms, cloud_p95_ms)
+                                       cloud_fallback_rate, edge_success_rate, cloud_success_rate, edge_p95_ms, cloud_p95_ms,
+                                       tried_edge_first, fallbacks)
          SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::int8[], $4::int8[], $5::float8[], $6::float8[],
-                              $7::float8[], $8::float8[], $9::float8[], $10::float8[])
+                              $7::float8[], $8::float8[], $9::float8[], $10::float8[], $11::int8[], $12::int8[])
          ON CONFLICT (routing_strategy, bucket) DO UPDATE
            SET edge_requests = EXCLUDED.edge_requests, cloud_requests = EXCLUDED.cloud_requests,
                edge_share = EXCLUDED.edge_share, cloud_fallback_rate = EXCLUDED.cloud_fallback_rate,
                edge_success_rate = EXCLUDED.edge_success_rate, cloud_success_rate = EXCLUDED.cloud_success_rate,
-               edge_p95_ms = EXCLUDED.edge_p95_ms, cloud_p95_ms = EXCLUDED.cloud_p95_ms"),
-        &[&buckets, &slices, &edge, &cloud, &share, &fallback, &edge_ok, &cloud_ok, &edge_p95, &cloud_p95],
+               edge_p95_ms = EXCLUDED.edge_p95_ms, cloud_p95_ms = EXCLUDED.cloud_p95_ms,
+               tried_edge_first = EXCLUDED.tried_edge_first, fallbacks = EXCLUDED.fallbacks"),
+        &[&buckets, &slices, &edge, &cloud, &share, &fallback, &edge_ok, &cloud_ok, &edge_p95, &cloud_p95, &tried, &fallbacks],
     )
     .await
     .map_err(stmt("upserting routing statistics windows"))?;

@@ -121,3 +121,24 @@ pub async fn attach_postgres(ctx: &SessionContext, url: &str) -> Result<(), Quer
     tracing::info!(target_db = %pool.target(), unified = attached, "sql catalog spans postgres and the archive");
     Ok(())
 }
+
+/// Registers the seeds' aggregate names ([`primespark_schemas::ddl::SEED_VIEWS`]:
+/// `hourly_metrics`, `hourly_device_metrics`, `daily_inference_stats`) as views over the tables
+/// of the default schema, the same definitions PostgreSQL gets. Call it last: a view reads the
+/// table registered under its base name when it is created (the unified one once
+/// [`attach_postgres`] ran, the archive's otherwise).
+pub async fn register_seed_views(ctx: &SessionContext) -> Result<(), QueryError> {
+    for view in primespark_schemas::ddl::SEED_VIEWS {
+        ctx.sql(&format!(
+            "CREATE OR REPLACE VIEW {} AS {}",
+            view.name, view.select
+        ))
+        .await
+        .map_err(|e| QueryError::Encode(format!("creating view {}: {e}", view.name)))?;
+    }
+    tracing::debug!(
+        views = primespark_schemas::ddl::SEED_VIEWS.len(),
+        "seed views registered"
+    );
+    Ok(())
+}

@@ -30,7 +30,8 @@ use super::QueryError;
 /// Anomaly scores of telemetry samples are `anomaly_scores` (partition columns `date` and
 /// `hour`).
 ///
-/// Every aggregate table also has its 1-hour rollup (`*_1h`) with the same columns.
+/// Every aggregate table also has its 1-hour and 1-day rollups (`*_1h`, `*_1d`) with the same
+/// columns.
 ///
 /// Every table lists the archive on both tiers ([`crate::archive::TieredStore`]): the NAS and,
 /// when `bucket` is given (an object store rooted at the archive's prefix, as
@@ -82,7 +83,7 @@ pub fn session(
         &["date", "hour"],
         primespark_schemas::columnar::analytics_raw(),
     )?;
-    // The 1-hour rollups have the columns of the 1-minute tables.
+    // The 1-hour and 1-day rollups have the columns of the 1-minute tables.
     for (name, schema) in [
         (
             "inference_stats_1m",
@@ -97,11 +98,23 @@ pub fn session(
             primespark_schemas::columnar::device_metrics_1m(),
         ),
         (
+            "device_metrics_1d",
+            primespark_schemas::columnar::device_metrics_1m(),
+        ),
+        (
             "inference_stats_1h",
             primespark_schemas::columnar::inference_stats_1m(),
         ),
         (
+            "inference_stats_1d",
+            primespark_schemas::columnar::inference_stats_1m(),
+        ),
+        (
             "routing_stats_1h",
+            primespark_schemas::columnar::routing_stats_1m(),
+        ),
+        (
+            "routing_stats_1d",
             primespark_schemas::columnar::routing_stats_1m(),
         ),
         (
@@ -113,6 +126,10 @@ pub fn session(
             primespark_schemas::columnar::task_stats_1m(),
         ),
         (
+            "task_stats_1d",
+            primespark_schemas::columnar::task_stats_1m(),
+        ),
+        (
             "agent_load_1m",
             primespark_schemas::columnar::agent_load_1m(),
         ),
@@ -121,11 +138,19 @@ pub fn session(
             primespark_schemas::columnar::agent_load_1m(),
         ),
         (
+            "agent_load_1d",
+            primespark_schemas::columnar::agent_load_1m(),
+        ),
+        (
             "api_events_1m",
             primespark_schemas::columnar::api_events_1m(),
         ),
         (
             "api_events_1h",
+            primespark_schemas::columnar::api_events_1m(),
+        ),
+        (
+            "api_events_1d",
             primespark_schemas::columnar::api_events_1m(),
         ),
     ] {

@@ -101,6 +101,7 @@ fn start_query(
             &config.postgres.config.url,
         ))?;
     }
+    rt.block_on(query::catalog::register_seed_views(&ctx))?;
     if config.query.api_keys.is_empty() {
         tracing::warn!(%addr, "no [[query.api_keys]]: the SQL endpoint is open to local callers as reader");
     }
