@@ -13,6 +13,8 @@ use datafusion::datasource::listing::{
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use object_store::ObjectStore;
+use primespark_schemas::columnar;
+use primespark_schemas::rows::Rollup;
 
 use super::QueryError;
 
@@ -83,85 +85,27 @@ pub fn session(
         &["date", "hour"],
         primespark_schemas::columnar::analytics_raw(),
     )?;
-    // The 1-hour and 1-day rollups have the columns of the 1-minute tables.
-    for (name, schema) in [
-        (
-            "inference_stats_1m",
-            primespark_schemas::columnar::inference_stats_1m(),
-        ),
-        (
-            "routing_stats_1m",
-            primespark_schemas::columnar::routing_stats_1m(),
-        ),
-        (
-            "device_metrics_1h",
-            primespark_schemas::columnar::device_metrics_1m(),
-        ),
-        (
-            "device_metrics_1d",
-            primespark_schemas::columnar::device_metrics_1m(),
-        ),
-        (
-            "inference_stats_1h",
-            primespark_schemas::columnar::inference_stats_1m(),
-        ),
-        (
-            "inference_stats_1d",
-            primespark_schemas::columnar::inference_stats_1m(),
-        ),
-        (
-            "routing_stats_1h",
-            primespark_schemas::columnar::routing_stats_1m(),
-        ),
-        (
-            "routing_stats_1d",
-            primespark_schemas::columnar::routing_stats_1m(),
-        ),
-        (
-            "task_stats_1m",
-            primespark_schemas::columnar::task_stats_1m(),
-        ),
-        (
-            "task_stats_1h",
-            primespark_schemas::columnar::task_stats_1m(),
-        ),
-        (
-            "task_stats_1d",
-            primespark_schemas::columnar::task_stats_1m(),
-        ),
-        (
-            "agent_load_1m",
-            primespark_schemas::columnar::agent_load_1m(),
-        ),
-        (
-            "agent_load_1h",
-            primespark_schemas::columnar::agent_load_1m(),
-        ),
-        (
-            "agent_load_1d",
-            primespark_schemas::columnar::agent_load_1m(),
-        ),
-        (
-            "api_events_1m",
-            primespark_schemas::columnar::api_events_1m(),
-        ),
-        (
-            "api_events_1h",
-            primespark_schemas::columnar::api_events_1m(),
-        ),
-        (
-            "api_events_1d",
-            primespark_schemas::columnar::api_events_1m(),
-        ),
-    ] {
-        register_listing(
-            &ctx,
-            name,
-            nas_root,
-            &format!("table={name}"),
-            &["date"],
-            schema,
-        )?;
+    // Every rollup of a family has the columns of its 1-minute table.
+    let families: [(&str, SchemaFn); 6] = [
+        ("device_metrics", columnar::device_metrics_1m),
+        ("inference_stats", columnar::inference_stats_1m),
+        ("routing_stats", columnar::routing_stats_1m),
+        ("task_stats", columnar::task_stats_1m),
+        ("agent_load", columnar::agent_load_1m),
+        ("api_events", columnar::api_events_1m),
+    ];
+    for (family, schema) in families {
+        for rollup in Rollup::ALL {
+            let name = format!("{family}_{}", rollup.suffix());
+            register_listing(
+                &ctx,
+                &name,
+                nas_root,
+                &format!("table={name}"),
+                &["date"],
+                schema(),
+            )?;
+        }
     }
     register_listing(
         &ctx,
@@ -179,16 +123,11 @@ pub fn session(
         &["date", "hour"],
         primespark_schemas::columnar::anomaly_scores(),
     )?;
-    register_listing(
-        &ctx,
-        "device_metrics_1m",
-        nas_root,
-        "table=device_metrics_1m",
-        &["date"],
-        primespark_schemas::columnar::device_metrics_1m(),
-    )?;
     Ok(ctx)
 }
+
+/// A schema of `primespark_schemas::columnar`.
+type SchemaFn = fn() -> datafusion::arrow::datatypes::SchemaRef;
 
 /// Where the session finds the archive's tiers: its [`crate::archive::TieredStore`].
 const ARCHIVE_URL: &str = "archive://tiers";
