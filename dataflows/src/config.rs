@@ -12,6 +12,7 @@ use primespark_connectors::query::QueryConfig;
 use primespark_connectors::s3::{S3Config, TierConfig};
 use primespark_connectors::InvalidConfig;
 use primespark_operators::decode::StreamKind;
+use primespark_schemas::time::NaiveZone;
 use serde::{Deserialize, Serialize};
 
 /// Configuration errors, each naming the file or key at fault.
@@ -55,6 +56,18 @@ pub struct WindowsConfig {
     /// written) window; later events go to the raw tables and `late_events` only. Default `0s`.
     #[serde(default, with = "duration")]
     pub allowed_lateness: Duration,
+    /// An event stamped further ahead of the pipeline's wall clock than this is a dead letter
+    /// (reason `future_timestamp`) and never moves a watermark. Default `5m`.
+    #[serde(default = "default_max_future", with = "duration")]
+    pub max_future: Duration,
+    /// The zone a timestamp without an offset is read in: `UTC` (default) or an IANA name such
+    /// as `Europe/Berlin` (the platform's Python producers send naive local time).
+    #[serde(default = "default_zone")]
+    pub naive_timezone: String,
+    /// Per-stream zones overriding `naive_timezone`, keyed by stream (`telemetry`,
+    /// `inference`, `analytics`) or by its topic name.
+    #[serde(default)]
+    pub naive_timezones: std::collections::BTreeMap<String, String>,
 }
 
 fn default_ooo() -> Duration {
@@ -63,6 +76,12 @@ fn default_ooo() -> Duration {
 fn default_idle() -> Duration {
     Duration::from_secs(30)
 }
+fn default_max_future() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_zone() -> String {
+    "UTC".into()
+}
 
 impl Default for WindowsConfig {
     fn default() -> Self {
@@ -70,7 +89,77 @@ impl Default for WindowsConfig {
             max_out_of_orderness: default_ooo(),
             idle_timeout: default_idle(),
             allowed_lateness: Duration::ZERO,
+            max_future: default_max_future(),
+            naive_timezone: default_zone(),
+            naive_timezones: std::collections::BTreeMap::new(),
         }
+    }
+}
+
+impl WindowsConfig {
+    /// The zone naive timestamps of `kind`'s stream (read from `topic`) are read in.
+    pub fn naive_zone_of(&self, kind: StreamKind, topic: &str) -> Result<NaiveZone, InvalidConfig> {
+        let (key, name) = match self
+            .naive_timezones
+            .get(kind.name())
+            .map(|z| (format!("windows.naive_timezones.{}", kind.name()), z))
+            .or_else(|| {
+                self.naive_timezones
+                    .get(topic)
+                    .map(|z| (format!("windows.naive_timezones.\"{topic}\""), z))
+            }) {
+            Some(found) => found,
+            None => ("windows.naive_timezone".to_owned(), &self.naive_timezone),
+        };
+        name.parse().map_err(|e: String| InvalidConfig::new(key, e))
+    }
+
+    fn validate(
+        &self,
+        topics: &primespark_connectors::kafka::TopicsConfig,
+    ) -> Result<(), InvalidConfig> {
+        if self.max_out_of_orderness > Duration::from_secs(3600) {
+            return Err(InvalidConfig::new(
+                "windows.max_out_of_orderness",
+                "must be at most 1h",
+            ));
+        }
+        if self.allowed_lateness > Duration::from_secs(24 * 3600) {
+            return Err(InvalidConfig::new(
+                "windows.allowed_lateness",
+                "must be at most 24h (windows and their replay range stay open that long)",
+            ));
+        }
+        if self.idle_timeout.is_zero() {
+            return Err(InvalidConfig::new(
+                "windows.idle_timeout",
+                "must be positive",
+            ));
+        }
+        if self.max_future.is_zero() {
+            return Err(InvalidConfig::new(
+                "windows.max_future",
+                "must be positive (device clocks are never exactly right; a few minutes is usual)",
+            ));
+        }
+        self.naive_timezone
+            .parse::<NaiveZone>()
+            .map_err(|e| InvalidConfig::new("windows.naive_timezone", e))?;
+        for key in self.naive_timezones.keys() {
+            let known = StreamKind::ALL
+                .iter()
+                .any(|k| k.name() == key || topics.of(*k) == key);
+            if !known {
+                return Err(InvalidConfig::new(
+                    format!("windows.naive_timezones.{key}"),
+                    "is neither a stream (telemetry, inference, analytics) nor one of kafka.topics",
+                ));
+            }
+        }
+        for kind in StreamKind::ALL {
+            self.naive_zone_of(kind, topics.of(kind))?;
+        }
+        Ok(())
     }
 }
 
@@ -328,24 +417,7 @@ impl Config {
                 "must be longer than windows.allowed_lateness (aggregate files are rewritten while a late event can still change them)",
             ));
         }
-        if self.windows.max_out_of_orderness > Duration::from_secs(3600) {
-            return Err(InvalidConfig::new(
-                "windows.max_out_of_orderness",
-                "must be at most 1h",
-            ));
-        }
-        if self.windows.allowed_lateness > Duration::from_secs(24 * 3600) {
-            return Err(InvalidConfig::new(
-                "windows.allowed_lateness",
-                "must be at most 24h (windows and their replay range stay open that long)",
-            ));
-        }
-        if self.windows.idle_timeout.is_zero() {
-            return Err(InvalidConfig::new(
-                "windows.idle_timeout",
-                "must be positive",
-            ));
-        }
+        self.windows.validate(&self.kafka.topics)?;
         if !(1..=256).contains(&self.runtime.workers) {
             return Err(InvalidConfig::new(
                 "runtime.workers",
@@ -607,5 +679,42 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("query.http_addr"), "{e}");
+    }
+
+    #[test]
+    fn clock_settings_are_checked() {
+        let err = |toml: &str| {
+            Config::from_toml(toml, "f.toml", [])
+                .unwrap_err()
+                .to_string()
+        };
+        let e = err("[windows]\nnaive_timezone = \"Europe/Berln\"");
+        assert!(
+            e.contains("windows.naive_timezone") && e.contains("Europe/Berln"),
+            "{e}"
+        );
+        let e = err("[windows.naive_timezones]\ntelemetry = \"CEST\"");
+        assert!(e.contains("windows.naive_timezones.telemetry"), "{e}");
+        let e = err("[windows.naive_timezones]\ntelemtry = \"Europe/Berlin\"");
+        assert!(e.contains("windows.naive_timezones.telemtry"), "{e}");
+        let e = err("[windows]\nmax_future = \"0s\"");
+        assert!(e.contains("windows.max_future"), "{e}");
+        // By stream or by topic; the stream's entry wins.
+        let c = Config::from_toml(
+            "[windows]\nnaive_timezone = \"Asia/Tokyo\"\n[windows.naive_timezones]\n\
+             \"edge.ai.inference\" = \"Europe/Berlin\"\ntelemetry = \"America/New_York\"",
+            "f.toml",
+            [],
+        )
+        .unwrap();
+        let zone = |k| {
+            c.windows
+                .naive_zone_of(k, c.kafka.topics.of(k))
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(zone(StreamKind::Telemetry), "America/New_York");
+        assert_eq!(zone(StreamKind::Inference), "Europe/Berlin");
+        assert_eq!(zone(StreamKind::Analytics), "Asia/Tokyo");
     }
 }

@@ -8,6 +8,7 @@ use primespark_connectors::sink::registry::{raw_sink_names, SinkSettings, Stream
 use primespark_connectors::InvalidConfig;
 use primespark_operators::sink::FlushPolicy;
 use primespark_schemas::streams::StreamDef;
+use primespark_schemas::time::NaiveZone;
 use primespark_schemas::DecodeLimits;
 
 use crate::config::Config;
@@ -25,6 +26,8 @@ pub struct StreamPlan {
     pub topic: String,
     /// Its raw sinks, in write order (their ids follow this order).
     pub raw_sinks: Vec<&'static str>,
+    /// The zone its naive timestamps are read in.
+    pub naive_zone: NaiveZone,
 }
 
 /// The whole run.
@@ -71,13 +74,15 @@ impl Plan {
                     stream: kind.def(),
                     backfill: backfill.is_some(),
                 };
-                StreamPlan {
+                let topic = config.kafka.topics.of(kind);
+                Ok(StreamPlan {
                     def: kind.def(),
-                    topic: config.kafka.topics.of(kind).to_owned(),
+                    topic: topic.to_owned(),
                     raw_sinks: raw_sink_names(&sinks, &scope),
-                }
+                    naive_zone: config.windows.naive_zone_of(kind, topic)?,
+                })
             })
-            .collect();
+            .collect::<Result<_, InvalidConfig>>()?;
         let flush_rows = config.postgres.config.flush_rows;
         Ok(Self {
             streams,
@@ -93,6 +98,7 @@ impl Plan {
             },
             limits: DecodeLimits {
                 max_message_bytes: config.runtime.max_message_bytes,
+                ..DecodeLimits::default()
             },
         })
     }

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use primespark_schemas::flow::{Feed, Polled, RawItem, SinkId, SinkSet};
+use primespark_schemas::time::ClockBound;
 use primespark_schemas::DecodeLimits;
 use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::{Scope, StreamVec};
@@ -101,6 +102,9 @@ pub struct EventTimeSpec {
     pub idle_timeout: Duration,
     /// Windows ending at or before this are committed: the watermark never goes below it.
     pub committed_watermark_us: EventTime,
+    /// How far an event time may run ahead of the wall clock (`windows.max_future`); further
+    /// is a dead letter that moves no watermark. `None`: no bound (archive reads, tools).
+    pub max_future_us: Option<i64>,
 }
 
 /// A backfill's time range and where its sources report a failed read.
@@ -166,7 +170,7 @@ pub trait FeedSource<'s> {
     ///         partitions: [(0, PartitionResume::default())].into(),
     ///         time: EventTimeSpec { out_of_orderness_us: 0, allowed_lateness_us: 0,
     ///             width_us: 60_000_000, idle_timeout: std::time::Duration::from_secs(30),
-    ///             committed_watermark_us: 0 },
+    ///             committed_watermark_us: 0, max_future_us: Some(300_000_000) },
     ///         limits: Default::default(),
     ///         control: Control::default(),
     ///         backfill: None,
@@ -243,6 +247,13 @@ impl<'s> FeedSource<'s> for Scope<'s, EventTime> {
     }
 }
 
+/// The wall clock, microseconds since the epoch.
+fn wall_clock_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
 /// A source's state between activations.
 struct SourceState {
     spec: SourceSpec,
@@ -295,6 +306,13 @@ impl SourceState {
     /// Reads up to [`MAX_RECORDS_PER_ACTIVATION`] records, giving items and marks to `give`.
     fn read(&mut self, feed: &mut dyn Feed, mut give: impl FnMut(SourceItem)) -> usize {
         let now = Instant::now();
+        if let Some(max_future_us) = self.spec.time.max_future_us {
+            // Once per activation: the bound moves with the clock, not per record.
+            self.spec.limits.clock = Some(ClockBound {
+                now_us: wall_clock_us(),
+                max_future_us,
+            });
+        }
         let mut read = 0usize;
         let mut too_late = 0u64;
         let mut per_partition: HashMap<i32, ReadStats> = HashMap::new();

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::error::{DecodeError, ErrorKind};
 use crate::json;
-use crate::time::{parse_timestamp, Micros};
+use crate::time::{parse_event_time, Micros};
 use crate::DecodeLimits;
 
 /// A step in a task's life.
@@ -115,7 +115,12 @@ impl AnalyticsEvent {
     pub fn decode(payload: &[u8], limits: &DecodeLimits) -> Result<Self, DecodeError> {
         let obj = json::parse_object(payload, limits)?;
         let event_type = json::required_ident(&obj, "event_type")?;
-        let time_us = parse_timestamp(json::required(&obj, "timestamp")?, "timestamp")?;
+        let time_us = parse_event_time(
+            json::required(&obj, "timestamp")?,
+            "timestamp",
+            limits.naive_zone,
+            limits.clock,
+        )?;
         if let Some(kind) = TaskEventKind::from_event_type(&event_type) {
             let task_type = json::optional_ident(&obj, "task_type")?;
             let agent_id = json::optional_ident(&obj, "agent_id")?;

@@ -23,6 +23,8 @@ pub enum ErrorKind {
     InvalidValue,
     /// A timestamp is neither RFC 3339 nor integer epoch milliseconds.
     BadTimestamp,
+    /// The event time is further ahead of the pipeline's clock than `windows.max_future`.
+    FutureTimestamp,
 }
 
 impl ErrorKind {
@@ -37,6 +39,7 @@ impl ErrorKind {
             ErrorKind::OutOfRange => "out_of_range",
             ErrorKind::InvalidValue => "invalid_value",
             ErrorKind::BadTimestamp => "bad_timestamp",
+            ErrorKind::FutureTimestamp => "future_timestamp",
         }
     }
 }

@@ -34,12 +34,19 @@ pub use error::{DecodeError, ErrorKind};
 pub struct DecodeLimits {
     /// Largest accepted message, in bytes. Default 1 MiB (Kafka's default `message.max.bytes`).
     pub max_message_bytes: usize,
+    /// How a timestamp without an offset is read. Default UTC.
+    pub naive_zone: time::NaiveZone,
+    /// The wall clock an event time may not run ahead of by more than a bound; `None` (the
+    /// default, for tools and tests) checks only the fixed 2000..2100 range.
+    pub clock: Option<time::ClockBound>,
 }
 
 impl Default for DecodeLimits {
     fn default() -> Self {
         Self {
             max_message_bytes: 1024 * 1024,
+            naive_zone: time::NaiveZone::Utc,
+            clock: None,
         }
     }
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{DecodeError, ErrorKind};
 use crate::json;
-use crate::time::{parse_timestamp, Micros};
+use crate::time::{parse_event_time, Micros};
 use crate::DecodeLimits;
 
 /// Longest metric name, in bytes.
@@ -47,7 +47,7 @@ impl TelemetryEvent {
         limits.check(payload)?;
         // Well-formed events take the typed fast path; anything it does not accept is decoded
         // again by the generic path below, which owns every error message.
-        if let Some(event) = Self::decode_fast(payload) {
+        if let Some(event) = Self::decode_fast(payload, limits) {
             return Ok(event);
         }
         Self::decode_checked(payload, limits)
@@ -55,7 +55,7 @@ impl TelemetryEvent {
 
     /// Straight into typed fields (borrowed strings, no intermediate `serde_json::Value` map):
     /// `Some` only for an event the checked path accepts, with the same result.
-    fn decode_fast(payload: &[u8]) -> Option<Self> {
+    fn decode_fast(payload: &[u8], limits: &DecodeLimits) -> Option<Self> {
         #[derive(Deserialize)]
         struct Fast<'a> {
             #[serde(borrow)]
@@ -69,7 +69,13 @@ impl TelemetryEvent {
         if fast.timestamp.is_null() || fast.metrics.len() > MAX_METRICS_PER_EVENT {
             return None;
         }
-        let time_us = parse_timestamp(&fast.timestamp, "timestamp").ok()?;
+        let time_us = parse_event_time(
+            &fast.timestamp,
+            "timestamp",
+            limits.naive_zone,
+            limits.clock,
+        )
+        .ok()?;
         let mut metrics = Vec::with_capacity(fast.metrics.len());
         for (name, value) in fast.metrics {
             let Some(value) = value else { continue };
@@ -98,7 +104,12 @@ impl TelemetryEvent {
     fn decode_checked(payload: &[u8], limits: &DecodeLimits) -> Result<Self, DecodeError> {
         let obj = json::parse_object(payload, limits)?;
         let device_id = json::required_ident(&obj, "device_id")?;
-        let time_us = parse_timestamp(json::required(&obj, "timestamp")?, "timestamp")?;
+        let time_us = parse_event_time(
+            json::required(&obj, "timestamp")?,
+            "timestamp",
+            limits.naive_zone,
+            limits.clock,
+        )?;
         let metrics_value = json::required(&obj, "metrics")?;
         let map = metrics_value.as_object().ok_or_else(|| {
             DecodeError::field(
@@ -286,6 +297,7 @@ mod tests {
     fn oversize() {
         let limits = DecodeLimits {
             max_message_bytes: 64,
+            ..DecodeLimits::default()
         };
         let big = format!(
             r#"{{"device_id":"{}","metrics":{{"x":1}},"timestamp":1}}"#,
@@ -298,18 +310,20 @@ mod tests {
     #[test]
     fn well_formed_events_take_the_fast_path() {
         let p = br#"{"device_id":"pi-1","metrics":{"cpu_percent":1.5,"temperature":null,"load_avg":2},"timestamp":"2025-11-05T14:03:07"}"#;
-        let fast = TelemetryEvent::decode_fast(p).unwrap();
+        let fast = TelemetryEvent::decode_fast(p, &DecodeLimits::default()).unwrap();
         assert_eq!(
             fast,
             TelemetryEvent::decode_checked(p, &DecodeLimits::default()).unwrap()
         );
         // Anything doubtful is left to the checked path.
         assert!(TelemetryEvent::decode_fast(
-            br#"{"device_id":"pi-1","metrics":{"cpu_percent":101},"timestamp":1}"#
+            br#"{"device_id":"pi-1","metrics":{"cpu_percent":101},"timestamp":1}"#,
+            &DecodeLimits::default()
         )
         .is_none());
         assert!(TelemetryEvent::decode_fast(
-            br#"{"device_id":"","metrics":{"x":1},"timestamp":1762351387123}"#
+            br#"{"device_id":"","metrics":{"x":1},"timestamp":1762351387123}"#,
+            &DecodeLimits::default()
         )
         .is_none());
     }
@@ -355,7 +369,7 @@ mod tests {
         #[test]
         fn fast_and_checked_paths_agree(payload in fragment()) {
             let checked = TelemetryEvent::decode_checked(payload.as_bytes(), &DecodeLimits::default());
-            if let Some(fast) = TelemetryEvent::decode_fast(payload.as_bytes()) {
+            if let Some(fast) = TelemetryEvent::decode_fast(payload.as_bytes(), &DecodeLimits::default()) {
                 proptest::prop_assert_eq!(Ok(fast), checked, "{}", payload);
             }
         }

@@ -463,6 +463,7 @@ async fn backpressure(sut: &SinkUnderTest) -> Result<()> {
                     width_us: 3_600_000_000,
                     idle_timeout: Duration::from_secs(30),
                     committed_watermark_us: 0,
+                    max_future_us: Some(300_000_000),
                 },
                 limits: Default::default(),
                 control: control.clone(),

@@ -474,7 +474,7 @@ async fn every_sql_panel_returns_rows_on_pipeline_output() -> Result<()> {
              [nas]\npath = \"{}\"\nroll_interval = \"1s\"\n[query]\nhttp_addr = \"127.0.0.1:{}\"\n\
              pg_addr = \"127.0.0.1:{wire_port}\"\nrate_limit_per_second = 1000\nrate_limit_burst = 1000\n\
              [[query.users]]\nname = \"grafana\"\nrole = \"reader\"\npassword_hash = \"{password_hash}\"\n\
-             [windows]\nmax_out_of_orderness = \"30s\"\n[runtime]\nworkers = 2\n\
+             [windows]\nmax_out_of_orderness = \"30s\"\nmax_future = \"3h\"\n[runtime]\nworkers = 2\n\
              [inference]\nbackend = \"cpu\"\n",
             stack.brokers,
             topics[0],
@@ -485,7 +485,9 @@ async fn every_sql_panel_returns_rows_on_pipeline_output() -> Result<()> {
         ),
     )?;
 
-    // Event times from 40 minutes ago: inside `now-6h`, the dashboards' default range.
+    // Event times from 40 minutes ago: inside `now-6h`, the dashboards' default range. The
+    // sentinels that close the last hour are stamped 80 minutes ahead of the clock, hence
+    // `windows.max_future = "3h"` above.
     let t0_ms = (Utc::now().timestamp_millis() / 60_000 - 40) * 60_000;
     let (telemetry, inference, events) = workload(t0_ms, partitions)?;
     let total = (telemetry.len() + inference.len() + events.len()) as i64;

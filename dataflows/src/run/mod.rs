@@ -129,6 +129,7 @@ fn run_mode(
             width_us: WINDOW_US,
             idle_timeout: config.windows.idle_timeout,
             committed_watermark_us: 0,
+            max_future_us: Some(micros(config.windows.max_future)),
         },
         limits: plan.limits,
         raw_flush: plan.raw_flush,

@@ -132,7 +132,10 @@ fn build_stream(
                 committed_watermark_us: stream.committed_watermark_us,
                 ..shared.time
             },
-            limits: shared.limits,
+            limits: DecodeLimits {
+                naive_zone: stream.plan.naive_zone,
+                ..shared.limits
+            },
             control: Control::new(shared.shutdown.clone(), shared.paused.clone()),
             backfill: shared.backfill.clone(),
         },
