@@ -142,6 +142,7 @@ async fn run_pipeline(client: &mut Client, rows: &[RawRow]) -> Result<Duration, 
             &[],
             &[],
             &offsets,
+            &primespark_connectors::sink::fence::Fence::unfenced(),
         )
         .await?;
     }

@@ -58,6 +58,15 @@ struct Metrics {
     tls_failures: Family<EndpointLabels, Counter>,
     compacted_files: Family<TableLabels, Counter>,
     archive_tier_reads: Family<TierLabels, Counter>,
+    writer_lease: Family<LeaseLabels, Gauge>,
+    writer_lease_epoch: Gauge,
+}
+
+/// Labels of the writer lease series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeaseLabels {
+    /// `held`, `standby` or `lost`.
+    pub state: String,
 }
 
 /// Labels of per-endpoint series.
@@ -115,12 +124,24 @@ fn metrics() -> &'static Metrics {
         tls_failures: Family::default(),
         compacted_files: Family::default(),
         archive_tier_reads: Family::default(),
+        writer_lease: Family::default(),
+        writer_lease_epoch: Gauge::default(),
     })
 }
 
 /// Registers the connectors' series.
 pub fn register(registry: &mut Registry) {
     let m = metrics();
+    registry.register(
+        "primespark_writer_lease",
+        "1 for the writer lease state this process is in (held, standby, lost)",
+        m.writer_lease.clone(),
+    );
+    registry.register(
+        "primespark_writer_lease_epoch",
+        "Epoch of the writer lease this process holds (0: none)",
+        m.writer_lease_epoch.clone(),
+    );
     registry.register(
         "primespark_consumer_lag_records",
         "Records between a partition's consumer position and its high watermark, from the client's statistics",
@@ -746,5 +767,68 @@ impl AggregatesCompacted<'_> {
                 table: self.table.to_owned(),
             })
             .inc_by(self.minute_files);
+    }
+}
+
+/// Where this process stands with the writer lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriterLeaseState {
+    /// It writes.
+    Held,
+    /// Another live instance writes; this one waits.
+    Standby,
+    /// It held the lease and another instance took it over: it stops.
+    Lost,
+}
+
+impl WriterLeaseState {
+    fn as_str(self) -> &'static str {
+        match self {
+            WriterLeaseState::Held => "held",
+            WriterLeaseState::Standby => "standby",
+            WriterLeaseState::Lost => "lost",
+        }
+    }
+}
+
+fn lease_status() -> &'static std::sync::Mutex<Option<(WriterLeaseState, String)>> {
+    static S: OnceLock<std::sync::Mutex<Option<(WriterLeaseState, String)>>> = OnceLock::new();
+    S.get_or_init(Default::default)
+}
+
+/// The writer lease state and its detail, for `/readyz` (`None`: no lease is used).
+pub fn writer_lease() -> Option<(WriterLeaseState, String)> {
+    lease_status().lock().ok().and_then(|s| s.clone())
+}
+
+/// The writer lease changed state (or a standby learned who holds it).
+pub struct WriterLeaseStatus {
+    /// The state.
+    pub state: WriterLeaseState,
+    /// The epoch held (0: none).
+    pub epoch: i64,
+    /// What `/readyz` shows.
+    pub detail: String,
+}
+
+impl WriterLeaseStatus {
+    /// Sets the gauges and the readiness detail.
+    pub fn emit(self) {
+        let m = metrics();
+        for state in [
+            WriterLeaseState::Held,
+            WriterLeaseState::Standby,
+            WriterLeaseState::Lost,
+        ] {
+            m.writer_lease
+                .get_or_create(&LeaseLabels {
+                    state: state.as_str().to_owned(),
+                })
+                .set(i64::from(state == self.state));
+        }
+        m.writer_lease_epoch.set(self.epoch);
+        if let Ok(mut s) = lease_status().lock() {
+            *s = Some((self.state, self.detail));
+        }
     }
 }

@@ -98,12 +98,20 @@ pub fn readiness() -> (bool, serde_json::Value) {
         .into_iter()
         .map(|(sink, table, error)| serde_json::json!({"sink": sink, "table": table, "error": error}))
         .collect();
-    let ready =
-        !sources.is_empty() && sources.values().all(|v| v == "assigned") && degraded.is_empty();
-    (
-        ready,
-        serde_json::json!({"ready": ready, "sources": sources, "degraded_sinks": degraded}),
-    )
+    let writer = primespark_connectors::metrics::writer_lease();
+    let writing = writer
+        .as_ref()
+        .is_none_or(|(s, _)| *s == primespark_connectors::metrics::WriterLeaseState::Held);
+    let ready = writing
+        && !sources.is_empty()
+        && sources.values().all(|v| v == "assigned")
+        && degraded.is_empty();
+    let mut report =
+        serde_json::json!({"ready": ready, "sources": sources, "degraded_sinks": degraded});
+    if let Some((_, detail)) = writer {
+        report["writer"] = serde_json::Value::from(detail);
+    }
+    (ready, report)
 }
 
 /// `/metrics`, `/healthz` and `/readyz`.

@@ -290,6 +290,23 @@ CREATE TABLE IF NOT EXISTS agent_load_1d (LIKE agent_load_1m INCLUDING ALL);
 CREATE TABLE IF NOT EXISTS api_events_1d (LIKE api_events_1m INCLUDING ALL);
 "#,
     },
+    Migration {
+        version: 8,
+        name: "writer leases",
+        // One row per (dataflow, process id): who may write it, under which epoch. A new holder
+        // takes a new epoch from the sequence; every commit checks its own is still there.
+        sql: r#"
+CREATE SEQUENCE IF NOT EXISTS writer_lease_epochs;
+CREATE TABLE IF NOT EXISTS writer_leases (
+    dataflow   TEXT        NOT NULL,
+    process_id INTEGER     NOT NULL,
+    epoch      BIGINT      NOT NULL,
+    holder     TEXT        NOT NULL,
+    renewed_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (dataflow, process_id)
+);
+"#,
+    },
 ];
 
 /// A view under a name the platform's documents use for an aggregate (seed 000, bottleneck #5

@@ -89,6 +89,7 @@ impl SinkUnderTest {
             topic_partitions: PARTITIONS.len(),
             stored: Arc::new(stored),
             backfill: None,
+            fence: primespark_connectors::sink::fence::Fence::unfenced(),
         };
         Ok((self.kind.build)(&self.settings, &ctx, id()).await?)
     }

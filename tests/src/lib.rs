@@ -527,6 +527,71 @@ pub fn count_files(dir: &Path, extension: &str) -> usize {
     n
 }
 
+/// Rows in the finished (renamed) Parquet files under `dir`.
+pub fn parquet_rows(dir: &Path) -> Result<i64> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let mut rows = 0;
+    for path in parquet_files(dir)? {
+        let reader = SerializedFileReader::new(std::fs::File::open(&path)?)?;
+        rows += reader.metadata().file_metadata().num_rows();
+    }
+    Ok(rows)
+}
+
+/// The finished Parquet files under `dir` (temporary names end in `.inprogress`).
+pub fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "parquet") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// The `(kafka_partition, kafka_offset)` of every raw row archived under `dir`, sorted: equal
+/// to the topic's positions when the archive holds each record once.
+pub fn parquet_positions(dir: &Path) -> Result<Vec<(i32, i64)>> {
+    use arrow::array::{Array, Int32Array, Int64Array};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let mut positions = Vec::new();
+    for path in parquet_files(dir)? {
+        let reader =
+            ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path)?)?.build()?;
+        for batch in reader {
+            let batch = batch?;
+            let column = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .with_context(|| format!("{}: no {name}", path.display()))
+            };
+            let p = column("kafka_partition")?;
+            let o = column("kafka_offset")?;
+            let (p, o) = (
+                p.as_any()
+                    .downcast_ref::<Int32Array>()
+                    .context("kafka_partition is not int32")?,
+                o.as_any()
+                    .downcast_ref::<Int64Array>()
+                    .context("kafka_offset is not int64")?,
+            );
+            positions.extend((0..batch.num_rows()).map(|i| (p.value(i), o.value(i))));
+        }
+    }
+    positions.sort_unstable();
+    Ok(positions)
+}
+
 /// The pipeline as a child process.
 pub struct Pipeline {
     child: Child,
@@ -594,6 +659,11 @@ impl Pipeline {
     /// Whether it is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Its exit status, once it has exited on its own.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 }
 

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use primespark_tests::{
-    connect, count, create_topic, free_port, fresh_database, produce, stack, unique, wait_until,
-    Pipeline,
+    connect, count, create_topic, free_port, fresh_database, parquet_rows, produce, stack, unique,
+    wait_until, Pipeline,
 };
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -92,28 +92,6 @@ fn config(dir: &Path, brokers: &str, topic: &str, url: &str) -> Result<std::path
         ),
     )?;
     Ok(path)
-}
-
-/// Rows in the finished Parquet files under `dir`.
-fn parquet_rows(dir: &Path) -> Result<i64> {
-    use parquet::file::reader::{FileReader, SerializedFileReader};
-    let mut rows = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for entry in entries {
-            let path = entry?.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "parquet") {
-                let reader = SerializedFileReader::new(std::fs::File::open(&path)?)?;
-                rows += reader.metadata().file_metadata().num_rows();
-            }
-        }
-    }
-    Ok(rows)
 }
 
 async fn wait_complete(

@@ -331,6 +331,7 @@ async fn aggregate_sinks_comply() -> Result<()> {
         topic_partitions: 2,
         stored: Arc::new(stored),
         backfill: None,
+        fence: primespark_connectors::sink::fence::Fence::unfenced(),
     };
     let t0 = 1_762_351_200_000_000i64;
     let commit = AggCommit {

@@ -21,7 +21,8 @@ use primespark_schemas::rows::{Agg, AggRow, PartitionOffset};
 use super::compact;
 use super::write_aggregate_files;
 use crate::metrics::SinkRowsWritten;
-use crate::sink::registry::{AggSinkKind, Built, SinkSettings};
+use crate::sink::fence::Fence;
+use crate::sink::registry::{AggSinkKind, Built, SinkContext, SinkSettings};
 use crate::sink::{BoxAggSink, Classify, Domain, Flush, Sink, SinkError, Target};
 
 /// Its name in logs.
@@ -31,10 +32,10 @@ pub const NAME: &str = "aggregate_files";
 pub const AGGREGATE_FILES: AggSinkKind = AggSinkKind {
     name: NAME,
     wanted: |settings, scope| settings.nas.is_some() && !scope.backfill,
-    build: |settings, _ctx| async move { build(settings) }.boxed(),
+    build: |settings, ctx| async move { build(settings, ctx) }.boxed(),
 };
 
-fn build(settings: &SinkSettings) -> Result<Built<BoxAggSink>, SinkError> {
+fn build(settings: &SinkSettings, ctx: &SinkContext) -> Result<Built<BoxAggSink>, SinkError> {
     let Some(nas) = &settings.nas else {
         return Err(SinkError::fatal(
             Domain::Internal,
@@ -48,6 +49,8 @@ fn build(settings: &SinkSettings) -> Result<Built<BoxAggSink>, SinkError> {
         recent: BTreeMap::new(),
         committed: i64::MIN,
         compacted_before: None,
+        minute_tables: ctx.stream.aggregates.iter().map(|f| f.minute).collect(),
+        fence: ctx.fence.clone(),
     };
     Ok((Box::new(sink), crate::sink::healthy()))
 }
@@ -67,6 +70,10 @@ pub struct AggregateFilesSink {
     /// Hours before this were compacted by this sink (none yet after a start: the first
     /// commit finishes whatever an earlier run left).
     compacted_before: Option<i64>,
+    /// This stream's 1-minute tables: the only ones its watermark may compact.
+    minute_tables: Vec<&'static str>,
+    /// The writer lease, checked before files are written or compacted.
+    fence: Fence,
 }
 
 impl AggregateFilesSink {
@@ -138,6 +145,7 @@ impl Sink for AggregateFilesSink {
         self.committed =
             i64::try_from(commit.checkpoint.committed_watermark_us).unwrap_or(i64::MAX);
         if !commit.rows.is_empty() {
+            self.fence.check()?;
             let rows = Arc::new(self.touched(commit));
             let started = Instant::now();
             let (root, rg, files) = (self.root.clone(), self.row_group_rows, rows.clone());
@@ -166,9 +174,16 @@ impl Sink for AggregateFilesSink {
         if self.compacted_before.is_some_and(|done| done >= hour) {
             return Ok(());
         }
-        let (root, rg) = (self.root.clone(), self.row_group_rows);
-        let done =
-            tokio::task::spawn_blocking(move || compact::compact(&root, final_before, rg)).await;
+        self.fence.check()?;
+        let (root, rg, tables) = (
+            self.root.clone(),
+            self.row_group_rows,
+            self.minute_tables.clone(),
+        );
+        let done = tokio::task::spawn_blocking(move || {
+            compact::compact_tables(&root, Some(&tables), final_before, rg)
+        })
+        .await;
         match done {
             Ok(Ok(report)) => {
                 if report.hours > 0 {

@@ -162,6 +162,17 @@ pub fn compact(
     final_before_us: i64,
     row_group_rows: usize,
 ) -> Result<CompactReport, NasError> {
+    compact_tables(root, None, final_before_us, row_group_rows)
+}
+
+/// [`compact`] of the 1-minute tables named in `tables` only (`None`: all): a stream compacts
+/// its own tables with its own watermark, never another stream's hours before they are final.
+pub fn compact_tables(
+    root: &Path,
+    only: Option<&[&str]>,
+    final_before_us: i64,
+    row_group_rows: usize,
+) -> Result<CompactReport, NasError> {
     let mut report = CompactReport::default();
     let Ok(tables) = fs::read_dir(root) else {
         return Ok(report);
@@ -169,6 +180,10 @@ pub fn compact(
     for table in tables.flatten() {
         let table_name = table.file_name().to_string_lossy().into_owned();
         if !minute_table(&table_name) || !table.path().is_dir() {
+            continue;
+        }
+        let named = table_name.strip_prefix("table=").unwrap_or_default();
+        if only.is_some_and(|t| !t.contains(&named)) {
             continue;
         }
         for date in fs::read_dir(table.path())

@@ -1,8 +1,9 @@
 //! Parquet files on the NAS: `<path>/topic=<topic>/date=YYYY-MM-DD/hour=HH/`, one file per roll
 //! and hour, named by the Kafka partition and offset range it covers
 //! (`part-p003-o00000000000000000042-00000000000000000997.parquet`). Files are written under a
-//! temporary name and renamed when complete, so readers never see a partial file; a roll whose
-//! offsets were not committed is deleted at start-up and rewritten, so none is doubled.
+//! temporary name and renamed when every file of its roll is complete, so readers never see a
+//! partial file or roll; the rolls in place are the archive's own record of what it holds, so a
+//! lost stored offset neither deletes nor doubles one ([`ParquetArchive::recover`]).
 //! Its sinks: [`RAW_ROLLS`] (raw rows) and [`AGGREGATE_FILES`] (windows).
 
 mod aggregate_sink;
@@ -27,6 +28,7 @@ pub fn relative_path(root: &std::path::Path, path: &std::path::Path) -> Option<S
     )
 }
 pub use writer::{
-    agg_batch, aggregate_batch, analytics_batch, inference_batch, raw_batch, score_batch,
-    telemetry_batch, write_aggregate_files, NasError, ParquetArchive, SCORES_TABLE_DIR,
+    agg_batch, aggregate_batch, analytics_batch, inference_batch, instance_tag, parse_roll_range,
+    raw_batch, score_batch, telemetry_batch, temp_target, write_aggregate_files, NasError,
+    ParquetArchive, Recovered, SCORES_TABLE_DIR,
 };

@@ -1,11 +1,13 @@
 //! The raw archive as a sink: raw rows in Parquet rolls, one roll per partition at a time, cut
 //! by rows, bytes or age, written under a temporary name and renamed into place, then published
 //! ([`Publish`]: nothing more on the NAS, an upload to the bucket in direct mode) and only then
-//! its offsets stored (`source_offsets`, sink `parquet_raw`). A crash in between leaves a roll
-//! at or beyond the stored offsets: [`Sink::recover`] removes it and the replay writes it again.
+//! its offsets stored (`source_offsets`, sink `parquet_raw`). The rolls in place are the
+//! archive's own record: a crash in between, a new database or a lost `source_offsets` row
+//! leaves whole rolls beyond the stored offset, and [`Sink::recover`] keeps them (completing a
+//! half-renamed one) and resumes after the last, so none is deleted, rewritten or doubled.
 //!
 //! Without PostgreSQL (the demo) nothing is stored, dead letters go to
-//! `<nas>/dead_letters.jsonl`, and a restart starts over.
+//! `<nas>/dead_letters.jsonl`, and a restart resumes after the archive's last roll.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -17,7 +19,7 @@ use futures::FutureExt;
 use primespark_schemas::flow::{RawBatch, RawItem, SinkId};
 use primespark_schemas::rows::{DeadLetterRow, PartitionOffset, RawRow};
 
-use super::{NasConfig, NasError, ParquetArchive};
+use super::{NasConfig, NasError, ParquetArchive, Recovered};
 use crate::metrics::SinkRowsWritten;
 use crate::postgres::OffsetStore;
 use crate::sink::registry::{Built, RawSinkKind, SinkContext, SinkSettings};
@@ -36,20 +38,21 @@ pub const RAW_ROLLS: RawSinkKind = RawSinkKind {
 };
 
 /// What happens to a roll's files once they are renamed into place, before its offsets are
-/// stored; and what recovery removes besides the NAS's own uncommitted files.
+/// stored; and how far the destination holds each partition at start-up.
 #[async_trait]
 pub trait Publish: Send + Sync + 'static {
     /// The `sink` label of publishing failures.
     fn label(&self) -> &'static str;
     /// Makes the files durable where they belong.
     async fn publish(&self, files: &[PathBuf]) -> Result<(), SinkError>;
-    /// Removes published objects of rolls of `partitions` at or beyond the `committed` offsets.
+    /// Finishes publishing what the local recovery found whole (`local`) and returns, per
+    /// partition of `partitions`, the offset after the last roll the destination holds.
     async fn recover(
         &self,
         archive: &ParquetArchive,
-        committed: &HashMap<i32, i64>,
         partitions: &[i32],
-    ) -> Result<usize, SinkError>;
+        local: &Recovered,
+    ) -> Result<HashMap<i32, i64>, SinkError>;
     /// Checks the destination once at start-up.
     fn healthcheck(&self) -> Healthcheck;
 }
@@ -68,10 +71,11 @@ impl Publish for OnTheNas {
     async fn recover(
         &self,
         _: &ParquetArchive,
-        _: &HashMap<i32, i64>,
         _: &[i32],
-    ) -> Result<usize, SinkError> {
-        Ok(0)
+        local: &Recovered,
+    ) -> Result<HashMap<i32, i64>, SinkError> {
+        // The rolls on the NAS are the published ones.
+        Ok(local.ends.clone())
     }
     fn healthcheck(&self) -> Healthcheck {
         crate::sink::healthy()
@@ -91,7 +95,8 @@ pub fn build_rolls<P: Publish>(
             "archive sink without [nas]",
         ));
     };
-    let mut archive = ParquetArchive::new(&nas.path, &ctx.topic, nas.row_group_rows);
+    let mut archive = ParquetArchive::new(&nas.path, &ctx.topic, nas.row_group_rows)
+        .with_fence(ctx.fence.clone());
     if ctx.stream.writes_scores() {
         archive = archive.with_scores();
     }
@@ -118,10 +123,9 @@ pub fn build_rolls<P: Publish>(
         published: Vec::new(),
         partitions: ctx.partitions.clone(),
         committed,
-        offsets: settings
-            .postgres
-            .as_ref()
-            .map(|pg| OffsetStore::new(&pg.url, ctx.stream.name, &ctx.topic)),
+        offsets: settings.postgres.as_ref().map(|pg| {
+            OffsetStore::new(&pg.url, ctx.stream.name, &ctx.topic).with_fence(ctx.fence.clone())
+        }),
         // With PostgreSQL the letters are its sink's; without, they go to a file here.
         letters_to_file: settings.postgres.is_none(),
         publish,
@@ -321,22 +325,33 @@ impl<P: Publish> Sink for RollSink<P> {
     }
 
     async fn recover(&mut self) -> Result<usize, SinkError> {
-        let (archive, committed, mine) = (
-            self.archive.clone(),
-            self.committed.clone(),
-            self.partitions.clone(),
-        );
-        let local = tokio::task::spawn_blocking(move || {
-            archive.recover(&committed, &|p| mine.contains(&p))
-        })
-        .await
-        .map_err(|e| SinkError::fatal(Domain::Internal, e))?
-        .map_err(Classify::into_sink_error)?;
-        let remote = self
+        let (archive, mine) = (self.archive.clone(), self.partitions.clone());
+        let local = tokio::task::spawn_blocking(move || archive.recover(&|p| mine.contains(&p)))
+            .await
+            .map_err(|e| SinkError::fatal(Domain::Internal, e))?
+            .map_err(Classify::into_sink_error)?;
+        let ends = self
             .publish
-            .recover(&self.archive, &self.committed, &self.partitions)
+            .recover(&self.archive, &self.partitions, &local)
             .await?;
-        Ok(local + remote)
+        // The archive's own record wins over a lower (or missing) stored offset: a roll in
+        // place is never rewritten, so a new database or a lost `source_offsets` row neither
+        // deletes nor doubles it.
+        for (p, end) in ends {
+            let stored = self.committed.get(&p).copied();
+            if stored.is_none_or(|s| end > s) {
+                tracing::info!(
+                    topic = %self.topic,
+                    partition = p,
+                    stored = ?stored,
+                    archive_end = end,
+                    "the archive holds more than the stored offset: resuming after its last roll"
+                );
+                self.committed.insert(p, end);
+                self.rolls.entry(p).or_default().committed = Some(end);
+            }
+        }
+        Ok(local.removed + local.completed)
     }
 
     async fn write(&mut self, batch: &RawBatch) -> Result<(), SinkError> {
@@ -437,6 +452,7 @@ impl Classify for NasError {
             NasError::Io { source, .. } => crate::sink::io_class(source),
             // Our own encoder refusing our own rows is a bug.
             NasError::Encode(_) => ErrorClass::Fatal(Domain::Internal),
+            NasError::Refused(e) => e.class().clone(),
         }
     }
 }

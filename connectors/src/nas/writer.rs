@@ -5,6 +5,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::sink::fence::Fence;
+
 use arrow::array::{
     ArrayRef, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array, RecordBatch,
     StringArray, TimestampMicrosecondArray,
@@ -35,6 +37,9 @@ pub enum NasError {
     /// Arrow or Parquet encoding failed.
     #[error("encoding parquet: {0}")]
     Encode(String),
+    /// The writer fence (or a test's failpoint) refused the write; classified as it says.
+    #[error(transparent)]
+    Refused(crate::sink::SinkError),
 }
 
 pub(super) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> NasError + '_ {
@@ -584,17 +589,80 @@ pub struct ParquetArchive {
     /// offsets, not this topic's.
     writes_scores: bool,
     row_group_rows: usize,
+    /// Tags this writer's temporary names ([`instance_tag`]).
+    instance: String,
+    /// Checked between a roll's last temporary file and its first rename: refuses when this
+    /// process no longer holds (or has not lately renewed) the writer lease.
+    fence: Fence,
 }
 
 /// Folder of the anomaly score files under the NAS root.
 pub const SCORES_TABLE_DIR: &str = "table=anomaly_scores";
 
-/// Parses a roll's file name, `part-pPPP-oFIRST-LAST.parquet`, into (partition, first offset).
-pub fn parse_roll_name(name: &str) -> Option<(i32, i64)> {
+/// Parses a roll's file name, `part-pPPP-oFIRST-LAST.parquet`, into (partition, first offset,
+/// last offset).
+pub fn parse_roll_range(name: &str) -> Option<(i32, i64, i64)> {
     let rest = name.strip_prefix("part-p")?.strip_suffix(".parquet")?;
     let (p, rest) = rest.split_once("-o")?;
-    let (first, _last) = rest.split_once('-')?;
-    Some((p.parse().ok()?, first.parse().ok()?))
+    let (first, last) = rest.split_once('-')?;
+    Some((p.parse().ok()?, first.parse().ok()?, last.parse().ok()?))
+}
+
+/// The file name of a roll.
+fn roll_name(partition: i32, first: i64, last: i64) -> String {
+    format!("part-p{partition:03}-o{first:020}-{last:020}.parquet")
+}
+
+/// The temporary name a roll file is written under by the instance `instance`:
+/// `.NAME.INSTANCE.inprogress` (hidden from every `*.parquet` listing). Instance-unique, so two
+/// processes writing the same roll never write into one file.
+fn temp_name(name: &str, instance: &str) -> String {
+    format!(".{name}.{instance}.inprogress")
+}
+
+/// The final name a temporary file is for (`None`: not a temporary file). Also takes the
+/// instance-less `.NAME.inprogress` of earlier versions.
+pub fn temp_target(name: &str) -> Option<&str> {
+    let inner = name.strip_prefix('.')?.strip_suffix(".inprogress")?;
+    Some(match inner.find(".parquet.") {
+        Some(i) => &inner[..i + ".parquet".len()],
+        None => inner,
+    })
+}
+
+/// This process's instance tag: pid and start time, unique among the processes that write one
+/// archive.
+pub fn instance_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("{}-{:x}", std::process::id(), nanos & 0xffff_ffff_ffff)
+    })
+}
+
+/// What [`ParquetArchive::recover`] found and did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// Temporary files removed: rolls that never reached their first rename (their records
+    /// are read again and rewritten).
+    pub removed: usize,
+    /// Temporary files renamed into place: rolls a crash left half-renamed, completed.
+    pub completed: usize,
+    /// Per partition, the offset after the archive's last complete roll: the archive's own
+    /// record of how far it holds the partition.
+    pub ends: HashMap<i32, i64>,
+    /// The files of whole rolls found in place (a direct-mode sink uploads them).
+    pub in_place: Vec<PathBuf>,
+}
+
+/// The files of one roll that recovery found.
+#[derive(Debug, Default)]
+struct FoundRoll {
+    in_place: Vec<PathBuf>,
+    /// (temporary file, its final path).
+    temps: Vec<(PathBuf, PathBuf)>,
 }
 
 impl ParquetArchive {
@@ -605,7 +673,15 @@ impl ParquetArchive {
             scores_dir: root.join(SCORES_TABLE_DIR),
             writes_scores: false,
             row_group_rows,
+            instance: instance_tag().to_owned(),
+            fence: Fence::unfenced(),
         }
+    }
+
+    /// Renames of this archive's rolls first pass `fence`.
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = fence;
+        self
     }
 
     /// This topic's rolls also write the anomaly score files, so its recovery covers them.
@@ -624,36 +700,27 @@ impl ParquetArchive {
         dirs
     }
 
-    /// Whether a roll file named `name` of `partition` is beyond the committed offsets (left
-    /// by a crash between writing and the offset commit).
-    pub fn uncommitted(
-        name: &str,
-        committed: &HashMap<i32, i64>,
-        owned: &dyn Fn(i32) -> bool,
-    ) -> bool {
-        parse_roll_name(name).is_some_and(|(partition, first)| {
-            owned(partition) && first >= committed.get(&partition).copied().unwrap_or(0)
-        })
-    }
-
     /// `<root>/topic=<topic>`, the table path for SQL.
     pub fn topic_dir(&self) -> &Path {
         &self.topic_dir
     }
 
-    /// Removes temporary files and rolls at or beyond the committed offsets (left by a crash
-    /// between rename and offset commit); they are rewritten by the replay. Returns how many
-    /// files were removed.
+    /// Finishes what a crash left of the rolls of the partitions `owned` picks, and reports how
+    /// far the archive holds each of them.
+    ///
+    /// A roll's files are all written under temporary names before the first is renamed
+    /// ([`ParquetArchive::write_roll`]), so a roll with any file in place is whole: its remaining
+    /// temporary files are renamed too. A roll with none in place never became visible: its
+    /// temporary files are removed and the replay writes it again. No file in place is ever
+    /// removed: a roll without a stored offset (a new database, a lost `source_offsets` row) is
+    /// the archive's proof that it holds those records, and [`Recovered::ends`] says so.
     ///
     /// Only partitions for which `owned` is true are touched: in a cluster each process
     /// recovers the partitions its workers read, never files another process is writing.
-    pub fn recover(
-        &self,
-        committed: &HashMap<i32, i64>,
-        owned: &dyn Fn(i32) -> bool,
-    ) -> Result<usize, NasError> {
+    pub fn recover(&self, owned: &dyn Fn(i32) -> bool) -> Result<Recovered, NasError> {
         fs::create_dir_all(&self.topic_dir).map_err(io(&self.topic_dir))?;
-        let mut removed = 0;
+        let mut found: BTreeMap<String, FoundRoll> = BTreeMap::new();
+        let mut report = Recovered::default();
         let mut stack: Vec<PathBuf> = self
             .dirs()
             .into_iter()
@@ -669,24 +736,61 @@ impl ParquetArchive {
                     continue;
                 }
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let in_progress = name
-                    .strip_prefix('.')
-                    .and_then(|n| n.strip_suffix(".inprogress"));
-                let orphan = if let Some(inner) = in_progress {
-                    // Unparsable temp names are ours too (nobody else writes `.inprogress`).
-                    parse_roll_name(inner).is_none_or(|(partition, _)| owned(partition))
-                } else {
-                    Self::uncommitted(&name, committed, owned)
-                };
-                if orphan {
-                    fs::remove_file(&path).map_err(io(&path))?;
-                    // Per file; the caller logs how many at info.
-                    tracing::debug!(path = %path.display(), "removed uncommitted parquet file");
-                    removed += 1;
+                if let Some(target) = temp_target(&name) {
+                    match parse_roll_range(target) {
+                        Some((p, _, _)) if owned(p) => {
+                            let final_path = dir.join(target);
+                            found
+                                .entry(target.to_owned())
+                                .or_default()
+                                .temps
+                                .push((path, final_path));
+                        }
+                        Some(_) => {}
+                        None => {
+                            // Unparsable temporary names are ours too (nobody else writes
+                            // `.inprogress`), and nothing can complete them.
+                            fs::remove_file(&path).map_err(io(&path))?;
+                            report.removed += 1;
+                        }
+                    }
+                } else if parse_roll_range(&name).is_some_and(|(p, _, _)| owned(p)) {
+                    found.entry(name).or_default().in_place.push(path);
                 }
             }
         }
-        Ok(removed)
+        let mut synced: Vec<PathBuf> = Vec::new();
+        for (name, roll) in found {
+            let Some((partition, _, last)) = parse_roll_range(&name) else {
+                continue;
+            };
+            let whole = !roll.in_place.is_empty();
+            report.in_place.extend(roll.in_place);
+            for (temp, final_path) in roll.temps {
+                if whole && !final_path.exists() {
+                    fs::rename(&temp, &final_path).map_err(io(&final_path))?;
+                    tracing::info!(path = %final_path.display(), "completed a half-renamed roll");
+                    report.completed += 1;
+                    report.in_place.push(final_path);
+                } else {
+                    fs::remove_file(&temp).map_err(io(&temp))?;
+                    // Per file; the caller logs how many at info.
+                    tracing::debug!(path = %temp.display(), "removed an unpublished roll file");
+                    report.removed += 1;
+                }
+                if let Some(dir) = temp.parent().filter(|d| !synced.iter().any(|s| s == d)) {
+                    synced.push(dir.to_path_buf());
+                }
+            }
+            if whole {
+                let end = report.ends.entry(partition).or_insert(i64::MIN);
+                *end = (*end).max(last.saturating_add(1));
+            }
+        }
+        for dir in &synced {
+            sync_dir(dir)?;
+        }
+        Ok(report)
     }
 
     /// Writes one roll of `partition` covering offsets `first..=last`, one file per hour of
@@ -710,7 +814,12 @@ impl ParquetArchive {
                 .or_default()
                 .push(r);
         }
-        let mut written = Vec::with_capacity(by_hour.len());
+        let name = roll_name(partition, first, last);
+        let temp = temp_name(&name, &self.instance);
+        // Every file of the roll is complete and durable under its temporary name before the
+        // first rename: a roll with any file in place is whole, and recovery completes it
+        // instead of guessing.
+        let mut staged: Vec<(PathBuf, PathBuf, PathBuf)> = Vec::with_capacity(by_hour.len());
         for ((score, hour), rows) in by_hour {
             let start =
                 DateTime::<Utc>::from_timestamp(hour * 3600, 0).unwrap_or(DateTime::<Utc>::MIN_UTC);
@@ -723,9 +832,27 @@ impl ParquetArchive {
                 .join(format!("date={}", start.format("%Y-%m-%d")))
                 .join(format!("hour={}", start.format("%H")));
             fs::create_dir_all(&dir).map_err(io(&dir))?;
-            let name = format!("part-p{partition:03}-o{first:020}-{last:020}.parquet");
             let batch = raw_batch_of(rows.iter().copied())?;
-            written.push(publish_batch(&dir, &name, &batch, self.row_group_rows)?);
+            let temp_path = dir.join(&temp);
+            write_batch_file(&temp_path, &batch, self.row_group_rows)?;
+            staged.push((temp_path, dir.join(&name), dir));
+        }
+        // A writer whose lease was taken over must not make anything visible.
+        self.fence.check().map_err(NasError::Refused)?;
+        let mut written = Vec::with_capacity(staged.len());
+        for (i, (temp_path, final_path, _)) in staged.iter().enumerate() {
+            fs::rename(temp_path, final_path).map_err(io(final_path))?;
+            if i == 0 && staged.len() > 1 {
+                crate::failpoint::hit("archive.roll_half_renamed").map_err(NasError::Refused)?;
+            }
+            written.push(final_path.clone());
+        }
+        let mut synced: Vec<&Path> = Vec::new();
+        for (_, _, dir) in &staged {
+            if !synced.contains(&dir.as_path()) {
+                sync_dir(dir)?;
+                synced.push(dir);
+            }
         }
         Ok(written)
     }
@@ -764,13 +891,47 @@ mod tests {
             .to_string_lossy()
             .contains("topic=edge.telemetry/date=2025-11-05/hour=14/part-p001-o"));
         let later = archive.write_roll(1, 13, 13, &[row(t0, 13)]).unwrap();
-        // Offsets committed up to 13: the roll starting at 13 is an orphan.
-        let removed = archive
-            .recover(&HashMap::from([(1, 13)]), &|_| true)
-            .unwrap();
-        assert_eq!(removed, 1);
-        assert!(!later[0].exists());
-        assert!(files.iter().all(|f| f.exists()));
+        // Whatever offsets were stored (none, here), whole rolls stay and say how far the
+        // archive holds the partition.
+        let report = archive.recover(&|_| true).unwrap();
+        assert_eq!((report.removed, report.completed), (0, 0));
+        assert_eq!(report.ends, HashMap::from([(1, 14)]));
+        assert!(files.iter().chain(&later).all(|f| f.exists()));
+        // A crash between the renames of one roll: the rest of it is renamed into place.
+        let name = files[1].file_name().unwrap().to_string_lossy().into_owned();
+        let temp = files[1].with_file_name(format!(".{name}.4242-dead.inprogress"));
+        fs::rename(&files[1], &temp).unwrap();
+        // A crash before the first rename of the next roll: its temporary files go.
+        let unpublished = files[0].with_file_name(format!(
+            ".part-p001-o{:020}-{:020}.parquet.4242-dead.inprogress",
+            14, 20
+        ));
+        fs::write(&unpublished, b"partial").unwrap();
+        // Another process's partition is not touched.
+        let foreign = files[0].with_file_name(format!(
+            ".part-p002-o{:020}-{:020}.parquet.4242-dead.inprogress",
+            0, 5
+        ));
+        fs::write(&foreign, b"theirs").unwrap();
+        let report = archive.recover(&|p| p == 1).unwrap();
+        assert_eq!((report.removed, report.completed), (1, 1));
+        assert_eq!(report.ends, HashMap::from([(1, 14)]));
+        assert!(files[1].exists() && !temp.exists() && !unpublished.exists() && foreign.exists());
+    }
+
+    #[test]
+    fn temporary_names_are_per_instance() {
+        assert_eq!(
+            temp_target(".part-p001-o1-2.parquet.77-abc.inprogress"),
+            Some("part-p001-o1-2.parquet")
+        );
+        // Earlier versions' names.
+        assert_eq!(
+            temp_target(".part-p001-o1-2.parquet.inprogress"),
+            Some("part-p001-o1-2.parquet")
+        );
+        assert_eq!(temp_target("part-p001-o1-2.parquet"), None);
+        assert_ne!(temp_name("x.parquet", "1-a"), temp_name("x.parquet", "2-b"));
     }
 
     #[test]
@@ -828,19 +989,13 @@ mod tests {
         // The inference topic has committed far less on partition 1; the telemetry topic's
         // committed score file must survive its recovery.
         let inference = ParquetArchive::new(dir.path(), "edge.ai.inference", 1024);
-        let removed = inference
-            .recover(&HashMap::from([(1, 3)]), &|_| true)
-            .unwrap();
-        assert_eq!(removed, 0);
+        let report = inference.recover(&|_| true).unwrap();
+        assert_eq!(report, Recovered::default());
         assert!(files[0].exists());
-        // The telemetry topic's own recovery still removes it when it is beyond its commit.
-        assert_eq!(
-            telemetry
-                .recover(&HashMap::from([(1, 500)]), &|_| true)
-                .unwrap(),
-            1
-        );
-        assert!(!files[0].exists());
+        // The telemetry topic's own recovery counts it as the partition's archived end.
+        let report = telemetry.recover(&|_| true).unwrap();
+        assert_eq!(report.ends, HashMap::from([(1, 501)]));
+        assert!(files[0].exists());
     }
 
     fn analytics_rows(t0: i64) -> Vec<RawRow> {
@@ -1032,9 +1187,9 @@ mod tests {
     #[test]
     fn names_parse() {
         assert_eq!(
-            parse_roll_name("part-p003-o00000000000000000042-00000000000000000997.parquet"),
-            Some((3, 42))
+            parse_roll_range("part-p003-o00000000000000000042-00000000000000000997.parquet"),
+            Some((3, 42, 997))
         );
-        assert_eq!(parse_roll_name("other.parquet"), None);
+        assert_eq!(parse_roll_range("other.parquet"), None);
     }
 }

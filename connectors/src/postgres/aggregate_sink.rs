@@ -11,6 +11,7 @@ use primespark_schemas::rows::{Agg, AggRow, PartitionOffset};
 
 use super::connection::{ping, Connection};
 use super::write_aggregates;
+use crate::sink::fence::Fence;
 use crate::sink::registry::{AggSinkKind, Built, SinkContext, SinkSettings};
 use crate::sink::{BoxAggSink, Classify, Domain, ErrorClass, Flush, Sink, SinkError, Target};
 
@@ -41,6 +42,7 @@ fn build(settings: &SinkSettings, ctx: &SinkContext) -> Result<Built<BoxAggSink>
             .map(|o| (o.partition, o))
             .collect(),
         backfill: ctx.backfill,
+        fence: ctx.fence.clone(),
     };
     Ok((Box::new(sink), Box::pin(ping(pg.url.clone()))))
 }
@@ -53,6 +55,8 @@ pub struct AggregateRowsSink {
     resume: HashMap<i32, PartitionOffset>,
     /// A backfill of `[since, until)`: only windows inside it, and no resume state.
     backfill: Option<(i64, i64)>,
+    /// The writer lease every transaction checks.
+    fence: Fence,
 }
 
 /// The windows of a backfill's commit that lie wholly inside its range: windows cut by the
@@ -124,6 +128,7 @@ impl Sink for AggregateRowsSink {
                     rows,
                     committed,
                     positions,
+                    &self.fence,
                 )
                 .await
             }

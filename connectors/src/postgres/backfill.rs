@@ -102,3 +102,33 @@ pub async fn clear_range(
     );
     Ok(deleted)
 }
+
+/// After a backfill to the archive's end: stores `ends` (per partition, the offset after the
+/// archive's last roll) as the PostgreSQL raw sink's positions where it has none (a new
+/// database), so the streaming run that follows starts its raw rows where the archive ends
+/// instead of writing Kafka's copy of them a second time. Positions already stored (a live
+/// database) are left alone. Returns how many were stored.
+pub async fn seed_raw_positions(
+    client: &Client,
+    dataflow: &str,
+    topic: &str,
+    ends: &[(i32, i64)],
+) -> Result<u64, PostgresError> {
+    if ends.is_empty() {
+        return Ok(0);
+    }
+    let partitions: Vec<i32> = ends.iter().map(|e| e.0).collect();
+    let next: Vec<i64> = ends.iter().map(|e| e.1).collect();
+    client
+        .execute(
+            "INSERT INTO source_offsets (dataflow, sink, topic, partition, next_offset, watermark_us, updated_at)
+             SELECT $1, $2, $3, p, n, 0, now() FROM UNNEST($4::int4[], $5::int8[]) AS u(p, n)
+             ON CONFLICT (dataflow, sink, topic, partition) DO NOTHING",
+            &[&dataflow, &super::raw_sink::NAME, &topic, &partitions, &next],
+        )
+        .await
+        .map_err(|source| PostgresError::Statement {
+            what: "storing the raw positions a backfill reached",
+            source,
+        })
+}

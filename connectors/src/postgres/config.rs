@@ -23,6 +23,15 @@ pub struct PostgresConfig {
     /// How long rows stay (`[postgres.retention]`).
     #[serde(default)]
     pub retention: super::RetentionConfig,
+    /// How long the writer lease holds without renewal: a second instance on the same
+    /// configuration waits as a standby and takes over this long after the writer stopped
+    /// renewing (at once after a clean shutdown). Default `10s`.
+    #[serde(default = "default_lease_ttl", with = "crate::config::duration")]
+    pub lease_ttl: Duration,
+}
+
+fn default_lease_ttl() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_url() -> String {
@@ -44,6 +53,7 @@ impl Default for PostgresConfig {
             flush_rows: default_flush_rows(),
             flush_interval: default_flush_interval(),
             retention: super::RetentionConfig::default(),
+            lease_ttl: default_lease_ttl(),
         }
     }
 }
@@ -56,6 +66,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("flush_rows", &self.flush_rows)
             .field("flush_interval", &self.flush_interval)
             .field("retention", &self.retention)
+            .field("lease_ttl", &self.lease_ttl)
             .finish()
     }
 }
@@ -90,6 +101,12 @@ impl PostgresConfig {
             return Err(InvalidConfig::new(
                 "postgres.flush_interval",
                 "must be positive",
+            ));
+        }
+        if !(Duration::from_secs(2)..=Duration::from_secs(300)).contains(&self.lease_ttl) {
+            return Err(InvalidConfig::new(
+                "postgres.lease_ttl",
+                "must be between 2s (renewals every quarter of it must reach the database) and 5m (a standby waits that long after a crash)",
             ));
         }
         self.retention.validate()

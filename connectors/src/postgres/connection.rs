@@ -5,6 +5,7 @@ use primespark_schemas::rows::PartitionOffset;
 use tokio_postgres::Client;
 
 use super::{commit_offsets, connect, PostgresError};
+use crate::sink::fence::Fence;
 use crate::sink::{Classify, SinkError};
 
 /// One connection, opened on first use and again after it broke.
@@ -46,6 +47,7 @@ pub struct OffsetStore {
     conn: Connection,
     dataflow: &'static str,
     topic: String,
+    fence: Fence,
 }
 
 impl OffsetStore {
@@ -55,7 +57,14 @@ impl OffsetStore {
             conn: Connection::new(url),
             dataflow,
             topic: topic.to_owned(),
+            fence: Fence::unfenced(),
         }
+    }
+
+    /// Commits check the writer lease `fence` in their transaction.
+    pub fn with_fence(mut self, fence: Fence) -> Self {
+        self.fence = fence;
+        self
     }
 
     /// Stores `offsets` as `sink`'s positions (each only moves forward).
@@ -68,7 +77,17 @@ impl OffsetStore {
             return Ok(());
         }
         let result = match self.conn.client().await {
-            Ok(client) => commit_offsets(client, self.dataflow, sink, &self.topic, offsets).await,
+            Ok(client) => {
+                commit_offsets(
+                    client,
+                    self.dataflow,
+                    sink,
+                    &self.topic,
+                    offsets,
+                    &self.fence,
+                )
+                .await
+            }
             Err(e) => Err(e),
         };
         result.map_err(|e| {

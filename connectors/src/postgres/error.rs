@@ -53,6 +53,7 @@ impl Classify for PostgresError {
             // A stored row someone must fix or remove.
             PostgresError::InvalidRow(_) => ErrorClass::Fatal(Domain::User),
             PostgresError::Injected(_) => ErrorClass::Retry,
+            PostgresError::Fenced(e) => e.class().clone(),
         }
     }
 }

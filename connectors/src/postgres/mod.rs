@@ -7,6 +7,7 @@ pub mod backfill;
 mod config;
 mod connection;
 mod error;
+pub mod lease;
 mod raw_sink;
 pub mod retention;
 mod sink;

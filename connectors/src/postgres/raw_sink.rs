@@ -12,6 +12,7 @@ use primespark_schemas::rows::{LateEventRow, PartitionOffset, RawRow};
 
 use super::connection::{ping, Connection};
 use super::{rejected_records, write_raw, PostgresError};
+use crate::sink::fence::Fence;
 use crate::sink::registry::{Built, RawSinkKind, SinkContext, SinkSettings};
 use crate::sink::{BoxRawSink, Classify, Flush, Refused, Sink, SinkError, Target};
 
@@ -47,6 +48,7 @@ fn build(
             .map(|o| (o.partition, o))
             .collect(),
         backfill: ctx.backfill.is_some(),
+        fence: ctx.fence.clone(),
         committed: ctx
             .stored
             .offsets_of(NAME)
@@ -65,6 +67,8 @@ pub struct RawRowsSink {
     resume: HashMap<i32, PartitionOffset>,
     /// A backfill stores no positions: they belong to the streaming run.
     backfill: bool,
+    /// The writer lease every transaction checks.
+    fence: Fence,
     /// Per partition, the first offset not yet committed (stored, then each write's).
     committed: HashMap<i32, i64>,
 }
@@ -139,6 +143,7 @@ impl RawRowsSink {
             &share.letters,
             &share.late,
             &share.offsets,
+            &self.fence,
         )
         .await;
         let Err(e) = written else { return Ok(()) };

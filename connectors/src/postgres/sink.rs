@@ -17,6 +17,7 @@ use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::{Client, NoTls, Transaction};
 
 use crate::metrics::{DeadLettersWritten, SinkRowsWritten};
+use crate::sink::fence::Fence;
 
 /// PostgreSQL failures.
 #[derive(Debug, thiserror::Error)]
@@ -40,11 +41,27 @@ pub enum PostgresError {
     /// A test's failpoint failed the statement (see `crate::failpoint`).
     #[error("{0}")]
     Injected(String),
+    /// The writer lease check refused the transaction (see `crate::sink::fence`).
+    #[error(transparent)]
+    Fenced(Box<crate::sink::SinkError>),
 }
 
 /// Fails with [`PostgresError::Injected`] where a test armed the failpoint `name`.
 fn failpoint(name: &'static str) -> Result<(), PostgresError> {
     crate::failpoint::hit(name).map_err(|e| PostgresError::Injected(e.to_string()))
+}
+
+/// The writer lease check at the start of a commit transaction: its row stays locked until
+/// the transaction ends.
+async fn fence_in(
+    fence: &Fence,
+    tx: &tokio_postgres::Transaction<'_>,
+    dataflow: &str,
+) -> Result<(), PostgresError> {
+    fence
+        .check_in(tx, dataflow)
+        .await
+        .map_err(|e| PostgresError::Fenced(Box::new(e)))
 }
 
 fn stmt(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PostgresError {
@@ -826,12 +843,14 @@ pub async fn write_raw(
     dead: &[DeadLetterRow],
     late: &[LateEventRow],
     offsets: &[PartitionOffset],
+    fence: &Fence,
 ) -> Result<(), PostgresError> {
     let started = Instant::now();
     let tx = client
         .transaction()
         .await
         .map_err(stmt("beginning raw batch"))?;
+    fence_in(fence, &tx, dataflow).await?;
     let copied = copy_raw(&tx, rows).await?;
     if !dead.is_empty() {
         let partitions: Vec<i32> = dead.iter().map(|d| d.partition).collect();
@@ -903,6 +922,8 @@ pub async fn write_raw(
 /// changes (`task_state`: keeps first, then retires) and, in the same transaction, the
 /// dataflow's committed watermark and the resume offsets of its windows (`None` and no
 /// offsets for a backfill: it stores no resume state).
+// Everything of one transaction is passed explicitly, as in `write_raw`.
+#[allow(clippy::too_many_arguments)]
 pub async fn write_aggregates(
     client: &mut Client,
     dataflow: &str,
@@ -911,12 +932,14 @@ pub async fn write_aggregates(
     rows: &[AggRow],
     committed_watermark_us: Option<i64>,
     offsets: &[PartitionOffset],
+    fence: &Fence,
 ) -> Result<(), PostgresError> {
     let started = Instant::now();
     let tx = client
         .transaction()
         .await
         .map_err(stmt("beginning aggregate batch"))?;
+    fence_in(fence, &tx, dataflow).await?;
     // A window updated by a late event can appear more than once: the last row wins (one
     // upsert statement must not touch a row twice).
     let rows = latest_rows(rows);
@@ -1268,11 +1291,13 @@ pub async fn commit_offsets(
     sink: &str,
     topic: &str,
     offsets: &[PartitionOffset],
+    fence: &Fence,
 ) -> Result<(), PostgresError> {
     let tx = client
         .transaction()
         .await
         .map_err(stmt("beginning offset commit"))?;
+    fence_in(fence, &tx, dataflow).await?;
     upsert_offsets(&tx, dataflow, sink, topic, offsets, true).await?;
     tx.commit().await.map_err(stmt("committing offsets"))
 }

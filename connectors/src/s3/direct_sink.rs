@@ -1,8 +1,9 @@
 //! Direct mode (`s3.direct = true`): the raw archive's rolls go to the bucket. A roll is
 //! written to the staging folder (`nas.path`) like the NAS archive's, then each of its files is
 //! uploaded, read back and compared (size, SHA-256) and removed locally ([`Tierer::upload`])
-//! before the roll's offsets are stored. Recovery also deletes the bucket's objects of rolls
-//! at or beyond the stored offsets (a crash between upload and offset commit).
+//! before the roll's offsets are stored. Recovery uploads the whole rolls a crash left in the
+//! staging folder and reads how far the bucket holds each partition from its roll names, so a
+//! lost stored offset neither deletes nor doubles an uploaded roll.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use async_trait::async_trait;
 use futures::FutureExt;
 
 use super::{S3Error, Tierer};
-use crate::nas::{build_rolls, ParquetArchive, Publish};
+use crate::nas::{build_rolls, parse_roll_range, ParquetArchive, Publish, Recovered};
 use crate::sink::registry::RawSinkKind;
 use crate::sink::{Classify, Domain, ErrorClass, Healthcheck, SinkError};
 
@@ -59,15 +60,30 @@ impl Publish for ToTheBucket {
     async fn recover(
         &self,
         archive: &ParquetArchive,
-        committed: &HashMap<i32, i64>,
         partitions: &[i32],
-    ) -> Result<usize, SinkError> {
-        let uncommitted =
-            |name: &str| ParquetArchive::uncommitted(name, committed, &|p| partitions.contains(&p));
-        self.0
-            .remove_uncommitted(&archive.dirs(), &uncommitted)
+        local: &Recovered,
+    ) -> Result<HashMap<i32, i64>, SinkError> {
+        // Whole rolls still in staging (uploads a crash cut short, or never started): the
+        // upload is idempotent, so finishing them is safe.
+        for file in &local.in_place {
+            self.0
+                .upload(file)
+                .await
+                .map_err(Classify::into_sink_error)?;
+        }
+        let names = self
+            .0
+            .list_names(&archive.dirs())
             .await
-            .map_err(Classify::into_sink_error)
+            .map_err(Classify::into_sink_error)?;
+        let mut ends = local.ends.clone();
+        for (p, _, last) in names.iter().filter_map(|n| parse_roll_range(n)) {
+            if partitions.contains(&p) {
+                let end = ends.entry(p).or_insert(i64::MIN);
+                *end = (*end).max(last.saturating_add(1));
+            }
+        }
+        Ok(ends)
     }
 
     fn healthcheck(&self) -> Healthcheck {

@@ -327,15 +327,10 @@ impl Tierer {
         }
     }
 
-    /// Deletes the objects under `dirs` (folders under the root, as the archive writes them)
-    /// whose file name `uncommitted` picks: rolls uploaded by a direct-mode sink that crashed
-    /// before committing their offsets (the replay writes them again). Returns how many.
-    pub async fn remove_uncommitted(
-        &self,
-        dirs: &[&Path],
-        uncommitted: &(dyn Fn(&str) -> bool + Sync),
-    ) -> Result<usize, S3Error> {
-        let mut removed = 0;
+    /// The file names of the objects under `dirs` (folders under the root, as the archive
+    /// writes them): what a direct-mode sink has uploaded.
+    pub async fn list_names(&self, dirs: &[&Path]) -> Result<Vec<String>, S3Error> {
+        let mut names = Vec::new();
         for dir in dirs {
             let Some(prefix) = self.key(dir) else {
                 continue;
@@ -351,21 +346,13 @@ impl Tierer {
                     what: format!("listing {prefix}"),
                     source,
                 })?;
-            for meta in listed {
-                if meta.location.filename().is_some_and(uncommitted) {
-                    self.store
-                        .delete(&meta.location)
-                        .await
-                        .map_err(|source| S3Error::Request {
-                            what: format!("deleting {}", meta.location),
-                            source,
-                        })?;
-                    tracing::info!(key = %meta.location, "removed uncommitted object");
-                    removed += 1;
-                }
-            }
+            names.extend(
+                listed
+                    .iter()
+                    .filter_map(|m| m.location.filename().map(str::to_owned)),
+            );
         }
-        Ok(removed)
+        Ok(names)
     }
 
     /// One pass: every file older than `after` at `now` is copied, verified and removed from
@@ -464,7 +451,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn direct_upload_then_recovery_of_uncommitted_objects() {
+    async fn direct_upload_and_listing() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
         let topic = root.join("topic=t").join("date=2025-11-05").join("hour=14");
@@ -485,24 +472,15 @@ mod tests {
             .upload(&topic.join("part-p000-o00000000000000000099-00000000000000000099.parquet"))
             .await
             .is_err());
-        // Offsets committed up to 10: the second roll's object is an orphan.
-        let removed = tier
-            .remove_uncommitted(&[&root.join("topic=t")], &|name: &str| {
-                name.contains("-o00000000000000000010-")
-            })
-            .await
-            .unwrap();
-        assert_eq!(removed, 1);
-        let keys: Vec<String> = store
-            .list(None)
-            .collect::<Vec<_>>()
-            .await
-            .into_iter()
-            .map(|m| m.unwrap().location.to_string())
-            .collect();
+        // Both uploaded rolls are listed: the bucket's own record of what it holds.
+        let mut names = tier.list_names(&[&root.join("topic=t")]).await.unwrap();
+        names.sort();
         assert_eq!(
-            keys,
-            vec!["archive/topic=t/date=2025-11-05/hour=14/part-p000-o00000000000000000000-00000000000000000009.parquet"]
+            names,
+            vec![
+                "part-p000-o00000000000000000000-00000000000000000009.parquet",
+                "part-p000-o00000000000000000010-00000000000000000019.parquet"
+            ]
         );
     }
 

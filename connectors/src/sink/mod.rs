@@ -44,6 +44,7 @@
 //!    between write and commit, retries and metrics, backpressure, shutdown flush.
 
 mod error;
+pub mod fence;
 pub mod quarantine;
 pub mod registry;
 mod retry;

@@ -56,6 +56,8 @@ pub struct SinkContext {
     /// A backfill of event times `[since, until)`: sinks store no positions, and only
     /// PostgreSQL is written.
     pub backfill: Option<(i64, i64)>,
+    /// The writer lease this process writes under ([`crate::sink::fence`]).
+    pub fence: crate::sink::fence::Fence,
 }
 
 impl SinkContext {

@@ -55,6 +55,9 @@ pub enum RunError {
     /// A backfill's source failed mid-way; the tables hold part of the range (run it again).
     #[error("backfill failed: {0}; run it again, it is idempotent")]
     Backfill(String),
+    /// Another process writes the same archive (without PostgreSQL, the NAS folder lock).
+    #[error("{0}")]
+    Busy(String),
     /// Writers did not finish within the grace period.
     #[error(
         "sinks did not flush within {0:?}; the next run resumes from the last committed offsets"
@@ -82,7 +85,7 @@ impl RunError {
     /// Errors are sorted by their class, never by the crate they come from.
     pub fn exit_code(&self) -> u8 {
         match self {
-            RunError::Config(_) => 2,
+            RunError::Config(_) | RunError::Busy(_) => 2,
             RunError::Postgres(e) => code_of(e.class()),
             RunError::Kafka(e) => code_of(e.class()),
             RunError::Nas(e) => code_of(e.class()),

@@ -18,7 +18,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use primespark_connectors::postgres::{self, Backend};
+use primespark_connectors::postgres::{self, lease, Backend};
+use primespark_connectors::sink::fence::Fence;
+use primespark_connectors::sink::{Domain, SinkError};
 use primespark_operators::inference::config::InferenceConfig;
 use primespark_operators::scoring::ModelTable;
 use primespark_operators::source::EventTimeSpec;
@@ -97,6 +99,43 @@ fn run_mode(
     let backend = rt.block_on(prepare_database(config))?;
     let archive = backfill::archive_stores(config, backfill)?;
     let fatal = Fatal::new(shutdown.clone());
+    // Without PostgreSQL no lease can be held: the NAS folder lock keeps a second instance
+    // from writing the same archive.
+    let _nas_lock = (!config.postgres.enabled && backfill.is_none())
+        .then(|| lock_nas(config))
+        .transpose()?;
+    // The SQL endpoint first: a standby answers queries and says on `/readyz` why it is not
+    // ready. Not for a backfill: a batch job next to the running pipeline.
+    let mut services = match backfill {
+        None => services::Services::start_query(&rt, config, &shutdown)?,
+        Some(_) => services::Services::default(),
+    };
+    let released = Arc::new(AtomicBool::new(false));
+    let (fence, keeper) = match writer_lease(&rt, config, &plan, backfill.is_some(), &shutdown)? {
+        Lease::None => (Fence::unfenced(), None),
+        Lease::Gave => {
+            // Shut down while a standby: nothing was written.
+            services.stop(&rt);
+            tracing::info!("standby stopped before taking the writer lease");
+            return Ok(());
+        }
+        Lease::Held(spec, fence) => {
+            let (stop, report) = (released.clone(), fatal.clone());
+            let keeper = rt.spawn(lease::keep(
+                config.postgres.config.url.clone(),
+                spec,
+                fence.clone(),
+                move || stop.load(Ordering::SeqCst),
+                move |why| {
+                    report.report(SinkError::fatal(
+                        Domain::External,
+                        format!("fenced: {why}; another instance writes now, this one stops"),
+                    ))
+                },
+            ));
+            (fence, Some(keeper))
+        }
+    };
     let mut writers = Vec::new();
     // A backfill's positions are not the stream's progress.
     let group = (backfill.is_none() && config.kafka.commit_group_offsets)
@@ -104,6 +143,7 @@ fn run_mode(
         .transpose()?;
     let env = streams::Start {
         rt: &rt,
+        fence: &fence,
         config,
         plan: &plan,
         archive: &archive,
@@ -114,12 +154,10 @@ fn run_mode(
     for stream in &plan.streams {
         started.push(streams::start(&env, stream, &mut writers)?);
     }
-    // The SQL endpoint, tiering and retention (not for a backfill: a batch job next to the
-    // running pipeline).
-    let services = match backfill {
-        None => services::Services::start(&rt, config, backend, &shutdown)?,
-        Some(_) => services::Services::default(),
-    };
+    // Tiering and retention, in the writer only.
+    if backfill.is_none() {
+        services.start_writers(&rt, config, backend, &shutdown)?;
+    }
     let backfill_failure: Arc<Mutex<Option<String>>> = Arc::default();
     let shared = workers::Shared {
         kafka: config.kafka.clone(),
@@ -152,11 +190,30 @@ fn run_mode(
         workers: config.runtime.workers,
         process_id: config.runtime.process_id,
     };
+    // A backfill to the archive's end hands the streaming run its raw positions (below).
+    let seeds: Vec<RawSeed> = match backfill {
+        Some(range) if range.until_us.is_none() => started
+            .iter()
+            .map(|s| {
+                (
+                    s.plan.def.name,
+                    s.plan.topic.clone(),
+                    archive_ends(&s.archived),
+                )
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
     let failed =
         workers::execute(config.runtime.timely()?, started, shared).map_err(RunError::Timely)?;
     let interrupted = backfill.is_some() && shutdown.load(Ordering::SeqCst);
     let finished = drain(&rt, writers, config.runtime.shutdown_grace);
     shutdown.store(true, Ordering::SeqCst);
+    // Only now, with every commit done, may a standby take over.
+    released.store(true, Ordering::SeqCst);
+    if let Some(keeper) = keeper {
+        let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), keeper).await });
+    }
     services.stop(&rt);
     if let Some(e) = fatal.take() {
         return Err(RunError::Sink(e));
@@ -172,8 +229,106 @@ fn run_mode(
         return Err(RunError::Backfill("interrupted".into()));
     }
     finished.map_err(|_| RunError::ShutdownTimeout(config.runtime.shutdown_grace))?;
+    if !seeds.is_empty() {
+        rt.block_on(async {
+            let client = postgres::connect(&config.postgres.config.url).await?;
+            for (dataflow, topic, ends) in &seeds {
+                let stored =
+                    postgres::backfill::seed_raw_positions(&client, dataflow, topic, ends).await?;
+                if stored > 0 {
+                    tracing::info!(dataflow, topic, partitions = stored, "backfill: the raw positions of a new database start where the archive ends");
+                }
+            }
+            Ok::<_, RunError>(())
+        })?;
+    }
     tracing::info!("pipeline stopped cleanly");
     Ok(())
+}
+
+/// A stream's raw positions a backfill hands the streaming run: dataflow, topic, and per
+/// partition the offset after the archive's last roll.
+type RawSeed = (&'static str, String, Vec<(i32, i64)>);
+
+/// Per partition, the offset after the last of `files`' rolls.
+fn archive_ends(files: &[primespark_connectors::archive::RollFile]) -> Vec<(i32, i64)> {
+    let mut ends: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
+    for f in files {
+        let name = f.relative.rsplit('/').next().unwrap_or_default();
+        if let Some((p, _, last)) = primespark_connectors::nas::parse_roll_range(name) {
+            let end = ends.entry(p).or_insert(i64::MIN);
+            *end = (*end).max(last.saturating_add(1));
+        }
+    }
+    ends.into_iter().collect()
+}
+
+/// The writer lease of a run.
+enum Lease {
+    /// None is used (no PostgreSQL, or a backfill).
+    None,
+    /// The run was stopped while waiting as a standby.
+    Gave,
+    /// Held: renew it with the spec, write under the fence.
+    Held(lease::LeaseSpec, Fence),
+}
+
+/// Takes the writer lease of this process's dataflows, waiting as a standby while another live
+/// instance holds it.
+fn writer_lease(
+    rt: &Runtime,
+    config: &Config,
+    plan: &Plan,
+    backfill: bool,
+    shutdown: &Arc<AtomicBool>,
+) -> Result<Lease, RunError> {
+    if !config.postgres.enabled || backfill {
+        return Ok(Lease::None);
+    }
+    let spec = lease::LeaseSpec {
+        dataflows: plan.streams.iter().map(|s| s.def.name.to_owned()).collect(),
+        process_id: i32::try_from(config.runtime.process_id).unwrap_or(i32::MAX),
+        holder: lease::holder_name(),
+        ttl: config.postgres.config.lease_ttl,
+    };
+    let stop = || shutdown.load(Ordering::SeqCst);
+    match rt.block_on(lease::acquire(&config.postgres.config.url, &spec, &stop))? {
+        Some((fence, _predecessors)) => Ok(Lease::Held(spec, fence)),
+        None => Ok(Lease::Gave),
+    }
+}
+
+/// Locks `<nas.path>/.primespark.lock` for the life of the run, or says who holds it.
+fn lock_nas(config: &Config) -> Result<std::fs::File, RunError> {
+    let root = &config.nas.path;
+    std::fs::create_dir_all(root).map_err(|source| {
+        RunError::Nas(primespark_connectors::nas::NasError::Io {
+            path: root.clone(),
+            source,
+        })
+    })?;
+    let path = root.join(".primespark.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| {
+            RunError::Nas(primespark_connectors::nas::NasError::Io {
+                path: path.clone(),
+                source,
+            })
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(RunError::Busy(format!(
+            "another primespark process writes {} (without PostgreSQL there is no writer lease, so the folder lock is the only guard): stop it, or give this one its own nas.path",
+            root.display()
+        ))),
+        Err(std::fs::TryLockError::Error(source)) => {
+            Err(RunError::Nas(primespark_connectors::nas::NasError::Io { path, source }))
+        }
+    }
 }
 
 /// Waits up to `grace` for the sink runtimes to commit everything and exit (the workers are

@@ -25,18 +25,31 @@ pub struct Services {
 }
 
 impl Services {
-    /// Starts every service `config` asks for on `rt`.
-    pub fn start(
+    /// Starts the SQL endpoints (a standby serves them too, and says on `/readyz` why it is
+    /// not ready).
+    pub fn start_query(
         rt: &Runtime,
         config: &Config,
-        backend: Option<Backend>,
         shutdown: &Arc<AtomicBool>,
     ) -> Result<Self, RunError> {
         Ok(Self {
             http: Some(start_query(rt, config, shutdown)?),
-            tiering: start_tiering(rt, config, shutdown)?,
-            retention: start_retention(rt, config, backend, shutdown),
+            ..Self::default()
         })
+    }
+
+    /// Starts tiering and retention: only in the process that holds the writer lease, so one
+    /// elected process runs them.
+    pub fn start_writers(
+        &mut self,
+        rt: &Runtime,
+        config: &Config,
+        backend: Option<Backend>,
+        shutdown: &Arc<AtomicBool>,
+    ) -> Result<(), RunError> {
+        self.tiering = start_tiering(rt, config, shutdown)?;
+        self.retention = start_retention(rt, config, backend, shutdown);
+        Ok(())
     }
 
     /// Waits for the services to stop (the shutdown flag is raised by now).

@@ -49,6 +49,8 @@ pub struct StreamRun {
 pub struct Start<'a> {
     /// The I/O runtime.
     pub rt: &'a Runtime,
+    /// The writer lease every sink writes under.
+    pub fence: &'a primespark_connectors::sink::fence::Fence,
     /// The configuration.
     pub config: &'a Config,
     /// The run's plan.
@@ -101,6 +103,7 @@ pub fn start(
         topic_partitions: partitions.len(),
         stored: Arc::new(stored),
         backfill: plan.backfill.as_ref().map(|r| r.bounds()),
+        fence: env.fence.clone(),
     };
     let aggregates = rt.block_on(registry::aggregate_sinks(&plan.sinks, &ctx))?;
     let aggregates = checked(rt, aggregates, true)?;
