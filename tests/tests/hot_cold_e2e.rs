@@ -135,3 +135,70 @@ async fn rows_moving_out_of_postgres_are_counted_once() -> Result<()> {
     pipeline.terminate(Duration::from_secs(30))?;
     Ok(())
 }
+
+/// The boundary is the oldest time in PostgreSQL, but never before the retention horizon: rows
+/// retention removed from PostgreSQL are still read from the archive after one late event dated
+/// ten days back lands in PostgreSQL (on a main where the boundary was `min(time)` alone, that
+/// event moved it back and the removed rows vanished from SQL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_old_late_row_does_not_hide_rows_retention_removed() -> Result<()> {
+    let stack = stack();
+    let run = TelemetryRun::new(
+        "hotcold_late",
+        1,
+        Sections {
+            postgres: "flush_rows = 100\nflush_interval = \"100ms\"\n\
+                       [postgres.retention]\nenabled = true\nraw_telemetry = \"2d\"\ninterval = \"1h\"",
+            extra: "[inference]\nenabled = false",
+            ..Sections::default()
+        },
+    )
+    .await?;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let sample = |t: i64, v: f64| {
+        json!({"device_id": "pi", "metrics": {"cpu_percent": v}, "timestamp": t})
+            .to_string()
+            .into_bytes()
+    };
+    // History three days old, then the last hour, in order; then one event ten days old (late).
+    let old_start = now_ms - 3 * 86_400_000;
+    let recent_start = now_ms - 3_600_000;
+    let mut records: Vec<(i32, Vec<u8>)> = (0..100)
+        .map(|i| (0, sample(old_start + i * 1000, 1.0)))
+        .chain((0..100).map(|i| (0, sample(recent_start + i * 1000, 2.0))))
+        .collect();
+    records.push((0, sample(now_ms - 10 * 86_400_000, 4.0)));
+    produce(stack, &run.topic, &records)?;
+    // The suites' command turns retention off; this test is about its horizon.
+    let _pipeline = run.start(&[("PRIMESPARK_POSTGRES__RETENTION__ENABLED", "true")])?;
+    let client = connect(&run.url).await?;
+    let archived = run.nas.join(format!("topic={}", run.topic));
+    let waited = wait_until(Duration::from_secs(120), "every row stored", || async {
+        Ok(
+            primespark_tests::count(&client, "SELECT count(*) FROM late_events").await == 1
+                && primespark_tests::parquet_rows(&archived).unwrap_or(0) == 201,
+        )
+    })
+    .await;
+    if let Err(e) = waited {
+        bail!("{e}\n{}", run.log_text());
+    }
+    // What retention does to the history (whether or not its pass ran yet); the late event is
+    // younger than the cutoff's first pass and stays.
+    client
+        .execute(
+            "DELETE FROM device_metrics WHERE time < now() - interval '2 days' AND time > now() - interval '5 days'",
+            &[],
+        )
+        .await?;
+    let got = query(
+        &run.http,
+        "SELECT count(*) AS n, sum(value) AS s FROM device_metrics",
+    )?;
+    assert_eq!(
+        (got[0].as_i64(), got[1].as_f64()),
+        (Some(201), Some(100.0 + 200.0 + 4.0)),
+        "every row once: the history from the archive, the last hour from PostgreSQL"
+    );
+    Ok(())
+}

@@ -1,9 +1,9 @@
 //! The raw archive written straight to the bucket (`s3.direct = true`) on the stack's S3 server,
-//! through SIGKILLs: each roll is uploaded and verified before its offsets are committed, and a
-//! restart deletes objects of rolls it had not committed. Afterwards pyarrow, reading the
-//! bucket, finds every valid event's row and score exactly once, and the NAS staging folder
-//! holds no raw file. A planted orphan (an object named past the committed offsets, holding
-//! copies of committed rows) must be removed by the restart, or the rows would count twice.
+//! through SIGKILLs: each roll is uploaded and verified before its offsets are committed. One
+//! run crashes at exactly the delicate point (a failpoint ends it right after an upload, before
+//! the commit): the restart keeps that roll, uploads the rest of it, and resumes after it
+//! instead of writing it twice. Afterwards pyarrow, reading the bucket, finds every valid
+//! event's row and score exactly once, and the NAS staging folder holds no raw file.
 
 use std::time::Duration;
 
@@ -29,37 +29,6 @@ async fn committed(client: &tokio_postgres::Client) -> i64 {
         .await
         .map(|r| r.get(0))
         .unwrap_or(0)
-}
-
-/// Copies the first object of partition 0 under `prefix` to a key whose name starts at
-/// partition 0's committed offset: what a crash between upload and commit leaves behind.
-fn plant_orphan(
-    python: &str,
-    endpoint: &str,
-    bucket: &str,
-    prefix: &str,
-    first: i64,
-) -> Result<()> {
-    let script = format!(
-        "import boto3\n\
-         s3 = boto3.client('s3', endpoint_url='{endpoint}', region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing')\n\
-         keys = [o['Key'] for o in s3.list_objects_v2(Bucket='{bucket}', Prefix='{prefix}').get('Contents', []) if '/part-p000-' in o['Key']]\n\
-         src = sorted(keys)[0]\n\
-         dst = src.rsplit('/', 1)[0] + '/part-p000-o{first:020}-{last:020}.parquet'\n\
-         s3.copy_object(Bucket='{bucket}', Key=dst, CopySource={{'Bucket': '{bucket}', 'Key': src}})\n\
-         print(dst)\n",
-        last = first + 10,
-    );
-    let out = std::process::Command::new(python)
-        .args(["-c", &script])
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "planting the orphan: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -108,7 +77,8 @@ async fn direct_writes_reach_the_bucket_exactly_once_through_crashes() -> Result
             ((i % i64::from(PARTITIONS)) as i32, payload)
         })
         .collect();
-    produce(stack, &topic, &records)?;
+    // A third of the records before each crash, so every run has rolls to write.
+    let chunks: Vec<&[(i32, Vec<u8>)]> = records.chunks(records.len() / 3 + 1).collect();
     let env = [
         ("AWS_ACCESS_KEY_ID", "testing"),
         ("AWS_SECRET_ACCESS_KEY", "testing"),
@@ -118,8 +88,26 @@ async fn direct_writes_reach_the_bucket_exactly_once_through_crashes() -> Result
     let raw_prefix = format!("archive/topic={topic}/");
     let mut rng = SmallRng::seed_from_u64(0x5eed_d1ec);
 
-    // Three SIGKILLs at random moments once some rolls are committed, a restart after each.
+    // Three crashes once some rolls are committed, a restart after each: two SIGKILLs at
+    // random moments, and between them one at the failpoint after an upload.
     for kill in 0..3 {
+        produce(stack, &topic, chunks.get(kill).copied().unwrap_or_default())?;
+        if kill == 1 {
+            let mut at_upload = env.to_vec();
+            at_upload.push(("PRIMESPARK_FAILPOINTS", "s3.uploaded=abort@3"));
+            let mut pipeline = Pipeline::start(&config, &at_upload, &log)?;
+            let started = std::time::Instant::now();
+            while pipeline.is_running() {
+                if started.elapsed() > Duration::from_secs(120) {
+                    bail!(
+                        "the failpoint after an upload never fired\n{}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            continue;
+        }
         let pipeline = Pipeline::start(&config, &env, &log)?;
         let before = committed(&client).await;
         let target = before + rng.random_range(500..3000);
@@ -132,16 +120,6 @@ async fn direct_writes_reach_the_bucket_exactly_once_through_crashes() -> Result
         }
         std::thread::sleep(Duration::from_millis(rng.random_range(0..400)));
         pipeline.kill()?;
-        if kill == 1 {
-            let p0: i64 = client
-                .query_one(
-                    "SELECT next_offset FROM source_offsets WHERE sink = 'parquet_raw' AND partition = 0",
-                    &[],
-                )
-                .await?
-                .get(0);
-            plant_orphan(&stack.python, &stack.s3_endpoint, &bucket, &raw_prefix, p0)?;
-        }
     }
 
     let mut pipeline = Pipeline::start(&config, &env, &log)?;
@@ -153,7 +131,7 @@ async fn direct_writes_reach_the_bucket_exactly_once_through_crashes() -> Result
         bail!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default());
     }
     assert!(pipeline.is_running());
-    // Read from the bucket: each valid event's row and score once, the orphan gone.
+    // Read from the bucket: each valid event's row and score once.
     assert_eq!(
         bucket_rows(stack, &bucket, &raw_prefix)?,
         (valid, valid),
@@ -170,13 +148,13 @@ async fn direct_writes_reach_the_bucket_exactly_once_through_crashes() -> Result
         0
     );
     assert_eq!(count_files(&nas.join("table=anomaly_scores"), "parquet"), 0);
-    let removed = std::fs::read_to_string(&log)?
+    let kept = std::fs::read_to_string(&log)?
         .lines()
-        .filter(|l| l.contains("removed uncommitted object"))
+        .filter(|l| l.contains("resuming after its last roll"))
         .count();
     assert!(
-        removed >= 1,
-        "the planted orphan was not removed by recovery"
+        kept >= 1,
+        "no restart resumed after the roll uploaded before the crash"
     );
     let status = pipeline.terminate(Duration::from_secs(60))?;
     assert!(status.success(), "{status}");

@@ -349,6 +349,13 @@ impl<P: Publish> Sink for RollSink<P> {
                 );
                 self.committed.insert(p, end);
                 self.rolls.entry(p).or_default().committed = Some(end);
+                // Stored with the next commit, so `source_offsets` and the consumer group
+                // show it too.
+                self.published.push(PartitionOffset {
+                    partition: p,
+                    next_offset: end,
+                    max_event_us: 0,
+                });
             }
         }
         Ok(local.removed + local.completed)

@@ -3,8 +3,10 @@
 //! `writer_leases` holds one row per (dataflow, process id) with the holder, its epoch and when
 //! it last renewed (the database's clock, so no host clock decides a takeover). A process takes
 //! every row of its dataflows in one transaction, with a new epoch from `writer_lease_epochs`,
-//! when each row is free: never held, released by a clean shutdown, held by itself, or not
-//! renewed for the time to live (`postgres.lease_ttl`). Otherwise it is a standby and asks again.
+//! when each row is free: never held, released by a clean shutdown, held by itself, not renewed
+//! for the time to live (`postgres.lease_ttl`), or held by a process of this host that no longer
+//! runs (a crash and restart here need not wait the time to live out). Otherwise it is a
+//! standby and asks again.
 //! The holder renews every quarter of the time to live; a renewal that finds another epoch means
 //! the lease was taken over, and the process stops. What the epoch protects is in
 //! [`crate::sink::fence`].
@@ -66,6 +68,30 @@ pub fn holder_name() -> String {
     format!("{host}:{}", crate::nas::instance_tag())
 }
 
+/// Whether `holder` (`host:pid-tag`) is a process of this host that no longer runs: an earlier
+/// run here that crashed (or this container's previous incarnation, with our own pid), whose
+/// lease need not expire first. A frozen process still runs, and a holder elsewhere is never
+/// judged from here.
+fn dead_here(holder: &str, me: &str) -> bool {
+    let (Some((host, tag)), Some((my_host, my_tag))) =
+        (holder.rsplit_once(':'), me.rsplit_once(':'))
+    else {
+        return false;
+    };
+    if host != my_host || tag == my_tag {
+        return false;
+    }
+    let (Some(pid), Some(my_pid)) = (tag.split('-').next(), my_tag.split('-').next()) else {
+        return false;
+    };
+    if pid == my_pid {
+        return true;
+    }
+    cfg!(target_os = "linux")
+        && pid.bytes().all(|b| b.is_ascii_digit())
+        && !std::path::Path::new("/proc").join(pid).exists()
+}
+
 fn stmt(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PostgresError {
     move |source| PostgresError::Statement { what, source }
 }
@@ -100,7 +126,7 @@ pub async fn try_acquire(client: &mut Client, spec: &LeaseSpec) -> Result<Attemp
         if holder.is_empty() || holder == spec.holder {
             continue;
         }
-        if age < ttl_s {
+        if age < ttl_s && !dead_here(&holder, &spec.holder) {
             // Rolls back: nothing changed.
             return Ok(Attempt::Standby {
                 dataflow,
@@ -292,5 +318,24 @@ pub async fn keep(
                 client = None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dead_here;
+
+    #[test]
+    fn only_dead_processes_of_this_host_give_way_at_once() {
+        let me = format!("h:{}-aa", std::process::id());
+        // A pid that cannot run: the kernel's limit is far below.
+        assert!(dead_here("h:999999999-bb", &me));
+        // Our own pid with another tag: this container's previous incarnation.
+        assert!(dead_here(&format!("h:{}-bb", std::process::id()), &me));
+        // Alive (pid 1 always is), another host, or ourselves.
+        assert!(!dead_here("h:1-bb", &me));
+        assert!(!dead_here("other:999999999-bb", &me));
+        assert!(!dead_here(&me, &me));
+        assert!(!dead_here("garbage", &me));
     }
 }

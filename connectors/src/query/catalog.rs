@@ -33,6 +33,14 @@ fn hot_cold() -> Vec<(&'static str, &'static str, &'static str)> {
     raw.chain(aggregates).collect()
 }
 
+/// Now minus `keep`, microseconds since the epoch.
+fn retention_horizon_us(keep: std::time::Duration) -> i64 {
+    let keep_us = i64::try_from(keep.as_micros()).unwrap_or(i64::MAX);
+    chrono::Utc::now()
+        .timestamp_micros()
+        .saturating_sub(keep_us)
+}
+
 /// Tables only PostgreSQL has: raw tables the archive does not keep, and the shared ones.
 fn hot_only() -> Vec<&'static str> {
     raw_tables()
@@ -49,7 +57,20 @@ fn df(e: impl Into<DataFusionError>) -> QueryError {
 /// Adds the `archive` and `pg` schemas and the unified tables to `ctx` (built by
 /// [`super::session`]). Tables PostgreSQL does not have yet (migrations not run) are left out
 /// with a warning.
-pub async fn attach_postgres(ctx: &SessionContext, url: &str) -> Result<(), QueryError> {
+///
+/// A unified table's boundary is the oldest time in its PostgreSQL table, but never before the
+/// table's retention horizon when `retention` is on: rows older than that may be gone from
+/// PostgreSQL (retention deleted them) and are read from the archive, so one late row dated
+/// weeks back cannot pull the boundary below rows PostgreSQL no longer has.
+pub async fn attach_postgres(
+    ctx: &SessionContext,
+    url: &str,
+    retention: Option<&crate::postgres::RetentionConfig>,
+) -> Result<(), QueryError> {
+    let horizons: std::collections::HashMap<&'static str, std::time::Duration> = retention
+        .filter(|r| r.enabled)
+        .map(|r| r.tables().into_iter().map(|t| (t.table, t.keep)).collect())
+        .unwrap_or_default();
     let pool = PgPool::new(url, 8).map_err(df)?;
     let state = ctx.state();
     let catalog_name = state.config().options().catalog.default_catalog.clone();
@@ -85,12 +106,18 @@ pub async fn attach_postgres(ctx: &SessionContext, url: &str) -> Result<(), Quer
             continue;
         };
         let (boundary_pool, table, column) = (pool.clone(), (*name).to_owned(), (*time).to_owned());
+        let keep = horizons.get(name).copied();
         let boundary: Boundary = Arc::new(move || {
             let (pool, table, column) = (boundary_pool.clone(), table.clone(), column.clone());
             Box::pin(async move {
-                pool.min_time_us(&table, &column)
+                let oldest = pool
+                    .min_time_us(&table, &column)
                     .await
-                    .map_err(DataFusionError::from)
+                    .map_err(DataFusionError::from)?;
+                Ok(oldest.map(|t| match keep {
+                    Some(keep) => t.max(retention_horizon_us(keep)),
+                    None => t,
+                }))
             })
         });
         // The archive's table of the same name gives way to the unified one (still in

@@ -112,6 +112,7 @@ fn start_query(
         rt.block_on(query::catalog::attach_postgres(
             &ctx,
             &config.postgres.config.url,
+            Some(&config.postgres.config.retention),
         ))?;
     }
     rt.block_on(query::catalog::register_seed_views(&ctx))?;
