@@ -60,6 +60,7 @@ struct Metrics {
     archive_tier_reads: Family<TierLabels, Counter>,
     writer_lease: Family<LeaseLabels, Gauge>,
     writer_lease_epoch: Gauge,
+    position_lost: Family<TableLabels, Counter>,
 }
 
 /// Labels of the writer lease series.
@@ -126,6 +127,7 @@ fn metrics() -> &'static Metrics {
         archive_tier_reads: Family::default(),
         writer_lease: Family::default(),
         writer_lease_epoch: Gauge::default(),
+        position_lost: Family::default(),
     })
 }
 
@@ -136,6 +138,11 @@ pub fn register(registry: &mut Registry) {
         "primespark_writer_lease",
         "1 for the writer lease state this process is in (held, standby, lost)",
         m.writer_lease.clone(),
+    );
+    registry.register(
+        "primespark_source_position_lost",
+        "Partitions whose stored position the broker no longer has (topic recreated or truncated), by topic",
+        m.position_lost.clone(),
     );
     registry.register(
         "primespark_writer_lease_epoch",
@@ -664,6 +671,38 @@ impl SourceDisconnected<'_> {
         if let Ok(mut d) = degraded().lock() {
             d.insert(
                 (SOURCE.to_owned(), self.topic.to_owned()),
+                self.error.to_string(),
+            );
+        }
+    }
+}
+
+/// A partition's position is outside what the broker holds: the topic was deleted and
+/// recreated (its offsets went backwards) or truncated below it. The partition is not read
+/// until an operator acts; it is never silently reset.
+pub struct SourcePositionLost<'a> {
+    /// Topic of the source.
+    pub topic: &'a str,
+    /// The client's error (it names the partition and offset).
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl SourcePositionLost<'_> {
+    /// Logs, counts and sets the degraded flag (`/readyz`), which only a restart clears.
+    pub fn emit(&self) {
+        tracing::error!(topic = self.topic, error = %self.error, "a partition's stored position is outside the topic (deleted and recreated, or truncated): it is not read; see ARCHITECTURE.md, \"Partitions and offsets\"");
+        metrics()
+            .position_lost
+            .get_or_create(&TableLabels {
+                table: self.topic.to_owned(),
+            })
+            .inc();
+        if let Ok(mut d) = degraded().lock() {
+            d.insert(
+                (
+                    SOURCE.to_owned(),
+                    format!("{} (position out of range)", self.topic),
+                ),
                 self.error.to_string(),
             );
         }

@@ -72,6 +72,24 @@ impl PartitionResume {
         )
     }
 
+    /// Moves every stored position below `first` up to it: records below it are gone from the
+    /// broker.
+    pub fn clamp_to(&mut self, first: i64) {
+        for (_, next) in &mut self.raw {
+            if let Some(n) = next {
+                *n = (*n).max(first);
+            }
+        }
+        if let Some((n, _)) = &mut self.window {
+            *n = (*n).max(first);
+        }
+    }
+
+    /// Whether any consumer has stored a position for the partition.
+    pub fn has_stored(&self) -> bool {
+        self.window.is_some() || self.raw.iter().any(|(_, n)| n.is_some())
+    }
+
     /// The first offset some raw sink has not stored (`None`: a raw sink has stored nothing, or
     /// there is none): where the consumer lag of records not yet stored counts from.
     pub fn stored(&self) -> Option<i64> {

@@ -276,6 +276,20 @@ pub async fn create_topic_on(brokers: &str, topic: &str, partitions: i32) -> Res
     Ok(())
 }
 
+/// How many partitions `topic` has.
+pub fn partition_count(stack: &Stack, topic: &str) -> Result<usize> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &stack.brokers)
+        .create()?;
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    Ok(md
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map_or(0, |t| t.partitions().len()))
+}
+
 /// Produces `(partition, payload)` records in order and waits for delivery.
 pub fn produce(stack: &Stack, topic: &str, records: &[(i32, Vec<u8>)]) -> Result<()> {
     produce_to(&stack.brokers, topic, records, Duration::from_secs(30))

@@ -145,13 +145,10 @@ pub fn reader(
         .set("client.id", client_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set(
-            "auto.offset.reset",
-            match cfg.start {
-                StartFrom::Earliest => "earliest",
-                StartFrom::Latest => "latest",
-            },
-        )
+        // Partitions without a stored position are assigned at the logical beginning or end;
+        // a stored position the broker does not have (a recreated topic, a truncation) is an
+        // error to report, never a silent jump.
+        .set("auto.offset.reset", "error")
         // Keep the local prefetch queue modest: backpressure stops polling, and unbounded
         // prefetch would turn that into memory growth.
         .set("queued.max.messages.kbytes", "16384")
@@ -288,13 +285,9 @@ impl PartitionReader {
     }
 
     /// Assigns `partitions`, each with the offset to start from (`None`: the configured start).
-    pub fn assign(
-        &self,
-        partitions: &[(i32, Option<i64>)],
-        start: StartFrom,
-    ) -> Result<(), KafkaError> {
+    pub fn assign(&self, partitions: &[(i32, Option<i64>, StartFrom)]) -> Result<(), KafkaError> {
         let mut tpl = TopicPartitionList::new();
-        for (p, offset) in partitions {
+        for (p, offset, start) in partitions {
             let offset = match (offset, start) {
                 (Some(o), _) => Offset::Offset(*o),
                 (None, StartFrom::Earliest) => Offset::Beginning,
@@ -320,6 +313,29 @@ impl PartitionReader {
         polled
     }
 
+    /// Whether the broker serves the record at `offset` of `partition` within `timeout`
+    /// (blocking; assigns this reader to that partition alone).
+    pub fn holds(
+        &self,
+        partition: i32,
+        offset: i64,
+        timeout: Duration,
+    ) -> Result<bool, KafkaError> {
+        use rdkafka::Message;
+        self.assign(&[(partition, Some(offset), StartFrom::Earliest)])?;
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            match self.consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) if m.partition() == partition => return Ok(m.offset() == offset),
+                Some(Err(rdkafka::error::KafkaError::MessageConsumption(
+                    RDKafkaErrorCode::AutoOffsetReset,
+                ))) => return Ok(false),
+                _ => {}
+            }
+        }
+        Ok(false)
+    }
+
     /// Low and high watermarks of a partition (blocking; not for worker threads' hot path).
     pub fn watermarks(&self, partition: i32, timeout: Duration) -> Result<(i64, i64), KafkaError> {
         self.consumer
@@ -342,6 +358,16 @@ impl primespark_schemas::flow::Feed for PartitionReader {
                 offset: msg.offset(),
                 payload: msg.payload().unwrap_or_default().to_vec(),
             },
+            Some(Err(rdkafka::error::KafkaError::MessageConsumption(
+                RDKafkaErrorCode::AutoOffsetReset,
+            ))) => {
+                crate::metrics::SourcePositionLost {
+                    topic: self.topic(),
+                    error: &"the stored position is outside the partition's offsets",
+                }
+                .emit();
+                Polled::Empty
+            }
             Some(Err(e)) => {
                 tracing::warn!(topic = self.topic(), error = %e, "kafka poll error");
                 Polled::Empty
@@ -412,6 +438,7 @@ pub struct DeadLetterMessage<'a> {
 pub async fn publish_dead_letters(
     producer: &FutureProducer,
     letters: &[DeadLetterMessage<'_>],
+    dlq_partitions: i32,
 ) -> Result<(), KafkaError> {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::FutureRecord;
@@ -445,8 +472,16 @@ pub async fn publish_dead_letters(
                 key: "primespark.received_at",
                 value: Some(&now),
             });
+        // Same partition as the record while the topic has it; a partition added to the source
+        // after the dead-letter topic could not grow goes to one that exists (its headers and
+        // key still name the record), never to one the broker refuses forever.
+        let to = if l.partition < dlq_partitions {
+            l.partition
+        } else {
+            l.partition.rem_euclid(dlq_partitions.max(1))
+        };
         let record = FutureRecord::to(&dlq)
-            .partition(l.partition)
+            .partition(to)
             .key(&key)
             .payload(l.payload)
             .headers(headers);
@@ -476,24 +511,83 @@ pub async fn publish_dead_letters(
     Ok(())
 }
 
-/// Creates topics that do not exist yet; existing ones are left alone.
+/// Creates topics that do not exist yet, and grows existing ones that have fewer partitions
+/// than asked (a dead-letter topic whose source gained partitions). Returns each topic's
+/// partition count afterwards.
 ///
-/// Topics that exist are not asked for at all, so brokers without the admin API (rdkafka's
-/// mock cluster, under `primespark demo`) work when the topics were made beforehand.
-pub async fn create_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<(), KafkaError> {
+/// Topics that exist with enough partitions are not asked for at all, so brokers without the
+/// admin API (rdkafka's mock cluster, under `primespark demo`) work when the topics were made
+/// beforehand. A broker that refuses to grow a topic leaves it as it is, with a warning.
+pub async fn create_topics(
+    cfg: &KafkaConfig,
+    topics: &[(&str, i32)],
+) -> Result<Vec<i32>, KafkaError> {
     let probe: BaseConsumer = base_config(cfg)
         .create()
         .map_err(client_error("creating metadata client"))?;
+    let existing: Vec<Option<i32>> = topics
+        .iter()
+        .map(|(name, _)| {
+            partition_ids(&probe, name, Duration::from_secs(5))
+                .ok()
+                .map(|ids| i32::try_from(ids.len()).unwrap_or(i32::MAX))
+        })
+        .collect();
+    let short: Vec<(&str, i32, i32)> = topics
+        .iter()
+        .zip(&existing)
+        .filter_map(|((name, want), have)| have.filter(|h| h < want).map(|h| (*name, h, *want)))
+        .collect();
     let missing: Vec<&(&str, i32)> = topics
         .iter()
-        .filter(|(name, _)| partition_ids(&probe, name, Duration::from_secs(5)).is_err())
+        .zip(&existing)
+        .filter(|(_, have)| have.is_none())
+        .map(|(t, _)| t)
         .collect();
-    if missing.is_empty() {
-        return Ok(());
+    let mut counts: Vec<i32> = topics
+        .iter()
+        .zip(&existing)
+        .map(|((_, want), have)| have.unwrap_or(*want))
+        .collect();
+    if missing.is_empty() && short.is_empty() {
+        return Ok(counts);
     }
     let admin: AdminClient<DefaultClientContext> = base_config(cfg)
         .create()
         .map_err(client_error("creating admin client"))?;
+    for (name, have, want) in &short {
+        let grown = admin
+            .create_partitions(
+                &[rdkafka::admin::NewPartitions::new(
+                    name,
+                    usize::try_from(*want).unwrap_or(1),
+                )],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await;
+        match grown.as_deref() {
+            Ok([Ok(_)]) => {
+                tracing::info!(
+                    topic = name,
+                    from = have,
+                    to = want,
+                    "topic grown to its source's partitions"
+                );
+                if let Some(i) = topics.iter().position(|(n, _)| n == name) {
+                    counts[i] = *want;
+                }
+            }
+            other => {
+                tracing::warn!(topic = name, have, want, result = ?other.map(|r| r.len()), "could not grow the topic: records of the newer partitions go to existing ones");
+                if let Some(i) = topics.iter().position(|(n, _)| n == name) {
+                    counts[i] = *have;
+                }
+            }
+        }
+    }
+    if missing.is_empty() {
+        return Ok(counts);
+    }
     let new: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
@@ -512,5 +606,5 @@ pub async fn create_topics(cfg: &KafkaConfig, topics: &[(&str, i32)]) -> Result<
             Err((topic, code)) => return Err(KafkaError::CreateTopic { topic, code }),
         }
     }
-    Ok(())
+    Ok(counts)
 }

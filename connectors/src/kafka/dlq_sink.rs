@@ -41,9 +41,12 @@ async fn build(
     let partitions = i32::try_from(ctx.topic_partitions)
         .unwrap_or(i32::MAX)
         .max(1);
-    create_topics(&settings.kafka, &[(&dlq, partitions)])
+    let dlq_partitions = create_topics(&settings.kafka, &[(&dlq, partitions)])
         .await
-        .map_err(Classify::into_sink_error)?;
+        .map_err(Classify::into_sink_error)?
+        .first()
+        .copied()
+        .unwrap_or(partitions);
     // The letters' store: PostgreSQL when enabled, else the archive's file.
     let follows = if settings.postgres.is_some() {
         crate::postgres::RAW_ROWS.name
@@ -56,6 +59,7 @@ async fn build(
         producer: producer(&settings.kafka).map_err(Classify::into_sink_error)?,
         stored: ctx.stored.clone(),
         follows,
+        dlq_partitions,
     };
     Ok((Box::new(sink), crate::sink::healthy()))
 }
@@ -68,6 +72,8 @@ pub struct DeadLetterTopicSink {
     stored: std::sync::Arc<StoredState>,
     /// The sink whose positions this one resumes from.
     follows: &'static str,
+    /// Partitions of the dead-letter topic.
+    dlq_partitions: i32,
 }
 
 #[async_trait]
@@ -118,7 +124,7 @@ impl Sink for DeadLetterTopicSink {
             return Ok(());
         }
         let started = std::time::Instant::now();
-        match publish_dead_letters(&self.producer, &letters).await {
+        match publish_dead_letters(&self.producer, &letters, self.dlq_partitions).await {
             Ok(()) => {
                 crate::metrics::SinkRowsWritten {
                     sink: "kafka",

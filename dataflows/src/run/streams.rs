@@ -154,6 +154,9 @@ pub fn start(
         raw_txs.push(Some(tx));
         writers.push(supervised(rt, env.fatal, raw.run(rx)));
     }
+    if plan.backfill.is_none() {
+        check_positions(env.config, &stream.topic, &mut resumes);
+    }
     let (agg_tx, agg_rx) = mpsc::channel(4);
     writers.push(supervised(
         rt,
@@ -239,6 +242,50 @@ fn supervised(
 }
 
 /// The topic's partitions, waiting up to `kafka.metadata_timeout_ms` for it to appear.
+/// Compares each partition's stored position with what the broker holds, by the documented
+/// rule (ARCHITECTURE.md, "Partitions and offsets"): a position below the partition's first
+/// offset (records expired before they were stored) continues from that first offset, a
+/// position beyond its end (the topic was deleted and recreated) leaves the partition unread;
+/// both are reported (`primespark_source_position_lost_total`, the log, `/readyz`), never
+/// silent.
+fn check_positions(config: &Config, topic: &str, resumes: &mut BTreeMap<i32, PartitionResume>) {
+    let Ok(reader) = kafka::reader(&config.kafka, topic, "primespark-positions") else {
+        return;
+    };
+    let timeout = Duration::from_secs(5);
+    let mut lost = Vec::new();
+    for (p, resume) in resumes.iter_mut() {
+        let Some(start) = resume.start() else {
+            continue;
+        };
+        let Ok((low, high)) = reader.watermarks(*p, timeout) else {
+            continue;
+        };
+        if start < low {
+            kafka_position_lost(
+                topic,
+                &format!("partition {p}: stored position {start} is below the partition's first offset {low} (records expired before they were stored); continuing from {low}"),
+            );
+            resume.clamp_to(low);
+        } else if start > high && start > 0 && !reader.holds(*p, start - 1, timeout).unwrap_or(true)
+        {
+            // Some brokers report the end a batch short: only a missing record proves it.
+            kafka_position_lost(
+                topic,
+                &format!("partition {p}: stored position {start} is beyond the partition's end {high} (the topic was deleted and recreated?); the partition is not read until its rows in source_offsets are removed"),
+            );
+            lost.push(*p);
+        }
+    }
+    for p in lost {
+        resumes.remove(&p);
+    }
+}
+
+fn kafka_position_lost(topic: &str, why: &str) {
+    primespark_connectors::metrics::SourcePositionLost { topic, error: &why }.emit();
+}
+
 fn discover_partitions(config: &Config, topic: &str) -> Result<Vec<i32>, RunError> {
     let reader = kafka::reader(&config.kafka, topic, "primespark-metadata")?;
     let deadline = Instant::now() + Duration::from_millis(config.kafka.metadata_timeout_ms);

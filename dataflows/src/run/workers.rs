@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use primespark_connectors::archive::{ArchiveReader, TieredStore};
-use primespark_connectors::kafka::{self, KafkaConfig};
+use primespark_connectors::kafka::{self, KafkaConfig, StartFrom};
 use primespark_operators::checkpoint::CheckpointTracker;
 use primespark_operators::control::{Control, Drained};
 use primespark_operators::inference::cpu::CpuBackend;
@@ -204,13 +204,25 @@ fn feed(
         &format!("primespark-{dataflow}-{index}"),
     )
     .map_err(|e| e.to_string())?;
-    let assignment: Vec<(i32, Option<i64>)> = mine.iter().map(|(p, r)| (*p, r.start())).collect();
-    for (p, start) in &assignment {
-        tracing::info!(dataflow, topic = %topic, partition = p, start = ?start, worker = index, "assigned partition");
+    // A partition nothing has stored while others of the topic have is one added since the
+    // topic was first read: it is read from its beginning whatever `kafka.start` says, or
+    // `latest` would skip the backlog it gathered before this run saw it.
+    let seen_before = stream.resumes.values().any(PartitionResume::has_stored);
+    let assignment: Vec<(i32, Option<i64>, StartFrom)> = mine
+        .iter()
+        .map(|(p, r)| {
+            let start = if seen_before && !r.has_stored() {
+                StartFrom::Earliest
+            } else {
+                shared.kafka.start
+            };
+            (*p, r.start(), start)
+        })
+        .collect();
+    for (p, offset, start) in &assignment {
+        tracing::info!(dataflow, topic = %topic, partition = p, offset = ?offset, start = ?start, worker = index, "assigned partition");
     }
-    reader
-        .assign(&assignment, shared.kafka.start)
-        .map_err(|e| e.to_string())?;
+    reader.assign(&assignment).map_err(|e| e.to_string())?;
     if shared.paused.load(Ordering::Relaxed) {
         // Lag counts records not stored yet: from the raw sinks' resume offsets, not from the
         // earlier offset the windows' replay starts at.
