@@ -92,7 +92,7 @@ pub async fn connect(url: &str) -> Result<Client, PostgresError> {
 
 /// Applies pending migrations (idempotent; serialized across processes by an advisory lock) and,
 /// when the server can run the `timescaledb` extension, makes the time-series tables
-/// hypertables (see [`timescale_decision`] for when it tries). Plain tables otherwise, with a
+/// hypertables (see `timescale_decision` for when it tries). Plain tables otherwise, with a
 /// log line saying why.
 ///
 /// On a server where TimescaleDB is installed but not preloaded, `CREATE EXTENSION` is a FATAL

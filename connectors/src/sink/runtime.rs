@@ -3,8 +3,8 @@
 //! operator. A slow or failing sink holds its runtime in the retry loop, the channel fills, and
 //! the operator pauses the source: backpressure, never memory growth.
 //!
-//! Per raw batch: every sink's [`Sink::write`] in order (the dead-letter topic first, so a
-//! letter is out before any sink commits its offset), then every sink's [`Sink::commit`] of
+//! Per raw batch: every sink's [`Sink::write`](super::Sink::write) in order (the dead-letter topic first, so a
+//! letter is out before any sink commits its offset), then every sink's [`Sink::commit`](super::Sink::commit) of
 //! what is due; every 500 ms a commit of what became due by age; at the end, a commit of
 //! everything. A sink's quarantine takes the refused records out of its share of the batch as
 //! dead letters (also handed to the sinks that relay letters, the dead-letter topic) and writes

@@ -2,8 +2,8 @@
 //!
 //! Start-up ([`run`], [`backfill`]): the plan from the configuration, models, the I/O runtime and
 //! signals, migrations, then per stream its stored state, partitions, sinks and their runtimes
-//! ([`streams`]), the services ([`services`]: SQL, tiering, retention), and the timely workers
-//! ([`workers`]). Shutdown (SIGINT/SIGTERM or the caller's flag): sources stop reading but keep
+//! (`streams`), the services (`services`: SQL, tiering, retention), and the timely workers
+//! (`workers`). Shutdown (SIGINT/SIGTERM or the caller's flag): sources stop reading but keep
 //! their capabilities, so open windows are not emitted partial; the sink operators hand off
 //! their buffers; the sink runtimes commit everything and exit within
 //! `runtime.shutdown_grace`. A sink that fails for good stops the run with its error.

@@ -7,13 +7,13 @@
 //! libhailort. It implements `primespark_operators::inference::Backend`.
 //!
 //! Life of a model:
-//! - [`HailoBackend::open`] creates one vdevice with HailoRT's defaults, which include the
+//! - `HailoBackend::open` creates one vdevice with HailoRT's defaults, which include the
 //!   round-robin network-group scheduler: HailoRT switches between loaded models by itself,
 //!   so nothing is activated by hand. The default vdevice owns the device exclusively, so open
 //!   the backend once per process and clone it (clones share the vdevice).
-//! - [`Backend::load`] creates the HEF, configures its network group on the vdevice and
+//! - `Backend::load` creates the HEF, configures its network group on the vdevice and
 //!   creates one input and one output vstream in the HEF's own (quantized) format.
-//! - [`Model::run`] quantizes the batch with the vstreams' `qp_scale`/`qp_zp`, writes one
+//! - `Model::run` quantizes the batch with the vstreams' `qp_scale`/`qp_zp`, writes one
 //!   frame per sample from a helper thread while reading the scores on the calling thread
 //!   (HailoRT's own pattern, so a batch longer than the vstream queues cannot deadlock), and
 //!   dequantizes the scores.
