@@ -1,5 +1,6 @@
 //! Scale-out against the stack: the same telemetry through 1 process x 1 worker, 1 process x 4
-//! workers and a cluster of 2 OS processes x 2 workers (timely over loopback TCP) gives the same
+//! workers, a cluster of 2 OS processes x 2 workers (timely over loopback TCP), and that cluster
+//! with one process SIGKILLed mid-run and the cluster restarted, gives the same
 //! raw rows and the same `device_metrics_1m`, equal to what this test computes itself; the same
 //! task and API events give identical `task_stats_1m`, `agent_load_1m` and `api_events_1m` in
 //! every layout (the lifecycle join's exchange by task id, and the backlog sampled per key, do
@@ -143,6 +144,9 @@ struct Layout {
     name: &'static str,
     processes: usize,
     workers: usize,
+    /// SIGKILL the last process once rows arrive; the cluster is then restarted (a timely
+    /// cluster cannot take a process back while it runs).
+    kill_one: bool,
 }
 
 /// Runs one layout to completion and returns its `device_metrics_1m`, rounded for comparison.
@@ -163,6 +167,7 @@ async fn run_layout(
     let hostfile = dir.join(format!("{}-hosts", layout.name));
     std::fs::write(&hostfile, addresses.join("\n"))?;
     let mut pipelines = Vec::new();
+    let mut configs = Vec::new();
     for process in 0..layout.processes {
         let config = dir.join(format!("{}-{process}.toml", layout.name));
         std::fs::write(
@@ -185,8 +190,31 @@ async fn run_layout(
         )?;
         let log = dir.join(format!("{}-{process}.log", layout.name));
         pipelines.push((Pipeline::start(&config, &[], &log)?, log));
+        configs.push(config);
     }
     let client = connect(&url).await?;
+    if layout.kill_one {
+        wait_until(Duration::from_secs(120), "the first raw rows", || async {
+            Ok(client
+                .query_one("SELECT count(*) FROM device_metrics", &[])
+                .await
+                .map(|r| r.get::<_, i64>(0))
+                .unwrap_or(0)
+                > 0)
+        })
+        .await?;
+        if let Some((victim, _)) = pipelines.pop() {
+            victim.kill()?;
+        }
+        // The others lose their peer; whatever still runs is stopped too, then all restart.
+        for (pipeline, _) in std::mem::take(&mut pipelines) {
+            let _ = pipeline.terminate(Duration::from_secs(30));
+        }
+        for (process, config) in configs.iter().enumerate() {
+            let log = dir.join(format!("{}-{process}.log", layout.name));
+            pipelines.push((Pipeline::start(config, &[], &log)?, log));
+        }
+    }
     let what = format!("{}: every raw row and aggregate", layout.name);
     let waited = wait_until(Duration::from_secs(180), &what, || async {
         let count = |sql: &'static str| {
@@ -301,16 +329,25 @@ async fn one_process_four_workers_and_a_two_process_cluster_agree() -> Result<()
             name: "1x1",
             processes: 1,
             workers: 1,
+            kill_one: false,
         },
         Layout {
             name: "1x4",
             processes: 1,
             workers: 4,
+            kill_one: false,
         },
         Layout {
             name: "2x2",
             processes: 2,
             workers: 2,
+            kill_one: false,
+        },
+        Layout {
+            name: "2x2_killed",
+            processes: 2,
+            workers: 2,
+            kill_one: true,
         },
     ];
     let mut first_analytics: Option<AnalyticsTables> = None;
