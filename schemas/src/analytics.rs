@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::error::{DecodeError, ErrorKind};
 use crate::json;
-use crate::time::{parse_event_time, Micros};
+use crate::time::Micros;
 use crate::DecodeLimits;
 
 /// A step in a task's life.
@@ -115,12 +115,7 @@ impl AnalyticsEvent {
     pub fn decode(payload: &[u8], limits: &DecodeLimits) -> Result<Self, DecodeError> {
         let obj = json::parse_object(payload, limits)?;
         let event_type = json::required_ident(&obj, "event_type")?;
-        let time_us = parse_event_time(
-            json::required(&obj, "timestamp")?,
-            "timestamp",
-            limits.naive_zone,
-            limits.clock,
-        )?;
+        let time_us = limits.event_time(json::required(&obj, "timestamp")?, "timestamp")?;
         if let Some(kind) = TaskEventKind::from_event_type(&event_type) {
             let task_type = json::optional_ident(&obj, "task_type")?;
             let agent_id = json::optional_ident(&obj, "agent_id")?;

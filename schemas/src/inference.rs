@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{DecodeError, ErrorKind};
 use crate::json;
-use crate::time::{parse_event_time, Micros};
+use crate::time::Micros;
 use crate::DecodeLimits;
 
 /// Largest latency we accept: one day, in milliseconds. Anything longer is a broken clock.
@@ -124,12 +124,7 @@ impl InferenceEvent {
             ));
         }
         let source = Source::parse(json::required(&obj, "source")?, "source")?;
-        let time_us = parse_event_time(
-            json::required(&obj, "timestamp")?,
-            "timestamp",
-            limits.naive_zone,
-            limits.clock,
-        )?;
+        let time_us = limits.event_time(json::required(&obj, "timestamp")?, "timestamp")?;
         let status = match obj.get("status") {
             None | Some(serde_json::Value::Null) => Status::Ok,
             Some(v) => Status::parse(v, "status")?,

@@ -52,6 +52,16 @@ impl Default for DecodeLimits {
 }
 
 impl DecodeLimits {
+    /// Parses the event time in `v` (the field `field`) under these limits' zone and clock
+    /// bound.
+    pub fn event_time(
+        &self,
+        v: &serde_json::Value,
+        field: &str,
+    ) -> Result<time::Micros, DecodeError> {
+        time::parse_event_time(v, field, self.naive_zone, self.clock)
+    }
+
     /// Fails with [`ErrorKind::Oversize`] when `payload` is larger than the limit.
     pub fn check(&self, payload: &[u8]) -> Result<(), DecodeError> {
         if payload.len() > self.max_message_bytes {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{DecodeError, ErrorKind};
 use crate::json;
-use crate::time::{parse_event_time, Micros};
+use crate::time::Micros;
 use crate::DecodeLimits;
 
 /// Longest metric name, in bytes.
@@ -69,13 +69,7 @@ impl TelemetryEvent {
         if fast.timestamp.is_null() || fast.metrics.len() > MAX_METRICS_PER_EVENT {
             return None;
         }
-        let time_us = parse_event_time(
-            &fast.timestamp,
-            "timestamp",
-            limits.naive_zone,
-            limits.clock,
-        )
-        .ok()?;
+        let time_us = limits.event_time(&fast.timestamp, "timestamp").ok()?;
         let mut metrics = Vec::with_capacity(fast.metrics.len());
         for (name, value) in fast.metrics {
             let Some(value) = value else { continue };
@@ -104,12 +98,7 @@ impl TelemetryEvent {
     fn decode_checked(payload: &[u8], limits: &DecodeLimits) -> Result<Self, DecodeError> {
         let obj = json::parse_object(payload, limits)?;
         let device_id = json::required_ident(&obj, "device_id")?;
-        let time_us = parse_event_time(
-            json::required(&obj, "timestamp")?,
-            "timestamp",
-            limits.naive_zone,
-            limits.clock,
-        )?;
+        let time_us = limits.event_time(json::required(&obj, "timestamp")?, "timestamp")?;
         let metrics_value = json::required(&obj, "metrics")?;
         let map = metrics_value.as_object().ok_or_else(|| {
             DecodeError::field(

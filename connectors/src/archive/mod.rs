@@ -64,25 +64,21 @@ pub struct RollFile {
     pub first: i64,
     /// Start of the hour of event time the file holds, microseconds.
     pub hour_us: i64,
+    /// Last offset of the roll.
+    pub last: i64,
     /// Path relative to the archive root (`topic=<t>/date=<d>/hour=<h>/part-...parquet`).
     pub relative: String,
 }
 
-/// Parses `topic=<t>/date=YYYY-MM-DD/hour=HH/part-pPPP-oFIRST-LAST.parquet`.
-fn parse_roll_path(relative: &str) -> Option<(i32, i64, i64)> {
+/// Parses `topic=<t>/date=YYYY-MM-DD/hour=HH/part-pPPP-oFIRST-LAST.parquet` into (partition,
+/// first offset, last offset, hour).
+fn parse_roll_path(relative: &str) -> Option<(i32, i64, i64, i64)> {
     let mut parts = relative.rsplit('/');
-    let name = parts.next()?;
+    let (partition, first, last) = crate::nas::parse_roll_range(parts.next()?)?;
     let hour: i64 = parts.next()?.strip_prefix("hour=")?.parse().ok()?;
     let date = NaiveDate::parse_from_str(parts.next()?.strip_prefix("date=")?, "%Y-%m-%d").ok()?;
-    let rest = name.strip_prefix("part-p")?.strip_suffix(".parquet")?;
-    let (p, rest) = rest.split_once("-o")?;
-    let (first, _last) = rest.split_once('-')?;
     let day_us = date.and_hms_opt(0, 0, 0)?.and_utc().timestamp_micros();
-    Some((
-        p.parse().ok()?,
-        first.parse().ok()?,
-        day_us + hour * 3_600_000_000,
-    ))
+    Some((partition, first, last, day_us + hour * 3_600_000_000))
 }
 
 fn read_err(location: impl Into<String>) -> impl FnOnce(String) -> ArchiveError {
@@ -108,12 +104,13 @@ pub async fn list_rolls(
         .into_iter()
         .filter_map(|meta| {
             let relative = meta.location.to_string();
-            let (partition, first, hour_us) = parse_roll_path(&relative)?;
+            let (partition, first, last, hour_us) = parse_roll_path(&relative)?;
             let last_us = hour_us.saturating_add(3_600_000_000);
             (last_us > from_us && hour_us < to_us).then_some(RollFile {
                 partition,
                 first,
                 hour_us,
+                last,
                 relative,
             })
         })
@@ -517,11 +514,11 @@ mod tests {
 
     #[test]
     fn roll_paths_parse_and_others_do_not() {
-        let (p, first, hour) = parse_roll_path(
+        let (p, first, last, hour) = parse_roll_path(
             "topic=edge.telemetry/date=2025-11-05/hour=14/part-p003-o00000000000000000010-00000000000000000012.parquet",
         )
         .unwrap();
-        assert_eq!((p, first), (3, 10));
+        assert_eq!((p, first, last), (3, 10, 12));
         assert_eq!(hour, 1_762_351_200_000_000);
         assert!(parse_roll_path(
             "topic=x/date=2025-11-05/hour=14/.part-p003-o1-2.parquet.inprogress"

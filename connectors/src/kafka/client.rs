@@ -533,10 +533,14 @@ pub async fn create_topics(
                 .map(|ids| i32::try_from(ids.len()).unwrap_or(i32::MAX))
         })
         .collect();
-    let short: Vec<(&str, i32, i32)> = topics
+    // (index, name, partitions now, partitions wanted) of topics to grow.
+    let short: Vec<(usize, &str, i32, i32)> = topics
         .iter()
         .zip(&existing)
-        .filter_map(|((name, want), have)| have.filter(|h| h < want).map(|h| (*name, h, *want)))
+        .enumerate()
+        .filter_map(|(i, ((name, want), have))| {
+            have.filter(|h| h < want).map(|h| (i, *name, h, *want))
+        })
         .collect();
     let missing: Vec<&(&str, i32)> = topics
         .iter()
@@ -555,12 +559,12 @@ pub async fn create_topics(
     let admin: AdminClient<DefaultClientContext> = base_config(cfg)
         .create()
         .map_err(client_error("creating admin client"))?;
-    for (name, have, want) in &short {
+    for &(i, name, have, want) in &short {
         let grown = admin
             .create_partitions(
                 &[rdkafka::admin::NewPartitions::new(
                     name,
-                    usize::try_from(*want).unwrap_or(1),
+                    usize::try_from(want).unwrap_or(1),
                 )],
                 &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
             )
@@ -573,15 +577,11 @@ pub async fn create_topics(
                     to = want,
                     "topic grown to its source's partitions"
                 );
-                if let Some(i) = topics.iter().position(|(n, _)| n == name) {
-                    counts[i] = *want;
-                }
+                counts[i] = want;
             }
+            // `counts` keeps what the topic has.
             other => {
                 tracing::warn!(topic = name, have, want, result = ?other.map(|r| r.len()), "could not grow the topic: records of the newer partitions go to existing ones");
-                if let Some(i) = topics.iter().position(|(n, _)| n == name) {
-                    counts[i] = *have;
-                }
             }
         }
     }

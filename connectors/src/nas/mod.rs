@@ -28,7 +28,7 @@ pub fn relative_path(root: &std::path::Path, path: &std::path::Path) -> Option<S
     )
 }
 pub use writer::{
-    agg_batch, aggregate_batch, analytics_batch, inference_batch, instance_tag, parse_roll_range,
-    raw_batch, score_batch, telemetry_batch, temp_target, write_aggregate_files, NasError,
-    ParquetArchive, Recovered, SCORES_TABLE_DIR,
+    agg_batch, aggregate_batch, analytics_batch, extend_end, inference_batch, instance_tag,
+    parse_roll_range, raw_batch, score_batch, telemetry_batch, temp_target, write_aggregate_files,
+    NasError, ParquetArchive, Recovered, SCORES_TABLE_DIR,
 };

@@ -5,8 +5,6 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::sink::fence::Fence;
-
 use arrow::array::{
     ArrayRef, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array, RecordBatch,
     StringArray, TimestampMicrosecondArray,
@@ -21,6 +19,8 @@ use primespark_schemas::rows::{
     AgentLoadRow, Agg, AggRow, AnalyticsRow, ApiEventsRow, InferenceRow, InferenceStatsRow,
     MetricAggRow, RawRow, RoutingStatsRow, ScoreRow, TaskStateChange, TaskStatsRow, TelemetryRow,
 };
+
+use crate::sink::fence::Fence;
 
 /// Archive failures.
 #[derive(Debug, thiserror::Error)]
@@ -608,6 +608,13 @@ pub fn parse_roll_range(name: &str) -> Option<(i32, i64, i64)> {
     Some((p.parse().ok()?, first.parse().ok()?, last.parse().ok()?))
 }
 
+/// Notes a roll of `partition` ending at offset `last` in `ends` (per partition, the offset
+/// after the last roll seen).
+pub fn extend_end(ends: &mut HashMap<i32, i64>, partition: i32, last: i64) {
+    let end = ends.entry(partition).or_insert(i64::MIN);
+    *end = (*end).max(last.saturating_add(1));
+}
+
 /// The file name of a roll.
 fn roll_name(partition: i32, first: i64, last: i64) -> String {
     format!("part-p{partition:03}-o{first:020}-{last:020}.parquet")
@@ -783,8 +790,7 @@ impl ParquetArchive {
                 }
             }
             if whole {
-                let end = report.ends.entry(partition).or_insert(i64::MIN);
-                *end = (*end).max(last.saturating_add(1));
+                extend_end(&mut report.ends, partition, last);
             }
         }
         for dir in &synced {

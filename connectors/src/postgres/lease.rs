@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
+use super::sink::stmt;
 use super::PostgresError;
 use crate::metrics::{WriterLeaseState, WriterLeaseStatus};
 use crate::sink::fence::Fence;
@@ -90,10 +91,6 @@ fn dead_here(holder: &str, me: &str) -> bool {
     cfg!(target_os = "linux")
         && pid.bytes().all(|b| b.is_ascii_digit())
         && !std::path::Path::new("/proc").join(pid).exists()
-}
-
-fn stmt(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PostgresError {
-    move |source| PostgresError::Statement { what, source }
 }
 
 /// One attempt to take the lease.

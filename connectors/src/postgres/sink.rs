@@ -64,7 +64,7 @@ async fn fence_in(
         .map_err(|e| PostgresError::Fenced(Box::new(e)))
 }
 
-fn stmt(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PostgresError {
+pub(super) fn stmt(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PostgresError {
     move |source| PostgresError::Statement { what, source }
 }
 

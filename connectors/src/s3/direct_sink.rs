@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use futures::FutureExt;
 
 use super::{S3Error, Tierer};
-use crate::nas::{build_rolls, parse_roll_range, ParquetArchive, Publish, Recovered};
+use crate::nas::{build_rolls, extend_end, parse_roll_range, ParquetArchive, Publish, Recovered};
 use crate::sink::registry::RawSinkKind;
 use crate::sink::{Classify, Domain, ErrorClass, Healthcheck, SinkError};
 
@@ -79,8 +79,7 @@ impl Publish for ToTheBucket {
         let mut ends = local.ends.clone();
         for (p, _, last) in names.iter().filter_map(|n| parse_roll_range(n)) {
             if partitions.contains(&p) {
-                let end = ends.entry(p).or_insert(i64::MIN);
-                *end = (*end).max(last.saturating_add(1));
+                extend_end(&mut ends, p, last);
             }
         }
         Ok(ends)

@@ -146,15 +146,10 @@ impl Fence {
             }
         }
     }
-
-    /// The check as a plain function, for writers that know nothing of sinks.
-    pub fn as_check(&self) -> Arc<dyn Fn() -> Result<(), String> + Send + Sync> {
-        let me = self.clone();
-        Arc::new(move || me.check().map_err(|e| e.to_string()))
-    }
 }
 
-fn fenced(why: &str) -> SinkError {
+/// The error that stops a process whose lease another instance took: `why` says how it knows.
+pub fn fenced(why: &str) -> SinkError {
     // A restart makes this process a standby behind the new holder.
     SinkError::fatal(
         Domain::External,

@@ -19,8 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use primespark_connectors::postgres::{self, lease, Backend};
-use primespark_connectors::sink::fence::Fence;
-use primespark_connectors::sink::{Domain, SinkError};
+use primespark_connectors::sink::fence::{fenced, Fence};
 use primespark_operators::inference::config::InferenceConfig;
 use primespark_operators::scoring::ModelTable;
 use primespark_operators::source::EventTimeSpec;
@@ -126,12 +125,7 @@ fn run_mode(
                 spec,
                 fence.clone(),
                 move || stop.load(Ordering::SeqCst),
-                move |why| {
-                    report.report(SinkError::fatal(
-                        Domain::External,
-                        format!("fenced: {why}; another instance writes now, this one stops"),
-                    ))
-                },
+                move |why| report.report(fenced(&why)),
             ));
             (fence, Some(keeper))
         }
@@ -252,13 +246,9 @@ type RawSeed = (&'static str, String, Vec<(i32, i64)>);
 
 /// Per partition, the offset after the last of `files`' rolls.
 fn archive_ends(files: &[primespark_connectors::archive::RollFile]) -> Vec<(i32, i64)> {
-    let mut ends: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
+    let mut ends = std::collections::HashMap::new();
     for f in files {
-        let name = f.relative.rsplit('/').next().unwrap_or_default();
-        if let Some((p, _, last)) = primespark_connectors::nas::parse_roll_range(name) {
-            let end = ends.entry(p).or_insert(i64::MIN);
-            *end = (*end).max(last.saturating_add(1));
-        }
+        primespark_connectors::nas::extend_end(&mut ends, f.partition, f.last);
     }
     ends.into_iter().collect()
 }
