@@ -252,6 +252,26 @@ pub async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
         .unwrap_or(0)
 }
 
+/// `device_metrics_1m` as bucket start (epoch milliseconds) -> (count, sum), for the rows that
+/// `filter` (a `WHERE ...` clause, or empty) keeps.
+pub async fn minute_windows(
+    client: &tokio_postgres::Client,
+    filter: &str,
+) -> Result<std::collections::BTreeMap<i64, (i64, f64)>> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT (extract(epoch FROM bucket) * 1000)::int8, count, sum FROM device_metrics_1m {filter}"
+            ),
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect())
+}
+
 /// Creates a topic.
 pub async fn create_topic(stack: &Stack, topic: &str, partitions: i32) -> Result<()> {
     create_topic_on(&stack.brokers, topic, partitions).await

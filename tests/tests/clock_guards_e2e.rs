@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Result;
 use chrono::{TimeZone, Utc};
 use primespark_tests::{
-    connect, count, http_get, produce, stack, wait_until, Sections, TelemetryRun,
+    connect, count, http_get, minute_windows, produce, stack, wait_until, Sections, TelemetryRun,
 };
 use serde_json::json;
 
@@ -105,19 +105,11 @@ async fn a_far_future_event_is_a_dead_letter_and_naive_times_are_read_in_their_z
         );
     }
 
-    let rows = client
-        .query(
-            &format!(
-                "SELECT (extract(epoch FROM bucket) * 1000)::int8, count, sum FROM device_metrics_1m \
-                 WHERE bucket < to_timestamp({sentinel} / 1000.0)"
-            ),
-            &[],
-        )
-        .await?;
-    let got: BTreeMap<i64, (i64, f64)> = rows
-        .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect();
+    let got = minute_windows(
+        &client,
+        &format!("WHERE bucket < to_timestamp({sentinel} / 1000.0)"),
+    )
+    .await?;
     assert_eq!(
         got, expected,
         "1-minute windows in UTC, every normal event in, the 2099 one out"

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use primespark_tests::{
-    connect, create_topic, free_port, fresh_database, produce, stack, unique, wait_until, Pipeline,
+    connect, create_topic, free_port, fresh_database, minute_windows, produce, stack, unique,
+    wait_until, Pipeline,
 };
 use serde_json::json;
 
@@ -136,16 +137,7 @@ async fn late_events_update_windows_within_the_lateness_and_are_listed_beyond_it
     }
     assert!(pipeline.is_running());
 
-    let rows = client
-        .query(
-            "SELECT (extract(epoch FROM bucket) * 1000)::int8, count, sum FROM device_metrics_1m",
-            &[],
-        )
-        .await?;
-    let got: BTreeMap<i64, (i64, f64)> = rows
-        .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect();
+    let got = minute_windows(&client, "").await?;
     assert_eq!(
         got, expected,
         "1-minute windows: the allowed-late event in, the too-late one out"

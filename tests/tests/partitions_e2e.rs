@@ -33,19 +33,24 @@ fn samples(partition: i32, from: i64, n: i64) -> Vec<(i32, Vec<u8>)> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_added_partition_is_read_from_its_beginning_and_its_letters_reach_the_dlq() -> Result<()>
-{
-    let run = TelemetryRun::new(
-        "partitions",
-        2,
+/// A telemetry-only run of `partitions` partitions without scoring, flushing often.
+async fn run_of(prefix: &str, partitions: i32) -> Result<TelemetryRun> {
+    TelemetryRun::new(
+        prefix,
+        partitions,
         Sections {
             postgres: "flush_rows = 100\nflush_interval = \"100ms\"",
             extra: "[inference]\nenabled = false\n",
             ..Sections::default()
         },
     )
-    .await?;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_added_partition_is_read_from_its_beginning_and_its_letters_reach_the_dlq() -> Result<()>
+{
+    let run = run_of("partitions", 2).await?;
     let stack = stack();
     let client = connect(&run.url).await?;
     let raw = "SELECT count(*) FROM device_metrics";
@@ -103,16 +108,7 @@ async fn an_added_partition_is_read_from_its_beginning_and_its_letters_reach_the
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_position_beyond_the_partition_is_reported_not_skipped() -> Result<()> {
-    let run = TelemetryRun::new(
-        "positions",
-        1,
-        Sections {
-            postgres: "flush_rows = 100\nflush_interval = \"100ms\"",
-            extra: "[inference]\nenabled = false\n",
-            ..Sections::default()
-        },
-    )
-    .await?;
+    let run = run_of("positions", 1).await?;
     let stack = stack();
     let client = connect(&run.url).await?;
     let raw = "SELECT count(*) FROM device_metrics";
