@@ -61,6 +61,16 @@ struct Metrics {
     writer_lease: Family<LeaseLabels, Gauge>,
     writer_lease_epoch: Gauge,
     position_lost: Family<TableLabels, Counter>,
+    relayouts: Family<RelayoutLabels, Counter>,
+}
+
+/// Labels of the source re-layout series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RelayoutLabels {
+    /// Topic of the source.
+    pub topic: String,
+    /// `partitions_added` or `end_went_back`.
+    pub reason: String,
 }
 
 /// Labels of the writer lease series.
@@ -128,6 +138,7 @@ fn metrics() -> &'static Metrics {
         writer_lease: Family::default(),
         writer_lease_epoch: Gauge::default(),
         position_lost: Family::default(),
+        relayouts: Family::default(),
     })
 }
 
@@ -143,6 +154,11 @@ pub fn register(registry: &mut Registry) {
         "primespark_source_position_lost",
         "Partitions whose stored position the broker no longer has (topic recreated or truncated), by topic",
         m.position_lost.clone(),
+    );
+    registry.register(
+        "primespark_source_relayouts",
+        "Times the dataflows drained and restarted in-process on a topic's new layout, by topic and reason (partitions_added, end_went_back)",
+        m.relayouts.clone(),
     );
     registry.register(
         "primespark_writer_lease_epoch",
@@ -706,6 +722,35 @@ impl SourcePositionLost<'_> {
                 self.error.to_string(),
             );
         }
+    }
+}
+
+/// A running source's topic changed layout: the dataflows drain and start again on it.
+pub struct SourceRelayout<'a> {
+    /// Topic of the source.
+    pub topic: &'a str,
+    /// `partitions_added` or `end_went_back`.
+    pub reason: &'static str,
+    /// What changed (partitions, ends).
+    pub detail: &'a str,
+}
+
+impl SourceRelayout<'_> {
+    /// Logs and counts.
+    pub fn emit(&self) {
+        tracing::warn!(
+            topic = self.topic,
+            reason = self.reason,
+            detail = self.detail,
+            "topic layout changed: the dataflows drain, commit and start again on it"
+        );
+        metrics()
+            .relayouts
+            .get_or_create(&RelayoutLabels {
+                topic: self.topic.to_owned(),
+                reason: self.reason.to_owned(),
+            })
+            .inc();
     }
 }
 

@@ -298,9 +298,14 @@ pub async fn create_topic_on(brokers: &str, topic: &str, partitions: i32) -> Res
 
 /// How many partitions `topic` has.
 pub fn partition_count(stack: &Stack, topic: &str) -> Result<usize> {
+    partition_count_on(&stack.brokers, topic)
+}
+
+/// How many partitions `topic` has on the broker at `brokers`.
+pub fn partition_count_on(brokers: &str, topic: &str) -> Result<usize> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &stack.brokers)
+        .set("bootstrap.servers", brokers)
         .create()?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     Ok(md
@@ -308,6 +313,36 @@ pub fn partition_count(stack: &Stack, topic: &str) -> Result<usize> {
         .iter()
         .find(|t| t.name() == topic)
         .map_or(0, |t| t.partitions().len()))
+}
+
+/// Gives `topic` on the stack's durable broker `partitions` partitions while it runs. Tansu
+/// 0.6 refuses CreatePartitions, so this does what the request would: it raises the topic's
+/// partition count in the cluster metadata Tansu keeps in its bucket (`DURABLE_BUCKET` in
+/// `deploy/dev/stack.sh`), which the broker reads again once its cache of it expires. Returns
+/// once the broker reports the new count.
+pub fn grow_topic(stack: &Stack, topic: &str, partitions: i32) -> Result<()> {
+    let script = format!(
+        "import json, boto3\n\
+         s3 = boto3.client('s3', endpoint_url='{}', region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing')\n\
+         key = 'clusters/tansu_cluster/meta.json'\n\
+         meta = json.loads(s3.get_object(Bucket='tansu-durable', Key=key)['Body'].read())\n\
+         meta['topics']['{topic}']['topic']['num_partitions'] = {partitions}\n\
+         s3.put_object(Bucket='tansu-durable', Key=key, Body=json.dumps(meta).encode())\n",
+        stack.s3_endpoint,
+    );
+    let out = Command::new(&stack.python).args(["-c", &script]).output()?;
+    if !out.status.success() {
+        bail!("growing {topic}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // The broker caches its metadata for a few seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if partition_count_on(&stack.durable_brokers, topic)? == partitions as usize {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    bail!("the broker does not report {partitions} partitions for {topic}")
 }
 
 /// Produces `(partition, payload)` records in order and waits for delivery.

@@ -279,9 +279,29 @@ impl PartitionReader {
         &self.topic
     }
 
-    /// Partition ids of the topic (blocking metadata request; call at start-up only).
+    /// Partition ids of the topic (blocking metadata request: not for a worker thread).
     pub fn partitions(&self, timeout: Duration) -> Result<Vec<i32>, KafkaError> {
         partition_ids(&self.consumer, &self.topic, timeout)
+    }
+
+    /// Partition ids of the topic from the cluster's whole topic list (`None`: the topic is
+    /// not there). Blocking. Asking for every topic rather than this one is deliberate: for a
+    /// topic just deleted, some brokers (Tansu 0.6) answer a by-name request with an entry
+    /// librdkafka 2.12 crashes on.
+    pub fn listed_partitions(&self, timeout: Duration) -> Result<Option<Vec<i32>>, KafkaError> {
+        let md = self
+            .consumer
+            .fetch_metadata(None, timeout)
+            .map_err(client_error(format!("metadata of {}", self.topic)))?;
+        Ok(md
+            .topics()
+            .iter()
+            .find(|t| t.name() == self.topic && t.error().is_none())
+            .map(|t| {
+                let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+                ids.sort_unstable();
+                ids
+            }))
     }
 
     /// Assigns `partitions`, each with the offset to start from (`None`: the configured start).

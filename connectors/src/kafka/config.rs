@@ -84,6 +84,20 @@ pub struct KafkaConfig {
     /// resume positions stay with the data). Default true.
     #[serde(default = "default_true")]
     pub commit_group_offsets: bool,
+    /// How often a running pipeline asks the broker for each topic's partitions and ends: a
+    /// partition added since start-up, or a partition whose end went backwards (the topic was
+    /// deleted and recreated), makes the dataflows drain, commit and start again on the new
+    /// layout within this time, without a restart of the process. Default `30s`; `0s` turns it
+    /// off (then only a restart reads an added partition).
+    #[serde(
+        default = "default_partition_discovery",
+        with = "crate::config::duration"
+    )]
+    pub partition_discovery_interval: std::time::Duration,
+}
+
+fn default_partition_discovery() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
 }
 
 fn default_group() -> String {
@@ -113,6 +127,7 @@ impl Default for KafkaConfig {
             dead_letter_topics: true,
             consumer_group: default_group(),
             commit_group_offsets: true,
+            partition_discovery_interval: default_partition_discovery(),
         }
     }
 }
@@ -164,6 +179,13 @@ impl KafkaConfig {
             return Err(InvalidConfig::new(
                 "kafka.consumer_group",
                 "must be 1 to 255 characters, not blank, without control characters",
+            ));
+        }
+        let discovery = self.partition_discovery_interval;
+        if !discovery.is_zero() && discovery < std::time::Duration::from_secs(1) {
+            return Err(InvalidConfig::new(
+                "kafka.partition_discovery_interval",
+                "must be 0s (off) or at least 1s (each check asks the broker for every partition's ends)",
             ));
         }
         if self.metadata_timeout_ms == 0 {

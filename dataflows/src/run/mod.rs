@@ -10,6 +10,7 @@
 
 mod backfill;
 mod error;
+mod layout;
 mod services;
 mod streams;
 mod workers;
@@ -130,28 +131,164 @@ fn run_mode(
             (fence, Some(keeper))
         }
     };
-    let mut writers = Vec::new();
     // A backfill's positions are not the stream's progress.
     let group = (backfill.is_none() && config.kafka.commit_group_offsets)
         .then(|| primespark_connectors::kafka::GroupOffsets::start(&config.kafka))
         .transpose()?;
-    let env = streams::Start {
+    let env = Env {
         rt: &rt,
-        fence: &fence,
         config,
         plan: &plan,
+        fence: &fence,
         archive: &archive,
         fatal: &fatal,
         group: group.as_ref(),
+        scoring: scoring.map(Arc::new),
+        paused,
+        shutdown: &shutdown,
+        backfill,
+    };
+    // Each epoch runs the dataflows on the topics' layout of its start; a new layout (the
+    // partition watcher) ends one and starts the next, in this process, under the same lease.
+    let mut outcome = Ok(Vec::new());
+    for epoch in 0u64.. {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ended = run_epoch(&env, &stop, || {
+            // Tiering and retention, in the writer only; they outlive the epochs.
+            if epoch == 0 && backfill.is_none() {
+                services.start_writers(&rt, config, backend, &shutdown)?;
+            }
+            Ok(())
+        });
+        match ended {
+            Ok(Ended::Relayout(change)) if !shutdown.load(Ordering::SeqCst) => {
+                tracing::info!(
+                    epoch = epoch + 1,
+                    change,
+                    "dataflows drained and committed: starting them on the topics' new layout"
+                );
+            }
+            Ok(Ended::Relayout(_)) => break,
+            Ok(Ended::Stopped(seeds)) => {
+                outcome = Ok(seeds);
+                break;
+            }
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        }
+    }
+    shutdown.store(true, Ordering::SeqCst);
+    // Only now, with every commit done, may a standby take over.
+    released.store(true, Ordering::SeqCst);
+    if let Some(keeper) = keeper {
+        let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), keeper).await });
+    }
+    services.stop(&rt);
+    let seeds = outcome?;
+    if !seeds.is_empty() {
+        rt.block_on(async {
+            let client = postgres::connect(&config.postgres.config.url).await?;
+            for (dataflow, topic, ends) in &seeds {
+                let stored =
+                    postgres::backfill::seed_raw_positions(&client, dataflow, topic, ends).await?;
+                if stored > 0 {
+                    tracing::info!(dataflow, topic, partitions = stored, "backfill: the raw positions of a new database start where the archive ends");
+                }
+            }
+            Ok::<_, RunError>(())
+        })?;
+    }
+    tracing::info!("pipeline stopped cleanly");
+    Ok(())
+}
+
+/// What every epoch of a run shares.
+struct Env<'a> {
+    rt: &'a Runtime,
+    config: &'a Config,
+    plan: &'a Plan,
+    fence: &'a Fence,
+    archive: &'a Arc<primespark_connectors::archive::TieredStore>,
+    fatal: &'a Fatal,
+    group: Option<&'a primespark_connectors::kafka::GroupOffsets>,
+    scoring: Option<Arc<Scoring>>,
+    paused: Arc<AtomicBool>,
+    shutdown: &'a Arc<AtomicBool>,
+    backfill: Option<&'a BackfillRange>,
+}
+
+/// How an epoch of the dataflows ended, everything committed.
+enum Ended {
+    /// Shut down (or a backfill finished): the raw positions a backfill hands on.
+    Stopped(Vec<RawSeed>),
+    /// A topic changed layout (what changed).
+    Relayout(String),
+}
+
+/// Starts every stream on the topics' current layout, runs the workers until `stop` (a
+/// shutdown, or the partition watcher) and drains the sinks. `started_hook` runs once the
+/// streams' sinks are up, before the workers.
+fn run_epoch(
+    env: &Env<'_>,
+    stop: &Arc<AtomicBool>,
+    started_hook: impl FnOnce() -> Result<(), RunError>,
+) -> Result<Ended, RunError> {
+    let rt = env.rt;
+    // The process's shutdown ends the epoch too.
+    let forward = {
+        let (shutdown, stop) = (env.shutdown.clone(), stop.clone());
+        rt.spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                if shutdown.load(Ordering::SeqCst) {
+                    stop.store(true, Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let result = epoch_inner(env, stop, started_hook);
+    stop.store(true, Ordering::SeqCst);
+    let _ = rt.block_on(forward);
+    result
+}
+
+fn epoch_inner(
+    env: &Env<'_>,
+    stop: &Arc<AtomicBool>,
+    started_hook: impl FnOnce() -> Result<(), RunError>,
+) -> Result<Ended, RunError> {
+    let (rt, config, plan, backfill) = (env.rt, env.config, env.plan, env.backfill);
+    let mut writers = Vec::new();
+    let start = streams::Start {
+        rt,
+        fence: env.fence,
+        config,
+        plan,
+        archive: env.archive,
+        fatal: env.fatal,
+        group: env.group,
     };
     let mut started = Vec::with_capacity(plan.streams.len());
     for stream in &plan.streams {
-        started.push(streams::start(&env, stream, &mut writers)?);
+        started.push(streams::start(&start, stream, &mut writers)?);
     }
-    // Tiering and retention, in the writer only.
-    if backfill.is_none() {
-        services.start_writers(&rt, config, backend, &shutdown)?;
-    }
+    started_hook()?;
+    let watcher = match backfill {
+        None => layout::watch(
+            &config.kafka,
+            started
+                .iter()
+                .map(|s| layout::Watched {
+                    topic: s.plan.topic.clone(),
+                    partitions: s.partitions.clone(),
+                })
+                .collect(),
+            stop.clone(),
+        ),
+        Some(_) => None,
+    };
     let backfill_failure: Arc<Mutex<Option<String>>> = Arc::default();
     let shared = workers::Shared {
         kafka: config.kafka.clone(),
@@ -166,11 +303,12 @@ fn run_mode(
         limits: plan.limits,
         raw_flush: plan.raw_flush,
         commit: plan.commit,
-        shutdown: shutdown.clone(),
-        paused,
-        fatal: fatal.clone(),
+        stop: stop.clone(),
+        shutdown: env.shutdown.clone(),
+        paused: env.paused.clone(),
+        fatal: env.fatal.clone(),
         handle: rt.handle().clone(),
-        archive,
+        archive: env.archive.clone(),
         backfill: backfill.map(|r| {
             let (since_us, until_us) = r.bounds();
             primespark_operators::source::Backfill {
@@ -180,7 +318,7 @@ fn run_mode(
             }
         }),
         backfill_done: Arc::default(),
-        scoring,
+        scoring: env.scoring.clone(),
         workers: config.runtime.workers,
         process_id: config.runtime.process_id,
     };
@@ -200,16 +338,11 @@ fn run_mode(
     };
     let failed =
         workers::execute(config.runtime.timely()?, started, shared).map_err(RunError::Timely)?;
-    let interrupted = backfill.is_some() && shutdown.load(Ordering::SeqCst);
-    let finished = drain(&rt, writers, config.runtime.shutdown_grace);
-    shutdown.store(true, Ordering::SeqCst);
-    // Only now, with every commit done, may a standby take over.
-    released.store(true, Ordering::SeqCst);
-    if let Some(keeper) = keeper {
-        let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), keeper).await });
-    }
-    services.stop(&rt);
-    if let Some(e) = fatal.take() {
+    let interrupted = backfill.is_some() && env.shutdown.load(Ordering::SeqCst);
+    let finished = drain(rt, writers, config.runtime.shutdown_grace);
+    stop.store(true, Ordering::SeqCst);
+    let relayout = watcher.and_then(|w| w.join().ok().flatten());
+    if let Some(e) = env.fatal.take() {
         return Err(RunError::Sink(e));
     }
     if let Some(e) = failed.into_iter().next() {
@@ -223,21 +356,10 @@ fn run_mode(
         return Err(RunError::Backfill("interrupted".into()));
     }
     finished.map_err(|_| RunError::ShutdownTimeout(config.runtime.shutdown_grace))?;
-    if !seeds.is_empty() {
-        rt.block_on(async {
-            let client = postgres::connect(&config.postgres.config.url).await?;
-            for (dataflow, topic, ends) in &seeds {
-                let stored =
-                    postgres::backfill::seed_raw_positions(&client, dataflow, topic, ends).await?;
-                if stored > 0 {
-                    tracing::info!(dataflow, topic, partitions = stored, "backfill: the raw positions of a new database start where the archive ends");
-                }
-            }
-            Ok::<_, RunError>(())
-        })?;
-    }
-    tracing::info!("pipeline stopped cleanly");
-    Ok(())
+    Ok(match relayout {
+        Some(change) => Ended::Relayout(change),
+        None => Ended::Stopped(seeds),
+    })
 }
 
 /// A stream's raw positions a backfill hands the streaming run: dataflow, topic, and per

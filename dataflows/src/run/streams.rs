@@ -43,6 +43,8 @@ pub struct StreamRun {
     pub agg_tx: mpsc::Sender<AggCommit>,
     /// A backfill's archive files of this topic.
     pub archived: Vec<RollFile>,
+    /// Every partition of the topic when the stream started (all processes').
+    pub partitions: std::collections::BTreeSet<i32>,
 }
 
 /// What starting a stream needs from the run.
@@ -179,6 +181,7 @@ pub fn start(
         raw_txs: Mutex::new(raw_txs),
         agg_tx,
         archived,
+        partitions: partitions.iter().copied().collect(),
     })
 }
 

@@ -51,7 +51,10 @@ pub struct Shared {
     pub raw_flush: FlushPolicy,
     /// When the commit operator commits.
     pub commit: FlushPolicy,
-    /// Raised to stop.
+    /// Raised to stop this epoch's dataflows: by a shutdown, or by the partition watcher
+    /// (then the run builds them again on the topic's new layout).
+    pub stop: Arc<AtomicBool>,
+    /// Raised when the process shuts down.
     pub shutdown: Arc<AtomicBool>,
     /// Raised while the sources are paused.
     pub paused: Arc<AtomicBool>,
@@ -66,7 +69,7 @@ pub struct Shared {
     /// Set by worker 0 once its last windows are handed off (backfill).
     pub backfill_done: Arc<AtomicBool>,
     /// Anomaly scoring, when on.
-    pub scoring: Option<Scoring>,
+    pub scoring: Option<Arc<Scoring>>,
     /// Local workers per process.
     pub workers: usize,
     /// This process's index.
@@ -80,11 +83,17 @@ pub fn execute(
     shared: Shared,
 ) -> Result<Vec<String>, String> {
     let guards = timely::execute(timely_config, move |worker| -> Result<(), String> {
+        let barrier = Barrier::build(worker);
         let mut drained = Vec::with_capacity(streams.len());
         for stream in &streams {
             drained.push(build_stream(worker, stream, &shared)?);
         }
         step(worker, &drained, &shared);
+        if !shared.shutdown.load(Ordering::SeqCst) {
+            // A new layout: every process rebuilds, none may leave while the others still
+            // exchange with it.
+            barrier.wait(worker, &shared);
+        }
         // Open windows are deliberately not completed: the next run replays them.
         for id in worker.installed_dataflows() {
             worker.drop_dataflow(id);
@@ -136,7 +145,7 @@ fn build_stream(
                 naive_zone: stream.plan.naive_zone,
                 ..shared.limits
             },
-            control: Control::new(shared.shutdown.clone(), shared.paused.clone()),
+            control: Control::new(shared.stop.clone(), shared.paused.clone()),
             backfill: shared.backfill.clone(),
         },
         feed,
@@ -259,7 +268,7 @@ fn step(worker: &mut Worker, drained: &[Drained], shared: &Shared) {
             if done && shared.backfill_done.load(Ordering::SeqCst) {
                 break;
             }
-            if shared.shutdown.load(Ordering::Relaxed) {
+            if shared.stop.load(Ordering::Relaxed) {
                 // Interrupted: what was handed off is written; a rerun clears and redoes the
                 // range.
                 break;
@@ -268,9 +277,38 @@ fn step(worker: &mut Worker, drained: &[Drained], shared: &Shared) {
         }
         return;
     }
-    let finished = || shared.shutdown.load(Ordering::Relaxed) && all_drained();
+    let finished = || shared.stop.load(Ordering::Relaxed) && all_drained();
     while !(shared.fatal.is_raised() || finished()) {
         worker.step_or_park(Some(Duration::from_millis(50)));
+    }
+}
+
+/// A dataflow every worker of every process closes when it is ready to leave: its frontier
+/// is empty once all have.
+struct Barrier {
+    input: timely::dataflow::InputHandle<u64, timely::container::CapacityContainerBuilder<Vec<()>>>,
+    probe: timely::dataflow::ProbeHandle<u64>,
+}
+
+impl Barrier {
+    fn build(worker: &mut Worker) -> Self {
+        use timely::dataflow::operators::{Input, Probe};
+        let mut input = timely::dataflow::InputHandle::new();
+        let probe = worker.dataflow::<u64, _, _>(|scope| scope.input_from(&mut input).probe().0);
+        Self { input, probe }
+    }
+
+    /// Closes this worker's side and steps until every worker closed theirs (or the process
+    /// shuts down, or a sink failed for good).
+    fn wait(self, worker: &mut Worker, shared: &Shared) {
+        let Self { input, probe } = self;
+        drop(input);
+        while !probe.done() {
+            if shared.shutdown.load(Ordering::Relaxed) || shared.fatal.is_raised() {
+                return;
+            }
+            worker.step_or_park(Some(Duration::from_millis(50)));
+        }
     }
 }
 
