@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use primespark_tests::{connect, count, produce, stack, wait_until, Sections, TelemetryRun};
+use primespark_tests::{
+    connect, count, parquet_positions, produce, stack, wait_until, Sections, TelemetryRun,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -159,12 +161,26 @@ async fn dead_letters_are_published_to_the_dlq_topic() -> Result<()> {
 /// other record of the batch is stored, the offsets move on, the pipeline keeps running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_postgres_refuses_become_dead_letters() -> Result<()> {
+    refused_records("refused", None).await
+}
+
+/// The same, with the process crashed in the middle of the search for the refused records
+/// (the third probe of the bisection): after the restart every good row, every letter and
+/// every archived row is there once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_inside_the_search_for_refused_records_loses_and_doubles_nothing() -> Result<()> {
+    refused_records("refusedcrash", Some("postgres.bisect=abort@3")).await
+}
+
+/// Records a hand-added constraint refuses, stored by one run, or by a run crashed at
+/// `crash` (a failpoint spec) and a second one.
+async fn refused_records(prefix: &str, crash: Option<&str>) -> Result<()> {
     let stack = stack();
     let sections = Sections {
         postgres: "flush_rows = 64\nflush_interval = \"200ms\"",
         ..Sections::default()
     };
-    let run = TelemetryRun::new("refused", 2, sections).await?;
+    let run = TelemetryRun::new(prefix, 2, sections).await?;
     let (topic, http) = (&run.topic, &run.http);
     // The tables first, then the constraint the pipeline does not know about.
     let migrated = primespark_tests::pipeline_command()?
@@ -208,6 +224,23 @@ async fn records_postgres_refuses_become_dead_letters() -> Result<()> {
         }
     }
     produce(stack, topic, &records)?;
+    if let Some(spec) = crash {
+        let mut crashed = run.start(&[("PRIMESPARK_FAILPOINTS", spec)])?;
+        let point = spec.split('=').next().unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while crashed.is_running() {
+            if Instant::now() > deadline {
+                bail!("{point} was not hit within 120 s\n{}", run.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let log = run.log_text();
+        if !log.contains(&format!("failpoint=\"{point}\""))
+            && !log.contains(&format!("failpoint={point}"))
+        {
+            bail!("the pipeline stopped, but not at {point}\n{log}");
+        }
+    }
     let mut pipeline = run.start(&[])?;
     let good = (records.len() - refused.len()) as i64;
     let stored = wait_until(Duration::from_secs(120), "rows and letters", || async {
@@ -297,5 +330,15 @@ async fn records_postgres_refuses_become_dead_letters() -> Result<()> {
     );
     let status = pipeline.terminate(Duration::from_secs(60))?;
     assert!(status.success(), "{status}");
+    // The archive keeps every record, refused ones too (PostgreSQL refused them, not the
+    // pipeline), each once.
+    let archived = parquet_positions(&run.nas.join(format!("topic={topic}")))?;
+    let mut distinct = archived.clone();
+    distinct.dedup();
+    assert_eq!(
+        (archived.len(), distinct.len()),
+        (2 * 2 * 152, 2 * 152),
+        "archived rows (two points per record) and distinct records"
+    );
     Ok(())
 }
