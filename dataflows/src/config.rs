@@ -367,8 +367,21 @@ impl Config {
             if !rest.contains("__") {
                 continue;
             }
-            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
-            set_path(&mut table, &path, parse_env_value(&value));
+            let mut path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            let value = if is_string_key(&path) {
+                // `"1000"` for librdkafka, a topic named `2024`: text, whatever it looks like.
+                toml::Value::String(value)
+            } else {
+                parse_env_value(&value)
+            };
+            if let [section, map, key] = path.as_mut_slice() {
+                // Few environments allow dots in variable names: `SECURITY_PROTOCOL` is
+                // librdkafka's `security.protocol` (its string properties have no `_`).
+                if section == "kafka" && map == "properties" && !key.contains('.') {
+                    *key = key.replace('_', ".");
+                }
+            }
+            set_path(&mut table, &path, value);
             overridden.push(path.join("."));
         }
         let origin = if overridden.is_empty() {
@@ -552,6 +565,19 @@ impl RuntimeConfig {
 }
 
 /// Environment values are TOML scalars when they parse as one (`20000`, `true`), else strings.
+/// Keys whose values are text even when they look like numbers or booleans.
+fn is_string_key(path: &[String]) -> bool {
+    matches!(
+        path.iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice(),
+        ["kafka", "properties", _]
+            | ["kafka", "topics", _]
+            | ["kafka", "brokers" | "consumer_group"]
+    )
+}
+
 fn parse_env_value(raw: &str) -> toml::Value {
     match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         Ok(mut t) => match t.remove("v") {
@@ -619,6 +645,38 @@ mod tests {
         assert_eq!(c.runtime.workers, 3);
         assert_eq!(c.windows.max_out_of_orderness, Duration::from_secs(2));
         assert_eq!(c.kafka.topics.telemetry, "t.x");
+    }
+
+    #[test]
+    fn env_overrides_of_librdkafka_properties_stay_text() {
+        let c = Config::from_toml(
+            "",
+            "t",
+            [
+                (
+                    "PRIMESPARK_KAFKA__PROPERTIES__reconnect.backoff.max.ms".to_owned(),
+                    "1000".to_owned(),
+                ),
+                (
+                    "PRIMESPARK_KAFKA__PROPERTIES__SECURITY_PROTOCOL".to_owned(),
+                    "SASL_SSL".to_owned(),
+                ),
+                (
+                    "PRIMESPARK_KAFKA__PROPERTIES__ENABLE_IDEMPOTENCE".to_owned(),
+                    "true".to_owned(),
+                ),
+                (
+                    "PRIMESPARK_KAFKA__TOPICS__EVENTS".to_owned(),
+                    "2024".to_owned(),
+                ),
+            ],
+        )
+        .unwrap();
+        let props = &c.kafka.properties;
+        assert_eq!(props["reconnect.backoff.max.ms"], "1000");
+        assert_eq!(props["security.protocol"], "SASL_SSL");
+        assert_eq!(props["enable.idempotence"], "true");
+        assert_eq!(c.kafka.topics.events, "2024");
     }
 
     #[test]
