@@ -122,6 +122,37 @@ impl Executor {
     }
 }
 
+/// Aborts the query's task when dropped: after its timeout, or with the caller's future.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `plan` with every operator's output made cooperative (DataFusion's `CooperativeExec`): each
+/// batch spends tokio's task budget, so the query's task yields every few batches wherever
+/// the batches come from. An aborted task stops at its next yield; DataFusion alone makes only
+/// the scans cooperative, and an operator that makes many batches of few inputs (a cross join)
+/// never yielded, so a cancelled query kept its core busy until it finished.
+fn yielding_everywhere(
+    plan: Arc<dyn datafusion::physical_plan::ExecutionPlan>,
+) -> Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>, QueryError> {
+    use datafusion::common::tree_node::{Transformed, TreeNode};
+    use datafusion::physical_plan::coop::CooperativeExec;
+    Ok(plan
+        .transform_up(|node| {
+            if node.name() == "CooperativeExec" {
+                return Ok(Transformed::no(node));
+            }
+            let wrapped: Arc<dyn datafusion::physical_plan::ExecutionPlan> =
+                Arc::new(CooperativeExec::new(node));
+            Ok(Transformed::yes(wrapped))
+        })?
+        .data)
+}
+
 impl std::fmt::Debug for QueryService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the hashes.
@@ -326,15 +357,16 @@ impl QueryService {
                     .executor
                     .handle
                     .spawn(async move { service.run(&caller, &text, params).await });
-                let abort = task.abort_handle();
-                match tokio::time::timeout(self.timeout, task).await {
+                // A caller that goes away (a client disconnect drops this future) cancels
+                // the query too.
+                let abort = AbortOnDrop(task.abort_handle());
+                let outcome = match tokio::time::timeout(self.timeout, task).await {
                     Ok(Ok(r)) => r,
                     Ok(Err(e)) => Err(QueryError::Encode(format!("query task failed: {e}"))),
-                    Err(_) => {
-                        abort.abort();
-                        Err(QueryError::Timeout(self.timeout))
-                    }
-                }
+                    Err(_) => Err(QueryError::Timeout(self.timeout)),
+                };
+                drop(abort);
+                outcome
             }
             Err(e) => Err(e),
         };
@@ -413,7 +445,9 @@ impl QueryService {
         } else {
             df
         };
-        let batches = df.collect().await?;
+        let task_ctx = Arc::new(df.task_ctx());
+        let plan = yielding_everywhere(df.create_physical_plan().await?)?;
+        let batches = datafusion::physical_plan::collect(plan, task_ctx).await?;
         let mut rows = 0;
         let mut truncated = false;
         let mut kept = Vec::with_capacity(batches.len());

@@ -1,0 +1,119 @@
+//! Queries that stop when they are told to: a runaway cross join over a running pipeline is
+//! answered 408 at `query.timeout`, and the pipeline's CPU drops back within a second, as it
+//! does when the client goes away before the timeout. Measured from outside, in the process's
+//! CPU time (`/proc/<pid>/stat`).
+//!
+//! On an earlier main the 408 came on time but the query kept a core busy until it finished
+//! (DataFusion's cross join never yields, so the aborted task was never stopped), and a client
+//! that disconnected left its query running to the end.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use primespark_tests::{
+    connect, count, http_post, produce, stack, wait_until, Sections, TelemetryRun,
+};
+use serde_json::json;
+
+const T0_MS: i64 = 1_762_351_200_000;
+const RUNAWAY: &str = "SELECT count(*) FROM device_metrics a, device_metrics b, device_metrics c WHERE a.value + b.value + c.value >= 0";
+
+/// Seconds of CPU the process `pid` has used (user and system).
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').context("no command in stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    let out = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()?;
+    let per_second: f64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    Ok(ticks / per_second)
+}
+
+/// The share of a core `pid` used over `window`.
+fn cores_used(pid: u32, window: Duration) -> Result<f64> {
+    let before = cpu_seconds(pid)?;
+    std::thread::sleep(window);
+    Ok((cpu_seconds(pid)? - before) / window.as_secs_f64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_or_abandoned_query_stops_using_the_cpu() -> Result<()> {
+    let stack = stack();
+    let run = TelemetryRun::new(
+        "querycancel",
+        1,
+        Sections {
+            query: "timeout = \"4s\"",
+            extra: "[inference]\nenabled = false\n",
+            ..Sections::default()
+        },
+    )
+    .await?;
+    let records: Vec<(i32, Vec<u8>)> = (0..3000i64)
+        .map(|i| {
+            let event = json!({"device_id": format!("pi-{}", i % 7), "metrics": {"cpu_percent": (i % 100) as f64}, "timestamp": T0_MS + i * 1000});
+            (0, event.to_string().into_bytes())
+        })
+        .collect();
+    produce(stack, &run.topic, &records)?;
+    let pipeline = run.start(&[])?;
+    let pid = pipeline.pid();
+    let client = connect(&run.url).await?;
+    wait_until(Duration::from_secs(60), "the rows", || async {
+        Ok(count(&client, "SELECT count(*) FROM device_metrics").await == 3000)
+    })
+    .await?;
+    let idle = cores_used(pid, Duration::from_secs(1))?;
+    let body = json!({ "sql": RUNAWAY }).to_string();
+
+    // A client that gives up after half a second, long before the timeout.
+    {
+        let mut s = std::net::TcpStream::connect(&run.http)?;
+        write!(
+            s,
+            "POST /v1/sql HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            run.http,
+            body.len()
+        )?;
+        std::thread::sleep(Duration::from_millis(500));
+        let busy = cores_used(pid, Duration::from_millis(400))?;
+        ensure!(
+            busy > 0.5,
+            "the runaway query is not running ({busy:.2} cores): the test shows nothing"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let after_disconnect = cores_used(pid, Duration::from_secs(2))?;
+    ensure!(
+        after_disconnect < 0.3,
+        "the query of a client that left kept running: {after_disconnect:.2} cores (idle {idle:.2})"
+    );
+
+    // One that waits for the timeout.
+    let started = Instant::now();
+    let (status, text) = http_post(&run.http, "/v1/sql", &body)?;
+    let waited = started.elapsed();
+    ensure!(status == 408, "{status}: {text}");
+    std::thread::sleep(Duration::from_secs(1));
+    let after_timeout = cores_used(pid, Duration::from_secs(2))?;
+    eprintln!(
+        "cores used: idle {idle:.2}, 1-3 s after the client left {after_disconnect:.2}, 1-3 s after the 408 (at {:.1} s) {after_timeout:.2}",
+        waited.as_secs_f64()
+    );
+    if after_timeout > 0.3 {
+        bail!("a query cancelled at its timeout kept running: {after_timeout:.2} cores (idle {idle:.2})");
+    }
+    // And the door still answers at once.
+    let (status, text) = http_post(
+        &run.http,
+        "/v1/sql",
+        &json!({"sql": "SELECT 1"}).to_string(),
+    )?;
+    ensure!(status == 200, "{status}: {text}");
+    pipeline.terminate(Duration::from_secs(60))?;
+    Ok(())
+}
