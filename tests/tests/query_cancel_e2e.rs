@@ -1,6 +1,7 @@
 //! Queries that stop when they are told to: a runaway cross join over a running pipeline is
 //! answered 408 at `query.timeout`, and the pipeline's CPU drops back within a second, as it
-//! does when the client goes away before the timeout. Measured from outside, in the process's
+//! does when the client goes away before the timeout. A function asked for gigabytes
+//! (`repeat('x', 2000000000)`) is refused before it allocates. Measured from outside, in the process's
 //! CPU time (`/proc/<pid>/stat`).
 //!
 //! On an earlier main the 408 came on time but the query kept a core busy until it finished
@@ -106,6 +107,17 @@ async fn a_cancelled_or_abandoned_query_stops_using_the_cpu() -> Result<()> {
     );
     if after_timeout > 0.3 {
         bail!("a query cancelled at its timeout kept running: {after_timeout:.2} cores (idle {idle:.2})");
+    }
+    // A function asked for 2 GB is refused before it allocates.
+    for sql in [
+        "SELECT repeat('x', 2000000000)",
+        "SELECT length(lpad(device_id, 100000000)) FROM device_metrics",
+    ] {
+        let (status, text) = http_post(&run.http, "/v1/sql", &json!({ "sql": sql }).to_string())?;
+        ensure!(
+            status == 400 && text.contains("query.max_value_bytes"),
+            "{sql}: {status}: {text}"
+        );
     }
     // And the door still answers at once.
     let (status, text) = http_post(

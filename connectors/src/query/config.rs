@@ -92,6 +92,11 @@ pub struct QueryConfig {
     /// A query running longer is cancelled. Default `30s`.
     #[serde(default = "default_timeout", with = "crate::config::duration")]
     pub timeout: Duration,
+    /// Largest value a query's function may build, in bytes (`repeat`, `lpad`/`rpad`
+    /// characters, `array_repeat`/`range` elements): those allocate outside the memory pool,
+    /// so a bigger one is refused with an error. Default 16777216 (16 MiB).
+    #[serde(default = "default_max_value_bytes")]
+    pub max_value_bytes: usize,
     /// Memory all running queries may hold together, in MiB (DataFusion's memory pool); a
     /// query needing more fails with "resources exhausted". Default 512.
     #[serde(default = "default_memory_mb")]
@@ -124,6 +129,10 @@ pub struct QueryConfig {
 fn default_http_addr() -> String {
     "127.0.0.1:8080".into()
 }
+fn default_max_value_bytes() -> usize {
+    super::functions::DEFAULT_MAX_VALUE_BYTES
+}
+
 fn default_max_rows() -> usize {
     100_000
 }
@@ -151,6 +160,7 @@ impl Default for QueryConfig {
             max_rows: default_max_rows(),
             timeout: default_timeout(),
             memory_limit_mb: default_memory_mb(),
+            max_value_bytes: default_max_value_bytes(),
             max_body_bytes: default_max_body_bytes(),
             rate_limit_per_second: default_rate(),
             rate_limit_burst: default_burst(),
@@ -186,6 +196,12 @@ impl QueryConfig {
         }
         if self.timeout.is_zero() {
             return Err(InvalidConfig::new("query.timeout", "must be positive"));
+        }
+        if self.max_value_bytes == 0 {
+            return Err(InvalidConfig::new(
+                "query.max_value_bytes",
+                "must be positive",
+            ));
         }
         if self.memory_limit_mb == 0 {
             return Err(InvalidConfig::new(

@@ -1,4 +1,11 @@
-//! SQL functions the platform's dashboards use that DataFusion lacks.
+//! SQL functions the platform's dashboards use that DataFusion lacks, and DataFusion's
+//! functions whose output a caller sizes, capped.
+//!
+//! `repeat`, `lpad`, `rpad`, `array_repeat`, and the list forms of `range` and
+//! `generate_series` allocate what their arguments ask for, outside the query memory pool: one
+//! `repeat('x', 2000000000)` would take 2 GB of a Pi's memory at once. Each is registered again
+//! as [`Capped`], which refuses arguments whose result would exceed `query.max_value_bytes`
+//! (bytes of a string, elements of a list) with an error naming the function and the key.
 //!
 //! `time_bucket(width, ts)` is TimescaleDB's: buckets of `width` aligned like TimescaleDB's
 //! default origin (Monday 2000-01-03 00:00 UTC), so weekly buckets start on Mondays and every
@@ -96,9 +103,194 @@ impl ScalarUDFImpl for TimeBucket {
     }
 }
 
-/// Registers the functions on `ctx`.
+/// The cap a session starts with (`query.max_value_bytes`' default): 16 MiB.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 16 << 20;
+
+/// Registers the functions on `ctx`; the functions that allocate what their arguments ask
+/// for are capped at [`DEFAULT_MAX_VALUE_BYTES`].
 pub fn register(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::new_from_impl(TimeBucket::default()));
+    cap_functions(ctx, DEFAULT_MAX_VALUE_BYTES);
+}
+
+/// Caps (again) the functions that allocate what their arguments ask for at
+/// `max_value_bytes` (`query.max_value_bytes`).
+pub fn cap_functions(ctx: &SessionContext, max_value_bytes: usize) {
+    let max = i64::try_from(max_value_bytes).unwrap_or(i64::MAX);
+    for (name, size) in [
+        ("repeat", Size::Repeat),
+        ("lpad", Size::Count(1)),
+        ("rpad", Size::Count(1)),
+        ("array_repeat", Size::Count(1)),
+        ("range", Size::Series),
+        ("generate_series", Size::Series),
+    ] {
+        if let Some(udf) = ctx.state().scalar_functions().get(name).cloned() {
+            // A capped one is capped anew, not wrapped twice.
+            let any: &dyn std::any::Any = udf.inner().as_ref();
+            let inner = any
+                .downcast_ref::<Capped>()
+                .map_or(udf.clone(), |c| c.inner.clone());
+            ctx.register_udf(ScalarUDF::new_from_impl(Capped { inner, size, max }));
+        }
+    }
+}
+
+/// How big a capped function's result gets, from its arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Size {
+    /// The integer argument at this index (characters or elements).
+    Count(usize),
+    /// `repeat(text, n)`: the text's bytes times `n`.
+    Repeat,
+    /// `range(start, stop[, step])` over integers: the number of steps.
+    Series,
+}
+
+/// A function of DataFusion's whose result is bounded before it is computed.
+#[derive(Debug)]
+pub struct Capped {
+    inner: Arc<ScalarUDF>,
+    size: Size,
+    max: i64,
+}
+
+impl PartialEq for Capped {
+    fn eq(&self, other: &Self) -> bool {
+        self.inner.name() == other.inner.name() && self.size == other.size && self.max == other.max
+    }
+}
+
+impl Eq for Capped {}
+
+impl std::hash::Hash for Capped {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.inner.name().hash(state);
+        self.size.hash(state);
+        self.max.hash(state);
+    }
+}
+
+/// The largest integer of `value` (`None`: null, or not an integer).
+fn largest_int(value: &ColumnarValue) -> Option<i64> {
+    use datafusion::arrow::array::{Array, Int64Array};
+    match value {
+        ColumnarValue::Scalar(s) => match s.cast_to(&DataType::Int64).ok()? {
+            ScalarValue::Int64(v) => v,
+            _ => None,
+        },
+        ColumnarValue::Array(a) => {
+            let cast = datafusion::arrow::compute::cast(a, &DataType::Int64).ok()?;
+            let ints = cast.as_any().downcast_ref::<Int64Array>()?;
+            datafusion::arrow::compute::max(ints)
+        }
+    }
+}
+
+/// The longest text of `value`, in bytes (0 for anything else).
+fn longest_text(value: &ColumnarValue) -> i64 {
+    use datafusion::arrow::array::{Array, LargeStringArray};
+    match value {
+        ColumnarValue::Scalar(s) => match s.cast_to(&DataType::LargeUtf8) {
+            Ok(ScalarValue::LargeUtf8(Some(t))) => t.len() as i64,
+            _ => 0,
+        },
+        ColumnarValue::Array(a) => datafusion::arrow::compute::cast(a, &DataType::LargeUtf8)
+            .ok()
+            .and_then(|c| {
+                let texts = c.as_any().downcast_ref::<LargeStringArray>()?;
+                texts.iter().flatten().map(|t| t.len() as i64).max()
+            })
+            .unwrap_or(0),
+    }
+}
+
+impl Capped {
+    /// The size the arguments ask for (saturating).
+    fn asked(&self, args: &[ColumnarValue]) -> i64 {
+        let int = |i: usize| args.get(i).and_then(largest_int).unwrap_or(0);
+        match self.size {
+            Size::Count(i) => int(i),
+            Size::Repeat => longest_text(
+                args.first()
+                    .unwrap_or(&ColumnarValue::Scalar(ScalarValue::Null)),
+            )
+            .saturating_mul(int(1)),
+            Size::Series => {
+                // Only the integer forms; dates and timestamps step by intervals.
+                let ints = args.iter().all(|a| largest_int(a).is_some());
+                if !ints || args.len() < 2 {
+                    return 0;
+                }
+                let (start, stop) = (int(0), int(1));
+                let step = if args.len() > 2 { int(2) } else { 1 };
+                // The smallest start matters too: the widest span of the batch.
+                let least_start = args
+                    .first()
+                    .and_then(|a| match a {
+                        ColumnarValue::Scalar(_) => Some(start),
+                        ColumnarValue::Array(arr) => {
+                            let neg =
+                                datafusion::arrow::compute::kernels::numeric::neg(arr).ok()?;
+                            largest_int(&ColumnarValue::Array(neg)).map(|v| v.saturating_neg())
+                        }
+                    })
+                    .unwrap_or(start);
+                let span = stop.saturating_sub(least_start).saturating_abs();
+                span / step.saturating_abs().max(1)
+            }
+        }
+    }
+}
+
+impl ScalarUDFImpl for Capped {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn aliases(&self) -> &[String] {
+        self.inner.aliases()
+    }
+
+    fn signature(&self) -> &Signature {
+        self.inner.signature()
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        self.inner.coerce_types(arg_types)
+    }
+
+    fn return_type(&self, arg_types: &[DataType]) -> Result<DataType> {
+        self.inner.return_type(arg_types)
+    }
+
+    fn return_field_from_args(
+        &self,
+        args: datafusion::logical_expr::ReturnFieldArgs,
+    ) -> Result<datafusion::arrow::datatypes::FieldRef> {
+        self.inner.return_field_from_args(args)
+    }
+
+    fn short_circuits(&self) -> bool {
+        self.inner.short_circuits()
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let asked = self.asked(&args.args);
+        if asked > self.max {
+            return plan_err!(
+                "{}: the result would hold {asked} {}, over query.max_value_bytes ({}); ask for less",
+                self.inner.name(),
+                match self.size {
+                    Size::Repeat => "bytes",
+                    Size::Count(_) if self.inner.name().ends_with("pad") => "characters",
+                    _ => "elements",
+                },
+                self.max
+            );
+        }
+        self.inner.invoke_with_args(args)
+    }
 }
 
 #[cfg(test)]
@@ -140,5 +332,45 @@ mod tests {
         .await;
         // Linear interpolation between 4 and 5 at rank 0.95 * 4 = 3.8.
         assert!(out.contains("| 4.79999") || out.contains("| 4.8 "), "{out}");
+    }
+}
+
+#[cfg(test)]
+mod capped {
+    use super::*;
+
+    async fn run(sql: &str) -> Result<String> {
+        let ctx = SessionContext::new();
+        register(&ctx);
+        cap_functions(&ctx, 1000);
+        let batches = ctx.sql(sql).await?.collect().await?;
+        Ok(datafusion::arrow::util::pretty::pretty_format_batches(&batches)?.to_string())
+    }
+
+    #[tokio::test]
+    async fn functions_that_allocate_what_they_are_asked_for_are_capped() {
+        for sql in [
+            "SELECT repeat('x', 2000000000)",
+            "SELECT repeat('abcd', 300)",
+            "SELECT lpad('x', 5000)",
+            "SELECT rpad('x', 5000, 'y')",
+            "SELECT array_repeat(1, 100000)",
+            "SELECT range(0, 10000000000)",
+            "SELECT generate_series(1, 5000)",
+            "SELECT repeat(t, n) FROM (VALUES ('ab', 10), ('abc', 600)) v(t, n)",
+        ] {
+            let e = run(sql).await.expect_err(sql).to_string();
+            assert!(e.contains("query.max_value_bytes"), "{sql}: {e}");
+        }
+        // Within the cap they work as before.
+        for (sql, want) in [
+            ("SELECT repeat('ab', 3) AS v", "ababab"),
+            ("SELECT lpad('7', 3, '0') AS v", "007"),
+            ("SELECT array_repeat(1, 3) AS v", "[1, 1, 1]"),
+            ("SELECT range(0, 3) AS v", "[0, 1, 2]"),
+        ] {
+            let out = run(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+            assert!(out.contains(want), "{sql}: {out}");
+        }
     }
 }

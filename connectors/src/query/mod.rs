@@ -33,5 +33,6 @@ pub use wire as pgwire;
 pub use config::{ApiKey, QueryConfig, Role, WireUser};
 pub use context::session;
 pub use error::QueryError;
+pub use functions::cap_functions;
 pub use http::{batches_to_json, router, serve};
 pub use service::{hash_password, sha256_hex, Principal, QueryOutput, QueryService};

@@ -107,6 +107,7 @@ fn start_query(
         &config.kafka.topics.events,
         config.query.memory_limit_mb.saturating_mul(1 << 20),
     )?;
+    query::cap_functions(&ctx, config.query.max_value_bytes);
     if config.postgres.enabled {
         // Hot rows from PostgreSQL, older ones from the archive, under the same names.
         rt.block_on(query::catalog::attach_postgres(
