@@ -92,6 +92,10 @@ pub struct QueryConfig {
     /// A query running longer is cancelled. Default `30s`.
     #[serde(default = "default_timeout", with = "crate::config::duration")]
     pub timeout: Duration,
+    /// Largest result returned, in bytes of Arrow data; a larger result is cut there and
+    /// flagged, like one over `max_rows`. Default 67108864 (64 MiB).
+    #[serde(default = "default_max_result_bytes")]
+    pub max_result_bytes: usize,
     /// Largest value a query's function may build, in bytes (`repeat`, `lpad`/`rpad`
     /// characters, `array_repeat`/`range` elements): those allocate outside the memory pool,
     /// so a bigger one is refused with an error. Default 16777216 (16 MiB).
@@ -129,6 +133,10 @@ pub struct QueryConfig {
 fn default_http_addr() -> String {
     "127.0.0.1:8080".into()
 }
+fn default_max_result_bytes() -> usize {
+    64 << 20
+}
+
 fn default_max_value_bytes() -> usize {
     super::functions::DEFAULT_MAX_VALUE_BYTES
 }
@@ -161,6 +169,7 @@ impl Default for QueryConfig {
             timeout: default_timeout(),
             memory_limit_mb: default_memory_mb(),
             max_value_bytes: default_max_value_bytes(),
+            max_result_bytes: default_max_result_bytes(),
             max_body_bytes: default_max_body_bytes(),
             rate_limit_per_second: default_rate(),
             rate_limit_burst: default_burst(),
@@ -196,6 +205,12 @@ impl QueryConfig {
         }
         if self.timeout.is_zero() {
             return Err(InvalidConfig::new("query.timeout", "must be positive"));
+        }
+        if self.max_result_bytes == 0 {
+            return Err(InvalidConfig::new(
+                "query.max_result_bytes",
+                "must be positive",
+            ));
         }
         if self.max_value_bytes == 0 {
             return Err(InvalidConfig::new(

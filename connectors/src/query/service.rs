@@ -36,11 +36,11 @@ pub struct Principal {
 pub struct QueryOutput {
     /// Result schema.
     pub schema: SchemaRef,
-    /// At most `max_rows` rows.
+    /// At most `max_rows` rows, and `max_result_bytes` of Arrow data.
     pub batches: Vec<RecordBatch>,
     /// Rows in `batches`.
     pub rows: usize,
-    /// The result had more than `max_rows` rows and was cut.
+    /// The result had more than `max_rows` rows or `max_result_bytes` bytes and was cut.
     pub truncated: bool,
 }
 
@@ -74,6 +74,7 @@ struct Bucket {
 pub struct QueryService {
     ctx: SessionContext,
     max_rows: usize,
+    max_result_bytes: usize,
     timeout: Duration,
     /// Hex SHA-256 of a token -> its holder.
     keys: HashMap<String, Principal>,
@@ -120,6 +121,19 @@ impl Executor {
             _stop: stop,
         })
     }
+}
+
+/// The bytes of Arrow data `batch` holds (its slice of shared buffers, not their whole).
+fn batch_bytes(batch: &RecordBatch) -> usize {
+    batch
+        .columns()
+        .iter()
+        .map(|c| {
+            c.to_data()
+                .get_slice_memory_size()
+                .unwrap_or_else(|_| c.get_array_memory_size())
+        })
+        .sum()
 }
 
 /// Aborts the query's task when dropped: after its timeout, or with the caller's future.
@@ -233,6 +247,7 @@ impl QueryService {
             executor: Executor::start(threads)?,
             ctx,
             max_rows: cfg.max_rows,
+            max_result_bytes: cfg.max_result_bytes,
             timeout: cfg.timeout,
             keys,
             users,
@@ -447,21 +462,34 @@ impl QueryService {
         };
         let task_ctx = Arc::new(df.task_ctx());
         let plan = yielding_everywhere(df.create_physical_plan().await?)?;
-        let batches = datafusion::physical_plan::collect(plan, task_ctx).await?;
-        let mut rows = 0;
+        // Streamed, so a result is cut at its row or byte budget while it is made, not after
+        // all of it was held.
+        let mut stream = datafusion::physical_plan::execute_stream(plan, task_ctx)?;
+        let (mut rows, mut bytes) = (0usize, 0usize);
         let mut truncated = false;
-        let mut kept = Vec::with_capacity(batches.len());
-        for b in batches {
-            let room = self.max_rows - rows;
-            if b.num_rows() > room {
+        let mut kept = Vec::new();
+        while let Some(b) = futures::StreamExt::next(&mut stream).await {
+            let b = b?;
+            let size = batch_bytes(&b);
+            // Rows that fit both budgets (bytes pro rata within the batch).
+            let room_rows = self.max_rows - rows;
+            let room_bytes = self.max_result_bytes.saturating_sub(bytes);
+            let fit_bytes = if size <= room_bytes {
+                b.num_rows()
+            } else {
+                (room_bytes as u128 * b.num_rows() as u128 / size.max(1) as u128) as usize
+            };
+            let fit = room_rows.min(fit_bytes);
+            if fit < b.num_rows() {
                 truncated = true;
-                if room > 0 {
-                    kept.push(b.slice(0, room));
-                    rows += room;
+                if fit > 0 {
+                    kept.push(b.slice(0, fit));
+                    rows += fit;
                 }
                 break;
             }
             rows += b.num_rows();
+            bytes += size;
             kept.push(b);
         }
         Ok(QueryOutput {
@@ -773,6 +801,29 @@ mod tests {
         );
         // Another key has its own bucket.
         s.execute(&admin, "test", "SELECT 1").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_result_is_cut_at_its_byte_budget() {
+        let mut c = cfg();
+        c.rate_limit_burst = 10;
+        c.max_rows = 1_000_000;
+        // 10k int64 values are 80 KB of Arrow data: 20 KB holds about a quarter.
+        c.max_result_bytes = 20_000;
+        let s = service(&c);
+        let reader = s.authenticate_token(Some("reader-token")).unwrap();
+        let out = s
+            .execute(&reader, "test", "SELECT n FROM numbers")
+            .await
+            .unwrap();
+        assert!(out.truncated, "not cut");
+        assert!((2_000..=2_500).contains(&out.rows), "{} rows", out.rows);
+        assert!(out.batches.iter().map(batch_bytes).sum::<usize>() <= 20_000);
+        let out = s
+            .execute(&reader, "test", "SELECT n FROM numbers WHERE n < 100")
+            .await
+            .unwrap();
+        assert_eq!((out.rows, out.truncated), (100, false));
     }
 
     #[tokio::test]
