@@ -1,7 +1,8 @@
 //! Queries that stop when they are told to: a runaway cross join over a running pipeline is
 //! answered 408 at `query.timeout`, and the pipeline's CPU drops back within a second, as it
 //! does when the client goes away before the timeout. A function asked for gigabytes
-//! (`repeat('x', 2000000000)`) is refused before it allocates. Measured from outside, in the process's
+//! (`repeat('x', 2000000000)`) is refused before it allocates. Queries run on half the cores
+//! threads at nice 10, so ingestion keeps its share. Measured from outside, in the process's
 //! CPU time (`/proc/<pid>/stat`).
 //!
 //! On an earlier main the 408 came on time but the query kept a core busy until it finished
@@ -69,6 +70,28 @@ async fn a_cancelled_or_abandoned_query_stops_using_the_cpu() -> Result<()> {
     })
     .await?;
     let idle = cores_used(pid, Duration::from_secs(1))?;
+    // Queries run on their own threads, half the cores (at least one), at nice 10.
+    let mut query_threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let dir = task?.path();
+        let comm = std::fs::read_to_string(dir.join("comm"))?;
+        let stat = std::fs::read_to_string(dir.join("stat"))?;
+        let nice: i32 = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(16))
+            .context("no niceness in stat")?
+            .parse()?;
+        if comm.trim().starts_with("primespark-quer") {
+            ensure!(nice == 10, "a query thread at nice {nice}");
+            query_threads += 1;
+        }
+    }
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    // (Its blocking pool, for file reads, has the same name and priority.)
+    ensure!(
+        query_threads >= (cores / 2).max(1),
+        "{query_threads} query threads on {cores} cores"
+    );
     let body = json!({ "sql": RUNAWAY }).to_string();
 
     // A client that gives up after half a second, long before the timeout.

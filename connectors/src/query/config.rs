@@ -92,6 +92,11 @@ pub struct QueryConfig {
     /// A query running longer is cancelled. Default `30s`.
     #[serde(default = "default_timeout", with = "crate::config::duration")]
     pub timeout: Duration,
+    /// Threads that run queries (and DataFusion's partitions per query). Default 0: half the
+    /// cores, at least one, so a query never takes every core from ingestion; the threads
+    /// also run at a lower priority (nice 10) than the pipeline's.
+    #[serde(default)]
+    pub threads: usize,
     /// Largest result returned, in bytes of Arrow data; a larger result is cut there and
     /// flagged, like one over `max_rows`. Default 67108864 (64 MiB).
     #[serde(default = "default_max_result_bytes")]
@@ -170,6 +175,7 @@ impl Default for QueryConfig {
             memory_limit_mb: default_memory_mb(),
             max_value_bytes: default_max_value_bytes(),
             max_result_bytes: default_max_result_bytes(),
+            threads: 0,
             max_body_bytes: default_max_body_bytes(),
             rate_limit_per_second: default_rate(),
             rate_limit_burst: default_burst(),
@@ -205,6 +211,12 @@ impl QueryConfig {
         }
         if self.timeout.is_zero() {
             return Err(InvalidConfig::new("query.timeout", "must be positive"));
+        }
+        if self.threads > 256 {
+            return Err(InvalidConfig::new(
+                "query.threads",
+                "must be at most 256 (0: half the cores)",
+            ));
         }
         if self.max_result_bytes == 0 {
             return Err(InvalidConfig::new(

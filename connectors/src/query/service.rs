@@ -101,13 +101,15 @@ impl Executor {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(threads.max(1))
             .thread_name("primespark-query")
+            .on_thread_start(lower_priority)
             .enable_all()
             .build()
             .map_err(|e| QueryError::Encode(format!("starting the query runtime: {e}")))?;
         let handle = runtime.handle().clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // Not `primespark-query`: that name is the (niced) threads that run queries.
         std::thread::Builder::new()
-            .name("primespark-query".into())
+            .name("query-runtime".into())
             .spawn(move || {
                 runtime.block_on(async {
                     let _ = stopped.await;
@@ -121,6 +123,32 @@ impl Executor {
             _stop: stop,
         })
     }
+}
+
+/// The niceness of the query threads: when queries and ingestion want the same cores, the
+/// kernel gives the pipeline's workers about ten times the queries' share.
+pub const QUERY_NICENESS: i32 = 10;
+
+/// Lowers the calling thread's scheduling priority to [`QUERY_NICENESS`] (Linux sets it per
+/// thread; elsewhere nothing happens).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // No pid: the calling thread (Linux keeps a niceness per thread).
+        if let Err(e) = rustix::process::setpriority_process(None, QUERY_NICENESS) {
+            tracing::warn!(error = %e, "cannot lower the query threads' priority: queries compete with ingestion as equals");
+        }
+    }
+}
+
+/// Threads of the query runtime: `query.threads`, or half the cores (at least one), so that a
+/// query's parallel plan can never take every core from ingestion.
+pub fn query_threads(configured: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    (cores / 2).max(1)
 }
 
 /// The bytes of Arrow data `batch` holds (its slice of shared buffers, not their whole).
@@ -242,7 +270,14 @@ impl QueryService {
                 )
             })
             .collect();
-        let threads = std::thread::available_parallelism().map_or(2, usize::from);
+        let threads = query_threads(cfg.threads);
+        // As many partitions as threads: more would only queue on them and hold more memory.
+        ctx.state_ref()
+            .write()
+            .config_mut()
+            .options_mut()
+            .execution
+            .target_partitions = threads;
         Ok(Self {
             executor: Executor::start(threads)?,
             ctx,
