@@ -140,16 +140,31 @@ pub fn build_rolls<P: Publish>(
 /// The health check of the NAS: the folder exists (or can be made) and takes a file.
 fn writable(root: PathBuf) -> Healthcheck {
     Box::pin(async move {
-        tokio::task::spawn_blocking(move || {
-            let probe = root.join(".primespark-probe");
-            std::fs::create_dir_all(&root)
-                .and_then(|()| std::fs::write(&probe, b"ok"))
-                .and_then(|()| std::fs::remove_file(&probe))
-                .map_err(|source| NasError::Io { path: root, source }.into_sink_error())
-        })
-        .await
-        .map_err(|e| SinkError::fatal(Domain::Internal, e))?
+        tokio::task::spawn_blocking(move || probe_writable(&root))
+            .await
+            .map_err(|e| SinkError::fatal(Domain::Internal, e))?
     })
+}
+
+/// Writes and removes a probe file under `root`. The probe's name is this call's own (process id
+/// and a random part): the streams' sinks and a cluster's processes share one root and check it
+/// at the same moment, and with one fixed name one check removed another's probe under it.
+fn probe_writable(root: &std::path::Path) -> Result<(), SinkError> {
+    let probe = root.join(format!(
+        ".primespark-probe-{}-{:016x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    std::fs::create_dir_all(root)
+        .and_then(|()| std::fs::write(&probe, b"ok"))
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|source| {
+            NasError::Io {
+                path: root.to_owned(),
+                source,
+            }
+            .into_sink_error()
+        })
 }
 
 /// When a roll is cut.
@@ -491,6 +506,25 @@ mod tests {
             letters_to_file: false,
             publish: OnTheNas,
         }
+    }
+
+    #[test]
+    fn concurrent_health_checks_on_one_root_all_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("nas");
+        let checks: Vec<_> = (0..16)
+            .map(|_| {
+                let root = root.clone();
+                std::thread::spawn(move || {
+                    (0..50).try_for_each(|_| probe_writable(&root).map_err(|e| e.to_string()))
+                })
+            })
+            .collect();
+        for check in checks {
+            check.join().unwrap().unwrap();
+        }
+        let left: Vec<_> = std::fs::read_dir(&root).unwrap().collect();
+        assert!(left.is_empty(), "probes left behind: {left:?}");
     }
 
     fn batch(rows: usize, device: &str) -> RawBatch {
