@@ -184,7 +184,7 @@ ensure_timescaledb() {
         local ext installed=""
         ext="$("$PG_CONFIG" --sharedir)/extension"
         [ "${PRIMESPARK_TIMESCALEDB_DIR:-}" = none ] \
-            || installed="$(sed -nE "s/^default_version = '([0-9.]+)'.*/\1/p" "$ext/timescaledb.control" 2>/dev/null | head -n1)"
+            || installed="$( { sed -nE "s/^default_version = '([0-9.]+)'.*/\1/p" "$ext/timescaledb.control" 2>/dev/null || true; } | head -n1)"
         if [ -n "$installed" ] && timescaledb_installed "$installed"; then
             log "no TimescaleDB build in $TIMESCALE_DIR, but TimescaleDB $installed is installed: postgres preloads it, postgres_plain does not"
             TIMESCALEDB_FOUND=1
