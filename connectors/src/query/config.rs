@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::secrets;
 use crate::InvalidConfig;
 
 /// What a principal may run.
@@ -31,6 +32,8 @@ impl Role {
 
 /// `[[query.api_keys]]`: a bearer token for the HTTP endpoint, stored as its SHA-256. Tokens
 /// must be long random strings (`openssl rand -hex 32`), which is why a fast hash suffices.
+/// The hash is given inline (`sha256`), or read at start-up from a file (`sha256_file`, e.g. a
+/// mounted Kubernetes Secret) or an environment variable (`sha256_env`): exactly one of them.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKey {
@@ -39,11 +42,19 @@ pub struct ApiKey {
     /// Its role.
     pub role: Role,
     /// Lower-case hex SHA-256 of the token (`primespark hash-secret`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sha256: String,
+    /// A file holding the hash (surrounding whitespace ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256_file: Option<PathBuf>,
+    /// An environment variable holding the hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256_env: Option<String>,
 }
 
 /// `[[query.users]]`: a user of the PostgreSQL wire endpoint, password stored as an Argon2 PHC
-/// string (`primespark hash-secret --password`).
+/// string (`primespark hash-secret --password`): inline (`password_hash`), or read at start-up
+/// from a file (`password_hash_file`) or an environment variable (`password_hash_env`).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WireUser {
@@ -52,7 +63,14 @@ pub struct WireUser {
     /// Its role.
     pub role: Role,
     /// `$argon2id$...` PHC string.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub password_hash: String,
+    /// A file holding the PHC string (surrounding whitespace ignored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hash_file: Option<PathBuf>,
+    /// An environment variable holding the PHC string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hash_env: Option<String>,
 }
 
 // Hashes stay out of logs and `check-config` output.
@@ -62,6 +80,8 @@ impl std::fmt::Debug for ApiKey {
             .field("name", &self.name)
             .field("role", &self.role)
             .field("sha256", &"<redacted>")
+            .field("sha256_file", &self.sha256_file)
+            .field("sha256_env", &self.sha256_env)
             .finish()
     }
 }
@@ -72,6 +92,8 @@ impl std::fmt::Debug for WireUser {
             .field("name", &self.name)
             .field("role", &self.role)
             .field("password_hash", &"<redacted>")
+            .field("password_hash_file", &self.password_hash_file)
+            .field("password_hash_env", &self.password_hash_env)
             .finish()
     }
 }
@@ -265,31 +287,38 @@ impl QueryConfig {
         }
         let mut names = std::collections::BTreeSet::new();
         for (i, k) in self.api_keys.iter().enumerate() {
-            let valid = k.sha256.len() == 64 && k.sha256.bytes().all(|b| b.is_ascii_hexdigit());
-            if !valid {
-                return Err(InvalidConfig::new(
-                    format!("query.api_keys[{i}].sha256"),
-                    "must be 64 hex digits (SHA-256 of the token; see `primespark hash-secret`)",
-                ));
+            let key = format!("query.api_keys[{i}]");
+            let source = secrets::one_source(
+                &key,
+                ("sha256", &k.sha256),
+                ("sha256_file", k.sha256_file.as_deref()),
+                ("sha256_env", k.sha256_env.as_deref()),
+            )?;
+            if source == secrets::Source::Inline {
+                secrets::check_token_hash(&format!("{key}.sha256"), &k.sha256)?;
             }
             if k.name.is_empty() || !names.insert(k.name.as_str()) {
                 return Err(InvalidConfig::new(
-                    format!("query.api_keys[{i}].name"),
+                    format!("{key}.name"),
                     "must be non-empty and unique",
                 ));
             }
         }
         let mut users = std::collections::BTreeSet::new();
         for (i, u) in self.users.iter().enumerate() {
-            if !u.password_hash.starts_with("$argon2") {
-                return Err(InvalidConfig::new(
-                    format!("query.users[{i}].password_hash"),
-                    "must be an Argon2 PHC string ($argon2id$...; see `primespark hash-secret --password`)",
-                ));
+            let key = format!("query.users[{i}]");
+            let source = secrets::one_source(
+                &key,
+                ("password_hash", &u.password_hash),
+                ("password_hash_file", u.password_hash_file.as_deref()),
+                ("password_hash_env", u.password_hash_env.as_deref()),
+            )?;
+            if source == secrets::Source::Inline {
+                secrets::check_password_hash(&format!("{key}.password_hash"), &u.password_hash)?;
             }
             if u.name.is_empty() || !users.insert(u.name.as_str()) {
                 return Err(InvalidConfig::new(
-                    format!("query.users[{i}].name"),
+                    format!("{key}.name"),
                     "must be non-empty and unique",
                 ));
             }
@@ -311,6 +340,43 @@ impl QueryConfig {
         }
         Ok(addr)
     }
+
+    /// This configuration with every key and user hash read from its file or environment
+    /// variable and checked like an inline one, and no hash the project ships as a sample (a
+    /// re-hashed sample password included). Start-up runs this; `check-config` does not, so a
+    /// configuration can be checked where its secrets are not.
+    pub fn resolve_secrets(&self) -> Result<Self, InvalidConfig> {
+        self.validate()?;
+        let mut out = self.clone();
+        for (i, k) in out.api_keys.iter_mut().enumerate() {
+            let key = format!("query.api_keys[{i}]");
+            if let Some(path) = k.sha256_file.take() {
+                k.sha256 = secrets::read_file(&format!("{key}.sha256_file"), &path)?;
+                secrets::check_token_hash(&format!("{key}.sha256_file"), &k.sha256)?;
+            } else if let Some(var) = k.sha256_env.take() {
+                k.sha256 = secrets::read_env(&format!("{key}.sha256_env"), &var)?;
+                secrets::check_token_hash(&format!("{key}.sha256_env"), &k.sha256)?;
+            }
+        }
+        for (i, u) in out.users.iter_mut().enumerate() {
+            let key = format!("query.users[{i}]");
+            let origin = if let Some(path) = u.password_hash_file.take() {
+                let origin = format!("{key}.password_hash_file");
+                u.password_hash = secrets::read_file(&origin, &path)?;
+                secrets::check_password_hash(&origin, &u.password_hash)?;
+                origin
+            } else if let Some(var) = u.password_hash_env.take() {
+                let origin = format!("{key}.password_hash_env");
+                u.password_hash = secrets::read_env(&origin, &var)?;
+                secrets::check_password_hash(&origin, &u.password_hash)?;
+                origin
+            } else {
+                format!("{key}.password_hash")
+            };
+            secrets::refuse_sample_password(&origin, &u.password_hash)?;
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -319,7 +385,8 @@ mod tests {
 
     #[test]
     fn parses_keys_users_and_limits_and_names_bad_keys() {
-        let c: QueryConfig = toml::from_str(
+        let hash = crate::query::hash_password("a private pass phrase").unwrap();
+        let c: QueryConfig = toml::from_str(&format!(
             r#"
             http_addr = "0.0.0.0:8080"
             pg_addr = "127.0.0.1:5433"
@@ -331,9 +398,9 @@ mod tests {
             [[users]]
             name = "analyst"
             role = "admin"
-            password_hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA"
-            "#,
-        )
+            password_hash = "{hash}"
+            "#
+        ))
         .unwrap();
         assert_eq!(c.timeout, Duration::from_secs(5));
         assert_eq!(c.api_keys[0].role, Role::Reader);

@@ -20,6 +20,7 @@ mod error;
 pub mod functions;
 mod http;
 pub mod pg_table;
+pub mod secrets;
 pub mod service;
 pub mod tls;
 pub mod unified;

@@ -85,6 +85,11 @@ fn run_mode(
     backfill: Option<&BackfillRange>,
 ) -> Result<(), RunError> {
     let plan = Plan::of(config, backfill)?;
+    // Secrets from their files and variables, and no shipped sample, before anything starts.
+    let query = backfill
+        .is_none()
+        .then(|| config.query.resolve_secrets())
+        .transpose()?;
     let scoring = Scoring::load(config)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -106,9 +111,9 @@ fn run_mode(
         .transpose()?;
     // The SQL endpoint first: a standby answers queries and says on `/readyz` why it is not
     // ready. Not for a backfill: a batch job next to the running pipeline.
-    let mut services = match backfill {
-        None => services::Services::start_query(&rt, config, &shutdown)?,
-        Some(_) => services::Services::default(),
+    let mut services = match &query {
+        Some(query) => services::Services::start_query(&rt, config, query, &shutdown)?,
+        None => services::Services::default(),
     };
     let released = Arc::new(AtomicBool::new(false));
     let (fence, keeper) = match writer_lease(&rt, config, &plan, backfill.is_some(), &shutdown)? {

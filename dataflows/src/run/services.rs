@@ -30,10 +30,11 @@ impl Services {
     pub fn start_query(
         rt: &Runtime,
         config: &Config,
+        qc: &query::QueryConfig,
         shutdown: &Arc<AtomicBool>,
     ) -> Result<Self, RunError> {
         Ok(Self {
-            http: Some(start_query(rt, config, shutdown)?),
+            http: Some(start_query(rt, config, qc, shutdown)?),
             ..Self::default()
         })
     }
@@ -86,12 +87,14 @@ async fn pause(interval: Duration, stop: &AtomicBool) {
 }
 
 /// The SQL session, the wire endpoint (when `query.pg_addr` is set) and the HTTP endpoint.
+/// `qc` is `config.query` with its secrets resolved.
 fn start_query(
     rt: &Runtime,
     config: &Config,
+    qc: &query::QueryConfig,
     shutdown: &Arc<AtomicBool>,
 ) -> Result<JoinHandle<Result<(), query::QueryError>>, RunError> {
-    let addr = config.query.validate()?;
+    let addr = qc.validate()?;
     // The bucket's tier of the archive too, when there is one: files tiering moved (or direct
     // mode wrote) stay in SQL.
     let bucket = config
@@ -105,9 +108,9 @@ fn start_query(
         &config.kafka.topics.telemetry,
         &config.kafka.topics.inference,
         &config.kafka.topics.events,
-        config.query.memory_limit_mb.saturating_mul(1 << 20),
+        qc.memory_limit_mb.saturating_mul(1 << 20),
     )?;
-    query::cap_functions(&ctx, config.query.max_value_bytes);
+    query::cap_functions(&ctx, qc.max_value_bytes);
     if config.postgres.enabled {
         // Hot rows from PostgreSQL, older ones from the archive, under the same names.
         rt.block_on(query::catalog::attach_postgres(
@@ -117,17 +120,13 @@ fn start_query(
         ))?;
     }
     rt.block_on(query::catalog::register_seed_views(&ctx))?;
-    if config.query.api_keys.is_empty() {
+    if qc.api_keys.is_empty() {
         tracing::warn!(%addr, "no [[query.api_keys]]: the SQL endpoint is open to local callers as reader");
     }
-    let service = Arc::new(query::QueryService::new(ctx, &config.query)?);
+    let service = Arc::new(query::QueryService::new(ctx, qc)?);
     // Both doors serve the same certificate (validated: both paths or neither).
-    let tls_files = config
-        .query
-        .tls_cert
-        .as_deref()
-        .zip(config.query.tls_key.as_deref());
-    if let Some(pg_addr) = &config.query.pg_addr {
+    let tls_files = qc.tls_cert.as_deref().zip(qc.tls_key.as_deref());
+    if let Some(pg_addr) = &qc.pg_addr {
         let pg_addr: SocketAddr = pg_addr
             .parse()
             .map_err(|e| InvalidConfig::new("query.pg_addr", format!("{e}")))?;
@@ -147,7 +146,7 @@ fn start_query(
             }
         });
     }
-    let router = query::router(service, config.query.max_body_bytes).merge(crate::ops::routes());
+    let router = query::router(service, qc.max_body_bytes).merge(crate::ops::routes());
     let http_tls = tls_files
         .map(|(cert, key)| {
             query::tls::http_acceptor(cert, key)

@@ -274,6 +274,8 @@ async fn the_query_service_binds_wire_parameters_as_values() {
             name: name.into(),
             role,
             password_hash: hash_password(PASSWORD).unwrap(),
+            password_hash_file: None,
+            password_hash_env: None,
         })
         .collect();
     let cfg = QueryConfig {
