@@ -56,6 +56,7 @@ struct Metrics {
     archive_rows: Counter,
     archive_bytes: Counter,
     tls_failures: Family<EndpointLabels, Counter>,
+    wire_refused: Family<ReasonLabels, Counter>,
     compacted_files: Family<TableLabels, Counter>,
     archive_tier_reads: Family<TierLabels, Counter>,
     writer_lease: Family<LeaseLabels, Gauge>,
@@ -85,6 +86,13 @@ pub struct LeaseLabels {
 pub struct EndpointLabels {
     /// The endpoint (`http`).
     pub endpoint: String,
+}
+
+/// Labels of series counted by reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why.
+    pub reason: String,
 }
 
 /// Labels of series counted by archive tier.
@@ -133,6 +141,7 @@ fn metrics() -> &'static Metrics {
         archive_rows: Counter::default(),
         archive_bytes: Counter::default(),
         tls_failures: Family::default(),
+        wire_refused: Family::default(),
         compacted_files: Family::default(),
         archive_tier_reads: Family::default(),
         writer_lease: Family::default(),
@@ -244,6 +253,11 @@ pub fn register(registry: &mut Registry) {
         "primespark_aggregate_files_compacted",
         "1-minute aggregate files merged into their hour's file (NAS), per table",
         m.compacted_files.clone(),
+    );
+    registry.register(
+        "primespark_wire_logins_refused",
+        "Wire-protocol connections refused before or during authentication, by reason (bad_password, tls_required, too_many_failures, too_many_connections)",
+        m.wire_refused.clone(),
     );
     registry.register(
         "primespark_tls_handshake_failures",
@@ -794,6 +808,29 @@ impl TlsHandshakeFailed<'_> {
             .tls_failures
             .get_or_create(&EndpointLabels {
                 endpoint: self.endpoint.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// The wire endpoint refused a connection.
+pub struct WireLoginRefused<'a> {
+    /// The user it named (empty before the startup message).
+    pub user: &'a str,
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+    /// `bad_password`, `tls_required`, `too_many_failures` or `too_many_connections`.
+    pub reason: &'static str,
+}
+
+impl WireLoginRefused<'_> {
+    /// An audit line and a count.
+    pub fn emit(&self) {
+        tracing::warn!(target: "primespark::audit", endpoint = "pg", user = self.user, peer = %self.peer, reason = self.reason, outcome = "unauthenticated", "wire login refused");
+        metrics()
+            .wire_refused
+            .get_or_create(&ReasonLabels {
+                reason: self.reason.to_owned(),
             })
             .inc();
     }

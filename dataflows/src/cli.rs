@@ -114,10 +114,10 @@ enum Command {
         events_topic: Option<String>,
     },
     /// Hash a secret read from stdin for the configuration: an API token's SHA-256 for
-    /// `[[query.api_keys]] sha256`, or with `--password` an Argon2id hash for
+    /// `[[query.api_keys]] sha256`, or with `--password` a SCRAM-SHA-256 verifier for
     /// `[[query.users]] password_hash`. The secret is never echoed.
     HashSecret {
-        /// Hash a wire-protocol password (Argon2id) instead of an API token (SHA-256).
+        /// Hash a wire-protocol password (a SCRAM-SHA-256 verifier) instead of an API token (SHA-256).
         #[arg(long)]
         password: bool,
     },

@@ -52,9 +52,10 @@ pub struct ApiKey {
     pub sha256_env: Option<String>,
 }
 
-/// `[[query.users]]`: a user of the PostgreSQL wire endpoint, password stored as an Argon2 PHC
-/// string (`primespark hash-secret --password`): inline (`password_hash`), or read at start-up
-/// from a file (`password_hash_file`) or an environment variable (`password_hash_env`).
+/// `[[query.users]]`: a user of the PostgreSQL wire endpoint, password stored as a SCRAM-SHA-256
+/// verifier in PostgreSQL's form (`primespark hash-secret --password`): inline
+/// (`password_hash`), or read at start-up from a file (`password_hash_file`) or an environment
+/// variable (`password_hash_env`).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WireUser {
@@ -62,13 +63,13 @@ pub struct WireUser {
     pub name: String,
     /// Its role.
     pub role: Role,
-    /// `$argon2id$...` PHC string.
+    /// `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub password_hash: String,
-    /// A file holding the PHC string (surrounding whitespace ignored).
+    /// A file holding the verifier (surrounding whitespace ignored).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_hash_file: Option<PathBuf>,
-    /// An environment variable holding the PHC string.
+    /// An environment variable holding the verifier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_hash_env: Option<String>,
 }
@@ -155,6 +156,25 @@ pub struct QueryConfig {
     /// PEM private key of `tls_cert`.
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// Refuse wire clients that do not start TLS (PostgreSQL's `hostssl`). Default: on when
+    /// `http_addr` or `pg_addr` is not a loopback address, which then needs `tls_cert`.
+    #[serde(default)]
+    pub require_tls: Option<bool>,
+    /// Wire connections served at once; more are refused ("too many clients", 53300).
+    /// Default 100.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Failed wire logins a client address may have per minute; beyond, it is refused before
+    /// authentication until its budget refills. Default 10.
+    #[serde(default = "default_login_failures")]
+    pub login_failures_per_minute: u32,
+}
+
+fn default_max_connections() -> usize {
+    100
+}
+fn default_login_failures() -> u32 {
+    10
 }
 
 fn default_http_addr() -> String {
@@ -205,6 +225,9 @@ impl Default for QueryConfig {
             users: Vec::new(),
             tls_cert: None,
             tls_key: None,
+            require_tls: None,
+            max_connections: default_max_connections(),
+            login_failures_per_minute: default_login_failures(),
         }
     }
 }
@@ -338,7 +361,46 @@ impl QueryConfig {
             }
             _ => {}
         }
+        if self.max_connections == 0 || self.max_connections > 10_000 {
+            return Err(InvalidConfig::new(
+                "query.max_connections",
+                "must be between 1 and 10000",
+            ));
+        }
+        if self.login_failures_per_minute == 0 {
+            return Err(InvalidConfig::new(
+                "query.login_failures_per_minute",
+                "must be at least 1",
+            ));
+        }
+        if self.require_tls(addr) && self.tls_cert.is_none() {
+            let exposed = std::iter::once(addr.to_string())
+                .chain(self.pg_addr.clone())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(InvalidConfig::new(
+                "query.require_tls",
+                format!(
+                    "{exposed}: an endpoint reachable from other machines needs TLS: set \
+                     query.tls_cert and query.tls_key, or bind to 127.0.0.1, or (on a network \
+                     you trust, e.g. a private container network) set require_tls = false"
+                ),
+            ));
+        }
         Ok(addr)
+    }
+
+    /// Whether wire clients must use TLS: `require_tls`, else whether an endpoint is bound
+    /// beyond loopback. `http_addr` is the parsed `self.http_addr`.
+    pub fn require_tls(&self, http_addr: SocketAddr) -> bool {
+        self.require_tls.unwrap_or_else(|| {
+            let pg_exposed = self
+                .pg_addr
+                .as_deref()
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+                .is_some_and(|a| !a.ip().is_loopback());
+            !http_addr.ip().is_loopback() || pg_exposed
+        })
     }
 
     /// This configuration with every key and user hash read from its file or environment
@@ -404,7 +466,34 @@ mod tests {
         .unwrap();
         assert_eq!(c.timeout, Duration::from_secs(5));
         assert_eq!(c.api_keys[0].role, Role::Reader);
+        // 0.0.0.0 without a certificate: TLS is required by default, so refused.
+        let m = c.validate().unwrap_err().to_string();
+        assert!(
+            m.contains("query.require_tls") && m.contains("0.0.0.0:8080"),
+            "{m}"
+        );
+        let mut c = c;
+        c.tls_cert = Some("cert.pem".into());
+        c.tls_key = Some("key.pem".into());
         c.validate().unwrap();
+        assert!(c.require_tls("0.0.0.0:8080".parse().unwrap()));
+        let trusted = QueryConfig {
+            require_tls: Some(false),
+            tls_cert: None,
+            tls_key: None,
+            ..c.clone()
+        };
+        trusted.validate().unwrap();
+        let local = QueryConfig {
+            pg_addr: Some("127.0.0.1:5433".into()),
+            ..QueryConfig::default()
+        };
+        assert!(!local.require_tls("127.0.0.1:8080".parse().unwrap()));
+        let wire_exposed = QueryConfig {
+            pg_addr: Some("0.0.0.0:5433".into()),
+            ..QueryConfig::default()
+        };
+        assert!(wire_exposed.require_tls("127.0.0.1:8080".parse().unwrap()));
 
         let open = QueryConfig {
             http_addr: "0.0.0.0:8080".into(),
@@ -430,7 +519,7 @@ mod tests {
             .to_string()
             .contains("query.users"));
         let mut half_tls = c;
-        half_tls.tls_cert = Some("cert.pem".into());
+        half_tls.tls_key = None;
         assert!(half_tls
             .validate()
             .unwrap_err()

@@ -5,8 +5,7 @@
 
 use std::path::Path;
 
-use argon2::password_hash::{PasswordHash, PasswordVerifier};
-
+use super::pgwire::ScramVerifier;
 use crate::InvalidConfig;
 
 /// How to make a token and its hash, for the messages below.
@@ -111,42 +110,43 @@ pub fn check_token_hash(key: &str, hash: &str) -> Result<(), InvalidConfig> {
     Ok(())
 }
 
-/// A password hash: an Argon2 PHC string that parses, and not one the project shipped.
+/// A password hash: a SCRAM-SHA-256 verifier, and not one the project shipped. Argon2 strings
+/// (what earlier releases stored) are refused with how to replace them: SCRAM needs a verifier.
 pub fn check_password_hash(key: &str, hash: &str) -> Result<(), InvalidConfig> {
-    if !hash.starts_with("$argon2") || PasswordHash::new(hash).is_err() {
-        return Err(InvalidConfig::new(
-            key,
-            format!("must be an Argon2 PHC string ($argon2id$...): {MAKE_PASSWORD}"),
-        ));
-    }
     if SHIPPED_PASSWORD_HASHES.contains(&hash) {
         return Err(InvalidConfig::new(
             key,
-            format!("is the sample hash shipped with primespark, whose password is public: {MAKE_PASSWORD}"),
+            format!(
+                "is the sample hash shipped with primespark, whose password is public: {MAKE_PASSWORD}"
+            ),
         ));
     }
+    if hash.starts_with("$argon2") {
+        return Err(InvalidConfig::new(
+            key,
+            format!(
+                "is an Argon2 hash: the wire endpoint authenticates with SCRAM-SHA-256 now, which \
+                 needs a SCRAM verifier (SCRAM-SHA-256$...): {MAKE_PASSWORD}"
+            ),
+        ));
+    }
+    ScramVerifier::parse(hash)
+        .map_err(|e| InvalidConfig::new(key, format!("{e}: {MAKE_PASSWORD}")))?;
     Ok(())
 }
 
-/// Refuses a password hash that verifies a sample password (hashed again with a new salt, a
-/// sample is still a sample). Costs one Argon2 verification per sample: start-up only.
+/// Refuses a verifier of a sample password (made again with a new salt, a sample is still a
+/// sample). Costs one PBKDF2 per sample: start-up only.
 pub fn refuse_sample_password(key: &str, hash: &str) -> Result<(), InvalidConfig> {
-    let parsed = PasswordHash::new(hash).map_err(|e| {
-        InvalidConfig::new(
+    let verifier = ScramVerifier::parse(hash)
+        .map_err(|e| InvalidConfig::new(key, format!("{e}: {MAKE_PASSWORD}")))?;
+    if SAMPLE_PASSWORDS.iter().any(|p| verifier.verifies(p)) {
+        return Err(InvalidConfig::new(
             key,
-            format!("is not an Argon2 PHC string ({e}): {MAKE_PASSWORD}"),
-        )
-    })?;
-    let argon = argon2::Argon2::default();
-    for sample in SAMPLE_PASSWORDS {
-        if argon.verify_password(sample.as_bytes(), &parsed).is_ok() {
-            return Err(InvalidConfig::new(
-                key,
-                format!(
-                    "hashes a sample or guessable password, which anyone can send: {MAKE_PASSWORD}"
-                ),
-            ));
-        }
+            format!(
+                "hashes a sample or guessable password, which anyone can send: {MAKE_PASSWORD}"
+            ),
+        ));
     }
     Ok(())
 }
@@ -196,6 +196,7 @@ mod tests {
             pg_addr: Some("0.0.0.0:5433".into()),
             api_keys: vec![key],
             users: vec![user],
+            require_tls: Some(false),
             ..QueryConfig::default()
         }
     }
@@ -245,6 +246,12 @@ mod tests {
         let m = refusal(&config(key(&good_token), user(SHIPPED_PASSWORD_HASHES[0])));
         assert!(m.contains("query.users[0].password_hash"), "{m}");
         assert!(m.contains("hash-secret --password"), "{m}");
+        // Any Argon2 string: SCRAM cannot use it.
+        let m = refusal(&config(
+            key(&good_token),
+            user("$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$aGFzaGhhc2hoYXNoaGFzaGhhc2g"),
+        ));
+        assert!(m.contains("SCRAM-SHA-256"), "{m}");
         // The sample password hashed again, with a salt of its own.
         let rehashed = hash_password("replace-me-grafana-password").unwrap();
         let m = refusal(&config(key(&good_token), user(&rehashed)));

@@ -19,6 +19,7 @@ use datafusion::sql::sqlparser::ast::{ObjectType, Statement};
 use sha2::{Digest, Sha256};
 
 use super::config::{QueryConfig, Role};
+use super::pgwire::ScramVerifier;
 use super::QueryError;
 use crate::metrics::QueryExecuted;
 
@@ -78,8 +79,8 @@ pub struct QueryService {
     timeout: Duration,
     /// Hex SHA-256 of a token -> its holder.
     keys: HashMap<String, Principal>,
-    /// Wire users -> (principal, Argon2 PHC string).
-    users: HashMap<String, (Principal, String)>,
+    /// Wire users -> (principal, SCRAM verifier).
+    users: HashMap<String, (Principal, ScramVerifier)>,
     /// No keys configured (loopback only, checked by the config): callers are anonymous readers.
     open: bool,
     rate: f64,
@@ -214,18 +215,13 @@ pub fn sha256_hex(secret: &str) -> String {
         .collect()
 }
 
-/// The Argon2id PHC string of a password (what `[[query.users]]` stores).
+/// The SCRAM-SHA-256 verifier of a password in PostgreSQL's stored form (what
+/// `[[query.users]]` stores).
 pub fn hash_password(password: &str) -> Result<String, QueryError> {
-    use argon2::password_hash::{PasswordHasher, SaltString};
-    use rand::Rng;
-    let mut bytes = [0u8; 16];
-    rand::rng().fill(&mut bytes);
-    let salt = SaltString::encode_b64(&bytes)
-        .map_err(|e| QueryError::Encode(format!("encoding the salt: {e}")))?;
-    argon2::Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| QueryError::Encode(format!("hashing the password: {e}")))
+    if password.is_empty() {
+        return Err(QueryError::Encode("an empty password".into()));
+    }
+    Ok(ScramVerifier::from_password(password, super::pgwire::DEFAULT_ITERATIONS).to_string())
 }
 
 /// Constant-time comparison of two equal-length strings.
@@ -258,18 +254,20 @@ impl QueryService {
             .users
             .iter()
             .map(|u| {
-                (
+                let verifier = ScramVerifier::parse(&u.password_hash)
+                    .map_err(|e| QueryError::Encode(format!("query.users {}: {e}", u.name)))?;
+                Ok((
                     u.name.clone(),
                     (
                         Principal {
                             name: u.name.clone(),
                             role: u.role,
                         },
-                        u.password_hash.clone(),
+                        verifier,
                     ),
-                )
+                ))
             })
-            .collect();
+            .collect::<Result<_, QueryError>>()?;
         let threads = query_threads(cfg.threads);
         // As many partitions as threads: more would only queue on them and hold more memory.
         ctx.state_ref()
@@ -325,27 +323,9 @@ impl QueryService {
         })
     }
 
-    /// A wire-protocol user by password.
-    pub fn authenticate_password(
-        &self,
-        user: &str,
-        password: &str,
-    ) -> Result<Principal, QueryError> {
-        use argon2::password_hash::{PasswordHash, PasswordVerifier};
-        let denied = || {
-            tracing::warn!(target: "primespark::audit", user, outcome = "unauthenticated", "wire login refused");
-            QueryError::Unauthenticated(format!(
-                "password authentication failed for user \"{user}\""
-            ))
-        };
-        let Some((who, phc)) = self.users.get(user) else {
-            return Err(denied());
-        };
-        let hash = PasswordHash::new(phc).map_err(|_| denied())?;
-        argon2::Argon2::default()
-            .verify_password(password.as_bytes(), &hash)
-            .map_err(|_| denied())?;
-        Ok(who.clone())
+    /// A wire-protocol user's SCRAM verifier, if there is such a user.
+    pub fn credential(&self, user: &str) -> Option<ScramVerifier> {
+        self.users.get(user).map(|(_, v)| v.clone())
     }
 
     /// Takes one token of `who`'s bucket, or says when to retry. The limit is per key: the
@@ -587,11 +567,8 @@ fn wire_error(e: QueryError) -> super::pgwire::BackendError {
 
 #[async_trait::async_trait]
 impl super::pgwire::SqlBackend for WireBackend {
-    fn authenticate(&self, user: &str, password: &str) -> Result<(), String> {
-        self.0
-            .authenticate_password(user, password)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+    fn credential(&self, user: &str) -> Option<ScramVerifier> {
+        self.0.credential(user)
     }
 
     async fn execute(
@@ -888,13 +865,11 @@ mod tests {
     }
 
     #[test]
-    fn passwords_verify_against_the_argon2_hash() {
+    fn users_have_scram_verifiers_of_their_passwords() {
         let s = service(&cfg());
-        assert_eq!(
-            s.authenticate_password("analyst", "s3cret").unwrap().role,
-            Role::Reader
-        );
-        assert!(s.authenticate_password("analyst", "wrong").is_err());
-        assert!(s.authenticate_password("nobody", "s3cret").is_err());
+        let v = s.credential("analyst").unwrap();
+        assert!(v.verifies("s3cret"));
+        assert!(!v.verifies("wrong"));
+        assert!(s.credential("nobody").is_none());
     }
 }

@@ -139,8 +139,13 @@ fn start_query(
         let backend: Arc<dyn query::pgwire::SqlBackend> =
             Arc::new(query::service::WireBackend(service.clone()));
         let stop = shutdown.clone();
+        let options = query::pgwire::WireOptions {
+            require_tls: qc.require_tls(addr),
+            max_connections: qc.max_connections,
+            login_failures_per_minute: qc.login_failures_per_minute,
+        };
         rt.spawn(async move {
-            let served = query::pgwire::serve(pg_addr, backend, tls, raised(stop)).await;
+            let served = query::pgwire::serve(pg_addr, backend, tls, options, raised(stop)).await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "postgres wire endpoint failed");
             }

@@ -1,23 +1,46 @@
-//! The startup handshake: a cleartext password, checked by [`SqlBackend::authenticate`] on
-//! tokio's blocking pool (password hashes are slow on purpose). A refusal is `FATAL 28P01`.
+//! The startup handshake, done like PostgreSQL does it: SCRAM-SHA-256 against the user's stored
+//! verifier (the password never crosses the wire, and the server does no slow hashing: the
+//! client runs the PBKDF2), TLS required when the endpoint says so, and a limit on failed
+//! logins per peer address. An unknown user gets a decoy verifier, so the exchange, its timing
+//! and its failure are those of a wrong password. A refusal is a `FATAL` error and closes the
+//! connection.
 
+use std::collections::HashMap;
 use std::fmt::{self, Debug};
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use ::pgwire::api::auth::cleartext::CleartextPasswordAuthStartupHandler;
-use ::pgwire::api::auth::{AuthSource, DefaultServerParameterProvider, LoginInfo, Password};
+use ::pgwire::api::auth::mechanism::AuthMechanismFactory;
+use ::pgwire::api::auth::sasl::scram::{ScramAuth, ScramSecret};
+use ::pgwire::api::auth::{
+    protocol_negotiation, save_startup_parameters_to_metadata, AuthDriver, AuthOutcome, AuthSource,
+    DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
+};
+use ::pgwire::api::{ClientInfo, ConnectionManager};
 use ::pgwire::error::{ErrorInfo, PgWireError as ProtocolError, PgWireResult, SEVERITY_FATAL};
+use ::pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
 use async_trait::async_trait;
+use futures::Sink;
 
-use super::SqlBackend;
+use super::credential::ScramVerifier;
+use super::{SqlBackend, WireOptions};
+use crate::metrics::WireLoginRefused;
 
-/// The startup handler of an endpoint: cleartext password through [`BackendAuth`].
-pub(super) type Startup =
-    CleartextPasswordAuthStartupHandler<BackendAuth, DefaultServerParameterProvider>;
+/// A `FATAL` error with a SQLSTATE: the client shows the message, the connection closes.
+fn fatal(sqlstate: &str, message: String) -> ProtocolError {
+    ProtocolError::UserError(Box::new(ErrorInfo::new(
+        SEVERITY_FATAL.to_owned(),
+        sqlstate.to_owned(),
+        message,
+    )))
+}
 
-/// Password checks through the backend.
-pub(super) struct BackendAuth {
-    pub(super) backend: Arc<dyn SqlBackend>,
+/// Verifiers through the backend; decoys for names it does not know.
+struct BackendAuth {
+    backend: Arc<dyn SqlBackend>,
+    /// Per-process secret the decoys derive from: stable salts per name, unguessable keys.
+    decoy_secret: [u8; 32],
 }
 
 impl Debug for BackendAuth {
@@ -29,49 +52,223 @@ impl Debug for BackendAuth {
 #[async_trait]
 impl AuthSource for BackendAuth {
     async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
-        // Unused: `verify_password` asks the backend instead. Refuse rather than compare
-        // against an empty password.
+        // Unused: SCRAM asks for `get_scram_secret`. Refuse rather than compare against an
+        // empty password.
         Err(ProtocolError::InvalidPassword(
             login.user().unwrap_or_default().to_owned(),
         ))
     }
 
-    async fn verify_password(
-        &self,
-        login: &LoginInfo,
-        presented_password: &[u8],
-    ) -> PgWireResult<Option<()>> {
-        let user = login.user().unwrap_or_default().to_owned();
-        let host = login.host().to_owned();
-        let refused = |message: String| {
-            tracing::warn!(user = %user, host = %host, "wire authentication failed");
-            ProtocolError::UserError(Box::new(ErrorInfo::new(
-                SEVERITY_FATAL.to_owned(),
-                "28P01".to_owned(),
-                message,
-            )))
-        };
-        let Ok(password) = String::from_utf8(presented_password.to_vec()) else {
-            return Err(refused(format!(
-                "password authentication failed for user \"{user}\""
-            )));
-        };
-        let backend = self.backend.clone();
-        let name = user.clone();
-        match tokio::task::spawn_blocking(move || backend.authenticate(&name, &password)).await {
-            Ok(Ok(())) => {
-                tracing::debug!(user = %user, host = %host, "wire client authenticated");
-                Ok(None)
-            }
-            Ok(Err(message)) => Err(refused(message)),
-            Err(e) => {
-                tracing::error!(user = %user, error = %e, "wire password check panicked");
-                Err(ProtocolError::UserError(Box::new(ErrorInfo::new(
-                    SEVERITY_FATAL.to_owned(),
-                    "XX000".to_owned(),
-                    "internal error while checking the password".to_owned(),
-                ))))
-            }
+    async fn get_scram_secret(&self, login: &LoginInfo) -> PgWireResult<(ScramSecret, Option<()>)> {
+        let user = login.user().unwrap_or_default();
+        let verifier = self
+            .backend
+            .credential(user)
+            .unwrap_or_else(|| ScramVerifier::decoy(&self.decoy_secret, user));
+        Ok((verifier.secret(), None))
+    }
+}
+
+/// Failed logins per peer address: a token bucket of `per_minute` tokens, one taken per
+/// failure; an address with none left is refused before authentication until one refills.
+pub(super) struct LoginLimiter {
+    per_minute: u32,
+    peers: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+/// Addresses remembered at most; full buckets are forgotten first.
+const MAX_PEERS: usize = 10_000;
+
+impl LoginLimiter {
+    pub(super) fn new(per_minute: u32) -> Self {
+        Self {
+            per_minute: per_minute.max(1),
+            peers: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn refill(&self, tokens: f64, at: Instant, now: Instant) -> f64 {
+        let cap = f64::from(self.per_minute);
+        (tokens + now.duration_since(at).as_secs_f64() * cap / 60.0).min(cap)
+    }
+
+    /// `Err(seconds)` while `peer` has no failure left.
+    pub(super) fn check(&self, peer: IpAddr) -> Result<(), u64> {
+        let Ok(peers) = self.peers.lock() else {
+            return Ok(());
+        };
+        let Some(&(tokens, at)) = peers.get(&peer) else {
+            return Ok(());
+        };
+        let tokens = self.refill(tokens, at, Instant::now());
+        if tokens >= 1.0 {
+            Ok(())
+        } else {
+            let rate = f64::from(self.per_minute) / 60.0;
+            Err(((1.0 - tokens) / rate).ceil().max(1.0) as u64)
+        }
+    }
+
+    /// Counts one failed login of `peer`.
+    pub(super) fn failed(&self, peer: IpAddr) {
+        let Ok(mut peers) = self.peers.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        if peers.len() >= MAX_PEERS {
+            let cap = f64::from(self.per_minute);
+            peers.retain(|_, (t, at)| self.refill(*t, *at, now) < cap);
+        }
+        let cap = f64::from(self.per_minute);
+        let entry = peers.entry(peer).or_insert((cap, now));
+        entry.0 = (self.refill(entry.0, entry.1, now) - 1.0).max(0.0);
+        entry.1 = now;
+    }
+}
+
+/// The startup handler of an endpoint.
+pub(super) struct Startup {
+    driver: AuthDriver<DefaultServerParameterProvider>,
+    scram: ScramAuth,
+    require_tls: bool,
+    limiter: LoginLimiter,
+}
+
+impl Startup {
+    pub(super) fn new(
+        backend: Arc<dyn SqlBackend>,
+        parameters: DefaultServerParameterProvider,
+        connections: Arc<ConnectionManager>,
+        options: &WireOptions,
+    ) -> Self {
+        let source = BackendAuth {
+            backend,
+            decoy_secret: rand::random(),
+        };
+        Self {
+            driver: AuthDriver::new(parameters).with_connection_manager(connections),
+            scram: ScramAuth::new(Arc::new(source)),
+            require_tls: options.require_tls,
+            limiter: LoginLimiter::new(options.login_failures_per_minute),
+        }
+    }
+
+    fn refused(&self, client: &impl ClientInfo, reason: &'static str) {
+        WireLoginRefused {
+            user: client
+                .metadata()
+                .get("user")
+                .map(String::as_str)
+                .unwrap_or_default(),
+            peer: client.socket_addr(),
+            reason,
+        }
+        .emit();
+    }
+}
+
+#[async_trait]
+impl StartupHandler for Startup {
+    async fn on_startup<C>(
+        &self,
+        client: &mut C,
+        message: PgWireFrontendMessage,
+    ) -> PgWireResult<()>
+    where
+        C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
+        C::Error: Debug,
+        ProtocolError: From<<C as Sink<PgWireBackendMessage>>::Error>,
+    {
+        match message {
+            PgWireFrontendMessage::Startup(ref startup) => {
+                protocol_negotiation(client, startup).await?;
+                save_startup_parameters_to_metadata(client, startup);
+                if self.require_tls && !client.is_secure() {
+                    self.refused(client, "tls_required");
+                    return Err(fatal(
+                        "28000",
+                        "this endpoint accepts TLS connections only: connect with sslmode=require \
+                         (or verify-full)"
+                            .to_owned(),
+                    ));
+                }
+                let peer = client.socket_addr().ip();
+                if let Err(wait) = self.limiter.check(peer) {
+                    self.refused(client, "too_many_failures");
+                    return Err(fatal(
+                        "28000",
+                        format!("too many failed logins from {peer}: retry in {wait} s"),
+                    ));
+                }
+                match self
+                    .driver
+                    .begin_authentication(client, self.scram.create())
+                    .await?
+                {
+                    AuthOutcome::InProgress => Ok(()),
+                    AuthOutcome::Authenticated { final_message, .. } => {
+                        self.driver
+                            .complete_authentication(client, final_message)
+                            .await
+                    }
+                }
+            }
+            PgWireFrontendMessage::PasswordMessageFamily(message) => {
+                match self.driver.advance_authentication(client, message).await {
+                    Ok(AuthOutcome::InProgress) => Ok(()),
+                    Ok(AuthOutcome::Authenticated { final_message, .. }) => {
+                        tracing::debug!(
+                            user = client.metadata().get("user").map(String::as_str).unwrap_or_default(),
+                            peer = %client.socket_addr(),
+                            tls = client.is_secure(),
+                            method = "scram-sha-256",
+                            "wire client authenticated"
+                        );
+                        self.driver
+                            .complete_authentication(client, final_message)
+                            .await
+                    }
+                    Err(e) => {
+                        self.limiter.failed(client.socket_addr().ip());
+                        self.refused(client, "bad_password");
+                        tracing::debug!(error = %e, "scram exchange failed");
+                        let user = client.metadata().get("user").cloned().unwrap_or_default();
+                        // PostgreSQL's words for every failure: no hint whether the name exists.
+                        Err(fatal(
+                            "28P01",
+                            format!("password authentication failed for user \"{user}\""),
+                        ))
+                    }
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_limited_per_address_and_refill() {
+        let limiter = LoginLimiter::new(3);
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        for _ in 0..3 {
+            assert!(limiter.check(a).is_ok());
+            limiter.failed(a);
+        }
+        let wait = limiter.check(a).unwrap_err();
+        assert!((1..=20).contains(&wait), "{wait}");
+        assert!(limiter.check(b).is_ok(), "another address is not limited");
+        // A minute later a's bucket is full again.
+        if let Ok(mut peers) = limiter.peers.lock() {
+            let entry = peers.get_mut(&a).unwrap();
+            entry.1 = entry
+                .1
+                .checked_sub(std::time::Duration::from_secs(60))
+                .unwrap();
+        }
+        assert!(limiter.check(a).is_ok());
     }
 }

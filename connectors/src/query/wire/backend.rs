@@ -10,16 +10,17 @@ use datafusion::common::ScalarValue;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::sqlparser::tokenizer::Token;
 
+use super::credential::ScramVerifier;
 use super::lexer::{highest_param, lex};
 use super::MAX_PARAMS;
 
 /// What the wire endpoint needs from the query service.
 #[async_trait]
 pub trait SqlBackend: Send + Sync + 'static {
-    /// Checks a user's password; Ok(()) or an error message for the client.
-    ///
-    /// Called on tokio's blocking pool, so it may hash.
-    fn authenticate(&self, user: &str, password: &str) -> Result<(), String>;
+    /// The SCRAM-SHA-256 verifier of `user`, or `None` when there is no such user (the
+    /// endpoint then runs the exchange against a decoy, so the answer is the same as for a
+    /// wrong password). Called once per login on the connection's task: it must not block.
+    fn credential(&self, user: &str) -> Option<ScramVerifier>;
 
     /// Runs one SQL statement for `user` with `params` as the values of its `$1..$n`; the
     /// result schema and batches, or an error with a SQLSTATE (e.g. "42501"

@@ -5,13 +5,14 @@
 //! in the query service, which plugs in through [`SqlBackend`]. [`serve`] accepts connections and
 //! runs each on its own tokio task, so a broken or slow client affects nobody else.
 //!
-//! - **Authentication**: a cleartext password message, checked by [`SqlBackend::authenticate`]
-//!   on tokio's blocking pool (password hashes are slow on purpose). A refusal is `FATAL 28P01`
-//!   and closes the connection. SCRAM is not offered: it needs the password or a SCRAM verifier
-//!   on the server, and the backend keeps its own hashes. Pass a TLS acceptor to [`serve`]
-//!   ([`tls_acceptor`] builds one from PEM files) so passwords never cross the network in clear;
-//!   clients that ask for TLS when none is configured are told no and go on in plain text, like
-//!   PostgreSQL without `ssl = on`.
+//! - **Authentication**: SCRAM-SHA-256 against the verifier [`SqlBackend::credential`] gives
+//!   (PostgreSQL's stored form, [`ScramVerifier`]): the password never crosses the wire and the
+//!   server does no slow hashing, so a login flood costs it a few HMACs per attempt. An unknown
+//!   user runs the same exchange against a decoy and fails with the same `FATAL 28P01`. With
+//!   [`WireOptions::require_tls`] a client without TLS is refused (`28000`) before any
+//!   authentication, as PostgreSQL's `hostssl` does; failed logins are limited per peer
+//!   address; connections beyond [`WireOptions::max_connections`] are refused with `53300`.
+//!   Pass a TLS acceptor to [`serve`] ([`tls_acceptor`] builds one from PEM files).
 //! - **Simple query** (psql, pgx's `Ping`): the string may hold several statements; they run in
 //!   order and the first error skips the rest, as in PostgreSQL.
 //! - **Extended query** (tokio-postgres, pgx, JDBC): Parse plans the statement with
@@ -43,7 +44,8 @@
 //! The files, one job each:
 //! - `backend.rs`: what the endpoint needs from the query service ([`SqlBackend`]);
 //! - `server.rs`: the accept loop, TLS and the pgwire handlers wired together;
-//! - `auth.rs`: the startup handshake's password check;
+//! - `auth.rs`: the startup handshake: TLS requirement, SCRAM, the failed-login limit;
+//! - `credential.rs`: SCRAM verifiers in PostgreSQL's stored form;
 //! - `handler.rs`: the simple and extended query protocols;
 //! - `session.rs`: the statements answered here (`SET`, `SHOW`, `BEGIN`, ...) and the settings;
 //! - `lexer.rs`: the query string's tokens (DataFusion's sqlparser tokenizer): statements, `$n`;
@@ -52,6 +54,7 @@
 
 mod auth;
 mod backend;
+mod credential;
 mod encode;
 mod handler;
 mod lexer;
@@ -63,12 +66,35 @@ mod session;
 mod tests;
 
 pub use backend::{BackendError, Description, SqlBackend};
+pub use credential::{NotAVerifier, ScramVerifier, DEFAULT_ITERATIONS};
 pub use encode::pg_type_of;
 pub use server::{serve, serve_listener, tls_acceptor, PgWireError};
 
 /// The TLS acceptor [`serve`] takes: tokio-rustls, re-exported with its `rustls`.
 pub use ::pgwire::tokio::tokio_rustls;
 pub use ::pgwire::tokio::TlsAcceptor;
+
+/// How an endpoint admits clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireOptions {
+    /// Refuse clients that do not start TLS (needs a TLS acceptor).
+    pub require_tls: bool,
+    /// Connections served at once; more are refused with `53300`.
+    pub max_connections: usize,
+    /// Failed logins a peer address may have per minute; beyond, it is refused before
+    /// authentication until the budget refills.
+    pub login_failures_per_minute: u32,
+}
+
+impl Default for WireOptions {
+    fn default() -> Self {
+        Self {
+            require_tls: false,
+            max_connections: 100,
+            login_failures_per_minute: 10,
+        }
+    }
+}
 
 /// The PostgreSQL version the endpoint reports; clients pick SQL dialect features by it.
 pub const SERVER_VERSION: &str = "16.6";

@@ -7,17 +7,19 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::pgwire::api::auth::cleartext::CleartextPasswordAuthStartupHandler;
 use ::pgwire::api::auth::{DefaultServerParameterProvider, StartupHandler};
 use ::pgwire::api::cancel::{CancelHandler, DefaultCancelHandler};
 use ::pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use ::pgwire::api::{ConnectionManager, PgWireServerHandlers};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use super::auth::{BackendAuth, Startup};
+use super::auth::Startup;
 use super::handler::{Parser, QueryHandler};
-use super::{SqlBackend, TlsAcceptor, DATE_STYLE, SERVER_VERSION, TIME_ZONE};
+use super::{SqlBackend, TlsAcceptor, WireOptions, DATE_STYLE, SERVER_VERSION, TIME_ZONE};
+use crate::metrics::WireLoginRefused;
 
 /// Why the endpoint could not serve.
 #[derive(Debug, thiserror::Error)]
@@ -53,12 +55,13 @@ pub async fn serve(
     addr: SocketAddr,
     backend: Arc<dyn SqlBackend>,
     tls: Option<TlsAcceptor>,
+    options: WireOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), PgWireError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| PgWireError::Bind { addr, source })?;
-    serve_listener(listener, backend, tls, shutdown).await
+    serve_listener(listener, backend, tls, options, shutdown).await
 }
 
 /// [`serve`] on a socket that is already listening (tests bind port 0 and read the port).
@@ -66,11 +69,21 @@ pub async fn serve_listener(
     listener: TcpListener,
     backend: Arc<dyn SqlBackend>,
     tls: Option<TlsAcceptor>,
+    options: WireOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), PgWireError> {
-    let handlers = Arc::new(Handlers::new(backend));
+    let handlers = Arc::new(Handlers::new(backend, &options));
+    let slots = Arc::new(Semaphore::new(options.max_connections.max(1)));
+    // Refusals are answered by a bounded number of tasks too; beyond, the socket just closes.
+    let refusals = Arc::new(Semaphore::new(options.max_connections.clamp(1, 64)));
     let local = listener.local_addr().ok();
-    tracing::info!(addr = ?local, tls = tls.is_some(), "postgres wire endpoint listening");
+    tracing::info!(
+        addr = ?local,
+        tls = tls.is_some(),
+        require_tls = options.require_tls,
+        max_connections = options.max_connections,
+        "postgres wire endpoint listening"
+    );
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
     loop {
@@ -85,10 +98,21 @@ pub async fn serve_listener(
             }
             accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        WireLoginRefused { user: "", peer, reason: "too_many_connections" }.emit();
+                        if let Ok(refusal) = refusals.clone().try_acquire_owned() {
+                            connections.spawn(async move {
+                                let _refusal = refusal;
+                                refuse_full(socket).await;
+                            });
+                        }
+                        continue;
+                    };
                     tracing::debug!(%peer, "wire connection accepted");
                     let handlers = handlers.clone();
                     let tls = tls.clone();
                     connections.spawn(async move {
+                        let _slot = slot;
                         match ::pgwire::tokio::process_socket(socket, tls, handlers).await {
                             Ok(()) => tracing::debug!(%peer, "wire connection closed"),
                             Err(e) => tracing::debug!(%peer, error = %e, "wire connection ended with an error"),
@@ -109,6 +133,46 @@ pub async fn serve_listener(
     Ok(())
 }
 
+/// Answers a connection over the cap as PostgreSQL does ("sorry, too many clients already",
+/// `53300`), after reading its first message so the client reads the answer rather than a
+/// reset. Bounded in time and bytes: a refused client holds nothing for long.
+async fn refuse_full(mut socket: TcpStream) {
+    let read_first = async {
+        let mut len = [0u8; 4];
+        socket.read_exact(&mut len).await?;
+        let len = u32::from_be_bytes(len).clamp(4, 10_000) as usize;
+        let mut rest = vec![0u8; len - 4];
+        socket.read_exact(&mut rest).await?;
+        Ok::<_, std::io::Error>(())
+    };
+    if tokio::time::timeout(Duration::from_secs(5), read_first)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut fields = Vec::new();
+    for (tag, value) in [
+        (b'S', "FATAL"),
+        (b'V', "FATAL"),
+        (b'C', "53300"),
+        (b'M', "sorry, too many clients already"),
+    ] {
+        fields.push(tag);
+        fields.extend_from_slice(value.as_bytes());
+        fields.push(0);
+    }
+    fields.push(0);
+    let mut message = vec![b'E'];
+    message.extend_from_slice(&((fields.len() + 4) as u32).to_be_bytes());
+    message.extend_from_slice(&fields);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        socket.write_all(&message).await?;
+        socket.shutdown().await
+    })
+    .await;
+}
+
 /// Everything one endpoint shares between its connections.
 struct Handlers {
     startup: Arc<Startup>,
@@ -117,7 +181,7 @@ struct Handlers {
 }
 
 impl Handlers {
-    fn new(backend: Arc<dyn SqlBackend>) -> Self {
+    fn new(backend: Arc<dyn SqlBackend>, options: &WireOptions) -> Self {
         let mut parameters = DefaultServerParameterProvider::default();
         parameters.server_version = SERVER_VERSION.to_owned();
         parameters.time_zone = TIME_ZONE.to_owned();
@@ -125,14 +189,13 @@ impl Handlers {
         parameters.is_superuser = false;
         parameters.default_transaction_read_only = true;
         let connections = Arc::new(ConnectionManager::new());
-        let auth = BackendAuth {
-            backend: backend.clone(),
-        };
         Self {
-            startup: Arc::new(
-                CleartextPasswordAuthStartupHandler::new(auth, parameters)
-                    .with_connection_manager(connections.clone()),
-            ),
+            startup: Arc::new(Startup::new(
+                backend.clone(),
+                parameters,
+                connections.clone(),
+                options,
+            )),
             queries: Arc::new(QueryHandler {
                 backend: backend.clone(),
                 parser: Arc::new(Parser { backend }),

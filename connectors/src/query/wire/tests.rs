@@ -62,14 +62,13 @@ fn forbidden(sql: &str) -> Result<(), BackendError> {
 
 #[async_trait]
 impl SqlBackend for Fake {
-    fn authenticate(&self, user: &str, password: &str) -> Result<(), String> {
-        if user == USER && password == PASSWORD {
-            Ok(())
-        } else {
-            Err(format!(
-                "password authentication failed for user \"{user}\""
-            ))
-        }
+    fn credential(&self, user: &str) -> Option<ScramVerifier> {
+        static VERIFIER: std::sync::OnceLock<ScramVerifier> = std::sync::OnceLock::new();
+        (user == USER).then(|| {
+            VERIFIER
+                .get_or_init(|| ScramVerifier::from_password(PASSWORD, DEFAULT_ITERATIONS))
+                .clone()
+        })
     }
 
     async fn execute(
@@ -201,9 +200,15 @@ async fn start_backend(backend: Arc<dyn SqlBackend>) -> (u16, oneshot::Sender<()
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(serve_listener(listener, backend, None, async move {
-        let _ = stopped.await;
-    }));
+    tokio::spawn(serve_listener(
+        listener,
+        backend,
+        None,
+        WireOptions::default(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     (port, stop)
 }
 
@@ -523,6 +528,171 @@ async fn wrong_password_is_refused_with_28p01() {
     client.simple_query("SELECT 1").await.unwrap();
 }
 
+/// Serves the fake backend with `options`.
+async fn start_with(options: WireOptions) -> (u16, oneshot::Sender<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(serve_listener(
+        listener,
+        Arc::new(fake(true)),
+        None,
+        options,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    (port, stop)
+}
+
+async fn connect_as(
+    port: u16,
+    user: &str,
+    password: &str,
+) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user={user} password={password} dbname=primespark"),
+        NoTls,
+    )
+    .await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// The startup answer, read off the socket: the server asks for SASL with SCRAM-SHA-256 and
+/// never for a cleartext (3) or MD5 (5) password, for a known and an unknown user alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_asks_for_scram_sha_256_for_every_user() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (port, _stop) = start(true).await;
+    for user in [USER, "nobody-here"] {
+        let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let mut body = 196_608u32.to_be_bytes().to_vec();
+        for (k, v) in [("user", user), ("database", "primespark")] {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut message = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        message.extend_from_slice(&body);
+        socket.write_all(&message).await.unwrap();
+        let mut head = [0u8; 5];
+        socket.read_exact(&mut head).await.unwrap();
+        assert_eq!(head[0], b'R', "an authentication request");
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut rest = vec![0u8; len - 4];
+        socket.read_exact(&mut rest).await.unwrap();
+        assert_eq!(
+            &rest[..4],
+            &10u32.to_be_bytes(),
+            "AuthenticationSASL for {user}"
+        );
+        let mechanisms = String::from_utf8_lossy(&rest[4..]).to_string();
+        assert!(mechanisms.contains("SCRAM-SHA-256"), "{mechanisms:?}");
+    }
+}
+
+/// An unknown user fails exactly as a wrong password does: same SQLSTATE, same words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_user_fails_like_a_wrong_password() {
+    let (port, _stop) = start(true).await;
+    let wrong = connect_as(port, USER, "wrong").await.expect_err("refused");
+    let unknown = connect_as(port, "mallory", "wrong")
+        .await
+        .expect_err("refused");
+    let (wrong, unknown) = (wrong.as_db_error().unwrap(), unknown.as_db_error().unwrap());
+    assert_eq!(wrong.code(), &SqlState::INVALID_PASSWORD);
+    assert_eq!(unknown.code(), &SqlState::INVALID_PASSWORD);
+    assert_eq!(
+        wrong.message().replace(USER, "X"),
+        unknown.message().replace("mallory", "X")
+    );
+}
+
+/// Past its budget of failed logins an address is refused before authentication, even with
+/// the right password, until the budget refills.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_are_limited_per_address() {
+    let (port, _stop) = start_with(WireOptions {
+        login_failures_per_minute: 3,
+        ..WireOptions::default()
+    })
+    .await;
+    for _ in 0..3 {
+        let e = connect(port, "wrong").await.expect_err("refused");
+        assert_eq!(e.code(), Some(&SqlState::INVALID_PASSWORD), "{e}");
+    }
+    let e = connect(port, PASSWORD).await.expect_err("limited");
+    assert_eq!(
+        e.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{e}"
+    );
+    let message = e.as_db_error().map(|d| d.message().to_owned());
+    assert!(
+        message
+            .unwrap_or_default()
+            .contains("too many failed logins"),
+        "{e:?}"
+    );
+}
+
+/// Connections beyond the cap get PostgreSQL's "too many clients"; one that closes frees its
+/// place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_refused() {
+    let (port, _stop) = start_with(WireOptions {
+        max_connections: 2,
+        ..WireOptions::default()
+    })
+    .await;
+    let a = connect(port, PASSWORD).await.unwrap();
+    let b = connect(port, PASSWORD).await.unwrap();
+    let e = connect(port, PASSWORD).await.expect_err("over the cap");
+    assert_eq!(e.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{e}");
+    a.simple_query("SELECT 1").await.unwrap();
+    drop(a);
+    let mut again = None;
+    for _ in 0..50 {
+        if let Ok(c) = connect(port, PASSWORD).await {
+            again = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    again
+        .expect("a place freed")
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+    b.simple_query("SELECT 1").await.unwrap();
+}
+
+/// TLS required: a client without it is refused before authentication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_client_is_refused_where_tls_is_required() {
+    let (port, _stop) = start_with(WireOptions {
+        require_tls: true,
+        ..WireOptions::default()
+    })
+    .await;
+    let e = connect(port, PASSWORD).await.expect_err("refused");
+    assert_eq!(
+        e.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
+        "{e}"
+    );
+    let message = e.as_db_error().map(|d| d.message().to_owned());
+    assert!(
+        message.unwrap_or_default().contains("TLS connections only"),
+        "{e:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_errors_keep_their_sqlstate() {
     let (port, _stop) = start(true).await;
@@ -680,8 +850,14 @@ async fn shutdown_stops_the_endpoint() {
 async fn serve_reports_an_address_in_use() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
-    let e = serve(addr, Arc::new(fake(true)), None, async {})
-        .await
-        .unwrap_err();
+    let e = serve(
+        addr,
+        Arc::new(fake(true)),
+        None,
+        WireOptions::default(),
+        async {},
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(e, PgWireError::Bind { addr: a, .. } if a == addr));
 }

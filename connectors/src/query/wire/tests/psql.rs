@@ -39,6 +39,10 @@ async fn psql_connects_over_tls() {
         listener,
         Arc::new(fake(true)),
         Some(tls),
+        WireOptions {
+            require_tls: true,
+            ..WireOptions::default()
+        },
         async move {
             let _ = stopped.await;
         },
@@ -78,6 +82,35 @@ async fn psql_connects_over_tls() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "3");
+
+    // The endpoint requires TLS: sslmode=disable is refused before any password is asked.
+    let output = tokio::process::Command::new(psql)
+        .env_clear()
+        .env("PGPASSWORD", PASSWORD)
+        .env("PGSSLMODE", "disable")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .args([
+            "-X",
+            "-w",
+            "-A",
+            "-t",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .args(["-U", USER, "-d", "primespark", "-c", "SELECT 1"])
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(30), output)
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "plain text was let in");
+    assert!(
+        stderr.contains("TLS connections only"),
+        "psql said: {stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
