@@ -57,6 +57,7 @@ struct Metrics {
     archive_bytes: Counter,
     tls_failures: Family<EndpointLabels, Counter>,
     wire_refused: Family<ReasonLabels, Counter>,
+    http_refused: Family<ReasonLabels, Counter>,
     compacted_files: Family<TableLabels, Counter>,
     archive_tier_reads: Family<TierLabels, Counter>,
     writer_lease: Family<LeaseLabels, Gauge>,
@@ -142,6 +143,7 @@ fn metrics() -> &'static Metrics {
         archive_bytes: Counter::default(),
         tls_failures: Family::default(),
         wire_refused: Family::default(),
+        http_refused: Family::default(),
         compacted_files: Family::default(),
         archive_tier_reads: Family::default(),
         writer_lease: Family::default(),
@@ -258,6 +260,11 @@ pub fn register(registry: &mut Registry) {
         "primespark_wire_logins_refused",
         "Wire-protocol connections refused before or during authentication, by reason (bad_password, tls_required, too_many_failures, too_many_connections)",
         m.wire_refused.clone(),
+    );
+    registry.register(
+        "primespark_http_refused",
+        "HTTP connections and requests refused before authentication, by reason (too_many_connections, too_many_from_address, too_many_failures)",
+        m.http_refused.clone(),
     );
     registry.register(
         "primespark_tls_handshake_failures",
@@ -829,6 +836,27 @@ impl WireLoginRefused<'_> {
         tracing::warn!(target: "primespark::audit", endpoint = "pg", user = self.user, peer = %self.peer, reason = self.reason, outcome = "unauthenticated", "wire login refused");
         metrics()
             .wire_refused
+            .get_or_create(&ReasonLabels {
+                reason: self.reason.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// The HTTP endpoint refused a connection or a request before authentication.
+pub struct HttpConnectionRefused {
+    /// The client's address.
+    pub peer: std::net::IpAddr,
+    /// `too_many_connections`, `too_many_from_address` or `too_many_failures`.
+    pub reason: &'static str,
+}
+
+impl HttpConnectionRefused {
+    /// Logs at debug level (a flood would flood the log) and counts.
+    pub fn emit(&self) {
+        tracing::debug!(peer = %self.peer, reason = self.reason, "http connection refused");
+        metrics()
+            .http_refused
             .get_or_create(&ReasonLabels {
                 reason: self.reason.to_owned(),
             })

@@ -258,9 +258,17 @@ fn shipped_pipeline_configs_pass_check_config() -> Result<()> {
     check_config(&block.join("\n"))?;
     // The compose Prometheus configuration loads with its rules.
     let dir = tempfile::tempdir()?;
-    std::fs::copy(
-        repo_root().join("deploy/compose/prometheus.yml"),
+    // Its bearer token is a compose secret: a file of the test's here.
+    let token = dir.path().join("prometheus_token");
+    std::fs::write(&token, "t")?;
+    let scrape = std::fs::read_to_string(repo_root().join("deploy/compose/prometheus.yml"))?;
+    assert!(scrape.contains("/run/secrets/prometheus_token"), "{scrape}");
+    std::fs::write(
         dir.path().join("prometheus.yml"),
+        scrape.replace(
+            "/run/secrets/prometheus_token",
+            &token.display().to_string(),
+        ),
     )?;
     std::fs::copy(
         repo_root().join("deploy/prometheus/alerts.yml"),

@@ -40,6 +40,10 @@ fn compose_config(dir: &Path, secrets: &Path) -> Result<std::path::PathBuf> {
 fn write_secrets(dir: &Path, token_hash: &str, password_hash: &str) -> Result<()> {
     std::fs::write(dir.join("analyst_token_sha256"), format!("{token_hash}\n"))?;
     std::fs::write(
+        dir.join("prometheus_token_sha256"),
+        sha256_hex("prometheus-token-of-the-sample-secrets-test-81c3"),
+    )?;
+    std::fs::write(
         dir.join("grafana_password_hash"),
         format!("{password_hash}\n"),
     )?;

@@ -164,10 +164,31 @@ pub struct QueryConfig {
     /// Default 100.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// Failed wire logins a client address may have per minute; beyond, it is refused before
-    /// authentication until its budget refills. Default 10.
+    /// Failed authentications (wire logins, wrong HTTP keys) a client address may have per
+    /// minute; beyond, it is refused before authentication (wire 28000, HTTP 429) until its
+    /// budget refills. Default 10.
     #[serde(default = "default_login_failures")]
     pub login_failures_per_minute: u32,
+    /// An HTTP request's headers must arrive within this, and a kept-alive HTTP connection
+    /// with no new request for this long is closed. Default `10s`.
+    #[serde(default = "default_header_timeout", with = "crate::config::duration")]
+    pub http_header_timeout: Duration,
+    /// HTTP connections served at once; more are closed on arrival. Default 256.
+    #[serde(default = "default_http_connections")]
+    pub http_max_connections: usize,
+    /// HTTP connections one client address may hold at once. Default 32.
+    #[serde(default = "default_http_per_address")]
+    pub http_max_connections_per_address: usize,
+}
+
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_http_connections() -> usize {
+    256
+}
+fn default_http_per_address() -> usize {
+    32
 }
 
 fn default_max_connections() -> usize {
@@ -228,6 +249,9 @@ impl Default for QueryConfig {
             require_tls: None,
             max_connections: default_max_connections(),
             login_failures_per_minute: default_login_failures(),
+            http_header_timeout: default_header_timeout(),
+            http_max_connections: default_http_connections(),
+            http_max_connections_per_address: default_http_per_address(),
         }
     }
 }
@@ -365,6 +389,25 @@ impl QueryConfig {
             return Err(InvalidConfig::new(
                 "query.max_connections",
                 "must be between 1 and 10000",
+            ));
+        }
+        if self.http_header_timeout.is_zero() || self.http_header_timeout > Duration::from_secs(600)
+        {
+            return Err(InvalidConfig::new(
+                "query.http_header_timeout",
+                "must be between 1ms and 10m",
+            ));
+        }
+        if self.http_max_connections == 0 || self.http_max_connections > 100_000 {
+            return Err(InvalidConfig::new(
+                "query.http_max_connections",
+                "must be between 1 and 100000",
+            ));
+        }
+        if self.http_max_connections_per_address == 0 {
+            return Err(InvalidConfig::new(
+                "query.http_max_connections_per_address",
+                "must be at least 1",
             ));
         }
         if self.login_failures_per_minute == 0 {

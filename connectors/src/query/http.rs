@@ -3,11 +3,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type, UInt64Type};
@@ -30,35 +30,6 @@ pub fn router(service: Arc<QueryService>, max_body_bytes: usize) -> Router {
         .route("/v1/tables", get(tables))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(service)
-}
-
-/// Serves `router` on `addr` until `shutdown` resolves; over TLS with `tls` (see
-/// [`super::tls::http_acceptor`]), plain HTTP otherwise.
-pub async fn serve(
-    addr: SocketAddr,
-    router: Router,
-    tls: Option<super::tls::TlsAcceptor>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), QueryError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| QueryError::Serve { addr, source })?;
-    tracing::info!(%addr, tls = tls.is_some(), "sql endpoint listening");
-    let served = match tls {
-        Some(acceptor) => {
-            let listener = super::tls::TlsListener::new(listener, acceptor)
-                .map_err(|source| QueryError::Serve { addr, source })?;
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
-        None => {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(shutdown)
-                .await
-        }
-    };
-    served.map_err(|source| QueryError::Serve { addr, source })
 }
 
 impl IntoResponse for QueryError {
@@ -89,7 +60,11 @@ impl IntoResponse for QueryError {
 }
 
 /// The caller, from `Authorization: Bearer <token>` or `X-API-Key: <token>`.
-fn caller(service: &QueryService, headers: &HeaderMap) -> Result<Principal, QueryError> {
+fn caller(
+    service: &QueryService,
+    headers: &HeaderMap,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+) -> Result<Principal, QueryError> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -102,7 +77,44 @@ fn caller(service: &QueryService, headers: &HeaderMap) -> Result<Principal, Quer
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .map(str::trim);
-    service.authenticate_token(bearer.or(key))
+    service.authenticate_token_from(peer.map(|Extension(ConnectInfo(p))| p.ip()), bearer.or(key))
+}
+
+/// Wraps the operational routes (`/metrics`, `/readyz`, `/healthz`) in the endpoint's keys:
+/// with keys configured, `/metrics` needs one (any role; Prometheus sends it as a bearer
+/// token), and `/readyz` and `/healthz` answer a caller without one with their status code
+/// only (probes need no secret, and learn no topic, partition, lag or sink error). Without
+/// keys the endpoint is loopback-only (validated) and these stay open.
+pub fn guard_ops(ops: Router, service: Arc<QueryService>) -> Router {
+    ops.layer(axum::middleware::from_fn_with_state(service, ops_guard))
+}
+
+async fn ops_guard(
+    State(service): State<Arc<QueryService>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if service.is_open() {
+        return next.run(request).await;
+    }
+    let path = request.uri().path().to_owned();
+    match caller(&service, request.headers(), peer) {
+        Ok(_) => next.run(request).await,
+        Err(e) if path == "/readyz" || path == "/healthz" => {
+            if matches!(e, QueryError::RateLimited { .. }) {
+                return e.into_response();
+            }
+            let status = next.run(request).await.status();
+            let word = if status.is_success() {
+                "ok\n"
+            } else {
+                "not ready\n"
+            };
+            (status, word).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
 }
 
 /// Result encodings, by `Accept`.
@@ -193,11 +205,12 @@ fn encode(out: &QueryOutput, format: Format) -> Result<Response, QueryError> {
 
 async fn sql(
     State(service): State<Arc<QueryService>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Result<Json<SqlRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     // Authentication comes before the body is looked at: an anonymous caller learns nothing.
-    let who = match caller(&service, &headers) {
+    let who = match caller(&service, &headers, peer) {
         Ok(w) => w,
         Err(e) => return e.into_response(),
     };
@@ -223,8 +236,12 @@ async fn sql(
 }
 
 /// `GET /v1/tables`: every table and view with its columns.
-async fn tables(State(service): State<Arc<QueryService>>, headers: HeaderMap) -> Response {
-    if let Err(e) = caller(&service, &headers) {
+async fn tables(
+    State(service): State<Arc<QueryService>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(e) = caller(&service, &headers, peer) {
         return e.into_response();
     }
     let ctx = service.context();

@@ -79,6 +79,8 @@ pub struct QueryService {
     timeout: Duration,
     /// Hex SHA-256 of a token -> its holder.
     keys: HashMap<String, Principal>,
+    /// Wrong API keys per client address.
+    auth_failures: super::limiter::LoginLimiter,
     /// Wire users -> (principal, SCRAM verifier).
     users: HashMap<String, (Principal, ScramVerifier)>,
     /// No keys configured (loopback only, checked by the config): callers are anonymous readers.
@@ -285,6 +287,7 @@ impl QueryService {
             keys,
             users,
             open: cfg.api_keys.is_empty(),
+            auth_failures: super::limiter::LoginLimiter::new(cfg.login_failures_per_minute),
             rate: f64::from(cfg.rate_limit_per_second),
             burst: f64::from(cfg.rate_limit_burst),
             buckets: Mutex::new(HashMap::new()),
@@ -321,6 +324,40 @@ impl QueryService {
             tracing::warn!(target: "primespark::audit", outcome = "unauthenticated", "unknown api key");
             QueryError::Unauthenticated("unknown API key".into())
         })
+    }
+
+    /// [`Self::authenticate_token`] for a client at `peer`: an address that sent too many
+    /// wrong keys lately is refused (429) before its key is looked at, and a wrong key counts
+    /// against its address. A missing key is not a guess and does not count.
+    pub fn authenticate_token_from(
+        &self,
+        peer: Option<std::net::IpAddr>,
+        token: Option<&str>,
+    ) -> Result<Principal, QueryError> {
+        if let Some(ip) = peer {
+            if let Err(wait) = self.auth_failures.check(ip) {
+                crate::metrics::HttpConnectionRefused {
+                    peer: ip,
+                    reason: "too_many_failures",
+                }
+                .emit();
+                return Err(QueryError::RateLimited {
+                    retry_after_secs: wait,
+                });
+            }
+        }
+        let result = self.authenticate_token(token);
+        if let (Err(QueryError::Unauthenticated(_)), Some(ip), Some(_)) =
+            (&result, peer, token.filter(|t| !t.is_empty()))
+        {
+            self.auth_failures.failed(ip);
+        }
+        result
+    }
+
+    /// Whether the HTTP endpoint has no keys (open to its loopback callers).
+    pub fn is_open(&self) -> bool {
+        self.open
     }
 
     /// A wire-protocol user's SCRAM verifier, if there is such a user.

@@ -151,17 +151,25 @@ fn start_query(
             }
         });
     }
-    let router = query::router(service, qc.max_body_bytes).merge(crate::ops::routes());
+    let router = query::router(service.clone(), qc.max_body_bytes)
+        .merge(query::guard_ops(crate::ops::routes(), service));
     let http_tls = tls_files
         .map(|(cert, key)| {
             query::tls::http_acceptor(cert, key)
                 .map_err(|e| InvalidConfig::new("query.tls_cert", tls_reason(&e)))
         })
         .transpose()?;
+    let options = query::HttpOptions {
+        header_timeout: qc.http_header_timeout,
+        max_connections: qc.http_max_connections,
+        max_connections_per_address: qc.http_max_connections_per_address,
+        request_timeout: qc.timeout + qc.http_header_timeout,
+    };
     Ok(rt.spawn(query::serve(
         addr,
         router,
         http_tls,
+        options,
         raised(shutdown.clone()),
     )))
 }
