@@ -226,6 +226,18 @@ pub fn hash_password(password: &str) -> Result<String, QueryError> {
     Ok(ScramVerifier::from_password(password, super::pgwire::DEFAULT_ITERATIONS).to_string())
 }
 
+/// Settings a wire session may change for itself with `SET`: how plans are made and shown.
+/// Everything else (`datafusion.runtime.*`: spill directory, memory, file-listing and metadata
+/// caches; `datafusion.execution.*` partitions and batch sizes; catalog and object-store
+/// options) is shared by every user or touches the file system, and is refused.
+const SESSION_SETTINGS: &[&str] = &[
+    "datafusion.explain.",
+    "datafusion.format.",
+    "datafusion.optimizer.",
+    "datafusion.sql_parser.",
+    "datafusion.execution.time_zone",
+];
+
 /// Constant-time comparison of two equal-length strings.
 fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
@@ -355,6 +367,36 @@ impl QueryService {
         result
     }
 
+    /// Checks that a session may set `key` to `value` (see [`SESSION_SETTINGS`]), and that
+    /// DataFusion takes the value; the key as DataFusion names it.
+    pub fn check_setting(&self, key: &str, value: &str) -> Result<String, QueryError> {
+        let key = key.trim().to_ascii_lowercase();
+        if !SESSION_SETTINGS.iter().any(|p| {
+            if p.ends_with('.') {
+                key.starts_with(p)
+            } else {
+                key == *p
+            }
+        }) {
+            return Err(QueryError::Forbidden(format!(
+                "setting {key} cannot be changed by a session: it is shared by every user or \
+                 touches the file system (a session may set {})",
+                SESSION_SETTINGS
+                    .iter()
+                    .map(|p| if p.ends_with('.') {
+                        format!("{p}*")
+                    } else {
+                        (*p).to_owned()
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let mut options = self.ctx.state().config().options().as_ref().clone();
+        options.set(&key, value)?;
+        Ok(key)
+    }
+
     /// Whether the HTTP endpoint has no keys (open to its loopback callers).
     pub fn is_open(&self) -> bool {
         self.open
@@ -413,6 +455,21 @@ impl QueryService {
         sql: &str,
         params: Vec<ScalarValue>,
     ) -> Result<QueryOutput, QueryError> {
+        self.execute_in_session(who, endpoint, sql, params, Vec::new())
+            .await
+    }
+
+    /// [`Self::execute_with_params`] under a session's `settings` (checked with
+    /// [`Self::check_setting`]): they apply to this statement's planning and execution only,
+    /// never to the shared context.
+    pub async fn execute_in_session(
+        self: &Arc<Self>,
+        who: &Principal,
+        endpoint: &'static str,
+        sql: &str,
+        params: Vec<ScalarValue>,
+        settings: Vec<(String, String)>,
+    ) -> Result<QueryOutput, QueryError> {
         let started = Instant::now();
         let param_count = params.len();
         let result = match self.check_rate(who) {
@@ -423,7 +480,7 @@ impl QueryService {
                 let task = self
                     .executor
                     .handle
-                    .spawn(async move { service.run(&caller, &text, params).await });
+                    .spawn(async move { service.run(&caller, &text, params, &settings).await });
                 // A caller that goes away (a client disconnect drops this future) cancels
                 // the query too.
                 let abort = AbortOnDrop(task.abort_handle());
@@ -466,7 +523,16 @@ impl QueryService {
 
     /// Parses, authorizes and plans one statement for `who`.
     async fn plan(&self, who: &Principal, sql: &str) -> Result<LogicalPlan, QueryError> {
-        let state = self.ctx.state();
+        self.plan_in(&self.ctx.state(), who, sql).await
+    }
+
+    /// [`Self::plan`] in `state` (the shared one with a session's settings applied).
+    async fn plan_in(
+        &self,
+        state: &datafusion::execution::SessionState,
+        who: &Principal,
+        sql: &str,
+    ) -> Result<LogicalPlan, QueryError> {
         let dialect = state.config().options().sql_parser.dialect;
         let statement = state.sql_to_statement(sql, &dialect)?;
         authorize(who.role, &statement)?;
@@ -487,8 +553,15 @@ impl QueryService {
         who: &Principal,
         sql: &str,
         params: Vec<ScalarValue>,
+        settings: &[(String, String)],
     ) -> Result<QueryOutput, QueryError> {
-        let plan = self.plan(who, sql).await?;
+        // A copy of the shared state: a session's settings change it, never the original.
+        let mut state = self.ctx.state();
+        for (key, value) in settings {
+            self.check_setting(key, value)?;
+            state.config_mut().options_mut().set(key, value)?;
+        }
+        let plan = self.plan_in(&state, who, sql).await?;
         // The checks passed on the statement with its placeholders; binding replaces each by
         // its value and changes nothing else.
         let plan = if params.is_empty() {
@@ -505,7 +578,13 @@ impl QueryService {
                 | LogicalPlan::Statement(_)
                 | LogicalPlan::DescribeTable(_)
         );
-        let df = self.ctx.execute_logical_plan(plan).await?;
+        // Queries run in the session's state; DDL (views) goes through the context, whose
+        // catalog it changes.
+        let df = if query {
+            datafusion::dataframe::DataFrame::new(state, plan)
+        } else {
+            self.ctx.execute_logical_plan(plan).await?
+        };
         let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
         let df = if query {
             df.limit(0, Some(self.max_rows + 1))?
@@ -614,13 +693,27 @@ impl super::pgwire::SqlBackend for WireBackend {
         sql: &str,
         params: Vec<ScalarValue>,
     ) -> Result<(SchemaRef, Vec<RecordBatch>), super::pgwire::BackendError> {
+        self.execute_in(user, sql, params, &[]).await
+    }
+
+    async fn execute_in(
+        &self,
+        user: &str,
+        sql: &str,
+        params: Vec<ScalarValue>,
+        settings: &[(String, String)],
+    ) -> Result<(SchemaRef, Vec<RecordBatch>), super::pgwire::BackendError> {
         let who = self.principal(user)?;
         let out = self
             .0
-            .execute_with_params(&who, "pgwire", sql, params)
+            .execute_in_session(&who, "pgwire", sql, params, settings.to_vec())
             .await
             .map_err(wire_error)?;
         Ok((out.schema, out.batches))
+    }
+
+    fn check_setting(&self, key: &str, value: &str) -> Result<String, super::pgwire::BackendError> {
+        self.0.check_setting(key, value).map_err(wire_error)
     }
 
     async fn describe(
@@ -668,7 +761,7 @@ fn authorize(role: Role, statement: &DFStatement) -> Result<(), QueryError> {
         }
         DFStatement::CopyTo(_) => never("COPY (it writes files)"),
         DFStatement::Explain(e) => authorize(role, &e.statement),
-        DFStatement::Reset(_) => admin("RESET"),
+        DFStatement::Reset(_) => never("RESET over HTTP (it has no session)"),
         DFStatement::Statement(s) => match s.as_ref() {
             Statement::Query(_) => Ok(()),
             Statement::Explain { statement, .. } => {
@@ -685,7 +778,12 @@ fn authorize(role: Role, statement: &DFStatement) -> Result<(), QueryError> {
                 object_type: ObjectType::View,
                 ..
             } => admin("DROP VIEW"),
-            Statement::Set(_) => admin("SET"),
+            // The service has no sessions (an HTTP request is its own): a SET here would change
+            // the context every user shares. The wire endpoint answers SET per connection.
+            Statement::Set(_) => never(
+                "SET over HTTP (each request is its own session; on the PostgreSQL wire \
+                 endpoint SET applies to its connection)",
+            ),
             Statement::Insert(_) | Statement::Update { .. } | Statement::Delete(_) => {
                 never("changing data (INSERT, UPDATE, DELETE)")
             }

@@ -36,6 +36,35 @@ pub trait SqlBackend: Send + Sync + 'static {
         params: Vec<ScalarValue>,
     ) -> Result<(SchemaRef, Vec<RecordBatch>), BackendError>;
 
+    /// [`execute`](Self::execute) under the connection's `SET` settings (`name`, `value`, as
+    /// [`check_setting`](Self::check_setting) returned them). The default has no sessions and
+    /// refuses any.
+    async fn execute_in(
+        &self,
+        user: &str,
+        sql: &str,
+        params: Vec<ScalarValue>,
+        settings: &[(String, String)],
+    ) -> Result<(SchemaRef, Vec<RecordBatch>), BackendError> {
+        if settings.is_empty() {
+            self.execute(user, sql, params).await
+        } else {
+            Err(BackendError::new(
+                "0A000",
+                "session settings are not supported",
+            ))
+        }
+    }
+
+    /// Whether a connection may `SET` `name` to `value`; the name to store. The default
+    /// refuses every setting of the backend's own (`datafusion.*`).
+    fn check_setting(&self, name: &str, _value: &str) -> Result<String, BackendError> {
+        Err(BackendError::new(
+            "55P02",
+            format!("parameter \"{name}\" cannot be changed"),
+        ))
+    }
+
     /// Plans one statement without running it: its result columns and the types of its `$n`
     /// parameters, for the extended protocol's Describe.
     ///

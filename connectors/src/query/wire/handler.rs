@@ -180,6 +180,26 @@ pub(super) struct QueryHandler {
 }
 
 impl QueryHandler {
+    /// A `SET` or `RESET` of a backend setting, applied to this connection's metadata (what
+    /// [`Session::of`] reads): the backend checks the name and value first. Other local
+    /// statements change nothing.
+    fn apply<C: ClientInfo>(&self, local: &Local, client: &mut C) -> Result<(), BackendError> {
+        match local {
+            Local::Set { name, value } => {
+                let name = self.backend.check_setting(name, value)?;
+                client.metadata_mut().insert(name, value.clone());
+            }
+            Local::Reset { name: Some(name) } => {
+                client.metadata_mut().remove(name);
+            }
+            Local::Reset { name: None } => client
+                .metadata_mut()
+                .retain(|k, _| !k.starts_with(super::session::BACKEND_SETTINGS)),
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// One statement of a simple query, for the backend: rows in text, typed by the result.
     async fn run_simple(
         &self,
@@ -188,7 +208,11 @@ impl QueryHandler {
         tag: &str,
     ) -> Result<Response, BackendError> {
         let (sql, settings) = bind_connection_settings(sql, session, 0)?;
-        match self.backend.execute(&session.user, &sql, settings).await {
+        match self
+            .backend
+            .execute_in(&session.user, &sql, settings, &session.settings)
+            .await
+        {
             Ok((schema, batches)) => {
                 let columns: Vec<_> = schema
                     .fields()
@@ -214,7 +238,7 @@ impl SimpleQueryHandler for QueryHandler {
         C::Error: Debug,
         ProtocolError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let session = Session::of(client);
+        let mut session = Session::of(client);
         let mut responses = Vec::new();
         let statements = split_statements(query);
         if statements.is_empty() {
@@ -223,7 +247,14 @@ impl SimpleQueryHandler for QueryHandler {
         for statement in statements {
             let response = match classify(statement, &session) {
                 Ok(Classified::Empty) => Ok(Response::EmptyQuery),
-                Ok(Classified::Local(local)) => local.respond(None),
+                Ok(Classified::Local(local)) => match self.apply(&local, client) {
+                    Ok(()) => {
+                        // The next statement of the string sees a setting just made.
+                        session = Session::of(client);
+                        local.respond(None)
+                    }
+                    Err(e) => Err(e),
+                },
                 Ok(Classified::Backend { sql, tag, .. }) => {
                     self.run_simple(&session, &sql, &tag).await
                 }
@@ -268,9 +299,10 @@ impl ExtendedQueryHandler for QueryHandler {
     {
         let statement = match &portal.statement.statement {
             Prepared::Local(local) => {
+                self.apply(local, client).map_err(into_protocol)?;
                 return local
                     .respond(Some(&portal.result_column_format))
-                    .map_err(into_protocol)
+                    .map_err(into_protocol);
             }
             Prepared::Backend(b) => b.clone(),
         };
@@ -285,7 +317,7 @@ impl ExtendedQueryHandler for QueryHandler {
         values.extend(statement.settings.iter().cloned());
         let (_, batches) = self
             .backend
-            .execute(&session.user, &statement.sql, values)
+            .execute_in(&session.user, &statement.sql, values, &session.settings)
             .await
             .map_err(|e| {
                 log_backend_error(&session.user, &e);

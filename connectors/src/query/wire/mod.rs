@@ -26,8 +26,10 @@
 //!   column types in the text or binary format each client asks for. Portals with a row limit
 //!   are suspended and resumed by pgwire.
 //! - **Answered here, never sent to the backend**, so a session setup can never be refused:
-//!   `SET`, `RESET`, `DISCARD`, `DEALLOCATE`, `SAVEPOINT`, `RELEASE` (accepted and ignored: the
-//!   backend's session is shared, so per-connection settings could not be honoured anyway);
+//!   `SET`, `RESET`, `DISCARD`, `DEALLOCATE`, `SAVEPOINT`, `RELEASE` (accepted and ignored),
+//!   except `SET`/`RESET` of the backend's own settings (`datafusion.*`): the backend checks
+//!   them ([`SqlBackend::check_setting`]), the connection keeps them, and every statement it
+//!   runs afterwards runs under them ([`SqlBackend::execute_in`]), no other connection's;
 //!   `BEGIN`/`COMMIT`/`ROLLBACK` (the service is read-only, so a transaction is bookkeeping);
 //!   `SHOW` of a connection setting (`server_version`, `TimeZone`, ...), `SELECT version()`,
 //!   `SELECT current_setting('...')`. Inside any other statement, `current_setting('...')` of

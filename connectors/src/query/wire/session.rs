@@ -17,14 +17,28 @@ use super::{BackendError, DATE_STYLE, MAX_PARAMS, SERVER_VERSION, SERVER_VERSION
 pub(super) struct Session {
     pub(super) user: String,
     pub(super) application_name: String,
+    /// The backend's settings this connection `SET` (`datafusion.*`), in name order.
+    pub(super) settings: Vec<(String, String)>,
 }
+
+/// Settings of the backend's own, which a connection's `SET` keeps for the connection (kept in
+/// the connection's metadata under their names); any other `SET` is accepted and ignored.
+pub(super) const BACKEND_SETTINGS: &str = "datafusion.";
 
 impl Session {
     pub(super) fn of<C: ClientInfo + ?Sized>(client: &C) -> Self {
         let get = |key: &str| client.metadata().get(key).cloned().unwrap_or_default();
+        let mut settings: Vec<(String, String)> = client
+            .metadata()
+            .iter()
+            .filter(|(k, _)| k.starts_with(BACKEND_SETTINGS))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        settings.sort();
         Self {
             user: get(METADATA_USER),
             application_name: get(METADATA_APPLICATION_NAME),
+            settings,
         }
     }
 }
@@ -43,6 +57,10 @@ pub(super) enum Local {
     End(String),
     /// One row with one text column.
     Value { column: String, value: String },
+    /// `SET datafusion.x = v`: kept for this connection once the backend allows it.
+    Set { name: String, value: String },
+    /// `RESET datafusion.x` (`None`: `RESET ALL`).
+    Reset { name: Option<String> },
 }
 
 impl Local {
@@ -56,6 +74,8 @@ impl Local {
     pub(super) fn respond(&self, format: Option<&Format>) -> Result<Response, BackendError> {
         Ok(match self {
             Local::Command(tag) => Response::Execution(Tag::new(tag)),
+            Local::Set { .. } => Response::Execution(Tag::new("SET")),
+            Local::Reset { .. } => Response::Execution(Tag::new("RESET")),
             Local::Begin(tag) => Response::TransactionStart(Tag::new(tag)),
             Local::End(tag) => Response::TransactionEnd(Tag::new(tag)),
             Local::Value { column, value } => {
@@ -116,9 +136,16 @@ fn local_statement(
 ) -> Result<Option<Local>, BackendError> {
     let word = |i: usize| sig.get(i).and_then(|t| t.word());
     Ok(Some(match first {
-        "set" | "reset" | "deallocate" | "savepoint" | "release" => {
-            Local::Command(first.to_ascii_uppercase())
-        }
+        "set" => match backend_setting(&sig[1..]) {
+            Some((name, Some(value))) => Local::Set { name, value },
+            _ => Local::Command("SET".to_owned()),
+        },
+        "reset" => match (word(1).as_deref(), backend_setting(&sig[1..])) {
+            (Some("all"), _) => Local::Reset { name: None },
+            (_, Some((name, None))) => Local::Reset { name: Some(name) },
+            _ => Local::Command("RESET".to_owned()),
+        },
+        "deallocate" | "savepoint" | "release" => Local::Command(first.to_ascii_uppercase()),
         "discard" => {
             let what = word(1).unwrap_or_default().to_ascii_uppercase();
             Local::Command(format!("DISCARD {what}").trim().to_owned())
@@ -150,6 +177,39 @@ fn local_statement(
         "select" => return select_answered_here(sig, session),
         _ => return Ok(None),
     }))
+}
+
+/// The backend setting a `SET`'s or `RESET`'s tokens (after the verb) name, and the value a
+/// `SET` gives it: `[SESSION] datafusion.a.b {= | TO} value`. `None` for any other setting.
+fn backend_setting(rest: &[&Lexeme]) -> Option<(String, Option<String>)> {
+    let mut rest = rest;
+    if rest.first().and_then(|t| t.word()).as_deref() == Some("session") {
+        rest = &rest[1..];
+    }
+    let mut name = String::new();
+    let mut i = 0;
+    while let Some(t) = rest.get(i) {
+        if t.is(&Token::Eq) || t.word().as_deref() == Some("to") {
+            break;
+        }
+        match (t.word(), t.is(&Token::Period)) {
+            (Some(w), _) => name.push_str(&w),
+            (None, true) => name.push('.'),
+            _ => return None,
+        }
+        i += 1;
+    }
+    if !name.starts_with(BACKEND_SETTINGS) {
+        return None;
+    }
+    let value = rest.get(i + 1..).filter(|v| !v.is_empty()).map(|v| {
+        if v.len() == 1 && v[0].is_string() {
+            unquote(v[0].text)
+        } else {
+            v.iter().map(|t| t.text).collect::<Vec<_>>().join("")
+        }
+    });
+    Some((name, value))
 }
 
 /// `SELECT version()` and `SELECT current_setting('name') [[AS] alias]`.
@@ -412,6 +472,7 @@ mod tests {
         Session {
             user: USER.to_owned(),
             application_name: "psql".to_owned(),
+            settings: Vec::new(),
         }
     }
 
@@ -423,6 +484,31 @@ mod tests {
             other => panic!("{sql}: {other:?}"),
         };
         assert_eq!(local("SET x TO 1"), Local::Command("SET".to_owned()));
+        assert_eq!(
+            local("SET datafusion.execution.time_zone = '+05:00'"),
+            Local::Set {
+                name: "datafusion.execution.time_zone".to_owned(),
+                value: "+05:00".to_owned()
+            }
+        );
+        assert_eq!(
+            local("set session datafusion.explain.format to tree"),
+            Local::Set {
+                name: "datafusion.explain.format".to_owned(),
+                value: "tree".to_owned()
+            }
+        );
+        assert_eq!(
+            local("RESET datafusion.explain.format"),
+            Local::Reset {
+                name: Some("datafusion.explain.format".to_owned())
+            }
+        );
+        assert_eq!(local("RESET ALL"), Local::Reset { name: None });
+        assert_eq!(
+            local("RESET search_path"),
+            Local::Command("RESET".to_owned())
+        );
         assert_eq!(
             local("begin isolation level serializable"),
             Local::Begin("BEGIN".to_owned())
@@ -489,6 +575,7 @@ mod tests {
         let s = Session {
             user: "bob".to_owned(),
             application_name: "x'); DROP VIEW v; --".to_owned(),
+            settings: Vec::new(),
         };
         let Classified::Backend { sql, .. } = classify(
             "SELECT current_setting('server_version'), upper(current_setting('application_name')), \

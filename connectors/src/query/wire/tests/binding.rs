@@ -338,3 +338,69 @@ async fn the_query_service_binds_wire_parameters_as_values() {
         .unwrap();
     assert_eq!(row.get::<_, i64>(0), 3);
 }
+
+/// A connection's `SET` of a backend setting applies to that connection only, and settings
+/// that touch the file system, shared caches or the query pool are refused for everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_applies_to_its_connection_only() {
+    let ctx = fake(true).ctx;
+    let cfg = QueryConfig {
+        users: vec![WireUser {
+            name: "admin".into(),
+            role: Role::Admin,
+            password_hash: hash_password(PASSWORD).unwrap(),
+            password_hash_file: None,
+            password_hash_env: None,
+        }],
+        rate_limit_per_second: 1000,
+        rate_limit_burst: 1000,
+        ..QueryConfig::default()
+    };
+    let service = Arc::new(QueryService::new(ctx, &cfg).unwrap());
+    let (port, _stop) = start_backend(Arc::new(WireBackend(service.clone()))).await;
+    let a = connect_as(port, "admin", PASSWORD).await.unwrap();
+    let b = connect_as(port, "admin", PASSWORD).await.unwrap();
+    // Identifier normalization off: `Name` stops meaning the column `name`.
+    let upper = "SELECT Name FROM t ORDER BY id LIMIT 1";
+    a.simple_query(upper).await.unwrap();
+    a.simple_query("SET datafusion.sql_parser.enable_ident_normalization = false")
+        .await
+        .unwrap();
+    assert!(
+        a.simple_query(upper).await.is_err(),
+        "the SET did not apply"
+    );
+    b.simple_query(upper)
+        .await
+        .expect("another connection saw the SET");
+    // Extended-protocol statements run under it too.
+    assert!(a.query(upper, &[]).await.is_err());
+    a.simple_query("RESET datafusion.sql_parser.enable_ident_normalization")
+        .await
+        .unwrap();
+    a.simple_query(upper).await.unwrap();
+
+    for refused in [
+        "SET datafusion.runtime.temp_directory = '/tmp/elsewhere'",
+        "SET datafusion.runtime.list_files_cache_limit = '0'",
+        "SET datafusion.execution.target_partitions = 64",
+        "SET datafusion.catalog.information_schema = false",
+    ] {
+        let e = a.simple_query(refused).await.unwrap_err();
+        assert_eq!(
+            e.code(),
+            Some(&SqlState::INSUFFICIENT_PRIVILEGE),
+            "{refused}: {e:?}"
+        );
+    }
+    // A bad value of an allowed setting is DataFusion's error, and changes nothing.
+    assert!(a
+        .simple_query("SET datafusion.optimizer.max_passes = 'many'")
+        .await
+        .is_err());
+    a.simple_query(upper).await.unwrap();
+    // The shared context never changed.
+    let options = service.context().state().config().options().clone();
+    assert!(options.sql_parser.enable_ident_normalization);
+    assert_eq!(options.optimizer.max_passes, 3);
+}
