@@ -2,8 +2,9 @@
 //! functions whose output a caller sizes, capped.
 //!
 //! `repeat`, `lpad`, `rpad`, `array_repeat`, and the list forms of `range` and
-//! `generate_series` allocate what their arguments ask for, outside the query memory pool: one
-//! `repeat('x', 2000000000)` would take 2 GB of a Pi's memory at once. Each is registered again
+//! `generate_series` (over integers, dates and timestamps) allocate what their arguments ask
+//! for, outside the query memory pool: one `repeat('x', 2000000000)` would take 2 GB of a Pi's
+//! memory at once. Each is registered again
 //! as [`Capped`], which refuses arguments whose result would exceed `query.max_value_bytes`
 //! (bytes of a string, elements of a list) with an error naming the function and the key.
 //!
@@ -187,6 +188,53 @@ fn largest_int(value: &ColumnarValue) -> Option<i64> {
     }
 }
 
+/// The earliest and latest instant of a date or timestamp `value`, in seconds since the epoch
+/// (`None`: null, or not a date or timestamp).
+fn instants(value: &ColumnarValue) -> Option<(i64, i64)> {
+    use datafusion::arrow::array::{Array, Int64Array};
+    use datafusion::arrow::datatypes::TimeUnit;
+    let data_type = value.data_type();
+    if !matches!(
+        data_type,
+        DataType::Date32 | DataType::Date64 | DataType::Timestamp(..)
+    ) {
+        return None;
+    }
+    let array = value.to_array(1).ok()?;
+    let seconds =
+        datafusion::arrow::compute::cast(&array, &DataType::Timestamp(TimeUnit::Second, None))
+            .ok()?;
+    let ints = datafusion::arrow::compute::cast(&seconds, &DataType::Int64).ok()?;
+    let ints = ints.as_any().downcast_ref::<Int64Array>()?;
+    Some((
+        datafusion::arrow::compute::min(ints)?,
+        datafusion::arrow::compute::max(ints)?,
+    ))
+}
+
+/// The shortest an interval step can be, in whole seconds (a month at least 28 days, a day
+/// at least 23 hours); `None` when it is not a scalar interval.
+fn shortest_step_seconds(value: &ColumnarValue) -> Option<i64> {
+    let ColumnarValue::Scalar(s) = value else {
+        return None;
+    };
+    let (months, days, nanos): (i64, i64, i64) = match s {
+        ScalarValue::IntervalYearMonth(Some(m)) => (i64::from(*m), 0, 0),
+        ScalarValue::IntervalDayTime(Some(v)) => {
+            (0, i64::from(v.days), i64::from(v.milliseconds) * 1_000_000)
+        }
+        ScalarValue::IntervalMonthDayNano(Some(v)) => {
+            (i64::from(v.months), i64::from(v.days), v.nanoseconds)
+        }
+        _ => return None,
+    };
+    let seconds = months
+        .saturating_mul(28 * 86_400)
+        .saturating_add(days.saturating_mul(23 * 3_600))
+        .saturating_add(nanos / 1_000_000_000);
+    Some(seconds.saturating_abs())
+}
+
 /// The longest text of `value`, in bytes (0 for anything else).
 fn longest_text(value: &ColumnarValue) -> i64 {
     use datafusion::arrow::array::{Array, LargeStringArray};
@@ -217,7 +265,26 @@ impl Capped {
             )
             .saturating_mul(int(1)),
             Size::Series => {
-                // Only the integer forms; dates and timestamps step by intervals.
+                if args.len() >= 2 && args.len() <= 3 {
+                    // Dates and timestamps step by an interval: the widest span over the
+                    // shortest step the interval can be.
+                    if let (Some((least, _)), Some((_, greatest))) =
+                        (instants(&args[0]), instants(&args[1]))
+                    {
+                        let step = args.get(2).map_or(Some(86_400), shortest_step_seconds);
+                        return match step {
+                            Some(step) if step > 0 => {
+                                greatest.saturating_sub(least).saturating_abs() / step
+                            }
+                            // A step under a second (or one that cannot be read): count
+                            // each second of the span, an upper bound of whole-second steps.
+                            _ => greatest
+                                .saturating_sub(least)
+                                .saturating_abs()
+                                .saturating_mul(1000),
+                        };
+                    }
+                }
                 let ints = args.iter().all(|a| largest_int(a).is_some());
                 if !ints || args.len() < 2 {
                     return 0;
@@ -357,6 +424,9 @@ mod capped {
             "SELECT array_repeat(1, 100000)",
             "SELECT range(0, 10000000000)",
             "SELECT generate_series(1, 5000)",
+            "SELECT range(TIMESTAMP '2020-01-01', TIMESTAMP '2030-01-01', INTERVAL '1 second')",
+            "SELECT generate_series(DATE '1900-01-01', DATE '2100-01-01', INTERVAL '1 day')",
+            "SELECT range(TIMESTAMP '2020-01-01', TIMESTAMP '2020-01-02', INTERVAL '1 millisecond')",
             "SELECT repeat(t, n) FROM (VALUES ('ab', 10), ('abc', 600)) v(t, n)",
         ] {
             let e = run(sql).await.expect_err(sql).to_string();
@@ -368,6 +438,14 @@ mod capped {
             ("SELECT lpad('7', 3, '0') AS v", "007"),
             ("SELECT array_repeat(1, 3) AS v", "[1, 1, 1]"),
             ("SELECT range(0, 3) AS v", "[0, 1, 2]"),
+            (
+                "SELECT generate_series(DATE '2020-01-01', DATE '2020-01-03', INTERVAL '1 day') AS v",
+                "2020-01-03",
+            ),
+            (
+                "SELECT range(TIMESTAMP '2020-01-01T00:00:00', TIMESTAMP '2020-01-01T00:10:00', INTERVAL '1 minute') AS v",
+                "2020-01-01T00:09:00",
+            ),
         ] {
             let out = run(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
             assert!(out.contains(want), "{sql}: {out}");
