@@ -367,7 +367,7 @@ impl QueryService {
         result
     }
 
-    /// Checks that a session may set `key` to `value` (see [`SESSION_SETTINGS`]), and that
+    /// Checks that a session may set `key` to `value` (the allow-list `SESSION_SETTINGS`), and that
     /// DataFusion takes the value; the key as DataFusion names it.
     pub fn check_setting(&self, key: &str, value: &str) -> Result<String, QueryError> {
         let key = key.trim().to_ascii_lowercase();
