@@ -455,28 +455,34 @@ impl QueryConfig {
         let mut out = self.clone();
         for (i, k) in out.api_keys.iter_mut().enumerate() {
             let key = format!("query.api_keys[{i}]");
-            if let Some(path) = k.sha256_file.take() {
-                k.sha256 = secrets::read_file(&format!("{key}.sha256_file"), &path)?;
-                secrets::check_token_hash(&format!("{key}.sha256_file"), &k.sha256)?;
-            } else if let Some(var) = k.sha256_env.take() {
-                k.sha256 = secrets::read_env(&format!("{key}.sha256_env"), &var)?;
-                secrets::check_token_hash(&format!("{key}.sha256_env"), &k.sha256)?;
+            let file = k.sha256_file.take();
+            let env = k.sha256_env.take();
+            let read = secrets::read_source(
+                &key,
+                ("sha256_file", file.as_deref()),
+                ("sha256_env", env.as_deref()),
+            )?;
+            if let Some((hash, origin)) = read {
+                secrets::check_token_hash(&origin, &hash)?;
+                k.sha256 = hash;
             }
         }
         for (i, u) in out.users.iter_mut().enumerate() {
             let key = format!("query.users[{i}]");
-            let origin = if let Some(path) = u.password_hash_file.take() {
-                let origin = format!("{key}.password_hash_file");
-                u.password_hash = secrets::read_file(&origin, &path)?;
-                secrets::check_password_hash(&origin, &u.password_hash)?;
-                origin
-            } else if let Some(var) = u.password_hash_env.take() {
-                let origin = format!("{key}.password_hash_env");
-                u.password_hash = secrets::read_env(&origin, &var)?;
-                secrets::check_password_hash(&origin, &u.password_hash)?;
-                origin
-            } else {
-                format!("{key}.password_hash")
+            let file = u.password_hash_file.take();
+            let env = u.password_hash_env.take();
+            let read = secrets::read_source(
+                &key,
+                ("password_hash_file", file.as_deref()),
+                ("password_hash_env", env.as_deref()),
+            )?;
+            let origin = match read {
+                Some((hash, origin)) => {
+                    secrets::check_password_hash(&origin, &hash)?;
+                    u.password_hash = hash;
+                    origin
+                }
+                None => format!("{key}.password_hash"),
             };
             secrets::refuse_sample_password(&origin, &u.password_hash)?;
         }

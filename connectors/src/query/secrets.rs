@@ -151,9 +151,27 @@ pub fn refuse_sample_password(key: &str, hash: &str) -> Result<(), InvalidConfig
     Ok(())
 }
 
+/// The hash a `*_file` or `*_env` source holds, with the key it came from (`{key}.{field}`);
+/// `None` when the hash is inline. `file_field` and `env_field` name the two sources.
+pub fn read_source(
+    key: &str,
+    (file_field, file): (&str, Option<&Path>),
+    (env_field, env): (&str, Option<&str>),
+) -> Result<Option<(String, String)>, InvalidConfig> {
+    if let Some(path) = file {
+        let origin = format!("{key}.{file_field}");
+        return Ok(Some((read_file(&origin, path)?, origin)));
+    }
+    if let Some(var) = env {
+        let origin = format!("{key}.{env_field}");
+        return Ok(Some((read_env(&origin, var)?, origin)));
+    }
+    Ok(None)
+}
+
 /// The hash in a file (a mounted Secret, a compose secret), whitespace trimmed. The file's
 /// content is never put in a message.
-pub fn read_file(key: &str, path: &Path) -> Result<String, InvalidConfig> {
+fn read_file(key: &str, path: &Path) -> Result<String, InvalidConfig> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| InvalidConfig::new(key, format!("reading {}: {e}", path.display())))?;
     let text = text.trim();
@@ -167,7 +185,7 @@ pub fn read_file(key: &str, path: &Path) -> Result<String, InvalidConfig> {
 }
 
 /// The hash in an environment variable, whitespace trimmed.
-pub fn read_env(key: &str, var: &str) -> Result<String, InvalidConfig> {
+fn read_env(key: &str, var: &str) -> Result<String, InvalidConfig> {
     match std::env::var(var) {
         Ok(v) if !v.trim().is_empty() => Ok(v.trim().to_owned()),
         Ok(_) => Err(InvalidConfig::new(

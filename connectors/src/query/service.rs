@@ -238,6 +238,34 @@ const SESSION_SETTINGS: &[&str] = &[
     "datafusion.execution.time_zone",
 ];
 
+/// `key` as DataFusion names it, if a session may set it (see [`SESSION_SETTINGS`]).
+fn session_setting(key: &str) -> Result<String, QueryError> {
+    let key = key.trim().to_ascii_lowercase();
+    let allowed = SESSION_SETTINGS.iter().any(|p| {
+        if p.ends_with('.') {
+            key.starts_with(p)
+        } else {
+            key == *p
+        }
+    });
+    if !allowed {
+        return Err(QueryError::Forbidden(format!(
+            "setting {key} cannot be changed by a session: it is shared by every user or \
+             touches the file system (a session may set {})",
+            SESSION_SETTINGS
+                .iter()
+                .map(|p| if p.ends_with('.') {
+                    format!("{p}*")
+                } else {
+                    (*p).to_owned()
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    Ok(key)
+}
+
 /// Constant-time comparison of two equal-length strings.
 fn same(a: &str, b: &str) -> bool {
     a.len() == b.len()
@@ -370,28 +398,7 @@ impl QueryService {
     /// Checks that a session may set `key` to `value` (the allow-list `SESSION_SETTINGS`), and that
     /// DataFusion takes the value; the key as DataFusion names it.
     pub fn check_setting(&self, key: &str, value: &str) -> Result<String, QueryError> {
-        let key = key.trim().to_ascii_lowercase();
-        if !SESSION_SETTINGS.iter().any(|p| {
-            if p.ends_with('.') {
-                key.starts_with(p)
-            } else {
-                key == *p
-            }
-        }) {
-            return Err(QueryError::Forbidden(format!(
-                "setting {key} cannot be changed by a session: it is shared by every user or \
-                 touches the file system (a session may set {})",
-                SESSION_SETTINGS
-                    .iter()
-                    .map(|p| if p.ends_with('.') {
-                        format!("{p}*")
-                    } else {
-                        (*p).to_owned()
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
+        let key = session_setting(key)?;
         let mut options = self.ctx.state().config().options().as_ref().clone();
         options.set(&key, value)?;
         Ok(key)
@@ -558,8 +565,9 @@ impl QueryService {
         // A copy of the shared state: a session's settings change it, never the original.
         let mut state = self.ctx.state();
         for (key, value) in settings {
-            self.check_setting(key, value)?;
-            state.config_mut().options_mut().set(key, value)?;
+            // The allow-list again (a caller may not have checked); setting the value parses it.
+            let key = session_setting(key)?;
+            state.config_mut().options_mut().set(&key, value)?;
         }
         let plan = self.plan_in(&state, who, sql).await?;
         // The checks passed on the statement with its placeholders; binding replaces each by
