@@ -743,6 +743,26 @@ impl Drop for Pipeline {
     }
 }
 
+/// A self-signed certificate for `localhost` and 127.0.0.1 (it is its own test CA) and its key,
+/// made by openssl in `dir`: `(cert.pem, key.pem)`.
+pub fn self_signed_cert(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()?;
+    if !made.status.success() {
+        bail!("openssl: {}", String::from_utf8_lossy(&made.stderr));
+    }
+    Ok((cert, key))
+}
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

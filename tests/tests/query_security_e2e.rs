@@ -281,22 +281,7 @@ async fn the_query_door_is_locked() -> Result<()> {
 async fn the_http_door_speaks_tls_when_configured() -> Result<()> {
     let stack = stack();
     let certs = tempfile::tempdir()?;
-    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
-    let made = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-        .args(["-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()?;
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    let (cert, key) = primespark_tests::self_signed_cert(certs.path())?;
     let run = TelemetryRun::new(
         "qtls",
         1,

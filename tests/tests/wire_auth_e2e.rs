@@ -13,7 +13,8 @@ use anyhow::{bail, Result};
 use primespark_connectors::query::pgwire::ScramVerifier;
 use primespark_connectors::query::{hash_password, sha256_hex};
 use primespark_tests::{
-    connect, free_port, pipeline_command, stack, unique, wait_until, Sections, TelemetryRun,
+    connect, free_port, pipeline_command, self_signed_cert, stack, unique, wait_until, Sections,
+    TelemetryRun,
 };
 
 const PASSWORD: &str = "wire-auth-e2e-pass-4c1d";
@@ -90,24 +91,6 @@ async fn scram_verifiers_are_postgresqls_own() -> Result<()> {
     Ok(())
 }
 
-fn make_cert(dir: &Path) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let made = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
-        .args(["-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()?;
-    if !made.status.success() {
-        bail!("openssl: {}", String::from_utf8_lossy(&made.stderr));
-    }
-    Ok((cert, key))
-}
-
 async fn run_psql(port: u16, user: &str, sslmode: &str, root: Option<&Path>) -> Result<Output> {
     let mut cmd = tokio::process::Command::new(psql());
     cmd.env_clear()
@@ -136,7 +119,7 @@ async fn run_psql(port: u16, user: &str, sslmode: &str, root: Option<&Path>) -> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_logs_in_with_scram_over_tls_and_plain_text_is_refused() -> Result<()> {
     let certs = tempfile::tempdir()?;
-    let (cert, key) = make_cert(certs.path())?;
+    let (cert, key) = self_signed_cert(certs.path())?;
     let port = free_port();
     let hash = hash_password(PASSWORD)?;
     let run = TelemetryRun::new(

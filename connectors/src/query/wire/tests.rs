@@ -197,6 +197,14 @@ async fn start(plan_describe: bool) -> (u16, oneshot::Sender<()>) {
 
 /// Serves `backend` on a free loopback port; dropping the sender stops it.
 async fn start_backend(backend: Arc<dyn SqlBackend>) -> (u16, oneshot::Sender<()>) {
+    start_backend_with(backend, WireOptions::default()).await
+}
+
+/// [`start_backend`] with `options`.
+async fn start_backend_with(
+    backend: Arc<dyn SqlBackend>,
+    options: WireOptions,
+) -> (u16, oneshot::Sender<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -204,7 +212,7 @@ async fn start_backend(backend: Arc<dyn SqlBackend>) -> (u16, oneshot::Sender<()
         listener,
         backend,
         None,
-        WireOptions::default(),
+        options,
         async move {
             let _ = stopped.await;
         },
@@ -213,13 +221,7 @@ async fn start_backend(backend: Arc<dyn SqlBackend>) -> (u16, oneshot::Sender<()
 }
 
 async fn connect(port: u16, password: &str) -> Result<Client, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(
-        &format!("host=127.0.0.1 port={port} user={USER} password={password} dbname=primespark"),
-        NoTls,
-    )
-    .await?;
-    tokio::spawn(connection);
-    Ok(client)
+    connect_as(port, USER, password).await
 }
 
 fn simple_rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
@@ -530,19 +532,7 @@ async fn wrong_password_is_refused_with_28p01() {
 
 /// Serves the fake backend with `options`.
 async fn start_with(options: WireOptions) -> (u16, oneshot::Sender<()>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(serve_listener(
-        listener,
-        Arc::new(fake(true)),
-        None,
-        options,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    (port, stop)
+    start_backend_with(Arc::new(fake(true)), options).await
 }
 
 async fn connect_as(

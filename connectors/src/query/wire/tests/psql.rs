@@ -47,35 +47,25 @@ async fn psql_connects_over_tls() {
             let _ = stopped.await;
         },
     ));
+    let run = |sslmode: &'static str, sql: &'static str| {
+        let port = port.to_string();
+        async move {
+            let output = tokio::process::Command::new(psql)
+                .env_clear()
+                .env("PGPASSWORD", PASSWORD)
+                .env("PGSSLMODE", sslmode)
+                .env("PGCONNECT_TIMEOUT", "10")
+                .args(["-X", "-w", "-A", "-t", "-h", "127.0.0.1", "-p", &port])
+                .args(["-U", USER, "-d", "primespark", "-c", sql])
+                .output();
+            tokio::time::timeout(Duration::from_secs(30), output)
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
     // sslmode=require fails unless the server speaks TLS.
-    let output = tokio::process::Command::new(psql)
-        .env_clear()
-        .env("PGPASSWORD", PASSWORD)
-        .env("PGSSLMODE", "require")
-        .env("PGCONNECT_TIMEOUT", "10")
-        .args([
-            "-X",
-            "-w",
-            "-A",
-            "-t",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
-        .args([
-            "-U",
-            USER,
-            "-d",
-            "primespark",
-            "-c",
-            "SELECT count(*) FROM t",
-        ])
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(30), output)
-        .await
-        .unwrap()
-        .unwrap();
+    let output = run("require", "SELECT count(*) FROM t").await;
     assert!(
         output.status.success(),
         "{}",
@@ -84,27 +74,7 @@ async fn psql_connects_over_tls() {
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "3");
 
     // The endpoint requires TLS: sslmode=disable is refused before any password is asked.
-    let output = tokio::process::Command::new(psql)
-        .env_clear()
-        .env("PGPASSWORD", PASSWORD)
-        .env("PGSSLMODE", "disable")
-        .env("PGCONNECT_TIMEOUT", "10")
-        .args([
-            "-X",
-            "-w",
-            "-A",
-            "-t",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
-        .args(["-U", USER, "-d", "primespark", "-c", "SELECT 1"])
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(30), output)
-        .await
-        .unwrap()
-        .unwrap();
+    let output = run("disable", "SELECT 1").await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "plain text was let in");
     assert!(
