@@ -5,10 +5,41 @@ use std::path::Path;
 
 use super::*;
 
+const PSQL: &str = "/usr/lib/postgresql/15/bin/psql";
+
+/// psql against the endpoint on `port` as [`USER`] with `password` and `sslmode` (`None`:
+/// psql's default), running `sql`; its output.
+async fn psql(port: u16, password: &str, sslmode: Option<&str>, sql: &str) -> std::process::Output {
+    let mut cmd = tokio::process::Command::new(PSQL);
+    cmd.env_clear()
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10");
+    if let Some(mode) = sslmode {
+        cmd.env("PGSSLMODE", mode);
+    }
+    let output = cmd
+        .args([
+            "-X",
+            "-w",
+            "-A",
+            "-t",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .args(["-U", USER, "-d", "primespark", "-c", sql])
+        .output();
+    tokio::time::timeout(Duration::from_secs(30), output)
+        .await
+        .expect("psql finished")
+        .expect("psql ran")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_connects_over_tls() {
-    let psql = Path::new("/usr/lib/postgresql/15/bin/psql");
-    if !psql.exists() || !Path::new("/usr/bin/openssl").exists() {
+    let psql_path = Path::new(PSQL);
+    if !psql_path.exists() || !Path::new("/usr/bin/openssl").exists() {
         eprintln!("skipping: psql or openssl is not installed");
         return;
     }
@@ -47,25 +78,8 @@ async fn psql_connects_over_tls() {
             let _ = stopped.await;
         },
     ));
-    let run = |sslmode: &'static str, sql: &'static str| {
-        let port = port.to_string();
-        async move {
-            let output = tokio::process::Command::new(psql)
-                .env_clear()
-                .env("PGPASSWORD", PASSWORD)
-                .env("PGSSLMODE", sslmode)
-                .env("PGCONNECT_TIMEOUT", "10")
-                .args(["-X", "-w", "-A", "-t", "-h", "127.0.0.1", "-p", &port])
-                .args(["-U", USER, "-d", "primespark", "-c", sql])
-                .output();
-            tokio::time::timeout(Duration::from_secs(30), output)
-                .await
-                .unwrap()
-                .unwrap()
-        }
-    };
     // sslmode=require fails unless the server speaks TLS.
-    let output = run("require", "SELECT count(*) FROM t").await;
+    let output = psql(port, PASSWORD, Some("require"), "SELECT count(*) FROM t").await;
     assert!(
         output.status.success(),
         "{}",
@@ -74,7 +88,7 @@ async fn psql_connects_over_tls() {
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "3");
 
     // The endpoint requires TLS: sslmode=disable is refused before any password is asked.
-    let output = run("disable", "SELECT 1").await;
+    let output = psql(port, PASSWORD, Some("disable"), "SELECT 1").await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "plain text was let in");
     assert!(
@@ -85,28 +99,13 @@ async fn psql_connects_over_tls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_connects_and_a_wrong_password_fails() {
-    let psql = Path::new("/usr/lib/postgresql/15/bin/psql");
-    if !psql.exists() {
-        eprintln!("skipping: {} is not installed", psql.display());
+    let psql_path = Path::new(PSQL);
+    if !psql_path.exists() {
+        eprintln!("skipping: {} is not installed", psql_path.display());
         return;
     }
     let (port, _stop) = start(true).await;
-    let run = |password: &'static str, sql: &'static str| {
-        let port = port.to_string();
-        async move {
-            let output = tokio::process::Command::new(psql)
-                .env_clear()
-                .env("PGPASSWORD", password)
-                .env("PGCONNECT_TIMEOUT", "10")
-                .args(["-X", "-w", "-A", "-t", "-h", "127.0.0.1", "-p", &port])
-                .args(["-U", USER, "-d", "primespark", "-c", sql])
-                .output();
-            tokio::time::timeout(Duration::from_secs(30), output)
-                .await
-                .expect("psql finished")
-                .expect("psql ran")
-        }
-    };
+    let run = |password: &'static str, sql: &'static str| psql(port, password, None, sql);
     let ok = run(PASSWORD, "SELECT 1").await;
     let stderr = String::from_utf8_lossy(&ok.stderr);
     assert!(ok.status.success(), "psql failed: {stderr}");
