@@ -8,9 +8,12 @@
 #   s3            -> moto server (S3-compatible, in-memory)
 #   kafka_durable -> a second Tansu whose log lives in a bucket of the s3 service, so it
 #                    keeps topics and records across its own restart (broker-restart tests)
+#   kafka_tls     -> a third Tansu (memory) reachable only through TLS: stunnel4 with a
+#                    certificate of the stack's test CA in front of it, Tansu advertising the
+#                    TLS port (Tansu 0.6's own --cert does not answer TLS)
 #
 # Usage: stack.sh up | down | status | env | deps | tools | stop-service NAME | start-service NAME
-#        (NAME is one of: kafka postgres postgres_plain s3 kafka_durable)
+#        (NAME is one of: kafka postgres postgres_plain s3 kafka_durable kafka_tls)
 #   deps   installs the build prerequisites (C toolchain, pkg-config, OpenSSL headers) with
 #          apt-get when missing; `up` and .ci/run call it
 #   tools  installs everything `up` needs without starting anything
@@ -59,12 +62,15 @@ BUILD_DEPS=(build-essential pkg-config libssl-dev)
 
 PORTS_FILE="$STATE/ports.env"
 MARKER="$STATE/.primespark-stack"   # proves the folder is ours before `down` deletes it
-SERVICES=(kafka postgres postgres_plain s3 kafka_durable)  # in start order: kafka_durable needs s3
+SERVICES=(kafka postgres postgres_plain s3 kafka_durable kafka_tls)  # in start order: kafka_durable needs s3
 
 # The dev credentials (only ever used for this throwaway local cluster).
 PG_USER=primespark
 PG_PASSWORD=primespark
 PG_DB=primespark
+# A role the server accepts over TLS only (hostnossl ... reject): tests of sslmode use it.
+PG_TLS_USER=primespark_tls
+PG_TLS_PASSWORD=primespark_tls
 
 log() { echo "stack: $*" >&2; }
 die() { echo "stack: error: $*" >&2; exit 1; }
@@ -99,6 +105,31 @@ ensure_postgres() {
 }
 
 # promtool and the Prometheus server, for the alert-rule tests and the scrape test.
+ensure_stunnel() {
+    command -v stunnel4 >/dev/null 2>&1 && return 0
+    log "installing stunnel4 (the TLS listener in front of kafka_tls) with apt-get"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends stunnel4 >&2
+    command -v stunnel4 >/dev/null 2>&1 || die "stunnel4 still missing after apt-get"
+}
+
+# The stack's test CA and one server certificate it signed (localhost, 127.0.0.1), made once
+# per stack in $STATE/tls and deleted with it: never committed, never reused elsewhere.
+make_certs() {
+    local dir="$STATE/tls"
+    [ -f "$dir/server.pem" ] && return 0
+    mkdir -p "$dir"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+        -subj "/CN=primespark dev stack test CA" -keyout "$dir/ca.key" -out "$dir/ca.pem" 2>/dev/null \
+        || die "openssl could not make the test CA"
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=localhost" \
+        -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null || die "openssl could not make a key"
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$dir/ext.cnf"
+    openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.pem" -CAkey "$dir/ca.key" -CAcreateserial \
+        -days 30 -extfile "$dir/ext.cnf" -out "$dir/server.pem" 2>/dev/null || die "openssl could not sign the server certificate"
+    chmod 600 "$dir/ca.key" "$dir/server.key"
+}
+
 ensure_prometheus() {
     command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 && return 0
     log "installing prometheus (promtool) with apt-get"
@@ -340,12 +371,12 @@ ensure_tansu() {
 
 # ------------------------------------------------------------------- state
 
-# Picks five distinct free loopback ports (all held open until all are chosen).
+# Picks seven distinct free loopback ports (all held open until all are chosen).
 pick_ports() {
     "$PY" - <<'EOF'
 import socket
 socks = []
-for _ in range(5):
+for _ in range(7):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     socks.append(s)
@@ -366,9 +397,10 @@ init_state() {
     mkdir -p "$STATE"
     touch "$MARKER"
     [ -f "$PORTS_FILE" ] && return 0
-    local ports kafka_port pg_port s3_port durable_port plain_port pg_base
+    local ports kafka_port pg_port s3_port durable_port plain_port tls_port tls_inner_port pg_base
     ports="$(pick_ports)"
-    read -r kafka_port pg_port s3_port durable_port plain_port <<<"$ports"
+    read -r kafka_port pg_port s3_port durable_port plain_port tls_port tls_inner_port <<<"$ports"
+    make_certs
     pg_base="$STATE"
     if is_root && ! runuser -u postgres -- test -x "$STATE"; then
         pg_base="$(mktemp -d /tmp/primespark-pg.XXXXXX)"
@@ -387,6 +419,8 @@ PG_PORT=$pg_port
 S3_PORT=$s3_port
 KAFKA_DURABLE_PORT=$durable_port
 PG_PLAIN_PORT=$plain_port
+KAFKA_TLS_PORT=$tls_port
+KAFKA_TLS_INNER_PORT=$tls_inner_port
 PG_BASE=$pg_base
 PG_DATA=$pg_base/pg
 PG_SOCK=$pg_base/pg-run
@@ -407,6 +441,7 @@ service_port() {
         s3) echo "$S3_PORT" ;;
         kafka_durable) echo "${KAFKA_DURABLE_PORT:?ports.env predates kafka_durable; run: $0 down, then $0 up}" ;;
         postgres_plain) echo "${PG_PLAIN_PORT:?ports.env predates postgres_plain; run: $0 down, then $0 up}" ;;
+        kafka_tls) echo "${KAFKA_TLS_PORT:?ports.env predates kafka_tls; run: $0 down, then $0 up}" ;;
         *) die "unknown service '$1' (expected: ${SERVICES[*]})" ;;
     esac
 }
@@ -483,6 +518,31 @@ EOF
         --storage-engine "s3://$DURABLE_BUCKET/"
 }
 
+# Tansu on a private port, advertising the TLS port; stunnel4 (foreground, same process group,
+# so stopping the service stops both) terminates TLS there with the stack's certificate.
+start_kafka_tls() {
+    ensure_tansu
+    ensure_stunnel
+    make_certs
+    local conf="$STATE/kafka_tls.stunnel.conf"
+    cat >"$conf" <<EOF
+foreground = yes
+pid =
+debug = warning
+[kafka]
+accept = 127.0.0.1:$KAFKA_TLS_PORT
+connect = 127.0.0.1:$KAFKA_TLS_INNER_PORT
+cert = $STATE/tls/server.pem
+key = $STATE/tls/server.key
+EOF
+    # shellcheck disable=SC2016
+    spawn kafka_tls env -u CLUSTER_ID -u SCHEMA_REGISTRY -u OTEL_EXPORTER_OTLP_ENDPOINT \
+        bash -c '"$1" broker --listener-url "tcp://127.0.0.1:$2" --advertised-listener-url "tcp://127.0.0.1:$3" \
+                   --storage-engine memory://tansu/ & t=$!; stunnel4 "$4" & s=$!
+                 trap "kill $t $s 2>/dev/null" TERM INT EXIT; wait -n; exit 1' \
+        kafka_tls "$TANSU_BIN" "$KAFKA_TLS_INNER_PORT" "$KAFKA_TLS_PORT" "$conf"
+}
+
 start_s3() {
     ensure_venv
     mkdir -p "$STATE/s3"
@@ -518,6 +578,16 @@ pg_init() {  # pg_init NAME PRELOAD(0|1)
     as_pg "$PG_BIN/initdb" -D "$PGX_DATA" -U postgres -E UTF8 --locale=C \
         --auth-local=trust --auth-host=scram-sha-256 >>"$PGX_LOG" 2>&1 \
         || { tail -n 20 "$PGX_LOG" >&2; die "initdb failed"; }
+    # TLS with the stack's test CA: the server's own copy of the certificate and key.
+    make_certs
+    cp "$STATE/tls/server.pem" "$PGX_DATA/server.crt"
+    cp "$STATE/tls/server.key" "$PGX_DATA/server.key"
+    chmod 600 "$PGX_DATA/server.key"
+    if is_root; then chown postgres: "$PGX_DATA/server.crt" "$PGX_DATA/server.key"; fi
+    # First match wins: the TLS-only role is refused on plain connections, before the rest.
+    { echo "hostnossl all $PG_TLS_USER all reject"; cat "$PGX_DATA/pg_hba.conf"; } >"$PGX_DATA/pg_hba.conf.new"
+    mv "$PGX_DATA/pg_hba.conf.new" "$PGX_DATA/pg_hba.conf"
+    if is_root; then chown postgres: "$PGX_DATA/pg_hba.conf"; fi
     # Port and paths live in the config so start-service reuses them.
     cat >>"$PGX_DATA/postgresql.conf" <<EOF
 
@@ -531,6 +601,9 @@ max_connections = 200
 fsync = off
 synchronous_commit = off
 full_page_writes = off
+ssl = on
+ssl_cert_file = 'server.crt'
+ssl_key_file = 'server.key'
 EOF
     if [ "$preload" = 1 ]; then
         # One TimescaleDB scheduler per database with the extension (every test database):
@@ -551,6 +624,7 @@ pg_bootstrap() {  # pg_bootstrap NAME PRELOAD(0|1)
     [ -f "$PGX_DATA/.needs-bootstrap" ] || return 0
     local psql=(as_pg "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$PGX_SOCK" -p "$PGX_PORT" -U postgres -d postgres)
     "${psql[@]}" -c "CREATE ROLE $PG_USER LOGIN SUPERUSER PASSWORD '$PG_PASSWORD'" >&2
+    "${psql[@]}" -c "CREATE ROLE $PG_TLS_USER LOGIN SUPERUSER PASSWORD '$PG_TLS_PASSWORD'" >&2
     "${psql[@]}" -c "CREATE DATABASE $PG_DB OWNER $PG_USER" >&2
     if [ "$preload" = 1 ]; then
         # The extension loads and is created (then rolled back: migrate creates it per database).
@@ -637,6 +711,7 @@ install_tools() {
     ensure_venv
     ensure_prometheus
     ensure_systemd_analyze
+    ensure_stunnel
     ensure_tansu
 }
 
@@ -668,6 +743,7 @@ cmd_down() {
             for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do
                 [ "${SERVICES[i]}" = kafka_durable ] && [ -z "${KAFKA_DURABLE_PORT:-}" ] && continue
                 [ "${SERVICES[i]}" = postgres_plain ] && [ -z "${PG_PLAIN_PORT:-}" ] && continue
+                [ "${SERVICES[i]}" = kafka_tls ] && [ -z "${KAFKA_TLS_PORT:-}" ] && continue
                 stop_service "${SERVICES[i]}"
             done
             # Private /tmp folder used when postgres could not reach $STATE.
@@ -711,12 +787,18 @@ cmd_env() {
     local s
     for s in "${SERVICES[@]}"; do
         [ "$s" = postgres_plain ] && [ -z "${PG_PLAIN_PORT:-}" ] && continue
+        [ "$s" = kafka_tls ] && [ -z "${KAFKA_TLS_PORT:-}" ] && continue
         service_up "$s" || log "warning: $s is down (port $(service_port "$s") kept)"
     done
     local v plain=()
     # A stack from before postgres_plain has none to export.
     [ -n "${PG_PLAIN_PORT:-}" ] \
         && plain=("PRIMESPARK_STACK_PLAIN_POSTGRES_URL=postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PLAIN_PORT/$PG_DB")
+    # The TLS pieces: the test CA, the TLS-only Kafka listener, the role refused in plain text.
+    [ -n "${KAFKA_TLS_PORT:-}" ] && plain+=(
+        "PRIMESPARK_STACK_TLS_CA=$STATE/tls/ca.pem"
+        "PRIMESPARK_STACK_KAFKA_TLS_BROKERS=127.0.0.1:$KAFKA_TLS_PORT"
+        "PRIMESPARK_STACK_POSTGRES_TLS_ONLY_URL=postgres://$PG_TLS_USER:$PG_TLS_PASSWORD@localhost:$PG_PORT/$PG_DB")
     for v in \
         "PRIMESPARK_KAFKA__BROKERS=127.0.0.1:$KAFKA_PORT" \
         "PRIMESPARK_POSTGRES__URL=postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB" \

@@ -40,6 +40,14 @@ pub struct Stack {
     /// without the preload, so TimescaleDB is installed (when `timescaledb`) but not preloaded.
     /// Tests of the plain-PostgreSQL path run here. Empty when the stack predates it.
     pub plain_postgres_url: String,
+    /// The stack's test CA (PEM): it signed the certificates of `kafka_tls_brokers` and of
+    /// both PostgreSQL clusters (`localhost`, `127.0.0.1`).
+    pub tls_ca: String,
+    /// The Kafka listener that speaks TLS only (stunnel in front of a Tansu of its own).
+    pub kafka_tls_brokers: String,
+    /// The main PostgreSQL as a role refused on plain-text connections (`hostnossl ... reject`),
+    /// by host name `localhost`; no `sslmode` in it.
+    pub postgres_tls_only_url: String,
 }
 
 /// The repository root. Read at run time (cargo sets `CARGO_MANIFEST_DIR` for test runs):
@@ -108,6 +116,18 @@ pub fn stack() -> &'static Stack {
                 .is_some_and(|v| v == "1"),
             plain_postgres_url: vars
                 .get("PRIMESPARK_STACK_PLAIN_POSTGRES_URL")
+                .cloned()
+                .unwrap_or_default(),
+            tls_ca: vars
+                .get("PRIMESPARK_STACK_TLS_CA")
+                .cloned()
+                .unwrap_or_default(),
+            kafka_tls_brokers: vars
+                .get("PRIMESPARK_STACK_KAFKA_TLS_BROKERS")
+                .cloned()
+                .unwrap_or_default(),
+            postgres_tls_only_url: vars
+                .get("PRIMESPARK_STACK_POSTGRES_TLS_ONLY_URL")
                 .cloned()
                 .unwrap_or_default(),
         }

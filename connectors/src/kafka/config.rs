@@ -53,7 +53,7 @@ impl TopicsConfig {
 }
 
 /// `[kafka]`: the broker and topics.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers, comma-separated `host:port`. Default `127.0.0.1:9092`.
@@ -132,6 +132,50 @@ impl Default for KafkaConfig {
     }
 }
 
+/// Whether librdkafka property `key` holds a secret (passwords, private keys, OAuth
+/// secrets): shown as `***` wherever the configuration is printed.
+pub fn is_secret_property(key: &str) -> bool {
+    key.contains("password")
+        || key.contains("secret")
+        || key == "ssl.key.pem"
+        || key == "sasl.oauthbearer.config"
+}
+
+// Properties may hold `sasl.password` and private keys.
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_secret_property(k) {
+                    "***"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topics", &self.topics)
+            .field("start", &self.start)
+            .field("metadata_timeout_ms", &self.metadata_timeout_ms)
+            .field("properties", &properties)
+            .field("dead_letter_topics", &self.dead_letter_topics)
+            .field("consumer_group", &self.consumer_group)
+            .field(
+                "partition_discovery_interval",
+                &self.partition_discovery_interval,
+            )
+            .finish()
+    }
+}
+
+/// The SASL mechanisms this build of librdkafka speaks (SCRAM needs its OpenSSL, which the
+/// `ssl` feature brings; GSSAPI needs Kerberos through cyrus-sasl, which is left out).
+const SASL_MECHANISMS: [&str; 4] = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"];
+
 impl KafkaConfig {
     /// Pure validation.
     pub fn validate(&self) -> Result<(), InvalidConfig> {
@@ -194,6 +238,33 @@ impl KafkaConfig {
                 "must be positive",
             ));
         }
+        if let Some(protocol) = self.properties.get("security.protocol") {
+            let known = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
+            if !known.contains(&protocol.to_ascii_lowercase().as_str()) {
+                return Err(InvalidConfig::new(
+                    "kafka.properties.security.protocol",
+                    format!(
+                        "\"{protocol}\" is not one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL"
+                    ),
+                ));
+            }
+        }
+        for key in ["sasl.mechanism", "sasl.mechanisms"] {
+            let Some(mechanism) = self.properties.get(key) else {
+                continue;
+            };
+            if !SASL_MECHANISMS.contains(&mechanism.to_ascii_uppercase().as_str()) {
+                let why = if mechanism.eq_ignore_ascii_case("GSSAPI") {
+                    "GSSAPI (Kerberos) is not in this build; use SCRAM-SHA-512, SCRAM-SHA-256, PLAIN (over SSL) or OAUTHBEARER".to_owned()
+                } else {
+                    format!(
+                        "\"{mechanism}\" is not one of {}",
+                        SASL_MECHANISMS.join(", ")
+                    )
+                };
+                return Err(InvalidConfig::new(format!("kafka.properties.{key}"), why));
+            }
+        }
         for key in ["bootstrap.servers", "enable.auto.commit", "group.id"] {
             if self.properties.contains_key(key) {
                 return Err(InvalidConfig::new(
@@ -239,5 +310,73 @@ mod tests {
                 "{group:?}"
             );
         }
+    }
+
+    #[test]
+    fn secret_properties_never_print() {
+        let mut c = KafkaConfig::default();
+        c.properties.insert("sasl.username".into(), "reader".into());
+        c.properties
+            .insert("sasl.password".into(), "hunter2-kafka".into());
+        c.properties
+            .insert("ssl.key.password".into(), "hunter3-key".into());
+        let shown = format!("{c:?}");
+        assert!(shown.contains("reader") && shown.contains("***"), "{shown}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("hunter3"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn protocols_and_mechanisms_are_checked_by_name() {
+        let with = |k: &str, v: &str| {
+            let mut c = KafkaConfig::default();
+            c.properties.insert(k.into(), v.into());
+            c.validate()
+        };
+        assert!(with("security.protocol", "SASL_SSL").is_ok());
+        assert!(with("security.protocol", "ssl").is_ok());
+        let e = with("security.protocol", "TLS").unwrap_err();
+        assert_eq!(e.key, "kafka.properties.security.protocol");
+        for m in ["PLAIN", "SCRAM-SHA-256", "scram-sha-512", "OAUTHBEARER"] {
+            assert!(with("sasl.mechanism", m).is_ok(), "{m}");
+        }
+        let e = with("sasl.mechanisms", "GSSAPI").unwrap_err();
+        assert_eq!(e.key, "kafka.properties.sasl.mechanisms");
+        assert!(e.to_string().contains("Kerberos"), "{e}");
+    }
+
+    /// librdkafka refuses at creation what its build lacks ("libzstd not available at build
+    /// time", "No provider for SASL mechanism"): these clients are created, so the build has
+    /// SSL, SASL SCRAM and PLAIN, and zstd.
+    #[test]
+    fn the_build_speaks_sasl_ssl_and_zstd() {
+        use rdkafka::consumer::BaseConsumer;
+        use rdkafka::producer::BaseProducer;
+        for mechanism in ["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"] {
+            let mut c = KafkaConfig {
+                brokers: "127.0.0.1:1".into(),
+                ..KafkaConfig::default()
+            };
+            for (k, v) in [
+                ("security.protocol", "SASL_SSL"),
+                ("sasl.mechanism", mechanism),
+                ("sasl.username", "u"),
+                ("sasl.password", "p"),
+            ] {
+                c.properties.insert(k.into(), v.into());
+            }
+            c.validate().unwrap();
+            let consumer: Result<BaseConsumer, _> = super::super::client::base_config(&c)
+                .set("group.id", "g")
+                .create();
+            assert!(consumer.is_ok(), "{mechanism}: {:?}", consumer.err());
+        }
+        let producer: Result<BaseProducer, _> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("compression.type", "zstd")
+            .create();
+        assert!(producer.is_ok(), "{:?}", producer.err());
     }
 }

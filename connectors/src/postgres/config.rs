@@ -88,9 +88,8 @@ pub fn redact(url: &str) -> String {
 impl PostgresConfig {
     /// Pure validation: the URL parses, flush settings are sane.
     pub fn validate(&self) -> Result<(), InvalidConfig> {
-        self.url.parse::<tokio_postgres::Config>().map_err(|e| {
-            InvalidConfig::new("postgres.url", format!("not a PostgreSQL URL: {e}"))
-        })?;
+        super::tls::PgTarget::check(&self.url)
+            .map_err(|e| InvalidConfig::new("postgres.url", e.to_string()))?;
         if self.flush_rows == 0 {
             return Err(InvalidConfig::new(
                 "postgres.flush_rows",

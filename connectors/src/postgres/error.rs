@@ -50,6 +50,7 @@ impl Classify for PostgresError {
                 SqlClass::Data => ErrorClass::Quarantine(Vec::new()),
                 SqlClass::Setup => ErrorClass::Fatal(Domain::User),
             },
+            PostgresError::Settings(_) => ErrorClass::Fatal(Domain::User),
             // A stored row someone must fix or remove.
             PostgresError::InvalidRow(_) => ErrorClass::Fatal(Domain::User),
             PostgresError::Injected(_) => ErrorClass::Retry,

@@ -11,6 +11,7 @@ pub mod lease;
 mod raw_sink;
 pub mod retention;
 mod sink;
+pub mod tls;
 
 pub use aggregate_sink::{AggregateRowsSink, AGGREGATE_ROWS};
 pub use connection::{Connection, OffsetStore};

@@ -14,7 +14,7 @@ use primespark_schemas::rows::{
 };
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
-use tokio_postgres::{Client, NoTls, Transaction};
+use tokio_postgres::{Client, Transaction};
 
 use crate::metrics::{DeadLettersWritten, SinkRowsWritten};
 use crate::sink::fence::Fence;
@@ -23,8 +23,11 @@ use crate::sink::fence::Fence;
 #[derive(Debug, thiserror::Error)]
 pub enum PostgresError {
     /// Connecting failed (the service may be down: retry).
-    #[error("connecting to PostgreSQL: {0}")]
-    Connect(#[source] tokio_postgres::Error),
+    #[error("connecting to PostgreSQL: {}", super::tls::error_chain(.0))]
+    Connect(tokio_postgres::Error),
+    /// The connection string's TLS settings cannot work (a setting: stop).
+    #[error("postgres.url: {0}")]
+    Settings(#[source] super::tls::PgTlsError),
     /// A statement failed.
     #[error("{what}: {source}")]
     Statement {
@@ -79,15 +82,8 @@ pub enum Backend {
 
 /// Connects and drives the connection on the current tokio runtime.
 pub async fn connect(url: &str) -> Result<Client, PostgresError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(PostgresError::Connect)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "postgres connection closed");
-        }
-    });
-    Ok(client)
+    let target = super::tls::PgTarget::parse(url).map_err(PostgresError::Settings)?;
+    target.connect().await.map_err(PostgresError::Connect)
 }
 
 /// Applies pending migrations (idempotent; serialized across processes by an advisory lock) and,

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use primespark_connectors::postgres::{self, lease, Backend};
 use primespark_connectors::sink::fence::{fenced, Fence};
+use primespark_connectors::sink::{Classify, ErrorClass};
 use primespark_operators::inference::config::InferenceConfig;
 use primespark_operators::scoring::ModelTable;
 use primespark_operators::source::EventTimeSpec;
@@ -485,6 +486,8 @@ async fn connect_with_retry(
     loop {
         match postgres::connect(url).await {
             Ok(c) => return Ok(c),
+            // A wrong password, a refused role or unusable TLS settings do not heal by waiting.
+            Err(e) if matches!(e.class(), ErrorClass::Fatal(_)) => return Err(e),
             Err(e) if started.elapsed() < deadline => {
                 tracing::warn!(error = %e, "postgres not reachable yet, retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;

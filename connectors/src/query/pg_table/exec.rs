@@ -20,7 +20,7 @@ use datafusion::physical_plan::{
 };
 use futures::{Stream, StreamExt, TryStreamExt};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, RowStream};
+use tokio_postgres::RowStream;
 
 use super::pool::{PgPool, PooledClient};
 use super::rows::BatchBuilder;
@@ -282,8 +282,9 @@ impl Drop for RowScan {
         };
         let token = client.cancel_token();
         let table = self.spec.table.clone();
+        let tls = self.spec.pool.tls().clone();
         runtime.spawn(async move {
-            if let Err(e) = token.cancel_query(NoTls).await {
+            if let Err(e) = token.cancel_query(tls).await {
                 tracing::debug!(table, error = %e, "postgres cancel request failed");
             }
         });

@@ -9,7 +9,9 @@ use deadpool_postgres::{
     Hook, HookError, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod,
 };
 use tokio_postgres::config::Host;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
+
+use crate::postgres::tls::{PgTarget, PgTls};
 
 use super::types::quote_ident;
 use super::{pg_message, PgTableError};
@@ -27,6 +29,7 @@ use super::{pg_message, PgTableError};
 pub struct PgPool {
     pool: Pool,
     target: Arc<str>,
+    tls: PgTls,
 }
 
 // The config holds the password: show where we connect, never how.
@@ -35,26 +38,27 @@ impl fmt::Debug for PgPool {
         f.debug_struct("PgPool")
             .field("target", &self.target)
             .field("max_size", &self.pool.status().max_size)
+            .field("tls", &self.tls)
             .finish()
     }
 }
 
 impl PgPool {
-    /// A pool for a `postgres://user:password@host:port/db` URL. Pure: nothing connects until
-    /// the first query. `max_size` below 1 counts as 1.
+    /// A pool for a `postgres://user:password@host:port/db` URL (with libpq's `sslmode` and
+    /// `sslrootcert`, see [`crate::postgres::tls`]). Pure but for reading certificate files:
+    /// nothing connects until the first query. `max_size` below 1 counts as 1.
     pub fn new(url: &str, max_size: usize) -> Result<Self, PgTableError> {
-        let config = url
-            .parse::<tokio_postgres::Config>()
-            .map_err(|e| PgTableError::InvalidUrl(pg_message(&e)))?;
-        Ok(Self::from_config(config, max_size))
+        let target = PgTarget::parse(url).map_err(|e| PgTableError::InvalidUrl(e.to_string()))?;
+        Ok(Self::from_target(target, max_size))
     }
 
-    /// A pool for a parsed configuration. `max_size` below 1 counts as 1.
-    pub fn from_config(config: tokio_postgres::Config, max_size: usize) -> Self {
-        let target: Arc<str> = target_of(&config).into();
+    /// A pool for a parsed connection string. `max_size` below 1 counts as 1.
+    pub fn from_target(pg: PgTarget, max_size: usize) -> Self {
+        let target: Arc<str> = target_of(&pg.config).into();
+        let tls = pg.tls.clone();
         let manager = Manager::from_config(
-            config,
-            NoTls,
+            pg.config,
+            pg.tls,
             ManagerConfig {
                 // `is_closed` only: a connection comes back only after a finished query.
                 recycling_method: RecyclingMethod::Fast,
@@ -79,7 +83,12 @@ impl PgPool {
             .build()
             // Building fails only for wait/create/recycle timeouts without a runtime: none set.
             .expect("a pool without timeouts needs no runtime");
-        Self { pool, target }
+        Self { pool, target, tls }
+    }
+
+    /// The TLS connector of this database (cancel requests need one too).
+    pub(super) fn tls(&self) -> &PgTls {
+        &self.tls
     }
 
     /// `host:port/database` (for logs and errors; no credentials).
