@@ -57,6 +57,8 @@ struct Metrics {
     archive_bytes: Counter,
     tls_failures: Family<EndpointLabels, Counter>,
     wire_refused: Family<ReasonLabels, Counter>,
+    wire_violations: Family<ReasonLabels, Counter>,
+    wire_client_gone: Counter,
     http_refused: Family<ReasonLabels, Counter>,
     compacted_files: Family<TableLabels, Counter>,
     archive_tier_reads: Family<TierLabels, Counter>,
@@ -143,6 +145,8 @@ fn metrics() -> &'static Metrics {
         archive_bytes: Counter::default(),
         tls_failures: Family::default(),
         wire_refused: Family::default(),
+        wire_violations: Family::default(),
+        wire_client_gone: Counter::default(),
         http_refused: Family::default(),
         compacted_files: Family::default(),
         archive_tier_reads: Family::default(),
@@ -260,6 +264,16 @@ pub fn register(registry: &mut Registry) {
         "primespark_wire_logins_refused",
         "Wire-protocol connections refused before or during authentication, by reason (bad_password, tls_required, too_many_failures, too_many_connections)",
         m.wire_refused.clone(),
+    );
+    registry.register(
+        "primespark_wire_protocol_violations",
+        "Wire-protocol connections closed for a malformed or unexpected frontend message, by reason (length, truncated, trailing, value, unexpected_type)",
+        m.wire_violations.clone(),
+    );
+    registry.register(
+        "primespark_wire_statements_abandoned",
+        "Wire-protocol statements cancelled because their client hung up while they ran",
+        m.wire_client_gone.clone(),
     );
     registry.register(
         "primespark_http_refused",
@@ -840,6 +854,43 @@ impl WireLoginRefused<'_> {
                 reason: self.reason.to_owned(),
             })
             .inc();
+    }
+}
+
+/// A wire client sent a message no well-behaved client sends; its connection was closed.
+pub struct WireProtocolViolation<'a> {
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+    /// `length`, `truncated`, `trailing`, `value` or `unexpected_type`.
+    pub reason: &'static str,
+    /// What was wrong, in words.
+    pub detail: &'a str,
+}
+
+impl WireProtocolViolation<'_> {
+    /// A warning (at most one per connection: the connection ends) and a count.
+    pub fn emit(&self) {
+        tracing::warn!(endpoint = "pg", peer = %self.peer, reason = self.reason, detail = self.detail, "wire protocol violation: connection closed");
+        metrics()
+            .wire_violations
+            .get_or_create(&ReasonLabels {
+                reason: self.reason.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// A wire client hung up while its statement ran; the statement was cancelled.
+pub struct WireClientGone {
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+}
+
+impl WireClientGone {
+    /// A debug line (clients that give up are routine) and a count.
+    pub fn emit(&self) {
+        tracing::debug!(endpoint = "pg", peer = %self.peer, "wire client hung up during a statement: cancelled");
+        metrics().wire_client_gone.inc();
     }
 }
 

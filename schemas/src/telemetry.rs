@@ -9,7 +9,11 @@
 //! Every metric with a numeric value is a metric; `null` values are skipped (temperature is
 //! null on hosts without a sensor). Metrics named `*_percent` must lie in `0..=100`.
 
-use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{DecodeError, ErrorKind};
 use crate::json;
@@ -41,6 +45,61 @@ pub struct Metric {
     pub value: f64,
 }
 
+/// The fast path's shape: the three fields typed, borrowed where serde can.
+struct FastEvent<'a> {
+    device_id: Cow<'a, str>,
+    metrics: BTreeMap<Cow<'a, str>, Option<f64>>,
+    timestamp: serde_json::Value,
+}
+
+/// A string borrowed from the payload when it has no escapes.
+#[derive(Deserialize)]
+struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for FastEvent<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> Visitor<'de> for Fields {
+            type Value = FastEvent<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a telemetry object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let (mut device_id, mut metrics, mut timestamp) = (None, None, None);
+                while let Some(Borrowed(key)) = map.next_key()? {
+                    match key.as_ref() {
+                        "device_id" if device_id.is_none() => {
+                            device_id = Some(map.next_value::<Borrowed<'de>>()?.0);
+                        }
+                        "metrics" if metrics.is_none() => metrics = Some(map.next_value()?),
+                        "timestamp" if timestamp.is_none() => {
+                            timestamp = Some(map.next_value()?);
+                        }
+                        // A repeated field is left to the checked path (the last one wins).
+                        "device_id" | "metrics" | "timestamp" => {
+                            return Err(de::Error::custom("repeated field"));
+                        }
+                        // Unknown fields are parsed as strictly as the checked path parses
+                        // them (number range, escapes), not skipped: both paths accept the same
+                        // payloads.
+                        _ => {
+                            map.next_value::<serde_json::Value>()?;
+                        }
+                    }
+                }
+                Ok(FastEvent {
+                    device_id: device_id.ok_or_else(|| de::Error::missing_field("device_id"))?,
+                    metrics: metrics.ok_or_else(|| de::Error::missing_field("metrics"))?,
+                    timestamp: timestamp.ok_or_else(|| de::Error::missing_field("timestamp"))?,
+                })
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
+}
+
 impl TelemetryEvent {
     /// Decodes and validates one message.
     pub fn decode(payload: &[u8], limits: &DecodeLimits) -> Result<Self, DecodeError> {
@@ -53,18 +112,24 @@ impl TelemetryEvent {
         Self::decode_checked(payload, limits)
     }
 
+    /// Both decoding paths, for the differential fuzz target (`tests/fuzz`): the fast path's
+    /// answer must be `None` or equal the checked path's `Ok`.
+    #[cfg(feature = "fuzzing")]
+    #[doc(hidden)]
+    pub fn decode_both(
+        payload: &[u8],
+        limits: &DecodeLimits,
+    ) -> (Option<Self>, Result<Self, DecodeError>) {
+        (
+            Self::decode_fast(payload, limits),
+            Self::decode_checked(payload, limits),
+        )
+    }
+
     /// Straight into typed fields (borrowed strings, no intermediate `serde_json::Value` map):
     /// `Some` only for an event the checked path accepts, with the same result.
     fn decode_fast(payload: &[u8], limits: &DecodeLimits) -> Option<Self> {
-        #[derive(Deserialize)]
-        struct Fast<'a> {
-            #[serde(borrow)]
-            device_id: std::borrow::Cow<'a, str>,
-            #[serde(borrow)]
-            metrics: std::collections::BTreeMap<std::borrow::Cow<'a, str>, Option<f64>>,
-            timestamp: serde_json::Value,
-        }
-        let fast: Fast<'_> = serde_json::from_slice(payload).ok()?;
+        let fast: FastEvent<'_> = serde_json::from_slice(payload).ok()?;
         let device_id = json::ident_str(&fast.device_id, "device_id").ok()?;
         if fast.timestamp.is_null() || fast.metrics.len() > MAX_METRICS_PER_EVENT {
             return None;
@@ -175,6 +240,37 @@ mod tests {
 
     fn decode(s: &str) -> Result<TelemetryEvent, DecodeError> {
         TelemetryEvent::decode(s.as_bytes(), &DecodeLimits::default())
+    }
+
+    /// Found by the `event_decoders` fuzz target: the typed path skipped unknown fields
+    /// unchecked (invalid UTF-8, a number out of range) and accepted events that the checked
+    /// path refuses as not JSON.
+    #[test]
+    fn unknown_fields_are_checked_like_the_rest() {
+        let event = |note: &[u8]| {
+            let mut payload = br#"{"device_id": "pc-1", "note": "#.to_vec();
+            payload.extend_from_slice(note);
+            payload.extend_from_slice(
+                br#", "metrics": {"cpu_percent": 4.0}, "timestamp": "2025-11-05T14:03:07Z"}"#,
+            );
+            TelemetryEvent::decode(&payload, &DecodeLimits::default())
+        };
+        for bad in [
+            &b"\"ab\x9a\""[..],
+            b"1e328",
+            br#""\ud800""#,
+            br#"{"x": [1e400]}"#,
+        ] {
+            let error = event(bad).unwrap_err();
+            assert!(error.to_string().contains("not valid JSON"), "{error}");
+        }
+        for good in [
+            &b"\"ab\""[..],
+            b"1e300",
+            br#"{"x": [null, true, "\u00e9"]}"#,
+        ] {
+            assert!(event(good).is_ok(), "{}", String::from_utf8_lossy(good));
+        }
     }
 
     #[test]

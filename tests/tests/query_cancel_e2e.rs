@@ -1,24 +1,28 @@
 //! Queries that stop when they are told to: a runaway cross join over a running pipeline is
 //! answered 408 at `query.timeout`, and the pipeline's CPU drops back within a second, as it
-//! does when the client goes away before the timeout. A function asked for gigabytes
+//! does when the client goes away before the timeout: an HTTP client, and a wire-protocol
+//! client that hangs up while its statement runs. A function asked for gigabytes
 //! (`repeat('x', 2000000000)`) is refused before it allocates. Queries run on half the cores
 //! threads at nice 10, so ingestion keeps its share. Measured from outside, in the process's
 //! CPU time (`/proc/<pid>/stat`).
 //!
 //! On an earlier main the 408 came on time but the query kept a core busy until it finished
 //! (DataFusion's cross join never yields, so the aborted task was never stopped), and a client
-//! that disconnected left its query running to the end.
+//! that disconnected left its query running to the end (over the wire protocol, until
+//! `query.timeout`: pgwire reads nothing while a statement runs).
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use primespark_connectors::query::hash_password;
 use primespark_tests::{
-    connect, count, http_post, produce, stack, wait_until, Sections, TelemetryRun,
+    connect, count, free_port, http_post, produce, stack, wait_until, Sections, TelemetryRun,
 };
 use serde_json::json;
 
 const T0_MS: i64 = 1_762_351_200_000;
+const WIRE_PASSWORD: &str = "qc-wire-7f3a9d2e51";
 const RUNAWAY: &str = "SELECT count(*) FROM device_metrics a, device_metrics b, device_metrics c WHERE a.value + b.value + c.value >= 0";
 
 /// Seconds of CPU the process `pid` has used (user and system).
@@ -45,11 +49,17 @@ fn cores_used(pid: u32, window: Duration) -> Result<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_or_abandoned_query_stops_using_the_cpu() -> Result<()> {
     let stack = stack();
+    let pg_port = free_port();
+    let query = format!(
+        "timeout = \"4s\"\npg_addr = \"127.0.0.1:{pg_port}\"\n\
+         [[query.users]]\nname = \"analyst\"\nrole = \"reader\"\npassword_hash = \"{}\"",
+        hash_password(WIRE_PASSWORD)?
+    );
     let run = TelemetryRun::new(
         "querycancel",
         1,
         Sections {
-            query: "timeout = \"4s\"",
+            query: &query,
             extra: "[inference]\nenabled = false\n",
             ..Sections::default()
         },
@@ -117,6 +127,36 @@ async fn a_cancelled_or_abandoned_query_stops_using_the_cpu() -> Result<()> {
         "the query of a client that left kept running: {after_disconnect:.2} cores (idle {idle:.2})"
     );
 
+    // A wire client whose connection drops while its statement runs.
+    {
+        let (wire, connection) = tokio_postgres::connect(
+            &format!(
+                "host=127.0.0.1 port={pg_port} user=analyst password={WIRE_PASSWORD} dbname=primespark"
+            ),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .context("wire login")?;
+        let connection = tokio::spawn(connection);
+        let statement = tokio::spawn(async move { wire.simple_query(RUNAWAY).await.map(drop) });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let busy = cores_used(pid, Duration::from_millis(400))?;
+        ensure!(
+            busy > 0.5,
+            "the wire client's runaway query is not running ({busy:.2} cores): the test shows nothing"
+        );
+        // Dropping the connection's task closes its socket.
+        connection.abort();
+        statement.abort();
+        let _ = connection.await;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let after_hangup = cores_used(pid, Duration::from_secs(2))?;
+    ensure!(
+        after_hangup < 0.3,
+        "the statement of a wire client that hung up kept running: {after_hangup:.2} cores (idle {idle:.2})"
+    );
+
     // One that waits for the timeout.
     let started = Instant::now();
     let (status, text) = http_post(&run.http, "/v1/sql", &body)?;
@@ -125,7 +165,7 @@ async fn a_cancelled_or_abandoned_query_stops_using_the_cpu() -> Result<()> {
     std::thread::sleep(Duration::from_secs(1));
     let after_timeout = cores_used(pid, Duration::from_secs(2))?;
     eprintln!(
-        "cores used: idle {idle:.2}, 1-3 s after the client left {after_disconnect:.2}, 1-3 s after the 408 (at {:.1} s) {after_timeout:.2}",
+        "cores used: idle {idle:.2}, 1-3 s after the HTTP client left {after_disconnect:.2}, after the wire client hung up {after_hangup:.2}, 1-3 s after the 408 (at {:.1} s) {after_timeout:.2}",
         waited.as_secs_f64()
     );
     if after_timeout > 0.3 {

@@ -133,7 +133,9 @@ pub struct QueryConfig {
     /// query needing more fails with "resources exhausted". Default 512.
     #[serde(default = "default_memory_mb")]
     pub memory_limit_mb: usize,
-    /// Largest HTTP request body, in bytes; larger ones get 413. Default 65536.
+    /// Largest HTTP request body, in bytes; larger ones get 413. Also the largest message a
+    /// wire client may send once authenticated (a Query, Parse or Bind): larger ones end the
+    /// connection with `08P01`. Default 65536.
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
     /// Queries per second each key or user may run, sustained; more get HTTP 429 (wire:

@@ -143,6 +143,7 @@ fn start_query(
             require_tls: qc.require_tls(addr),
             max_connections: qc.max_connections,
             login_failures_per_minute: qc.login_failures_per_minute,
+            max_message_bytes: qc.max_body_bytes,
         };
         rt.spawn(async move {
             let served = query::pgwire::serve(pg_addr, backend, tls, options, raised(stop)).await;

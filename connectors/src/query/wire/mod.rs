@@ -46,6 +46,9 @@
 //! The files, one job each:
 //! - `backend.rs`: what the endpoint needs from the query service ([`SqlBackend`]);
 //! - `server.rs`: the accept loop, TLS and the pgwire handlers wired together;
+//! - `connection.rs`: one connection: TLS negotiation, the frame check, pgwire's message loop;
+//! - `frame.rs`: every frontend message framed and its fields bounds-checked before pgwire
+//!   decodes it (malformed ones end the connection with `08P01`);
 //! - `auth.rs`: the startup handshake: TLS requirement, SCRAM, the failed-login limit;
 //! - `credential.rs`: SCRAM verifiers in PostgreSQL's stored form;
 //! - `handler.rs`: the simple and extended query protocols;
@@ -56,8 +59,10 @@
 
 mod auth;
 mod backend;
+mod connection;
 mod credential;
 mod encode;
+mod frame;
 mod handler;
 mod lexer;
 mod numeric;
@@ -86,6 +91,9 @@ pub struct WireOptions {
     /// Failed logins a peer address may have per minute; beyond, it is refused before
     /// authentication until the budget refills.
     pub login_failures_per_minute: u32,
+    /// The largest message an authenticated client may send (before authentication, 10,000
+    /// bytes); a larger one ends the connection with `08P01` before its body is read.
+    pub max_message_bytes: usize,
 }
 
 impl Default for WireOptions {
@@ -94,6 +102,7 @@ impl Default for WireOptions {
             require_tls: false,
             max_connections: 100,
             login_failures_per_minute: 10,
+            max_message_bytes: 1 << 20,
         }
     }
 }

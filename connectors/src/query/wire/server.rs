@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use super::auth::Startup;
+use super::connection::serve_connection;
 use super::handler::{Parser, QueryHandler};
 use super::{SqlBackend, TlsAcceptor, WireOptions, DATE_STYLE, SERVER_VERSION, TIME_ZONE};
 use crate::metrics::WireLoginRefused;
@@ -111,9 +112,10 @@ pub async fn serve_listener(
                     tracing::debug!(%peer, "wire connection accepted");
                     let handlers = handlers.clone();
                     let tls = tls.clone();
+                    let max_message_bytes = options.max_message_bytes;
                     connections.spawn(async move {
                         let _slot = slot;
-                        match ::pgwire::tokio::process_socket(socket, tls, handlers).await {
+                        match serve_connection(socket, tls, handlers, max_message_bytes).await {
                             Ok(()) => tracing::debug!(%peer, "wire connection closed"),
                             Err(e) => tracing::debug!(%peer, error = %e, "wire connection ended with an error"),
                         }

@@ -27,6 +27,7 @@ use super::numeric::numeric_from_binary;
 use super::*;
 
 mod binding;
+mod framing;
 mod psql;
 
 const USER: &str = "alice";
@@ -83,6 +84,7 @@ impl SqlBackend for Fake {
             .push((sql.to_owned(), params.clone()));
         forbidden(sql)?;
         if sql.contains("pg_sleep") {
+            let _running = sql.contains("hangup").then(Sleeping::enter);
             tokio::time::sleep(Duration::from_secs(60)).await;
         }
         // Planned with its placeholders, the values bound into the plan.
@@ -818,6 +820,66 @@ async fn cancel_request_stops_the_statement() {
     assert_eq!(e.code(), Some(&SqlState::QUERY_CANCELED), "{e}");
     canceller.await.unwrap().unwrap();
     client.simple_query("SELECT 1").await.unwrap();
+}
+
+/// How many `pg_sleep ... hangup` statements are executing now.
+static SLEEPING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+struct Sleeping;
+
+impl Sleeping {
+    fn enter() -> Self {
+        SLEEPING.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self
+    }
+}
+
+impl Drop for Sleeping {
+    fn drop(&mut self) {
+        SLEEPING.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A client that hangs up while its statement runs: the statement is dropped (cancelled)
+/// within moments, not left to run to its end; the endpoint serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_is_cancelled_when_its_client_hangs_up() {
+    use std::sync::atomic::Ordering;
+    let (port, _stop) = start(true).await;
+    let (client, connection) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user={USER} password={PASSWORD} dbname=primespark"),
+        NoTls,
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    let statement = tokio::spawn(async move {
+        client
+            .simple_query("SELECT 1 AS pg_sleep_hangup")
+            .await
+            .map(drop)
+    });
+    let started = tokio::time::timeout(Duration::from_secs(10), async {
+        while SLEEPING.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(started.is_ok(), "the statement never started");
+    connection.abort();
+    statement.abort();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), async {
+        while SLEEPING.load(Ordering::SeqCst) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        stopped.is_ok(),
+        "the statement of a client that hung up is still running"
+    );
+    let other = connect(port, PASSWORD).await.unwrap();
+    other.simple_query("SELECT 1").await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
