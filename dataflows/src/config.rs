@@ -10,6 +10,7 @@ use primespark_connectors::nas::NasConfig;
 use primespark_connectors::postgres::PostgresConfig;
 use primespark_connectors::query::QueryConfig;
 use primespark_connectors::s3::{S3Config, TierConfig};
+use primespark_connectors::sink::registry::Route;
 use primespark_connectors::InvalidConfig;
 use primespark_operators::decode::StreamKind;
 use primespark_schemas::time::NaiveZone;
@@ -269,6 +270,135 @@ impl DataflowsConfig {
     }
 }
 
+/// `[routes]`: which of the enabled sinks get each stream's rows. A stream not listed, or a
+/// list left out, gets every enabled sink (the default of earlier releases):
+///
+/// ```toml
+/// [routes.telemetry]
+/// raw = ["parquet"]                    # raw rows to the archive only
+/// aggregates = ["postgres", "parquet"]
+/// ```
+///
+/// `postgres` is PostgreSQL's raw or aggregate tables; `parquet` the archive (the NAS, or the
+/// bucket with `s3.direct`; files tier to `[s3]` either way). SQL's unified tables then answer
+/// the stream's raw rows from the archive alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesConfig {
+    /// `edge.telemetry` (raw: `device_metrics` and `anomaly_scores`).
+    #[serde(default)]
+    pub telemetry: StreamRoutes,
+    /// `edge.ai.inference` (raw: `ai_inference_results`).
+    #[serde(default)]
+    pub inference: StreamRoutes,
+    /// `analytics.events` (raw: `analytics_events`).
+    #[serde(default)]
+    pub analytics: StreamRoutes,
+}
+
+/// One stream's `[routes.<stream>]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StreamRoutes {
+    /// Sinks of its raw rows. Default: every enabled sink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<Vec<RouteSink>>,
+    /// Sinks of its window rows. Default: every enabled sink.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aggregates: Option<Vec<RouteSink>>,
+}
+
+/// A sink a route can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteSink {
+    /// PostgreSQL (`[postgres]`).
+    Postgres,
+    /// The Parquet archive (`[nas]`, and `[s3]` behind it).
+    Parquet,
+}
+
+impl RouteSink {
+    fn key(self) -> &'static str {
+        match self {
+            RouteSink::Postgres => "postgres",
+            RouteSink::Parquet => "parquet",
+        }
+    }
+}
+
+impl RoutesConfig {
+    fn streams(&self) -> [(StreamKind, &'static str, &StreamRoutes); 3] {
+        [
+            (StreamKind::Telemetry, "telemetry", &self.telemetry),
+            (StreamKind::Inference, "inference", &self.inference),
+            (StreamKind::Analytics, "analytics", &self.analytics),
+        ]
+    }
+
+    /// Checks every list: known sinks, each once, each enabled, and something stored.
+    fn validate(&self, postgres: bool, nas: bool) -> Result<(), InvalidConfig> {
+        for (_, name, routes) in self.streams() {
+            for (field, list) in [("raw", &routes.raw), ("aggregates", &routes.aggregates)] {
+                let Some(list) = list else { continue };
+                let key = format!("routes.{name}.{field}");
+                for (i, sink) in list.iter().enumerate() {
+                    if list[..i].contains(sink) {
+                        return Err(InvalidConfig::new(
+                            key,
+                            format!("names {} twice", sink.key()),
+                        ));
+                    }
+                    let (enabled, section) = match sink {
+                        RouteSink::Postgres => (postgres, "postgres.enabled"),
+                        RouteSink::Parquet => (nas, "nas.enabled"),
+                    };
+                    if !enabled {
+                        return Err(InvalidConfig::new(
+                            key,
+                            format!(
+                                "names {}, but {section} = false; enable it or leave it out",
+                                sink.key()
+                            ),
+                        ));
+                    }
+                }
+            }
+            if routes.raw.as_ref().is_some_and(Vec::is_empty)
+                && routes.aggregates.as_ref().is_some_and(Vec::is_empty)
+            {
+                return Err(InvalidConfig::new(
+                    format!("routes.{name}"),
+                    format!(
+                        "stores nothing of the stream; to stop it, set dataflows.{name} = false"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The sinks' view: a route per stream that skips an enabled sink.
+    pub fn resolved(&self, postgres: bool, nas: bool) -> Vec<(StreamKind, Route)> {
+        let has = |list: &Option<Vec<RouteSink>>, sink: RouteSink, enabled: bool| {
+            enabled && list.as_ref().is_none_or(|l| l.contains(&sink))
+        };
+        self.streams()
+            .into_iter()
+            .map(|(kind, _, r)| {
+                let route = Route {
+                    raw_postgres: has(&r.raw, RouteSink::Postgres, postgres),
+                    raw_archive: has(&r.raw, RouteSink::Parquet, nas),
+                    aggregates_postgres: has(&r.aggregates, RouteSink::Postgres, postgres),
+                    aggregates_archive: has(&r.aggregates, RouteSink::Parquet, nas),
+                };
+                (kind, route)
+            })
+            .filter(|(_, route)| *route != Route::default())
+            .collect()
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -294,6 +424,9 @@ pub struct Config {
     /// Which streams run.
     #[serde(default)]
     pub dataflows: DataflowsConfig,
+    /// Which sinks get each stream's rows.
+    #[serde(default)]
+    pub routes: RoutesConfig,
     /// S3-compatible object storage: the cold tier of the Parquet archive.
     #[serde(default)]
     pub s3: S3Config,
@@ -492,6 +625,8 @@ impl Config {
                 "every stream is disabled; enable telemetry, inference or analytics",
             ));
         }
+        self.routes
+            .validate(self.postgres.enabled, self.nas.enabled)?;
         if !self.postgres.enabled && !self.nas.enabled {
             return Err(InvalidConfig::new(
                 "nas.enabled",
@@ -581,8 +716,13 @@ fn is_string_key(path: &[String]) -> bool {
 fn parse_env_value(raw: &str) -> toml::Value {
     match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
         Ok(mut t) => match t.remove("v") {
+            // Arrays too (`PRIMESPARK_ROUTES__TELEMETRY__RAW='["parquet"]'`); a string in one
+            // is quoted, so no plain text reads as an array by accident.
             Some(
-                v @ (toml::Value::Integer(_) | toml::Value::Float(_) | toml::Value::Boolean(_)),
+                v @ (toml::Value::Integer(_)
+                | toml::Value::Float(_)
+                | toml::Value::Boolean(_)
+                | toml::Value::Array(_)),
             ) => v,
             _ => toml::Value::String(raw.to_owned()),
         },
@@ -717,6 +857,78 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.runtime.cluster_addresses().unwrap()[2], "pi-3:2101");
+    }
+
+    #[test]
+    fn routes_default_to_every_enabled_sink_and_are_checked() {
+        let plain = Config::from_toml("", "t", []).unwrap();
+        assert!(plain.routes.resolved(true, true).is_empty());
+        let c = Config::from_toml(
+            "[routes.telemetry]\nraw = [\"parquet\"]\n[routes.analytics]\naggregates = [\"postgres\"]",
+            "t",
+            [],
+        )
+        .unwrap();
+        let routes = c.routes.resolved(true, true);
+        let of = |kind| routes.iter().find(|(k, _)| *k == kind).map(|(_, r)| *r);
+        let telemetry = of(StreamKind::Telemetry).unwrap();
+        assert!(!telemetry.raw_postgres && telemetry.raw_archive);
+        assert!(telemetry.aggregates_postgres && telemetry.aggregates_archive);
+        assert_eq!(
+            telemetry.archive_only_tables(StreamKind::Telemetry.def()),
+            ["device_metrics", "anomaly_scores"]
+        );
+        let analytics = of(StreamKind::Analytics).unwrap();
+        assert!(analytics.raw_postgres && !analytics.aggregates_archive);
+        assert!(analytics
+            .archive_only_tables(StreamKind::Analytics.def())
+            .is_empty());
+        assert_eq!(of(StreamKind::Inference), None);
+        // From the environment too.
+        let c = Config::from_toml(
+            "",
+            "t",
+            [(
+                "PRIMESPARK_ROUTES__INFERENCE__RAW".to_owned(),
+                "[\"parquet\"]".to_owned(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(c.routes.inference.raw, Some(vec![RouteSink::Parquet]));
+
+        for (toml, key, says) in [
+            (
+                "[routes.telemetry]\nraw = [\"kafka\"]",
+                "raw",
+                "unknown variant",
+            ),
+            (
+                "[routes.telemetry]\nraw = [\"parquet\", \"parquet\"]",
+                "routes.telemetry.raw",
+                "twice",
+            ),
+            (
+                "[postgres]\nenabled = false\n[routes.inference]\naggregates = [\"postgres\"]",
+                "routes.inference.aggregates",
+                "postgres.enabled = false",
+            ),
+            (
+                "[nas]\nenabled = false\n[routes.analytics]\nraw = [\"parquet\"]",
+                "routes.analytics.raw",
+                "nas.enabled = false",
+            ),
+            (
+                "[routes.telemetry]\nraw = []\naggregates = []",
+                "routes.telemetry",
+                "dataflows.telemetry = false",
+            ),
+            ("[routes.telemetry]\nsinks = []", "sinks", "unknown field"),
+        ] {
+            let e = Config::from_toml(toml, "f.toml", [])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key) && e.contains(says), "{toml}: {e}");
+        }
     }
 
     #[test]

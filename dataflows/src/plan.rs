@@ -64,6 +64,9 @@ impl Plan {
             tier_after: config.tier.after,
             kafka: config.kafka.clone(),
             allowed_lateness_us: micros(config.windows.allowed_lateness),
+            routes: config
+                .routes
+                .resolved(config.postgres.enabled, config.nas.enabled),
         };
         let streams = config
             .dataflows

@@ -54,6 +54,7 @@ async fn settings(name: &str, nas: &Path) -> Result<SinkSettings> {
             ..KafkaConfig::default()
         },
         allowed_lateness_us: 0,
+        routes: Vec::new(),
     })
 }
 

@@ -28,10 +28,15 @@ use crate::sink::{BoxAggSink, Classify, Domain, Flush, Sink, SinkError, Target};
 /// Its name in logs.
 pub const NAME: &str = "aggregate_files";
 
-/// The registry entry: wanted whenever the NAS is (and not for a backfill).
+/// The registry entry: wanted whenever the NAS is (not for a backfill, nor for a stream whose
+/// route keeps its aggregates out of the archive).
 pub const AGGREGATE_FILES: AggSinkKind = AggSinkKind {
     name: NAME,
-    wanted: |settings, scope| settings.nas.is_some() && !scope.backfill,
+    wanted: |settings, scope| {
+        settings.nas.is_some()
+            && !scope.backfill
+            && settings.route(scope.stream.kind).aggregates_archive
+    },
     build: |settings, ctx| async move { build(settings, ctx) }.boxed(),
 };
 

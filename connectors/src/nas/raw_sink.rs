@@ -30,10 +30,16 @@ use crate::sink::{
 /// Its name in `source_offsets`: the raw archive's position, wherever its rolls end up.
 pub const NAME: &str = "parquet_raw";
 
-/// The registry entry: the NAS archive, unless rolls go straight to the bucket.
+/// The registry entry: the NAS archive, unless rolls go straight to the bucket or the stream's
+/// route keeps its raw rows out of the archive.
 pub const RAW_ROLLS: RawSinkKind = RawSinkKind {
     name: NAME,
-    wanted: |settings, scope| settings.nas.is_some() && !settings.direct() && !scope.backfill,
+    wanted: |settings, scope| {
+        settings.nas.is_some()
+            && !settings.direct()
+            && !scope.backfill
+            && settings.route(scope.stream.kind).raw_archive
+    },
     build: |settings, ctx, id| async move { build_rolls(settings, ctx, id, OnTheNas) }.boxed(),
 };
 

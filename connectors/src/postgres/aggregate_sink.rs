@@ -18,10 +18,13 @@ use crate::sink::{BoxAggSink, Classify, Domain, ErrorClass, Flush, Sink, SinkErr
 /// Its name in `source_offsets`.
 pub const NAME: &str = "aggregates";
 
-/// The registry entry: wanted whenever PostgreSQL is enabled.
+/// The registry entry: wanted whenever PostgreSQL is enabled, unless the stream's route keeps
+/// its aggregates out of it.
 pub const AGGREGATE_ROWS: AggSinkKind = AggSinkKind {
     name: NAME,
-    wanted: |settings, _| settings.postgres.is_some(),
+    wanted: |settings, scope| {
+        settings.postgres.is_some() && settings.route(scope.stream.kind).aggregates_postgres
+    },
     build: |settings, ctx| async move { build(settings, ctx) }.boxed(),
 };
 

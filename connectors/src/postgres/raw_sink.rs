@@ -19,7 +19,9 @@ use crate::sink::{BoxRawSink, Classify, Flush, Refused, Sink, SinkError, Target}
 /// Its name in `source_offsets`.
 pub const NAME: &str = "postgres_raw";
 
-/// The registry entry: wanted whenever PostgreSQL is enabled.
+/// The registry entry: wanted whenever PostgreSQL is enabled. A stream whose route keeps its
+/// raw rows out of PostgreSQL still gets it, for its positions, dead letters, late events and
+/// anomalies.
 pub const RAW_ROWS: RawSinkKind = RawSinkKind {
     name: NAME,
     wanted: |settings, _| settings.postgres.is_some(),
@@ -48,6 +50,7 @@ fn build(
             .map(|o| (o.partition, o))
             .collect(),
         backfill: ctx.backfill.is_some(),
+        rows: settings.route(ctx.stream.kind).raw_postgres,
         fence: ctx.fence.clone(),
         committed: ctx
             .stored
@@ -67,6 +70,9 @@ pub struct RawRowsSink {
     resume: HashMap<i32, PartitionOffset>,
     /// A backfill stores no positions: they belong to the streaming run.
     backfill: bool,
+    /// Whether the stream's raw rows go to PostgreSQL (its route); without them only the
+    /// anomalies among its scores do.
+    rows: bool,
     /// The writer lease every transaction checks.
     fence: Fence,
     /// Per partition, the first offset not yet committed (stored, then each write's).
@@ -84,7 +90,11 @@ struct Share {
 impl RawRowsSink {
     /// The rows, letters, late events and offsets of `batch` this sink stores.
     fn share(&self, batch: &RawBatch) -> Share {
-        let rows = batch.rows_for(self.id).map(|p| p.row.clone()).collect();
+        let rows = batch
+            .rows_for(self.id)
+            .filter(|p| self.rows || matches!(&p.row, RawRow::Score(s) if s.is_anomaly()))
+            .map(|p| p.row.clone())
+            .collect();
         let letters = batch.letters_for(self.id).cloned().collect();
         // One late_events row per late record (a telemetry record is several points).
         let mut late: Vec<LateEventRow> = Vec::new();

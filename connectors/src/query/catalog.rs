@@ -62,10 +62,15 @@ fn df(e: impl Into<DataFusionError>) -> QueryError {
 /// table's retention horizon when `retention` is on: rows older than that may be gone from
 /// PostgreSQL (retention deleted them) and are read from the archive, so one late row dated
 /// weeks back cannot pull the boundary below rows PostgreSQL no longer has.
+///
+/// The tables in `archive_only` are ones the pipeline's routes ([`crate::sink::registry::Route`])
+/// no longer write to PostgreSQL: their unified table reads the archive alone, whatever rows
+/// PostgreSQL kept from before (the archive has those too).
 pub async fn attach_postgres(
     ctx: &SessionContext,
     url: &str,
     retention: Option<&crate::postgres::RetentionConfig>,
+    archive_only: &[&str],
 ) -> Result<(), QueryError> {
     let horizons: std::collections::HashMap<&'static str, std::time::Duration> = retention
         .filter(|r| r.enabled)
@@ -107,7 +112,11 @@ pub async fn attach_postgres(
         };
         let (boundary_pool, table, column) = (pool.clone(), (*name).to_owned(), (*time).to_owned());
         let keep = horizons.get(name).copied();
+        let from_archive = archive_only.contains(name);
         let boundary: Boundary = Arc::new(move || {
+            if from_archive {
+                return Box::pin(async { Ok(None) });
+            }
             let (pool, table, column) = (boundary_pool.clone(), table.clone(), column.clone());
             Box::pin(async move {
                 let oldest = pool

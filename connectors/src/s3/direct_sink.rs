@@ -17,10 +17,13 @@ use crate::nas::{build_rolls, extend_end, parse_roll_range, ParquetArchive, Publ
 use crate::sink::registry::RawSinkKind;
 use crate::sink::{Classify, Domain, ErrorClass, Healthcheck, SinkError};
 
-/// The registry entry: the raw archive, when `s3.direct` sends it to the bucket.
+/// The registry entry: the raw archive, when `s3.direct` sends it to the bucket (and the
+/// stream's route sends raw rows to the archive).
 pub const DIRECT_ROLLS: RawSinkKind = RawSinkKind {
     name: crate::nas::RAW_ROLLS.name,
-    wanted: |settings, scope| settings.direct() && !scope.backfill,
+    wanted: |settings, scope| {
+        settings.direct() && !scope.backfill && settings.route(scope.stream.kind).raw_archive
+    },
     build: |settings, ctx, id| {
         async move {
             let (Some(s3), Some(nas)) = (&settings.s3, &settings.nas) else {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use primespark_schemas::streams::StreamDef;
+use primespark_schemas::streams::{StreamDef, StreamKind};
 
 use super::{BoxAggSink, BoxRawSink, Domain, Healthcheck, SinkError, SinkId};
 use crate::kafka::KafkaConfig;
@@ -29,9 +29,68 @@ pub struct SinkSettings {
     pub kafka: KafkaConfig,
     /// `windows.allowed_lateness`, microseconds: how long aggregate buckets stay rewritable.
     pub allowed_lateness_us: i64,
+    /// `[routes]`: streams whose rows skip an enabled sink (the others get every one).
+    pub routes: Vec<(StreamKind, Route)>,
+}
+
+/// Which of the enabled sinks get one stream's rows (`[routes.<stream>]`); everything by
+/// default. Dead letters, late events, anomalies and the stream's positions go to PostgreSQL
+/// whenever it is enabled, whatever the route: they are the pipeline's own record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// Raw rows (and anomaly scores) into PostgreSQL's raw tables.
+    pub raw_postgres: bool,
+    /// Raw rows into the Parquet archive (the NAS, or the bucket in direct mode).
+    pub raw_archive: bool,
+    /// Window rows into PostgreSQL's aggregate tables (which also hold the windows' position).
+    pub aggregates_postgres: bool,
+    /// Window rows into the archive's aggregate files.
+    pub aggregates_archive: bool,
+}
+
+impl Route {
+    /// The PostgreSQL tables of `stream` this route leaves empty while the archive holds their
+    /// rows (a route of enabled sinks, as [`SinkSettings::route`] gives): SQL reads these from
+    /// the archive alone.
+    pub fn archive_only_tables(&self, stream: &StreamDef) -> Vec<&'static str> {
+        let mut tables = Vec::new();
+        if !self.raw_postgres && self.raw_archive {
+            tables.extend(
+                stream
+                    .raw_tables
+                    .iter()
+                    .filter(|t| t.archive.is_some())
+                    .map(|t| t.name),
+            );
+        }
+        if !self.aggregates_postgres && self.aggregates_archive {
+            tables.extend(stream.aggregate_tables().map(|(_, table)| table));
+        }
+        tables
+    }
+}
+
+impl Default for Route {
+    fn default() -> Self {
+        Self {
+            raw_postgres: true,
+            raw_archive: true,
+            aggregates_postgres: true,
+            aggregates_archive: true,
+        }
+    }
 }
 
 impl SinkSettings {
+    /// The route of `stream`.
+    pub fn route(&self, stream: StreamKind) -> Route {
+        self.routes
+            .iter()
+            .find(|(kind, _)| *kind == stream)
+            .map(|(_, route)| *route)
+            .unwrap_or_default()
+    }
+
     /// Whether the raw archive goes straight to the bucket (`s3.direct`).
     pub fn direct(&self) -> bool {
         self.nas.is_some() && self.s3.as_ref().is_some_and(|s| s.direct)
@@ -177,7 +236,8 @@ pub async fn aggregate_sinks(
 }
 
 /// What earlier runs of `stream` reading `topic` stored (positions, committed watermark) and,
-/// for streams with a lifecycle join, the join's state; nothing without PostgreSQL.
+/// for streams with a lifecycle join, the join's state; nothing without PostgreSQL, and no
+/// windows' state when the stream's aggregates are routed away from it.
 pub async fn stored_state(
     settings: &SinkSettings,
     stream: &StreamDef,
@@ -196,5 +256,12 @@ pub async fn stored_state(
         };
         Ok::<_, crate::postgres::PostgresError>((state, tasks))
     };
-    load.await.map_err(super::Classify::into_sink_error)
+    let (mut state, mut tasks) = load.await.map_err(super::Classify::into_sink_error)?;
+    if !settings.route(stream.kind).aggregates_postgres {
+        // The windows' state is the aggregate sink's: one an earlier route left behind would
+        // be stale by the first window this run writes elsewhere.
+        state.committed_watermark_us = None;
+        tasks.clear();
+    }
+    Ok((state, tasks))
 }

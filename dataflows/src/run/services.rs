@@ -113,10 +113,16 @@ fn start_query(
     query::cap_functions(&ctx, qc.max_value_bytes);
     if config.postgres.enabled {
         // Hot rows from PostgreSQL, older ones from the archive, under the same names.
+        let routes = config.routes.resolved(true, config.nas.enabled);
+        let archive_only: Vec<&str> = routes
+            .iter()
+            .flat_map(|(kind, route)| route.archive_only_tables(kind.def()))
+            .collect();
         rt.block_on(query::catalog::attach_postgres(
             &ctx,
             &config.postgres.config.url,
             Some(&config.postgres.config.retention),
+            &archive_only,
         ))?;
     }
     rt.block_on(query::catalog::register_seed_views(&ctx))?;
