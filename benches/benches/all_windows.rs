@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use primespark_benches::peak_rss_mb;
 use primespark_operators::decode::{DecodeRecord, StreamKind};
 use primespark_operators::record::{SinkId, SinkSet, SourceRecord};
 use primespark_operators::routing::{InferenceWindowSpec, InferenceWindows};
@@ -81,18 +82,6 @@ fn payloads() -> Vec<(StreamKind, Vec<u8>)> {
         .collect()
 }
 
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 fn main() {
     let data = Arc::new(payloads());
     let bytes: usize = data.iter().map(|(_, p)| p.len()).sum();
@@ -107,7 +96,7 @@ fn main() {
     let baseline = started.elapsed();
     assert!(fields > 0);
 
-    let rss_before = peak_rss_mb();
+    let rss_before = peak_rss_mb("self");
     let rows = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     {
@@ -280,7 +269,7 @@ fn main() {
     let _ = writeln!(
         out,
         "  peak resident memory: {:.0} MB (input held in memory: {:.0} MB before the dataflow ran)",
-        peak_rss_mb(),
+        peak_rss_mb("self"),
         rss_before
     );
 }

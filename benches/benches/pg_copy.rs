@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use primespark_benches::{telemetry_rows, METRICS};
+use primespark_benches::{psql_path, telemetry_rows, with_dbname, METRICS};
 use primespark_connectors::postgres::{self, Backend};
 use primespark_schemas::rows::{PartitionOffset, RawRow};
 use tokio::runtime::Runtime;
@@ -61,32 +61,6 @@ fn write_csv(rows: &[RawRow], path: &Path) -> Result<u64, BoxError> {
     }
     out.flush()?;
     Ok(std::fs::metadata(path)?.len())
-}
-
-/// `url` pointing at database `db` (URL or `key=value` connection string).
-fn with_dbname(url: &str, db: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return format!("{url} dbname={db}");
-    };
-    let rest = &url[scheme_end + 3..];
-    let query = rest.find('?').map_or("", |q| &rest[q..]);
-    let authority = rest[..rest.len() - query.len()]
-        .split('/')
-        .next()
-        .unwrap_or_default();
-    format!("{}{authority}/{db}{query}", &url[..scheme_end + 3])
-}
-
-fn psql_path() -> String {
-    if let Ok(p) = std::env::var("PRIMESPARK_STACK_PSQL") {
-        return p;
-    }
-    let debian = "/usr/lib/postgresql/15/bin/psql";
-    if Path::new(debian).exists() {
-        debian.to_owned()
-    } else {
-        "psql".to_owned()
-    }
 }
 
 /// What a run left in `device_metrics`: row count, first and last time, exact sum of values.

@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use primespark_benches::{peak_rss_mb, psql_path, with_dbname};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -257,20 +258,6 @@ fn raw_consume(brokers: &str, topic: &str, total: i64) -> Result<Duration, BoxEr
     Ok(started.elapsed())
 }
 
-/// `url` pointing at database `db`.
-fn with_dbname(url: &str, db: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return format!("{url} dbname={db}");
-    };
-    let rest = &url[scheme_end + 3..];
-    let query = rest.find('?').map_or("", |q| &rest[q..]);
-    let authority = rest[..rest.len() - query.len()]
-        .split('/')
-        .next()
-        .unwrap_or_default();
-    format!("{}{authority}/{db}{query}", &url[..scheme_end + 3])
-}
-
 async fn fresh_database(url: &str, db: &str) -> Result<String, BoxError> {
     let admin = primespark_connectors::postgres::connect(url).await?;
     admin
@@ -303,19 +290,6 @@ async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
         .ok()
         .and_then(|r| r.try_get::<_, i64>(0).ok())
         .unwrap_or(0)
-}
-
-/// The peak resident set of `pid` so far, in MB.
-fn peak_rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
 fn free_port() -> Result<u16, BoxError> {
@@ -409,7 +383,7 @@ fn run_profile(
         .stderr(log)
         .spawn()?;
     let mut child = Guard(child);
-    let pid = child.0.id();
+    let pid = child.0.id().to_string();
     let client = rt.block_on(async {
         loop {
             if let Ok(c) = primespark_connectors::postgres::connect(&url).await {
@@ -438,7 +412,7 @@ fn run_profile(
                 format!("{}: the pipeline exited ({status}):\n{text}", profile.name).into(),
             );
         }
-        peak = peak.max(peak_rss_mb(pid));
+        peak = peak.max(peak_rss_mb(&pid));
         let (windows, positions) = rt.block_on(async {
             (
                 count(&client, "SELECT count(*) FROM device_metrics_1m").await,
@@ -460,7 +434,7 @@ fn run_profile(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    peak = peak.max(peak_rss_mb(pid));
+    peak = peak.max(peak_rss_mb(&pid));
     drop(child);
     drop(client);
     drop_database(rt, work.pg_url, &db);
@@ -479,18 +453,6 @@ impl Drop for Guard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-    }
-}
-
-fn psql_path() -> String {
-    if let Ok(p) = std::env::var("PRIMESPARK_STACK_PSQL") {
-        return p;
-    }
-    let debian = "/usr/lib/postgresql/15/bin/psql";
-    if Path::new(debian).exists() {
-        debian.to_owned()
-    } else {
-        "psql".to_owned()
     }
 }
 

@@ -34,3 +34,44 @@ pub fn telemetry_rows(rows: usize, devices: usize) -> Vec<RawRow> {
         })
         .collect()
 }
+
+/// `url` pointing at database `db` (URL or `key=value` connection string).
+pub fn with_dbname(url: &str, db: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return format!("{url} dbname={db}");
+    };
+    let rest = &url[scheme_end + 3..];
+    let query = rest.find('?').map_or("", |q| &rest[q..]);
+    let authority = rest[..rest.len() - query.len()]
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    format!("{}{authority}/{db}{query}", &url[..scheme_end + 3])
+}
+
+/// The `psql` to compare with: `PRIMESPARK_STACK_PSQL`, Debian's PostgreSQL 15, or the PATH's.
+pub fn psql_path() -> String {
+    if let Ok(p) = std::env::var("PRIMESPARK_STACK_PSQL") {
+        return p;
+    }
+    let debian = "/usr/lib/postgresql/15/bin/psql";
+    if std::path::Path::new(debian).exists() {
+        debian.to_owned()
+    } else {
+        "psql".to_owned()
+    }
+}
+
+/// The peak resident set (`VmHWM`) of process `pid` (`"self"` for this one) so far, in MB;
+/// NaN when `/proc` does not say.
+pub fn peak_rss_mb(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}

@@ -500,6 +500,18 @@ pub fn http_request(
     Ok((status, headers, resp[split + 4..].to_vec()))
 }
 
+/// The first row of `sql`'s result on the SQL endpoint at `http` (`POST /v1/sql`); an error
+/// for any status but 200.
+pub fn sql_first_row(http: &str, sql: &str) -> Result<Vec<serde_json::Value>> {
+    let body = serde_json::json!({ "sql": sql }).to_string();
+    let (status, text) = http_post(http, "/v1/sql", &body)?;
+    if status != 200 {
+        bail!("{sql}: {status} {text}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    Ok(v["rows"][0].as_array().cloned().unwrap_or_default())
+}
+
 /// POSTs `body` as JSON; returns the status and the body (a chunked body cut to its JSON).
 pub fn http_post(addr: &str, path: &str, body: &str) -> Result<(u16, String)> {
     use std::io::{Read, Write};

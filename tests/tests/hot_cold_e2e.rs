@@ -6,19 +6,14 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use primespark_tests::{connect, http_post, produce, stack, wait_until, Sections, TelemetryRun};
+use primespark_tests::{connect, produce, stack, wait_until, Sections, TelemetryRun};
 use serde_json::{json, Value};
 
 const T0_MS: i64 = 1_762_351_200_000; // 2025-11-05T14:00:00Z
 const EVENTS: i64 = 6000;
 
 fn query(http: &str, sql: &str) -> Result<Vec<Value>> {
-    let (status, body) = http_post(http, "/v1/sql", &json!({"sql": sql}).to_string())?;
-    if status != 200 {
-        bail!("{sql}: {status} {body}");
-    }
-    let v: Value = serde_json::from_str(&body)?;
-    Ok(v["rows"][0].as_array().cloned().unwrap_or_default())
+    primespark_tests::sql_first_row(http, sql)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Result};
 use primespark_tests::{
-    connect, count, http_post, parquet_positions, produce, stack, wait_until, Sections,
-    TelemetryRun,
+    connect, count, parquet_positions, produce, stack, wait_until, Sections, TelemetryRun,
 };
 use serde_json::{json, Value};
 
@@ -20,12 +19,7 @@ const EVENTS: i64 = 6000;
 const DEVICES: i64 = 4;
 
 fn query(http: &str, sql: &str) -> Result<Vec<Value>> {
-    let (status, body) = http_post(http, "/v1/sql", &json!({"sql": sql}).to_string())?;
-    if status != 200 {
-        bail!("{sql}: {status} {body}");
-    }
-    let v: Value = serde_json::from_str(&body)?;
-    Ok(v["rows"][0].as_array().cloned().unwrap_or_default())
+    primespark_tests::sql_first_row(http, sql)
 }
 
 fn event(i: i64) -> (i32, Vec<u8>) {

@@ -28,6 +28,21 @@ use super::*;
 
 mod binding;
 mod framing;
+
+/// A protocol 3.0 StartupMessage for `user` on database `primespark`.
+fn startup_message(user: &str) -> Vec<u8> {
+    let mut body = 196_608u32.to_be_bytes().to_vec();
+    for (k, v) in [("user", user), ("database", "primespark")] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut message = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    message.extend_from_slice(&body);
+    message
+}
 mod psql;
 
 const USER: &str = "alice";
@@ -561,17 +576,7 @@ async fn the_server_asks_for_scram_sha_256_for_every_user() {
         let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .unwrap();
-        let mut body = 196_608u32.to_be_bytes().to_vec();
-        for (k, v) in [("user", user), ("database", "primespark")] {
-            body.extend_from_slice(k.as_bytes());
-            body.push(0);
-            body.extend_from_slice(v.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut message = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-        message.extend_from_slice(&body);
-        socket.write_all(&message).await.unwrap();
+        socket.write_all(&startup_message(user)).await.unwrap();
         let mut head = [0u8; 5];
         socket.read_exact(&mut head).await.unwrap();
         assert_eq!(head[0], b'R', "an authentication request");

@@ -28,17 +28,10 @@ fn typed(tag: u8, body: &[u8]) -> Vec<u8> {
 }
 
 async fn send_startup(socket: &mut TcpStream) {
-    let mut body = 196_608u32.to_be_bytes().to_vec();
-    for (k, v) in [("user", USER), ("database", "primespark")] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut message = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    message.extend_from_slice(&body);
-    socket.write_all(&message).await.unwrap();
+    socket
+        .write_all(&super::startup_message(USER))
+        .await
+        .unwrap();
 }
 
 /// Reads up to an authentication request of `code` and returns its data.
