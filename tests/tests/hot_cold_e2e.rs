@@ -6,15 +6,13 @@
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use primespark_tests::{connect, produce, stack, wait_until, Sections, TelemetryRun};
+use primespark_tests::{
+    connect, produce, sql_first_row, stack, wait_until, Sections, TelemetryRun,
+};
 use serde_json::{json, Value};
 
 const T0_MS: i64 = 1_762_351_200_000; // 2025-11-05T14:00:00Z
 const EVENTS: i64 = 6000;
-
-fn query(http: &str, sql: &str) -> Result<Vec<Value>> {
-    primespark_tests::sql_first_row(http, sql)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_moving_out_of_postgres_are_counted_once() -> Result<()> {
@@ -54,11 +52,11 @@ async fn rows_moving_out_of_postgres_are_counted_once() -> Result<()> {
             .await
             .map(|r| r.get(0))
             .unwrap_or(0);
-        let archived = query(http, "SELECT count(*) FROM archive.telemetry_raw")
+        let archived = sql_first_row(http, "SELECT count(*) FROM archive.telemetry_raw")
             .ok()
             .and_then(|r| r.first().and_then(Value::as_i64))
             .unwrap_or(0);
-        let windows = query(http, "SELECT count(*) FROM archive.device_metrics_1m")
+        let windows = sql_first_row(http, "SELECT count(*) FROM archive.device_metrics_1m")
             .ok()
             .and_then(|r| r.first().and_then(Value::as_i64))
             .unwrap_or(0);
@@ -86,10 +84,10 @@ async fn rows_moving_out_of_postgres_are_counted_once() -> Result<()> {
                 ))
                 .await?;
         }
-        let hot: i64 = query(http, "SELECT count(*) FROM pg.device_metrics")?[0]
+        let hot: i64 = sql_first_row(http, "SELECT count(*) FROM pg.device_metrics")?[0]
             .as_i64()
             .unwrap_or(-1);
-        let row = query(http, unified)?;
+        let row = sql_first_row(http, unified)?;
         assert_eq!(
             row[0].as_i64(),
             Some(points),
@@ -107,14 +105,14 @@ async fn rows_moving_out_of_postgres_are_counted_once() -> Result<()> {
                 .starts_with("2025-11-05T14:00:00"),
             "{row:?}"
         );
-        let w = query(http, windows)?;
+        let w = sql_first_row(http, windows)?;
         assert_eq!(
             (w[0].as_i64(), w[1].as_i64()),
             (Some(80), Some(points - 1)),
             "windows after {minutes} min moved"
         );
         // A filter over the boundary is answered by both tiers.
-        let r = query(
+        let r = sql_first_row(
             http,
             "SELECT count(*) FROM device_metrics WHERE time >= TIMESTAMPTZ '2025-11-05T14:02:00Z' AND time < TIMESTAMPTZ '2025-11-05T14:08:00Z'",
         )?;
@@ -186,7 +184,7 @@ async fn one_old_late_row_does_not_hide_rows_retention_removed() -> Result<()> {
             &[],
         )
         .await?;
-    let got = query(
+    let got = sql_first_row(
         &run.http,
         "SELECT count(*) AS n, sum(value) AS s FROM device_metrics",
     )?;

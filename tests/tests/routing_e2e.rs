@@ -10,17 +10,14 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Result};
 use primespark_tests::{
-    connect, count, parquet_positions, produce, stack, wait_until, Sections, TelemetryRun,
+    connect, count, parquet_positions, produce, sql_first_row, stack, wait_until, Sections,
+    TelemetryRun,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 
 const T0_MS: i64 = 1_762_351_200_000; // 2025-11-05T14:00:00Z
 const EVENTS: i64 = 6000;
 const DEVICES: i64 = 4;
-
-fn query(http: &str, sql: &str) -> Result<Vec<Value>> {
-    primespark_tests::sql_first_row(http, sql)
-}
 
 fn event(i: i64) -> (i32, Vec<u8>) {
     let e = json!({"device_id": format!("pi-{}", i % DEVICES), "timestamp": T0_MS + i * 100,
@@ -183,7 +180,7 @@ async fn raw_rows_to_the_archive_windows_to_postgres() -> Result<()> {
 
     // SQL: raw history from the archive under PostgreSQL's name, windows from PostgreSQL.
     let reference_sum: f64 = (0..EVENTS).map(|i| (i % 100) as f64 + 1.5).sum::<f64>() + 2.0 + 7.0;
-    let all = query(
+    let all = sql_first_row(
         http,
         "SELECT count(*), sum(value), min(time) FROM device_metrics",
     )?;
@@ -199,15 +196,15 @@ async fn raw_rows_to_the_archive_windows_to_postgres() -> Result<()> {
             .starts_with("2025-11-05T14:00:00"),
         "{all:?}"
     );
-    let one_device = query(
+    let one_device = sql_first_row(
         http,
         "SELECT count(*) FROM device_metrics WHERE device_id = 'pi-1' AND metric_name = 'load_avg' \
          AND time >= TIMESTAMPTZ '2025-11-05T14:02:00Z' AND time < TIMESTAMPTZ '2025-11-05T14:04:00Z'",
     )?;
     ensure!(one_device[0].as_i64() == Some(300), "{one_device:?}");
-    let hot = query(http, "SELECT count(*) FROM pg.device_metrics")?;
+    let hot = sql_first_row(http, "SELECT count(*) FROM pg.device_metrics")?;
     ensure!(hot[0].as_i64() == Some(2), "{hot:?}");
-    let windows = query(http, "SELECT count(*), sum(count) FROM device_metrics_1m")?;
+    let windows = sql_first_row(http, "SELECT count(*), sum(count) FROM device_metrics_1m")?;
     ensure!(
         windows[0].as_i64() == Some(expected.len() as i64)
             && windows[1].as_i64() == Some(EVENTS * 2),

@@ -161,11 +161,7 @@ where
     let cancel = handlers.cancel_handler();
     let errors = handlers.error_handler();
     loop {
-        let next = if matches!(
-            socket.state(),
-            PgWireConnectionState::AwaitingStartup
-                | PgWireConnectionState::AuthenticationInProgress
-        ) {
+        let next = if logging_in(socket.state()) {
             tokio::select! {
                 () = &mut startup_timeout => None,
                 next = socket.next() => next,
@@ -192,12 +188,7 @@ where
         let is_cancel = matches!(message, PgWireFrontendMessage::CancelRequest(_));
         // Statements race the client hanging up; a cancel request (whose client may close
         // right after sending it) and the login do not.
-        let watch = !is_cancel
-            && !matches!(
-                socket.state(),
-                PgWireConnectionState::AwaitingStartup
-                    | PgWireConnectionState::AuthenticationInProgress
-            );
+        let watch = !is_cancel && !logging_in(socket.state());
         let processing = process_message(
             message,
             &mut socket,
@@ -233,6 +224,14 @@ where
         }
     }
     Ok(())
+}
+
+/// Whether the client is still starting up or authenticating (the startup timeout applies).
+fn logging_in(state: PgWireConnectionState) -> bool {
+    matches!(
+        state,
+        PgWireConnectionState::AwaitingStartup | PgWireConnectionState::AuthenticationInProgress
+    )
 }
 
 /// Resolves when the client has closed its side of `socket` (the kernel's `EPOLLRDHUP`), without
