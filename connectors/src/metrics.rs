@@ -368,6 +368,7 @@ impl SinkFailed<'_> {
         };
         metrics().sink_errors.get_or_create(&labels).inc();
         metrics().sink_degraded.get_or_create(&labels).set(1);
+        remember_error(self.sink, self.table, self.error);
         if let Ok(mut d) = degraded().lock() {
             d.insert(
                 (self.sink.to_owned(), self.table.to_owned()),
@@ -381,6 +382,36 @@ fn degraded() -> &'static std::sync::Mutex<std::collections::BTreeMap<(String, S
     static D: OnceLock<std::sync::Mutex<std::collections::BTreeMap<(String, String), String>>> =
         OnceLock::new();
     D.get_or_init(Default::default)
+}
+
+/// (sink, table) -> (last error, when, microseconds since the epoch); kept after recovery.
+type LastErrors = std::collections::BTreeMap<(String, String), (String, i64)>;
+
+fn last_errors() -> &'static std::sync::Mutex<LastErrors> {
+    static E: OnceLock<std::sync::Mutex<LastErrors>> = OnceLock::new();
+    E.get_or_init(Default::default)
+}
+
+fn remember_error(sink: &str, table: &str, error: &dyn std::fmt::Display) {
+    if let Ok(mut e) = last_errors().lock() {
+        e.insert(
+            (sink.to_owned(), table.to_owned()),
+            (error.to_string(), chrono::Utc::now().timestamp_micros()),
+        );
+    }
+}
+
+/// The last error of every sink that ever failed in this process, recovered or not:
+/// (sink, table, error, when in microseconds since the epoch). For the console.
+pub fn sink_last_errors() -> Vec<(String, String, String, i64)> {
+    last_errors()
+        .lock()
+        .map(|e| {
+            e.iter()
+                .map(|((s, t), (err, at))| (s.clone(), t.clone(), err.clone(), *at))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The component name under which degraded sources are listed by [`degraded_sinks`].
@@ -419,6 +450,7 @@ impl SinkStopped<'_> {
         };
         metrics().sink_errors.get_or_create(&labels).inc();
         metrics().sink_degraded.get_or_create(&labels).set(1);
+        remember_error(self.sink, self.table, self.error);
         if let Ok(mut d) = degraded().lock() {
             d.insert(
                 (self.sink.to_owned(), self.table.to_owned()),

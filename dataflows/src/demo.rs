@@ -43,8 +43,14 @@ pub enum DemoError {
     Run(#[from] RunError),
 }
 
-/// Runs the demo; `status` is called about once a second with a one-line summary.
+/// Runs the demo; `status` is called first with the console's address, then about once a
+/// second with a one-line summary.
 pub fn demo(opts: &DemoOptions, status: impl Fn(&str) + Send + 'static) -> Result<(), DemoError> {
+    // First, before any log line: where to look.
+    status(&format!(
+        "console: http://{}/  (live overview, dead letters, SQL; ready within seconds)",
+        opts.http_addr
+    ));
     let cluster = MockCluster::new(1)?;
     let mut config = Config::default();
     let topic = config.kafka.topics.telemetry.clone();

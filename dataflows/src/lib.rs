@@ -12,6 +12,7 @@
 //! - [`npu`]: opening the Hailo-8 when there is one.
 //! - [`fleet`]: a synthetic fleet producer (demo, `produce`, tests, benchmarks).
 //! - [`demo`]: the embedded default with an in-process Kafka-protocol broker.
+//! - [`console`]: the web console at `/` of the query endpoint.
 //! - [`ops`]: the process's metrics registry and HTTP routes (`/metrics`, `/healthz`).
 //! - [`cli`]: the command line.
 
@@ -20,6 +21,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod dataflow;
 pub mod demo;
 pub mod fleet;

@@ -21,6 +21,7 @@ fn process() -> &'static Process {
         primespark_operators::metrics::register(&mut registry);
         primespark_connectors::metrics::register(&mut registry);
         crate::fleet::register(&mut registry);
+        crate::console::register(&mut registry);
         let started = Instant::now();
         let uptime = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register(

@@ -43,9 +43,11 @@ TANSU_ROOT="$TOOLS/tansu-$TANSU_VERSION"
 TANSU_BIN="$TANSU_ROOT/bin/tansu"
 VENV="$TOOLS/venv"
 PY="$VENV/bin/python"
+# playwright drives Debian's chromium for the console's browser test (its own browser
+# downloads are never used: they are off the package registries).
 PY_PACKAGES=("moto[server]" confluent-kafka pyarrow duckdb requests check-jsonschema kubernetes-validate
-  numpy==2.4.6 onnx==1.23.2)
-PY_IMPORTS="moto, flask, boto3, confluent_kafka, pyarrow, duckdb, requests, numpy, onnx"
+  numpy==2.4.6 onnx==1.23.2 playwright==1.65.2)
+PY_IMPORTS="moto, flask, boto3, confluent_kafka, pyarrow, duckdb, requests, numpy, onnx, playwright"
 PG_BIN="${PRIMESPARK_PG_BIN:-/usr/lib/postgresql/15/bin}"
 PG_CONFIG="$PG_BIN/pg_config"
 TIMESCALE_DIR="${PRIMESPARK_TIMESCALEDB_DIR:-$REPO_ROOT/../shared/timescaledb}"
@@ -137,6 +139,15 @@ ensure_prometheus() {
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus >&2
     command -v promtool >/dev/null 2>&1 || die "promtool still missing after installing prometheus"
+}
+
+# Headless Chromium (Debian's), for the console's browser test; DejaVu so pages render text.
+ensure_chromium() {
+    command -v chromium >/dev/null 2>&1 && [ -d /usr/share/fonts/truetype/dejavu ] && return 0
+    log "installing chromium (the console's browser test) with apt-get"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core >&2
+    command -v chromium >/dev/null 2>&1 || die "chromium still missing after apt-get"
 }
 
 # systemd-analyze, to verify the shipped unit file.
@@ -729,6 +740,7 @@ install_tools() {
     ensure_timescaledb
     ensure_venv
     ensure_prometheus
+    ensure_chromium
     ensure_systemd_analyze
     ensure_stunnel
     ensure_tansu
@@ -832,6 +844,7 @@ cmd_env() {
         "PRIMESPARK_STACK_PYTHON=$PY" \
         "PRIMESPARK_STACK_PSQL=$PG_BIN/psql" \
         "PRIMESPARK_STACK_PROMTOOL=$(command -v promtool || echo promtool)" \
+        "PRIMESPARK_STACK_CHROMIUM=$(command -v chromium || echo chromium)" \
         "PRIMESPARK_STACK_PROMETHEUS=$(command -v prometheus || echo prometheus)" \
         "PRIMESPARK_STACK_DIR=$STATE"; do
         printf 'export %s=%q\n' "${v%%=*}" "${v#*=}"

@@ -76,18 +76,27 @@ fn dead_letter(topic: &str, record: SourceRecord, e: &DecodeError) -> DeadLetter
         error: e,
     }
     .emit();
+    // Messages quote the offending value, which may hold a NUL: PostgreSQL's text cannot
+    // store one, and the letter must not fail its own sink.
+    let error = format!(
+        "topic {topic} partition {} offset {}: {e}",
+        record.partition, record.offset
+    )
+    .replace('\0', "\\u0000");
+    crate::recent::record_dead_letter(
+        topic,
+        record.partition,
+        record.offset,
+        e.kind.as_str(),
+        &error,
+        &record.payload,
+    );
     DeadLetter {
         row: DeadLetterRow {
             partition: record.partition,
             offset: record.offset,
             reason: e.kind.as_str().to_owned(),
-            // Messages quote the offending value, which may hold a NUL: PostgreSQL's text
-            // cannot store one, and the letter must not fail its own sink.
-            error: format!(
-                "topic {topic} partition {} offset {}: {e}",
-                record.partition, record.offset
-            )
-            .replace('\0', "\\u0000"),
+            error,
             payload: record.payload,
         },
         delivery: record.delivery,

@@ -16,6 +16,7 @@
 //!   error, so partial aggregates from many workers merge exactly.
 //! - [`tasks`]: the task lifecycle of `analytics.events` as a differential-dataflow join, with
 //!   backlog and agent load sampled at every window's end, and API event windows.
+//! - [`recent`]: the latest dead letters and anomalies, for the console.
 //! - [`checkpoint`]: the pure bookkeeping that decides where each Kafka partition must resume so
 //!   that a restart neither loses nor doubles an aggregate.
 //!
@@ -31,6 +32,7 @@ pub mod control;
 pub mod decode;
 pub mod inference;
 pub mod metrics;
+pub mod recent;
 pub mod record;
 pub mod routing;
 pub mod scoring;

@@ -54,6 +54,8 @@ struct Metrics {
     bytes: Family<PartitionLabels, Counter>,
     watermark: Family<WorkerLabels, FloatGauge>,
     watermark_lag: Family<WorkerLabels, FloatGauge>,
+    partition_watermark: Family<PartitionLabels, FloatGauge>,
+    partition_watermark_lag: Family<PartitionLabels, FloatGauge>,
     decode_errors: Family<ReasonLabels, Counter>,
     late_events: Family<OperatorLabels, Counter>,
     windows_closed: Family<OperatorLabels, Counter>,
@@ -112,6 +114,8 @@ fn metrics() -> &'static Metrics {
         bytes: Family::default(),
         watermark: Family::default(),
         watermark_lag: Family::default(),
+        partition_watermark: Family::default(),
+        partition_watermark_lag: Family::default(),
         decode_errors: Family::default(),
         late_events: Family::default(),
         windows_closed: Family::default(),
@@ -154,6 +158,16 @@ pub fn register(registry: &mut Registry) {
         "primespark_watermark_lag_seconds",
         "Wall clock minus the event-time watermark (how far behind real time the windows are)",
         m.watermark_lag.clone(),
+    );
+    registry.register(
+        "primespark_partition_watermark_seconds",
+        "Event-time watermark of one Kafka partition (its highest event time minus the out-of-orderness bound), seconds since the epoch",
+        m.partition_watermark.clone(),
+    );
+    registry.register(
+        "primespark_partition_watermark_lag_seconds",
+        "Wall clock minus a partition's watermark (which partition holds the source's watermark back)",
+        m.partition_watermark_lag.clone(),
     );
     registry.register(
         "primespark_decode_errors",
@@ -513,12 +527,13 @@ impl WatermarkAdvanced<'_> {
     }
 }
 
-/// Recomputes `primespark_watermark_lag_seconds` from the watermarks and the wall clock: call
-/// right before encoding, so a stalled watermark shows a growing lag.
+/// Recomputes `primespark_watermark_lag_seconds` and `primespark_partition_watermark_lag_seconds`
+/// from the watermarks and the wall clock: call right before encoding, so a stalled watermark
+/// shows a growing lag.
 pub fn refresh_watermark_lag(now_us: i64) {
     let m = metrics();
-    let mut current = Vec::new();
-    // The family has no iterator: the watermark gauges are re-read through a scrape-time
+    let now = now_us as f64 / 1e6;
+    // The families have no iterator: the watermark gauges are re-read through a scrape-time
     // snapshot of the labels we have set.
     for labels in known_workers()
         .lock()
@@ -526,11 +541,53 @@ pub fn refresh_watermark_lag(now_us: i64) {
         .unwrap_or_default()
     {
         let wm = m.watermark.get_or_create(&labels).get();
-        current.push((labels, wm));
+        m.watermark_lag
+            .get_or_create(&labels)
+            .set((now - wm).max(0.0));
     }
-    for (labels, wm) in current {
-        let lag = (now_us as f64 / 1e6 - wm).max(0.0);
-        m.watermark_lag.get_or_create(&labels).set(lag);
+    for labels in known_partitions()
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default()
+    {
+        let wm = m.partition_watermark.get_or_create(&labels).get();
+        m.partition_watermark_lag
+            .get_or_create(&labels)
+            .set((now - wm).max(0.0));
+    }
+}
+
+fn known_partitions() -> &'static std::sync::Mutex<Vec<PartitionLabels>> {
+    static P: OnceLock<std::sync::Mutex<Vec<PartitionLabels>>> = OnceLock::new();
+    P.get_or_init(Default::default)
+}
+
+/// One partition's watermark, after a poll that read it.
+pub struct PartitionWatermark<'a> {
+    /// Topic.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// The partition's watermark, microseconds since the epoch.
+    pub watermark_us: i64,
+}
+
+impl PartitionWatermark<'_> {
+    /// Sets the gauge (no log line: this runs once per partition and poll).
+    pub fn emit(&self) {
+        let labels = PartitionLabels {
+            topic: self.topic.to_owned(),
+            partition: self.partition.to_string(),
+        };
+        if let Ok(mut known) = known_partitions().lock() {
+            if !known.contains(&labels) {
+                known.push(labels.clone());
+            }
+        }
+        metrics()
+            .partition_watermark
+            .get_or_create(&labels)
+            .set(self.watermark_us as f64 / 1e6);
     }
 }
 

@@ -452,7 +452,21 @@ fn for_each_sample(items: &[RawItem], mut f: impl FnMut(&[&TelemetryRow], &Point
 fn score_point(meta: SampleMeta, score: f32, backend: &'static str) -> Point {
     let threshold = meta.model.threshold;
     // Only anomalies keep their inputs (`anomalies.features`).
-    let features = if score >= threshold {
+    let anomalous = score >= threshold;
+    if anomalous {
+        crate::recent::record_anomaly(crate::recent::RecentAnomaly {
+            at_us: crate::recent::now_us(),
+            event_time_us: meta.time_us,
+            device_id: meta.device_id.clone(),
+            model: meta.model.spec.name.to_string(),
+            score,
+            threshold,
+            backend: backend.to_owned(),
+            partition: meta.partition,
+            offset: meta.offset,
+        });
+    }
+    let features = if anomalous {
         meta.model
             .features
             .names

@@ -25,7 +25,7 @@ use timely::dataflow::{Scope, StreamVec};
 
 use crate::control::Control;
 use crate::decode::{points_of, DecodeRecord, StreamKind};
-use crate::metrics::{LateEvents, RecordsRead, WatermarkAdvanced};
+use crate::metrics::{LateEvents, PartitionWatermark, RecordsRead, WatermarkAdvanced};
 use crate::record::{SourceMark, SourceRecord};
 use crate::watermark::Watermarks;
 use crate::EventTime;
@@ -477,6 +477,14 @@ impl SourceState {
                 bytes: stats.bytes,
             }
             .emit();
+            if let Some(watermark_us) = self.watermarks.partition_watermark_us(partition) {
+                PartitionWatermark {
+                    topic: &self.spec.topic,
+                    partition,
+                    watermark_us,
+                }
+                .emit();
+            }
         }
     }
 

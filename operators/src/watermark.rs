@@ -75,6 +75,14 @@ impl Watermarks {
         clock.max_event_us.saturating_sub(self.out_of_orderness_us)
     }
 
+    /// The partition's watermark (`None`: not tracked, or no event yet).
+    pub fn partition_watermark_us(&self, partition: i32) -> Option<i64> {
+        self.partitions
+            .get(&partition)
+            .filter(|c| c.max_event_us != i64::MIN)
+            .map(|c| self.watermark_of(c))
+    }
+
     /// The partition's highest event time so far.
     pub fn max_event_us(&self, partition: i32) -> Option<i64> {
         self.partitions.get(&partition).map(|c| c.max_event_us)

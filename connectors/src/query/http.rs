@@ -59,25 +59,169 @@ impl IntoResponse for QueryError {
     }
 }
 
-/// The caller, from `Authorization: Bearer <token>` or `X-API-Key: <token>`.
+/// The key a request carries: `Authorization: Bearer <token>`, `X-API-Key: <token>`, or
+/// `Authorization: Basic` with the key as the password (what a browser sends after its login
+/// prompt; the user name is not looked at). `Some(true)` in the second place: it came as Basic.
+fn presented_key(headers: &HeaderMap) -> (Option<String>, bool) {
+    use base64::Engine as _;
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
+    if let Some(v) = auth {
+        if let Some(t) = v
+            .strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+        {
+            return (Some(t.trim().to_owned()), false);
+        }
+        if let Some(b) = v
+            .strip_prefix("Basic ")
+            .or_else(|| v.strip_prefix("basic "))
+        {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+                .and_then(|d| String::from_utf8(d).ok());
+            // A malformed header is a wrong key (counted as a failure), not a missing one.
+            let key = decoded
+                .and_then(|d| d.split_once(':').map(|(_, p)| p.to_owned()))
+                .unwrap_or_default();
+            return (Some(key), true);
+        }
+    }
+    let key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_owned());
+    (key, false)
+}
+
+/// Whether a browser says the request comes from another site: `Sec-Fetch-Site: cross-site`,
+/// or an `Origin` whose authority is not the request's `Host`.
+fn cross_site(headers: &HeaderMap) -> bool {
+    if headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("cross-site"))
+    {
+        return true;
+    }
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let authority = origin
+        .split_once("://")
+        .map_or(origin, |(_, rest)| rest)
+        .trim_end_matches('/');
+    !authority.eq_ignore_ascii_case(host)
+}
+
+/// The caller, from `Authorization: Bearer <token>`, `X-API-Key: <token>`, or Basic with the
+/// key as password. Browsers send Basic credentials on their own, also on requests another
+/// site starts: with Basic, a cross-site request is refused (the console's pages and calls are
+/// same-origin).
 fn caller(
     service: &QueryService,
     headers: &HeaderMap,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
 ) -> Result<Principal, QueryError> {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    let key = headers
-        .get("x-api-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim);
-    service.authenticate_token_from(peer.map(|Extension(ConnectInfo(p))| p.ip()), bearer.or(key))
+    let (key, basic) = presented_key(headers);
+    if basic && !service.is_open() && cross_site(headers) {
+        return Err(QueryError::Forbidden(
+            "a cross-site request with browser credentials".into(),
+        ));
+    }
+    service.authenticate_token_from(peer.map(|Extension(ConnectInfo(p))| p.ip()), key.as_deref())
+}
+
+/// Whether `host` (a `Host` header: name or address, with or without a port) names this
+/// machine's loopback.
+fn loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split_once(']').map_or(rest, |(h, _)| h)
+    } else {
+        host.rsplit_once(':')
+            .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
+            .map_or(host, |(h, _)| h)
+    };
+    let name = name.trim_end_matches('.');
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// An endpoint without keys (loopback only) answers only requests addressed to a loopback
+/// name: a web page elsewhere that rebinds its own host name to 127.0.0.1 (DNS rebinding) gets
+/// 403, not the console or the SQL door. Endpoints with keys are not affected.
+pub fn guard_host(router: Router, service: Arc<QueryService>) -> Router {
+    router.layer(axum::middleware::from_fn_with_state(service, host_guard))
+}
+
+async fn host_guard(
+    State(service): State<Arc<QueryService>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if service.is_open() {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| request.uri().authority().map(|a| a.as_str().to_owned()));
+        if let Some(host) = host {
+            if !loopback_host(&host) {
+                tracing::warn!(host = %host, "request to an open endpoint under a foreign host name refused");
+                return (
+                    StatusCode::FORBIDDEN,
+                    Json(json!({"error": "this endpoint has no API keys and answers only to localhost or a loopback address"})),
+                )
+                    .into_response();
+            }
+        }
+    }
+    next.run(request).await
+}
+
+/// Wraps the console's routes in the endpoint's keys: any role may look. A caller without a
+/// key gets 401 with a Basic challenge (a browser then asks for the key, as the password),
+/// and nothing of the pipeline. Without keys (a loopback-only endpoint) the console is open.
+pub fn guard_console(console: Router, service: Arc<QueryService>) -> Router {
+    console.layer(axum::middleware::from_fn_with_state(service, console_guard))
+}
+
+async fn console_guard(
+    State(service): State<Arc<QueryService>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if service.is_open() {
+        return next.run(request).await;
+    }
+    match caller(&service, request.headers(), peer) {
+        Ok(_) => next.run(request).await,
+        Err(e @ QueryError::Unauthenticated(_)) => {
+            let mut response = (
+                StatusCode::UNAUTHORIZED,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                format!("{e}\nThe console takes an API key of this endpoint as the password (any user name).\n"),
+            )
+                .into_response();
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"primespark\", charset=\"UTF-8\""),
+            );
+            response
+        }
+        Err(e) => e.into_response(),
+    }
 }
 
 /// Wraps the operational routes (`/metrics`, `/readyz`, `/healthz`) in the endpoint's keys:
@@ -392,4 +536,83 @@ pub fn batches_to_json(batches: &[RecordBatch]) -> Result<Vec<Value>, QueryError
         }
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn keys_come_as_bearer_api_key_or_basic_password() {
+        assert_eq!(
+            presented_key(&headers(&[("authorization", "Bearer abc ")])),
+            (Some("abc".into()), false)
+        );
+        assert_eq!(
+            presented_key(&headers(&[("x-api-key", "k1")])),
+            (Some("k1".into()), false)
+        );
+        // "ops:s3cr:et" -> the password is everything after the first colon.
+        assert_eq!(
+            presented_key(&headers(&[("authorization", "Basic b3BzOnMzY3I6ZXQ=")])),
+            (Some("s3cr:et".into()), true)
+        );
+        // Garbage Basic is a wrong (empty) key, so it is counted, not treated as absent.
+        assert_eq!(
+            presented_key(&headers(&[("authorization", "Basic !!!")])),
+            (Some(String::new()), true)
+        );
+        assert_eq!(presented_key(&HeaderMap::new()), (None, false));
+    }
+
+    #[test]
+    fn cross_site_by_fetch_metadata_or_origin() {
+        assert!(cross_site(&headers(&[("sec-fetch-site", "cross-site")])));
+        assert!(!cross_site(&headers(&[("sec-fetch-site", "same-origin")])));
+        assert!(cross_site(&headers(&[
+            ("origin", "http://evil.example"),
+            ("host", "127.0.0.1:8080")
+        ])));
+        assert!(!cross_site(&headers(&[
+            ("origin", "http://127.0.0.1:8080"),
+            ("host", "127.0.0.1:8080")
+        ])));
+        assert!(cross_site(&headers(&[("origin", "null"), ("host", "a")])));
+        assert!(!cross_site(&headers(&[("host", "a")])));
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for h in [
+            "localhost",
+            "LOCALHOST:8080",
+            "127.0.0.1",
+            "127.0.0.1:8080",
+            "127.1.2.3:1",
+            "[::1]",
+            "[::1]:8080",
+            "localhost.",
+        ] {
+            assert!(loopback_host(h), "{h}");
+        }
+        for h in [
+            "evil.example",
+            "evil.example:8080",
+            "127.0.0.1.nip.io",
+            "localhost.evil.example",
+            "10.0.0.1:8080",
+            "[::2]:80",
+            "",
+        ] {
+            assert!(!loopback_host(h), "{h}");
+        }
+    }
 }

@@ -37,6 +37,6 @@ pub use config::{ApiKey, QueryConfig, Role, WireUser};
 pub use context::session;
 pub use error::QueryError;
 pub use functions::cap_functions;
-pub use http::{batches_to_json, guard_ops, router};
+pub use http::{batches_to_json, guard_console, guard_host, guard_ops, router};
 pub use serve::{serve, serve_listener, HttpOptions};
 pub use service::{hash_password, sha256_hex, Principal, QueryOutput, QueryService};

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use primespark_connectors::postgres::{self, Backend};
 use primespark_connectors::query;
 use primespark_connectors::InvalidConfig;
+use primespark_schemas::streams::StreamKind;
 use tokio::runtime::Runtime;
 use tokio::task::JoinHandle;
 
@@ -158,8 +159,29 @@ fn start_query(
             }
         });
     }
+    let streams = vec![
+        crate::console::StreamInfo {
+            name: StreamKind::Telemetry.name().to_owned(),
+            topic: config.kafka.topics.telemetry.clone(),
+        },
+        crate::console::StreamInfo {
+            name: StreamKind::Inference.name().to_owned(),
+            topic: config.kafka.topics.inference.clone(),
+        },
+        crate::console::StreamInfo {
+            name: StreamKind::Analytics.name().to_owned(),
+            topic: config.kafka.topics.events.clone(),
+        },
+    ];
     let router = query::router(service.clone(), qc.max_body_bytes)
-        .merge(query::guard_ops(crate::ops::routes(), service));
+        .merge(query::guard_ops(crate::ops::routes(), service.clone()))
+        .merge(query::guard_console(
+            crate::console::routes(streams),
+            service.clone(),
+        ));
+    let router = query::guard_host(router, service);
+    let scheme = if tls_files.is_some() { "https" } else { "http" };
+    tracing::info!(console = %format!("{scheme}://{addr}/"), "web console and SQL endpoint");
     let http_tls = tls_files
         .map(|(cert, key)| {
             query::tls::http_acceptor(cert, key)
