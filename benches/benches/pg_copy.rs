@@ -117,6 +117,8 @@ async fn run_pipeline(client: &mut Client, rows: &[RawRow]) -> Result<Duration, 
             &[],
             &offsets,
             &primespark_connectors::sink::fence::Fence::unfenced(),
+            // The row store, as `psql \copy` beside it: the same work on both sides.
+            false,
         )
         .await?;
     }

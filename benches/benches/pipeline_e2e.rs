@@ -16,7 +16,9 @@
 //! with the others): brings the stack up through `deploy/dev/stack.sh` unless the environment
 //! names one (`eval "$(deploy/dev/stack.sh env)"`), builds the release binary, and prints the
 //! report. `PRIMESPARK_BENCH_EVENTS` sets N (default 1,000,000); `PRIMESPARK_BENCH_PROFILES`
-//! picks profiles (comma-separated).
+//! picks profiles (comma-separated); `PRIMESPARK_BENCH_OVERRIDES` passes configuration
+//! overrides to every profile's pipeline, space-separated `PRIMESPARK_SECTION__KEY=VALUE`
+//! (for example the catch-up bounds of an older default, to compare in one build).
 
 use std::collections::{HashMap, HashSet};
 use std::error::Error;
@@ -332,6 +334,8 @@ struct Workload<'a> {
     records: &'a [i64],
     windows: i64,
     raw_points: i64,
+    /// `PRIMESPARK_*` overrides for every profile's pipeline.
+    overrides: &'a [(String, String)],
 }
 
 fn run_profile(
@@ -372,6 +376,9 @@ fn run_profile(
         if k.starts_with("PRIMESPARK_") {
             cmd.env_remove(k);
         }
+    }
+    for (k, v) in work.overrides {
+        cmd.env(k, v);
     }
     let started = Instant::now();
     let child = cmd
@@ -507,6 +514,12 @@ fn main() -> Result<(), BoxError> {
     let wanted: Option<Vec<String>> = std::env::var("PRIMESPARK_BENCH_PROFILES")
         .ok()
         .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect());
+    let overrides: Vec<(String, String)> = std::env::var("PRIMESPARK_BENCH_OVERRIDES")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
     let mut out = std::io::stdout().lock();
     let env = stack_env()?;
     let brokers = env
@@ -547,7 +560,12 @@ fn main() -> Result<(), BoxError> {
         records: &records,
         windows: expected_windows(events) as i64,
         raw_points: raw_rows + i64::from(PARTITIONS),
+        overrides: &overrides,
     };
+    if !overrides.is_empty() {
+        let shown: Vec<String> = overrides.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        writeln!(out, "  overrides: {}", shown.join(" "))?;
+    }
     writeln!(
         out,
         "  {:<20} {:>10} {:>8} {:>9} {:>12} {:>12} {:>10}",

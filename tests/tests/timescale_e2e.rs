@@ -188,6 +188,30 @@ async fn hypertables_policies_and_compressed_chunks_on_preloaded_timescaledb() -
     let status = pipeline.terminate(Duration::from_secs(60))?;
     assert!(status.success(), "{status}\n{}", run.log_text());
 
+    // Raw rows went straight into the columnstore (`postgres.direct_compress_copy`, on by
+    // default, on a TimescaleDB that has it): device_metrics' chunks are compressed already,
+    // and hold every row (checked below).
+    let direct: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_settings \
+             WHERE name = 'timescaledb.enable_direct_compress_copy')",
+            &[],
+        )
+        .await?
+        .get(0);
+    if direct {
+        let compressed_now = count(
+            &client,
+            "SELECT count(*) FROM timescaledb_information.chunks \
+             WHERE hypertable_name = 'device_metrics' AND is_compressed",
+        )
+        .await;
+        assert!(
+            compressed_now > 0,
+            "direct-to-columnstore COPY left device_metrics uncompressed"
+        );
+    }
+
     // Compress every chunk of the raw telemetry tables, and of device_metrics_1m (no policy
     // compresses aggregates; a DBA might), so phase 2 writes into compressed chunks.
     client

@@ -149,11 +149,29 @@ pub fn reader(
         // a stored position the broker does not have (a recreated topic, a truncation) is an
         // error to report, never a silent jump.
         .set("auto.offset.reset", "error")
-        // Keep the local prefetch queue modest: backpressure stops polling, and unbounded
-        // prefetch would turn that into memory growth.
-        .set("queued.max.messages.kbytes", "16384")
+        // Keep the local prefetch queue and each fetch modest: backpressure stops polling, and
+        // unbounded prefetch would turn that into memory growth while catching up.
+        .set(
+            "queued.max.messages.kbytes",
+            cfg.queue_max_kbytes.to_string(),
+        )
+        .set("fetch.max.bytes", cfg.fetch_max_bytes.to_string())
+        .set(
+            "max.partition.fetch.bytes",
+            cfg.fetch_max_bytes.min(1 << 20).to_string(),
+        )
         .set("fetch.wait.max.ms", "50")
         .set("statistics.interval.ms", "5000");
+    // A property set by hand under `[kafka.properties]` still wins.
+    for key in [
+        "queued.max.messages.kbytes",
+        "fetch.max.bytes",
+        "max.partition.fetch.bytes",
+    ] {
+        if let Some(v) = cfg.properties.get(key) {
+            c.set(key, v);
+        }
+    }
     let consumer: BaseConsumer<LagContext> = c
         .create_with_context(LagContext {
             topic: topic.to_owned(),

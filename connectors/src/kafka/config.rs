@@ -94,6 +94,24 @@ pub struct KafkaConfig {
         with = "crate::config::duration"
     )]
     pub partition_discovery_interval: std::time::Duration,
+    /// Most bytes one fetch response may carry (librdkafka's `fetch.max.bytes`; a larger
+    /// single record still arrives, alone). With the local queue below, this bounds what each
+    /// reader holds while catching up a backlog: librdkafka's own default, 50 MiB, is what a
+    /// broker that ignores per-partition limits (Tansu 0.6) sends. Default 4194304 (4 MiB).
+    #[serde(default = "default_fetch_max_bytes")]
+    pub fetch_max_bytes: usize,
+    /// Most kilobytes of fetched records a reader queues before the pipeline takes them
+    /// (`queued.max.messages.kbytes`). Default 4096 (4 MiB).
+    #[serde(default = "default_queue_max_kbytes")]
+    pub queue_max_kbytes: usize,
+}
+
+fn default_fetch_max_bytes() -> usize {
+    4 << 20
+}
+
+fn default_queue_max_kbytes() -> usize {
+    4096
 }
 
 fn default_partition_discovery() -> std::time::Duration {
@@ -128,6 +146,8 @@ impl Default for KafkaConfig {
             consumer_group: default_group(),
             commit_group_offsets: true,
             partition_discovery_interval: default_partition_discovery(),
+            fetch_max_bytes: default_fetch_max_bytes(),
+            queue_max_kbytes: default_queue_max_kbytes(),
         }
     }
 }
@@ -168,6 +188,8 @@ impl std::fmt::Debug for KafkaConfig {
                 "partition_discovery_interval",
                 &self.partition_discovery_interval,
             )
+            .field("fetch_max_bytes", &self.fetch_max_bytes)
+            .field("queue_max_kbytes", &self.queue_max_kbytes)
             .finish()
     }
 }
@@ -196,6 +218,24 @@ impl KafkaConfig {
                     format!("\"{b}\" is not host:port"),
                 ));
             }
+        }
+        if !(64 << 10..=1 << 30).contains(&self.fetch_max_bytes) {
+            return Err(InvalidConfig::new(
+                "kafka.fetch_max_bytes",
+                format!(
+                    "{} is outside 65536..=1073741824 (bytes per fetch response)",
+                    self.fetch_max_bytes
+                ),
+            ));
+        }
+        if !(64..=2_097_151).contains(&self.queue_max_kbytes) {
+            return Err(InvalidConfig::new(
+                "kafka.queue_max_kbytes",
+                format!(
+                    "{} is outside 64..=2097151 (kilobytes of queued records)",
+                    self.queue_max_kbytes
+                ),
+            ));
         }
         for (key, topic) in [
             ("kafka.topics.telemetry", &self.topics.telemetry),
@@ -378,5 +418,27 @@ mod tests {
             .set("compression.type", "zstd")
             .create();
         assert!(producer.is_ok(), "{:?}", producer.err());
+    }
+
+    #[test]
+    fn catch_up_bounds_are_checked() {
+        let c: KafkaConfig =
+            toml::from_str("fetch_max_bytes = 1048576\nqueue_max_kbytes = 2048").unwrap();
+        assert_eq!((c.fetch_max_bytes, c.queue_max_kbytes), (1 << 20, 2048));
+        c.validate().unwrap();
+        let d = KafkaConfig::default();
+        assert_eq!((d.fetch_max_bytes, d.queue_max_kbytes), (4 << 20, 4096));
+        for (fetch, queue, key) in [
+            (1024, 4096, "kafka.fetch_max_bytes"),
+            (2 << 30, 4096, "kafka.fetch_max_bytes"),
+            (4 << 20, 1, "kafka.queue_max_kbytes"),
+        ] {
+            let bad = KafkaConfig {
+                fetch_max_bytes: fetch,
+                queue_max_kbytes: queue,
+                ..Default::default()
+            };
+            assert_eq!(bad.validate().unwrap_err().key, key);
+        }
     }
 }

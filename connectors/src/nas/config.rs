@@ -17,11 +17,13 @@ pub struct NasConfig {
     /// Write Parquet at all. Default true.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// Roll a file when a partition's buffer holds this many rows. Default 200000.
+    /// Roll a file when a partition's buffer holds this many rows. Default 50000: a catch-up
+    /// holds up to this many rows per partition and raw table in memory (about 130 bytes
+    /// each), so this and `roll_bytes` bound the archive's share of peak memory.
     #[serde(default = "default_roll_rows")]
     pub roll_rows: usize,
     /// Roll a file when a partition's buffer holds about this many bytes (uncompressed Arrow
-    /// size of its rows; the file is smaller). Default 134217728 (128 MiB).
+    /// size of its rows; the file is smaller). Default 16777216 (16 MiB).
     #[serde(default = "default_roll_bytes")]
     pub roll_bytes: usize,
     /// Roll at least this often. Default `60s`.
@@ -39,10 +41,10 @@ fn default_true() -> bool {
     true
 }
 fn default_roll_rows() -> usize {
-    200_000
+    50_000
 }
 fn default_roll_bytes() -> usize {
-    128 << 20
+    16 << 20
 }
 fn default_roll_interval() -> Duration {
     Duration::from_secs(60)
@@ -98,7 +100,7 @@ mod tests {
         let c: NasConfig = toml::from_str("path = \"/mnt/nas\"\nroll_bytes = 65536\n").unwrap();
         assert_eq!(c.path, PathBuf::from("/mnt/nas"));
         assert_eq!(c.roll_bytes, 65536);
-        assert_eq!(c.roll_rows, 200_000);
+        assert_eq!(c.roll_rows, 50_000);
         assert_eq!(c.roll_interval, Duration::from_secs(60));
         c.validate().unwrap();
         let tiny = NasConfig {

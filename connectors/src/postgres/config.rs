@@ -28,6 +28,16 @@ pub struct PostgresConfig {
     /// renewing (at once after a clean shutdown). Default `10s`.
     #[serde(default = "default_lease_ttl", with = "crate::config::duration")]
     pub lease_ttl: Duration,
+    /// On TimescaleDB with `timescaledb.enable_direct_compress_copy` (2.21 and later): raw
+    /// rows are COPYed straight into the columnstore, compressed as they arrive, instead of
+    /// into the row store for the compression policy to rewrite later. Measured faster here
+    /// (see the README). Ignored on plain PostgreSQL and older TimescaleDB. Default true.
+    #[serde(default = "default_true")]
+    pub direct_compress_copy: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_lease_ttl() -> Duration {
@@ -54,6 +64,7 @@ impl Default for PostgresConfig {
             flush_interval: default_flush_interval(),
             retention: super::RetentionConfig::default(),
             lease_ttl: default_lease_ttl(),
+            direct_compress_copy: true,
         }
     }
 }
@@ -67,6 +78,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("flush_interval", &self.flush_interval)
             .field("retention", &self.retention)
             .field("lease_ttl", &self.lease_ttl)
+            .field("direct_compress_copy", &self.direct_compress_copy)
             .finish()
     }
 }

@@ -21,6 +21,7 @@ pub use raw_sink::{RawRowsSink, RAW_ROWS};
 pub use config::PostgresConfig;
 pub use retention::RetentionConfig;
 pub use sink::{
-    commit_offsets, connect, load_state, load_task_state, migrate, rejected_records,
-    write_aggregates, write_raw, Backend, PostgresError, Rejected, StoredState,
+    commit_offsets, connect, has_direct_compress_copy, load_state, load_task_state, migrate,
+    rejected_records, write_aggregates, write_raw, Backend, PostgresError, Rejected, StoredState,
+    DIRECT_COMPRESS_COPY,
 };

@@ -11,7 +11,7 @@ use primespark_schemas::flow::{RawBatch, RawItem, SinkId};
 use primespark_schemas::rows::{LateEventRow, PartitionOffset, RawRow};
 
 use super::connection::{ping, Connection};
-use super::{rejected_records, write_raw, PostgresError};
+use super::{has_direct_compress_copy, rejected_records, write_raw, PostgresError};
 use crate::sink::fence::Fence;
 use crate::sink::registry::{Built, RawSinkKind, SinkContext, SinkSettings};
 use crate::sink::{BoxRawSink, Classify, Flush, Refused, Sink, SinkError, Target};
@@ -57,6 +57,8 @@ fn build(
             .offsets_of(NAME)
             .map(|o| (o.partition, o.next_offset))
             .collect(),
+        direct_compress: pg.direct_compress_copy,
+        direct_compress_known: None,
     };
     Ok((Box::new(sink), Box::pin(ping(pg.url.clone()))))
 }
@@ -77,11 +79,15 @@ pub struct RawRowsSink {
     fence: Fence,
     /// Per partition, the first offset not yet committed (stored, then each write's).
     committed: HashMap<i32, i64>,
+    /// `postgres.direct_compress_copy`; whether the database has it is asked at the first
+    /// write (`None` until then).
+    direct_compress: bool,
+    direct_compress_known: Option<bool>,
 }
 
-/// One transaction's worth of a batch.
-struct Share {
-    rows: Vec<RawRow>,
+/// One transaction's worth of a batch; the rows are the batch's own, borrowed.
+struct Share<'a> {
+    rows: Vec<&'a RawRow>,
     letters: Vec<primespark_schemas::rows::DeadLetterRow>,
     late: Vec<LateEventRow>,
     offsets: Vec<PartitionOffset>,
@@ -89,11 +95,11 @@ struct Share {
 
 impl RawRowsSink {
     /// The rows, letters, late events and offsets of `batch` this sink stores.
-    fn share(&self, batch: &RawBatch) -> Share {
+    fn share<'a>(&self, batch: &'a RawBatch) -> Share<'a> {
         let rows = batch
             .rows_for(self.id)
             .filter(|p| self.rows || matches!(&p.row, RawRow::Score(s) if s.is_anomaly()))
-            .map(|p| p.row.clone())
+            .map(|p| &p.row)
             .collect();
         let letters = batch.letters_for(self.id).cloned().collect();
         // One late_events row per late record (a telemetry record is several points).
@@ -138,12 +144,33 @@ impl RawRowsSink {
     }
 
     /// Writes the share; when PostgreSQL refuses its data, finds the refused records.
-    async fn try_write(&mut self, share: &Share) -> Result<(), SinkError> {
+    async fn try_write(&mut self, share: &Share<'_>) -> Result<(), SinkError> {
         let client = self
             .conn
             .client()
             .await
             .map_err(Classify::into_sink_error)?;
+        let direct = match self.direct_compress_known {
+            Some(known) => known,
+            None if !self.direct_compress => false,
+            None => {
+                let has = has_direct_compress_copy(client)
+                    .await
+                    .map_err(Classify::into_sink_error)?;
+                tracing::info!(
+                    dataflow = self.dataflow,
+                    direct_compress_copy = has,
+                    "raw rows COPY {} the columnstore",
+                    if has {
+                        "straight into"
+                    } else {
+                        "into the row store, not"
+                    }
+                );
+                self.direct_compress_known = Some(has);
+                has
+            }
+        };
         let written = write_raw(
             client,
             self.dataflow,
@@ -154,6 +181,7 @@ impl RawRowsSink {
             &share.late,
             &share.offsets,
             &self.fence,
+            direct,
         )
         .await;
         let Err(e) = written else { return Ok(()) };

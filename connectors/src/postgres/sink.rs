@@ -1,5 +1,6 @@
 //! The PostgreSQL sink's runtime: connection, migrations, transactional writes.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
@@ -550,28 +551,36 @@ struct Copied {
 }
 
 /// COPYs raw rows of every stream (and scores with their anomalies) inside `tx`.
-async fn copy_raw(tx: &Transaction<'_>, rows: &[RawRow]) -> Result<Copied, PostgresError> {
-    let telemetry = rows.iter().filter_map(|r| match r {
+/// `rows` are owned or borrowed (`&[RawRow]` or `&[&RawRow]`): the sink borrows them from the
+/// batch, so no row is copied on its way to the database.
+async fn copy_raw<R: Borrow<RawRow> + Sync>(
+    tx: &Transaction<'_>,
+    rows: &[R],
+) -> Result<Copied, PostgresError> {
+    let telemetry = rows.iter().filter_map(|r| match r.borrow() {
         RawRow::Telemetry(t) => Some(t),
         _ => None,
     });
-    let inference = rows.iter().filter_map(|r| match r {
+    let inference = rows.iter().filter_map(|r| match r.borrow() {
         RawRow::Inference(i) => Some(i),
         _ => None,
     });
-    let analytics = rows.iter().filter_map(|r| match r {
+    let analytics = rows.iter().filter_map(|r| match r.borrow() {
         RawRow::Analytics(a) => Some(a),
         _ => None,
     });
     let scores: Vec<&ScoreRow> = rows
         .iter()
-        .filter_map(|r| match r {
+        .filter_map(|r| match r.borrow() {
             RawRow::Score(s) => Some(s),
             _ => None,
         })
         .collect();
     let (mut telemetry_rows, mut inference_rows, mut analytics_rows) = (0u64, 0u64, 0u64);
-    if rows.iter().any(|r| matches!(r, RawRow::Telemetry(_))) {
+    if rows
+        .iter()
+        .any(|r| matches!(r.borrow(), RawRow::Telemetry(_)))
+    {
         let copy = tx
             .copy_in("COPY device_metrics (time, device_id, metric_name, value) FROM STDIN (FORMAT binary)")
             .await
@@ -594,7 +603,10 @@ async fn copy_raw(tx: &Transaction<'_>, rows: &[RawRow]) -> Result<Copied, Postg
             .await
             .map_err(stmt("finishing COPY into device_metrics"))?;
     }
-    if rows.iter().any(|r| matches!(r, RawRow::Inference(_))) {
+    if rows
+        .iter()
+        .any(|r| matches!(r.borrow(), RawRow::Inference(_)))
+    {
         let copy = tx
             .copy_in(
                 "COPY ai_inference_results (time, model_name, input_tokens, output_tokens, latency_ms, source, status, \
@@ -645,7 +657,10 @@ async fn copy_raw(tx: &Transaction<'_>, rows: &[RawRow]) -> Result<Copied, Postg
             .await
             .map_err(stmt("finishing COPY into ai_inference_results"))?;
     }
-    if rows.iter().any(|r| matches!(r, RawRow::Analytics(_))) {
+    if rows
+        .iter()
+        .any(|r| matches!(r.borrow(), RawRow::Analytics(_)))
+    {
         let copy = tx
             .copy_in(
                 "COPY analytics_events (time, event_type, task_id, task_type, priority, agent_id, endpoint, \
@@ -752,16 +767,17 @@ pub struct Rejected {
 /// stay (so a record refused only next to an earlier one, such as a unique violation, is still
 /// found), until single records are left. `k` bad records among `n` cost about `k log n`
 /// COPYs. Empty when the rows pass together (the failure was not the data's).
-pub async fn rejected_records(
+pub async fn rejected_records<R: Borrow<RawRow> + Sync>(
     client: &mut Client,
-    rows: &[RawRow],
+    rows: &[R],
 ) -> Result<Vec<Rejected>, PostgresError> {
     // A record's rows (a telemetry record's points and their scores) stand or fall together.
-    let mut by_record: BTreeMap<(i32, i64), Vec<RawRow>> = BTreeMap::new();
+    let mut by_record: BTreeMap<(i32, i64), Vec<&RawRow>> = BTreeMap::new();
     for r in rows {
-        by_record.entry(r.position()).or_default().push(r.clone());
+        let r = r.borrow();
+        by_record.entry(r.position()).or_default().push(r);
     }
-    let records: Vec<((i32, i64), Vec<RawRow>)> = by_record.into_iter().collect();
+    let records: Vec<((i32, i64), Vec<&RawRow>)> = by_record.into_iter().collect();
     let mut tx = client
         .transaction()
         .await
@@ -774,9 +790,9 @@ pub async fn rejected_records(
         if range.is_empty() {
             continue;
         }
-        let group: Vec<RawRow> = records[range.clone()]
+        let group: Vec<&RawRow> = records[range.clone()]
             .iter()
-            .flat_map(|(_, rows)| rows.iter().cloned())
+            .flat_map(|(_, rows)| rows.iter().copied())
             .collect();
         failpoint("postgres.bisect")?;
         let sp = tx
@@ -826,20 +842,38 @@ fn db_reason(e: &PostgresError) -> String {
     }
 }
 
+/// TimescaleDB's setting for COPY straight into the columnstore (2.21 and later).
+pub const DIRECT_COMPRESS_COPY: &str = "timescaledb.enable_direct_compress_copy";
+
+/// Whether the database behind `client` has [`DIRECT_COMPRESS_COPY`] (a TimescaleDB that knows
+/// it, loaded): setting an unknown `timescaledb.*` name is an error, so it is asked first.
+pub async fn has_direct_compress_copy(client: &Client) -> Result<bool, PostgresError> {
+    let row = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_settings WHERE name = $1)",
+            &[&DIRECT_COMPRESS_COPY],
+        )
+        .await
+        .map_err(stmt("asking for direct-to-columnstore COPY"))?;
+    Ok(row.get(0))
+}
+
 /// Writes raw rows (binary COPY) and dead letters, and stores `offsets` for `sink`, in one
-/// transaction: after a crash either all of it is there or none.
+/// transaction: after a crash either all of it is there or none. With `direct_compress` (see
+/// [`has_direct_compress_copy`]) the COPYs go straight into TimescaleDB's columnstore.
 // Everything of one transaction is passed explicitly, so the atomicity is visible here.
 #[allow(clippy::too_many_arguments)]
-pub async fn write_raw(
+pub async fn write_raw<R: Borrow<RawRow> + Sync>(
     client: &mut Client,
     dataflow: &str,
     sink: &str,
     topic: &str,
-    rows: &[RawRow],
+    rows: &[R],
     dead: &[DeadLetterRow],
     late: &[LateEventRow],
     offsets: &[PartitionOffset],
     fence: &Fence,
+    direct_compress: bool,
 ) -> Result<(), PostgresError> {
     let started = Instant::now();
     let tx = client
@@ -847,6 +881,12 @@ pub async fn write_raw(
         .await
         .map_err(stmt("beginning raw batch"))?;
     fence_in(fence, &tx, dataflow).await?;
+    if direct_compress {
+        // For this transaction only: its COPYs write compressed batches into the columnstore.
+        tx.batch_execute(&format!("SET LOCAL {DIRECT_COMPRESS_COPY} = on"))
+            .await
+            .map_err(stmt("turning on direct-to-columnstore COPY"))?;
+    }
     let copied = copy_raw(&tx, rows).await?;
     if !dead.is_empty() {
         let partitions: Vec<i32> = dead.iter().map(|d| d.partition).collect();
