@@ -53,6 +53,19 @@
     return (value - before) / dt;
   }
 
+  // The mean of a histogram over the last poll (its count and sum then and now), or since
+  // the start when nothing was observed in between.
+  function recentMean(key, count, sum, keep) {
+    keep(key + ".count", count);
+    keep(key + ".sum", sum);
+    if (previous) {
+      const dn = count - (previous.values[key + ".count"] || 0);
+      const ds = sum - (previous.values[key + ".sum"] || 0);
+      if (dn > 0) return ds / dn;
+    }
+    return count > 0 ? sum / count : null;
+  }
+
   function fill(tbody, rows, columns) {
     tbody.replaceChildren();
     if (rows.length === 0) {
@@ -126,15 +139,7 @@
     for (const s of o.sinks) {
       const k = "sink." + s.sink + "." + s.table + ".";
       const r = rate(k + "rows_total", keep(k + "rows_total", s.rows_total), dt);
-      keep(k + "flushes_total", s.flushes_total);
-      keep(k + "flush_seconds_sum", s.flush_seconds_sum);
-      let mean = null;
-      if (previous) {
-        const dn = s.flushes_total - (previous.values[k + "flushes_total"] || 0);
-        const ds = s.flush_seconds_sum - (previous.values[k + "flush_seconds_sum"] || 0);
-        if (dn > 0) mean = ds / dn;
-      }
-      if (mean === null && s.flushes_total > 0) mean = s.flush_seconds_sum / s.flushes_total;
+      const mean = recentMean(k + "flush", s.flushes_total, s.flush_seconds_sum, keep);
       const tr = el("tr");
       const state = el("td", { class: s.degraded ? "state-bad" : "state-ok", "data-m": k + "degraded", "data-v": s.degraded ? 1 : 0 },
         s.degraded ? "degraded" : "ok");
@@ -165,15 +170,7 @@
     for (const m of inf.models) {
       const k = "model." + m.backend + "." + m.model + ".";
       const r = rate(k + "samples_total", keep(k + "samples_total", m.samples_total), dt);
-      keep(k + "batches_total", m.batches_total);
-      keep(k + "seconds_sum", m.seconds_sum);
-      let mean = null;
-      if (previous) {
-        const dn = m.batches_total - (previous.values[k + "batches_total"] || 0);
-        const ds = m.seconds_sum - (previous.values[k + "seconds_sum"] || 0);
-        if (dn > 0) mean = ds / dn;
-      }
-      if (mean === null && m.batches_total > 0) mean = m.seconds_sum / m.batches_total;
+      const mean = recentMean(k + "batch", m.batches_total, m.seconds_sum, keep);
       const tr = el("tr");
       tr.append(
         el("td", null, m.backend), el("td", null, m.model),
