@@ -515,11 +515,7 @@ impl WatermarkAdvanced<'_> {
             dataflow: self.dataflow.to_owned(),
             worker: self.worker.to_string(),
         };
-        if let Ok(mut known) = known_workers().lock() {
-            if !known.contains(&labels) {
-                known.push(labels.clone());
-            }
-        }
+        remember(known_workers(), &labels);
         metrics()
             .watermark
             .get_or_create(&labels)
@@ -557,6 +553,15 @@ pub fn refresh_watermark_lag(now_us: i64) {
     }
 }
 
+/// Notes `labels` in `known` (the label sets a scrape-time refresh re-reads).
+fn remember<L: PartialEq + Clone>(known: &std::sync::Mutex<Vec<L>>, labels: &L) {
+    if let Ok(mut known) = known.lock() {
+        if !known.contains(labels) {
+            known.push(labels.clone());
+        }
+    }
+}
+
 fn known_partitions() -> &'static std::sync::Mutex<Vec<PartitionLabels>> {
     static P: OnceLock<std::sync::Mutex<Vec<PartitionLabels>>> = OnceLock::new();
     P.get_or_init(Default::default)
@@ -579,11 +584,7 @@ impl PartitionWatermark<'_> {
             topic: self.topic.to_owned(),
             partition: self.partition.to_string(),
         };
-        if let Ok(mut known) = known_partitions().lock() {
-            if !known.contains(&labels) {
-                known.push(labels.clone());
-            }
-        }
+        remember(known_partitions(), &labels);
         metrics()
             .partition_watermark
             .get_or_create(&labels)

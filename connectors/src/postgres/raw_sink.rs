@@ -57,8 +57,8 @@ fn build(
             .offsets_of(NAME)
             .map(|o| (o.partition, o.next_offset))
             .collect(),
-        direct_compress: pg.direct_compress_copy,
-        direct_compress_known: None,
+        // Off by configuration: never asked. On: asked at the first write.
+        direct_compress: (!pg.direct_compress_copy).then_some(false),
     };
     Ok((Box::new(sink), Box::pin(ping(pg.url.clone()))))
 }
@@ -79,10 +79,9 @@ pub struct RawRowsSink {
     fence: Fence,
     /// Per partition, the first offset not yet committed (stored, then each write's).
     committed: HashMap<i32, i64>,
-    /// `postgres.direct_compress_copy`; whether the database has it is asked at the first
-    /// write (`None` until then).
-    direct_compress: bool,
-    direct_compress_known: Option<bool>,
+    /// Whether raw COPYs go straight into the columnstore: `postgres.direct_compress_copy` and
+    /// the database having it, which is asked at the first write (`None` until then).
+    direct_compress: Option<bool>,
 }
 
 /// One transaction's worth of a batch; the rows are the batch's own, borrowed.
@@ -150,9 +149,8 @@ impl RawRowsSink {
             .client()
             .await
             .map_err(Classify::into_sink_error)?;
-        let direct = match self.direct_compress_known {
+        let direct = match self.direct_compress {
             Some(known) => known,
-            None if !self.direct_compress => false,
             None => {
                 let has = has_direct_compress_copy(client)
                     .await
@@ -167,7 +165,7 @@ impl RawRowsSink {
                         "into the row store, not"
                     }
                 );
-                self.direct_compress_known = Some(has);
+                self.direct_compress = Some(has);
                 has
             }
         };

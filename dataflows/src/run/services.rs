@@ -159,20 +159,13 @@ fn start_query(
             }
         });
     }
-    let streams = vec![
-        crate::console::StreamInfo {
-            name: StreamKind::Telemetry.name().to_owned(),
-            topic: config.kafka.topics.telemetry.clone(),
-        },
-        crate::console::StreamInfo {
-            name: StreamKind::Inference.name().to_owned(),
-            topic: config.kafka.topics.inference.clone(),
-        },
-        crate::console::StreamInfo {
-            name: StreamKind::Analytics.name().to_owned(),
-            topic: config.kafka.topics.events.clone(),
-        },
-    ];
+    let streams = StreamKind::ALL
+        .into_iter()
+        .map(|kind| crate::console::StreamInfo {
+            name: kind.name().to_owned(),
+            topic: config.kafka.topics.of(kind).to_owned(),
+        })
+        .collect();
     let router = query::router(service.clone(), qc.max_body_bytes)
         .merge(query::guard_ops(crate::ops::routes(), service.clone()))
         .merge(query::guard_console(
