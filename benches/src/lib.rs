@@ -25,8 +25,8 @@ pub fn telemetry_rows(rows: usize, devices: usize) -> Vec<RawRow> {
             let tick = (sample / devices) as i64;
             RawRow::Telemetry(TelemetryRow {
                 time_us: T0_US + tick * 1_000_000 + device as i64 * 1_000,
-                device_id: format!("pi-{device:05}"),
-                metric_name: METRICS[i % METRICS.len()].to_owned(),
+                device_id: primespark_schemas::intern::name(&format!("pi-{device:05}")),
+                metric_name: primespark_schemas::intern::name(METRICS[i % METRICS.len()]),
                 value: ((i * 7_919) % 100_000) as f64 / 100.0,
                 partition: 0,
                 offset: i as i64,

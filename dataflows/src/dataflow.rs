@@ -29,6 +29,7 @@ use primespark_operators::EventTime;
 use primespark_schemas::analytics::{AnalyticsEvent, TaskEvent};
 use primespark_schemas::flow::{AggCommit, Feed, RawBatch};
 use primespark_schemas::inference::InferenceEvent;
+use primespark_schemas::intern;
 use primespark_schemas::rows::{Agg, AggRow, MetricAggRow, RawRow, Rollup};
 use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::vec::Map;
@@ -66,13 +67,14 @@ fn windows<'s>(
                             // Scores join the device's metrics: `anomalies` sums to the count.
                             RawRow::Score(s) => {
                                 let anomaly = f64::from(u8::from(s.is_anomaly()));
+                                let device = intern::name(&s.device_id);
                                 out.push((
-                                    (s.device_id.clone(), SCORE_METRIC.to_owned()),
+                                    (device.clone(), intern::name(SCORE_METRIC)),
                                     s.time_us,
                                     f64::from(s.score),
                                 ));
                                 out.push((
-                                    (s.device_id, ANOMALY_METRIC.to_owned()),
+                                    (device, intern::name(ANOMALY_METRIC)),
                                     s.time_us,
                                     anomaly,
                                 ));
@@ -88,8 +90,8 @@ fn windows<'s>(
                     rollup,
                     row: Agg::Metrics(MetricAggRow {
                         bucket_us: w.window_start_us,
-                        device_id: w.key.0,
-                        metric_name: w.key.1,
+                        device_id: w.key.0.to_string(),
+                        metric_name: w.key.1.to_string(),
                         count: w.agg.count as i64,
                         sum: w.agg.sum,
                         min: w.agg.min,

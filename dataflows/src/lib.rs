@@ -15,10 +15,12 @@
 //! - [`console`]: the web console at `/` of the query endpoint.
 //! - [`ops`]: the process's metrics registry and HTTP routes (`/metrics`, `/healthz`).
 //! - [`cli`]: the command line.
+//! - [`allocator`]: mimalloc's memory options, set by the binaries.
 
 // Tests may unwrap: a panic there is a failed test with its message.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod allocator;
 pub mod cli;
 pub mod config;
 pub mod console;

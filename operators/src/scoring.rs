@@ -283,14 +283,16 @@ impl<'s> ScoreTelemetry<'s> for StreamVec<'s, EventTime, RawItem> {
                             features_buf.clear();
                             // Looked up once: normalized for the model, kept raw for `anomalies`.
                             let raw = entry.features.raw(|name| {
-                                rows.iter().find(|r| r.metric_name == name).map(|r| r.value)
+                                rows.iter()
+                                    .find(|r| &*r.metric_name == name)
+                                    .map(|r| r.value)
                             });
                             entry.features.normalize_raw_into(&raw, &mut features_buf);
                             let sample = Sample {
                                 meta: SampleMeta {
                                     segment: id,
                                     model: entry.clone(),
-                                    device_id: rows[0].device_id.clone(),
+                                    device_id: rows[0].device_id.to_string(),
                                     time_us: rows[0].time_us,
                                     partition: rows[0].partition,
                                     offset: rows[0].offset,

@@ -324,14 +324,19 @@ where
     }
 }
 
+/// A `device_metrics_*` window's key: (device, metric), the rows' shared names
+/// ([`primespark_schemas::intern`]), so that pre-aggregation and both rollups move them by a
+/// reference count.
+pub type MetricKey = (std::sync::Arc<str>, std::sync::Arc<str>);
+
 /// One closed window of one (device, metric).
-pub type MetricWindow = WindowResult<(String, String), Stats>;
+pub type MetricWindow = WindowResult<MetricKey, Stats>;
 
 /// The `device_metrics_*` windows: count, sum, min and max per (device, metric) for every
 /// [`Rollup`], each a two-phase aggregation ([`PreAggregate`] then [`TumblingWindow`]).
 /// The dataflow and the benchmarks build them here, so both run the same operators.
 pub fn metric_windows<'scope>(
-    points: StreamVec<'scope, EventTime, ((String, String), i64, f64)>,
+    points: StreamVec<'scope, EventTime, (MetricKey, i64, f64)>,
     dataflow: &str,
     committed_watermark_us: EventTime,
     allowed_lateness_us: u64,

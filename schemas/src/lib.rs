@@ -21,6 +21,7 @@ pub mod ddl;
 pub mod error;
 pub mod flow;
 pub mod inference;
+pub mod intern;
 mod json;
 pub mod rows;
 pub mod streams;

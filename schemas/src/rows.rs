@@ -1,5 +1,7 @@
 //! Row types the sinks write: what a decoded event becomes in PostgreSQL and Parquet.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::analytics::{AnalyticsEvent, TaskEvent};
@@ -11,10 +13,12 @@ use crate::inference::InferenceEvent;
 pub struct TelemetryRow {
     /// Event time, microseconds since the epoch.
     pub time_us: i64,
-    /// Reporting device.
-    pub device_id: String,
-    /// Metric name.
-    pub metric_name: String,
+    /// Reporting device (shared by the rows of its samples: [`crate::intern`]).
+    #[serde(with = "crate::intern::serde_name")]
+    pub device_id: Arc<str>,
+    /// Metric name (shared likewise).
+    #[serde(with = "crate::intern::serde_name")]
+    pub metric_name: Arc<str>,
     /// Value, always finite.
     pub value: f64,
     /// Kafka partition it came from.

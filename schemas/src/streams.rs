@@ -321,15 +321,15 @@ fn decode_telemetry(
     offset: i64,
 ) -> Result<(i64, Vec<RawRow>), DecodeError> {
     let event = TelemetryEvent::decode(payload, limits)?;
-    let device_id = event.device_id;
+    let device_id = crate::intern::name(&event.device_id);
     let rows = event
         .metrics
-        .into_iter()
+        .iter()
         .map(|m| {
             RawRow::Telemetry(TelemetryRow {
                 time_us: event.time_us,
                 device_id: device_id.clone(),
-                metric_name: m.name,
+                metric_name: crate::intern::name(&m.name),
                 value: m.value,
                 partition,
                 offset,

@@ -168,7 +168,7 @@ pub fn batch(offsets: std::ops::Range<i64>, delivery: SinkSet) -> RawBatch {
                     row: RawRow::Telemetry(TelemetryRow {
                         // 2025-11-05T14:00:00Z plus a second per offset.
                         time_us: 1_762_351_200_000_000 + offset * 1_000_000,
-                        device_id: format!("pi-{partition}"),
+                        device_id: format!("pi-{partition}").into(),
                         metric_name: metric.into(),
                         value: offset as f64,
                         partition,

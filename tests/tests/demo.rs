@@ -51,3 +51,49 @@ fn demo_runs_every_stream_without_services() -> Result<()> {
     );
     Ok(())
 }
+
+/// The binary runs with mimalloc's purge-at-once options (it executes itself again with them,
+/// same pid), and an operator's own value of one of them wins.
+#[test]
+fn the_binary_sets_its_allocator_options_unless_the_operator_did() -> Result<()> {
+    for (given, purge) in [(None, "0"), (Some("7"), "7")] {
+        let dir = tempfile::tempdir()?;
+        let mut cmd = pipeline_command()?;
+        cmd.current_dir(dir.path())
+            .env_remove("MIMALLOC_ARENA_EAGER_COMMIT")
+            .args(["demo", "--duration-secs", "4", "--rate", "50"])
+            .args(["--http-addr", &format!("127.0.0.1:{}", free_port())])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        match given {
+            Some(v) => cmd.env("MIMALLOC_PURGE_DELAY", v),
+            None => cmd.env_remove("MIMALLOC_PURGE_DELAY"),
+        };
+        let mut child = cmd.spawn()?;
+        let environ = format!("/proc/{}/environ", child.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let vars = loop {
+            let text = std::fs::read(&environ).unwrap_or_default();
+            let vars: Vec<String> = text
+                .split(|b| *b == 0)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .filter(|v| v.starts_with("MIMALLOC_"))
+                .collect();
+            if vars.len() >= 2 || std::time::Instant::now() > deadline {
+                break vars;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let status = child.wait()?;
+        assert!(status.success(), "{status}");
+        assert!(
+            vars.contains(&format!("MIMALLOC_PURGE_DELAY={purge}")),
+            "{vars:?}"
+        );
+        assert!(
+            vars.contains(&"MIMALLOC_ARENA_EAGER_COMMIT=0".to_owned()),
+            "{vars:?}"
+        );
+    }
+    Ok(())
+}

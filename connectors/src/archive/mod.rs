@@ -182,8 +182,8 @@ pub fn rows_from_batch(batch: &RecordBatch, location: &str) -> Result<Vec<RawRow
         for i in 0..n {
             rows.push(RawRow::Telemetry(TelemetryRow {
                 time_us: time.value(i),
-                device_id: device.value(i).to_owned(),
-                metric_name: metric.value(i).to_owned(),
+                device_id: primespark_schemas::intern::name(device.value(i)),
+                metric_name: primespark_schemas::intern::name(metric.value(i)),
                 value: value.value(i),
                 partition: partition.value(i),
                 offset: offset.value(i),

@@ -156,6 +156,11 @@ pub fn reader(
             cfg.queue_max_kbytes.to_string(),
         )
         .set("fetch.max.bytes", cfg.fetch_max_bytes.to_string())
+        // librdkafka refuses a `fetch.max.bytes` below `message.max.bytes` (default 1,000,000).
+        .set(
+            "message.max.bytes",
+            cfg.fetch_max_bytes.min(1_000_000).to_string(),
+        )
         .set(
             "max.partition.fetch.bytes",
             cfg.fetch_max_bytes.min(1 << 20).to_string(),
@@ -166,6 +171,7 @@ pub fn reader(
     for key in [
         "queued.max.messages.kbytes",
         "fetch.max.bytes",
+        "message.max.bytes",
         "max.partition.fetch.bytes",
     ] {
         if let Some(v) = cfg.properties.get(key) {

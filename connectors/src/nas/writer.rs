@@ -416,8 +416,8 @@ pub fn score_batch(rows: &[&ScoreRow]) -> Result<RecordBatch, NasError> {
 pub fn telemetry_batch(rows: &[&TelemetryRow]) -> Result<RecordBatch, NasError> {
     let time = TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.time_us))
         .with_timezone("UTC");
-    let device = StringArray::from_iter_values(rows.iter().map(|r| r.device_id.as_str()));
-    let metric = StringArray::from_iter_values(rows.iter().map(|r| r.metric_name.as_str()));
+    let device = StringArray::from_iter_values(rows.iter().map(|r| &*r.device_id));
+    let metric = StringArray::from_iter_values(rows.iter().map(|r| &*r.metric_name));
     let value = Float64Array::from_iter_values(rows.iter().map(|r| r.value));
     let partition = Int32Array::from_iter_values(rows.iter().map(|r| r.partition));
     let offset = Int64Array::from_iter_values(rows.iter().map(|r| r.offset));

@@ -594,7 +594,7 @@ async fn copy_raw<R: Borrow<RawRow> + Sync>(
             telemetry_rows += 1;
             writer
                 .as_mut()
-                .write(&[&time(r.time_us), &r.device_id, &r.metric_name, &r.value])
+                .write(&[&time(r.time_us), &&*r.device_id, &&*r.metric_name, &r.value])
                 .await
                 .map_err(stmt("copying into device_metrics"))?;
         }
