@@ -6,9 +6,10 @@
 //! hundreds of MB/s across threads, and the retained pages made peak RSS 2.5 times the live
 //! heap (heaptrack: 172 MB heap, 418 MB RSS catching up 1M events). Purging at once, with
 //! arena memory committed on demand, measured 290 MB against 475-513 MB at the same events/s
-//! (1M events, 1 MiB fetches; README "Speed"). mimalloc reads its options from the environment when the process loads,
-//! before `main`, so the binary sets the ones the environment does not name and executes
-//! itself again (same pid, arguments and descriptors); a value set by the operator wins.
+//! (1M events, 1 MiB fetches; README "Speed"). mimalloc reads its options from the
+//! environment when the process loads, before `main`, so the binary sets the ones the
+//! environment does not name and executes itself again (same pid, arguments and descriptors);
+//! a value set by the operator wins.
 
 /// The options and their values here (`MIMALLOC_*` of mimalloc 3).
 #[cfg(unix)]
