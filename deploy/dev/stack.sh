@@ -44,10 +44,11 @@ TANSU_BIN="$TANSU_ROOT/bin/tansu"
 VENV="$TOOLS/venv"
 PY="$VENV/bin/python"
 # playwright drives Debian's chromium for the console's browser test (its own browser
-# downloads are never used: they are off the package registries).
+# downloads are never used: they are off the package registries). bytewax and psycopg run
+# the peer in benches/peers (pipeline_e2e).
 PY_PACKAGES=("moto[server]" confluent-kafka pyarrow duckdb requests check-jsonschema kubernetes-validate
-  numpy==2.4.6 onnx==1.23.2 playwright==1.65.2)
-PY_IMPORTS="moto, flask, boto3, confluent_kafka, pyarrow, duckdb, requests, numpy, onnx, playwright"
+  numpy==2.4.6 onnx==1.23.2 playwright==1.65.2 bytewax==0.21.1 "psycopg[binary]==3.3.9")
+PY_IMPORTS="moto, flask, boto3, confluent_kafka, pyarrow, duckdb, requests, numpy, onnx, playwright, bytewax, psycopg"
 PG_BIN="${PRIMESPARK_PG_BIN:-/usr/lib/postgresql/15/bin}"
 PG_CONFIG="$PG_BIN/pg_config"
 TIMESCALE_DIR="${PRIMESPARK_TIMESCALEDB_DIR:-$REPO_ROOT/../shared/timescaledb}"

@@ -139,6 +139,29 @@ pub fn reader(
     topic: &str,
     client_id: &str,
 ) -> Result<PartitionReader, KafkaError> {
+    let consumer: BaseConsumer<LagContext> = reader_config(cfg, client_id)
+        .create_with_context(LagContext {
+            topic: topic.to_owned(),
+            disconnected: false.into(),
+        })
+        .map_err(client_error(format!("creating consumer for {topic}")))?;
+    Ok(PartitionReader {
+        consumer,
+        topic: topic.to_owned(),
+    })
+}
+
+/// The librdkafka properties that tune a reader's fetching; `[kafka.properties]` may set each.
+const READER_TUNING: [&str; 6] = [
+    "queued.max.messages.kbytes",
+    "fetch.max.bytes",
+    "message.max.bytes",
+    "max.partition.fetch.bytes",
+    "fetch.queue.backoff.ms",
+    "fetch.wait.max.ms",
+];
+
+fn reader_config(cfg: &KafkaConfig, client_id: &str) -> ClientConfig {
     let mut c = base_config(cfg);
     // Never joined nor committed by this client: see `group` for the group's positions.
     c.set("group.id", &cfg.consumer_group)
@@ -165,29 +188,20 @@ pub fn reader(
             "max.partition.fetch.bytes",
             cfg.fetch_max_bytes.min(1 << 20).to_string(),
         )
+        // When a fetch response overfills the local queue (brokers may answer with more than
+        // a partition's limit: Tansu sends about `fetch.max.bytes` per partition), librdkafka
+        // waits this long before fetching that partition again; its default of one second
+        // left the reader idle most of the time while catching up a backlog.
+        .set("fetch.queue.backoff.ms", "10")
         .set("fetch.wait.max.ms", "50")
         .set("statistics.interval.ms", "5000");
-    // A property set by hand under `[kafka.properties]` still wins.
-    for key in [
-        "queued.max.messages.kbytes",
-        "fetch.max.bytes",
-        "message.max.bytes",
-        "max.partition.fetch.bytes",
-    ] {
+    // A tuning property set by hand under `[kafka.properties]` still wins.
+    for key in READER_TUNING {
         if let Some(v) = cfg.properties.get(key) {
             c.set(key, v);
         }
     }
-    let consumer: BaseConsumer<LagContext> = c
-        .create_with_context(LagContext {
-            topic: topic.to_owned(),
-            disconnected: false.into(),
-        })
-        .map_err(client_error(format!("creating consumer for {topic}")))?;
-    Ok(PartitionReader {
-        consumer,
-        topic: topic.to_owned(),
-    })
+    c
 }
 
 /// High watermarks of a watcher's partitions, from its client's statistics.
@@ -651,4 +665,44 @@ pub async fn create_topics(
         }
     }
     Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reader_refetches_soon_after_a_full_queue_unless_told_otherwise() {
+        let cfg = KafkaConfig::default();
+        let c = reader_config(&cfg, "test");
+        assert_eq!(c.get("fetch.queue.backoff.ms"), Some("10"));
+        assert_eq!(c.get("fetch.wait.max.ms"), Some("50"));
+        assert_eq!(c.get("auto.offset.reset"), Some("error"));
+
+        let mut cfg = KafkaConfig::default();
+        for (k, v) in [
+            ("fetch.queue.backoff.ms", "250"),
+            ("fetch.wait.max.ms", "5"),
+            ("queued.max.messages.kbytes", "4096"),
+        ] {
+            cfg.properties.insert(k.into(), v.into());
+        }
+        cfg.validate().unwrap();
+        let c = reader_config(&cfg, "test");
+        assert_eq!(c.get("fetch.queue.backoff.ms"), Some("250"));
+        assert_eq!(c.get("fetch.wait.max.ms"), Some("5"));
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("4096"));
+        // librdkafka accepts the combination.
+        assert!(reader(&cfg, "t", "test").is_ok());
+    }
+
+    #[test]
+    fn positions_are_never_reset_or_stored_by_hand() {
+        for key in ["auto.offset.reset", "enable.auto.offset.store"] {
+            let mut cfg = KafkaConfig::default();
+            cfg.properties.insert(key.into(), "earliest".into());
+            let err = cfg.validate().unwrap_err();
+            assert_eq!(err.key, format!("kafka.properties.{key}"));
+        }
+    }
 }

@@ -309,7 +309,14 @@ impl KafkaConfig {
                 return Err(InvalidConfig::new(format!("kafka.properties.{key}"), why));
             }
         }
-        for key in ["bootstrap.servers", "enable.auto.commit", "group.id"] {
+        // Positions live with the sinks' data: the reader must neither store nor reset them.
+        for key in [
+            "bootstrap.servers",
+            "enable.auto.commit",
+            "group.id",
+            "enable.auto.offset.store",
+            "auto.offset.reset",
+        ] {
             if self.properties.contains_key(key) {
                 return Err(InvalidConfig::new(
                     format!("kafka.properties.{key}"),
