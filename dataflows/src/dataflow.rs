@@ -3,9 +3,13 @@
 //! ```text
 //! KafkaSource ─┬─ raw items ─> RawSink ─> raw writer (PostgreSQL COPY + Parquet rolls)
 //!   (telemetry: ─> Score ─> ... every sample's anomaly score joins the raw items)
-//!              ├─ points ─> exchange by key ─> 1-minute windows ───────────────┐
-//!              └─ marks ──────────────────────────────────────────────────────┴─> CommitAggregates (worker 0)
+//!              │                  └─ points ─> exchange by key ─> windows ───┐
+//!              └─ marks ─────────────────────────────────────────────────────┴─> CommitAggregates (worker 0)
 //! ```
+//!
+//! RawSink is the raw stream's only consumer: it takes the windows' points from each item by
+//! reference before the item moves into its batch, where a second consumer would have timely
+//! clone every batch of raw items.
 //!
 //! - `edge.telemetry`: windows per (device, metric) -> `device_metrics_1m`; samples scored by
 //!   the anomaly model (`crate::scoring`) add the metrics `anomaly_score` and `anomalies`.
@@ -16,7 +20,10 @@
 //!   `task_state` with the windows it feeds.
 
 use primespark_operators::checkpoint::CheckpointTracker;
-use primespark_operators::control::Drained;
+use std::cell::Cell;
+use std::rc::Rc;
+
+use primespark_operators::control::{Control, Drained};
 use primespark_operators::decode::StreamKind;
 use primespark_operators::record::{RawItem, SinkId};
 use primespark_operators::routing::{InferenceWindowSpec, InferenceWindows};
@@ -41,12 +48,42 @@ use tokio::sync::mpsc::Sender;
 /// its oldest open window of this width, so a restart can rebuild every open window.
 pub const WINDOW_US: i64 = Rollup::WIDEST.width_us();
 
-/// The windows of `kind` over the on-time points that still need windowing, for every rollup
-/// (1 minute and 1 hour, each computed from the events, so percentiles stay exact to the sketch).
-/// `restored_tasks`: this worker's share of `task_state` (analytics only).
-fn windows<'s>(
+/// Where the raw items go: this worker's raw sinks.
+struct RawHandoff {
+    tx: Sender<RawBatch>,
+    flush: FlushPolicy,
+    control: Control,
+    drained: Rc<Cell<bool>>,
+}
+
+impl RawHandoff {
+    /// Hands `raw` to the raw sinks and returns what `split` takes from its items for the
+    /// windows: the raw stream has this one consumer, so its batches are never cloned.
+    fn split<'s, W: Clone + 'static>(
+        self,
+        raw: StreamVec<'s, EventTime, RawItem>,
+        split: impl FnMut(&RawItem, &mut Vec<W>) + 'static,
+    ) -> StreamVec<'s, EventTime, W> {
+        raw.raw_sink_split(self.tx, self.flush, &self.control, self.drained, split)
+    }
+}
+
+/// The on-time point of `item` if the windows need it.
+fn windowed(item: &RawItem) -> Option<&RawRow> {
+    match item {
+        RawItem::Point(p) if p.delivery.contains(SinkId::WINDOWS) && !p.late => Some(&p.row),
+        _ => None,
+    }
+}
+
+/// Hands `raw` to the raw sinks and returns the windows of `kind` over the on-time points that
+/// still need windowing, for every rollup (1 minute and 1 hour, each computed from the events,
+/// so percentiles stay exact to the sketch). `restored_tasks`: this worker's share of
+/// `task_state` (analytics only).
+fn sink_and_window<'s>(
     kind: StreamKind,
     raw: StreamVec<'s, EventTime, RawItem>,
+    handoff: RawHandoff,
     committed: EventTime,
     lateness: u64,
     out_of_orderness_us: u64,
@@ -56,34 +93,24 @@ fn windows<'s>(
     let mut outputs = Vec::new();
     match kind {
         StreamKind::Telemetry => {
-            let points = raw.flat_map(|item: RawItem| {
-                let mut out = Vec::new();
-                if let RawItem::Point(p) = item {
-                    if p.delivery.contains(SinkId::WINDOWS) && !p.late {
-                        match p.row {
-                            RawRow::Telemetry(r) => {
-                                out.push(((r.device_id, r.metric_name), r.time_us, r.value))
-                            }
-                            // Scores join the device's metrics: `anomalies` sums to the count.
-                            RawRow::Score(s) => {
-                                let anomaly = f64::from(u8::from(s.is_anomaly()));
-                                let device = intern::name(&s.device_id);
-                                out.push((
-                                    (device.clone(), intern::name(SCORE_METRIC)),
-                                    s.time_us,
-                                    f64::from(s.score),
-                                ));
-                                out.push((
-                                    (device, intern::name(ANOMALY_METRIC)),
-                                    s.time_us,
-                                    anomaly,
-                                ));
-                            }
-                            RawRow::Inference(_) | RawRow::Analytics(_) => {}
-                        }
-                    }
+            let points = handoff.split(raw, |item, out| match windowed(item) {
+                Some(RawRow::Telemetry(r)) => out.push((
+                    (r.device_id.clone(), r.metric_name.clone()),
+                    r.time_us,
+                    r.value,
+                )),
+                // Scores join the device's metrics: `anomalies` sums to the count.
+                Some(RawRow::Score(s)) => {
+                    let anomaly = f64::from(u8::from(s.is_anomaly()));
+                    let device = intern::name(&s.device_id);
+                    out.push((
+                        (device.clone(), intern::name(SCORE_METRIC)),
+                        s.time_us,
+                        f64::from(s.score),
+                    ));
+                    out.push(((device, intern::name(ANOMALY_METRIC)), s.time_us, anomaly));
                 }
-                out
+                Some(RawRow::Inference(_) | RawRow::Analytics(_)) | None => {}
             });
             outputs.push(metric_windows(points, &dataflow, committed, lateness).map(
                 |(rollup, w)| AggRow {
@@ -102,14 +129,10 @@ fn windows<'s>(
         }
         StreamKind::Inference => {
             let events: StreamVec<'s, EventTime, InferenceEvent> =
-                raw.flat_map(|item: RawItem| match item {
-                    RawItem::Point(p) if p.delivery.contains(SinkId::WINDOWS) && !p.late => {
-                        match p.row {
-                            RawRow::Inference(r) => Some(r.event),
-                            _ => None,
-                        }
+                handoff.split(raw, |item, out| {
+                    if let Some(RawRow::Inference(r)) = windowed(item) {
+                        out.push(r.event.clone());
                     }
-                    _ => None,
                 });
             for rollup in Rollup::ALL {
                 let (stats, routing) = events.clone().inference_windows(InferenceWindowSpec {
@@ -131,13 +154,10 @@ fn windows<'s>(
         }
         StreamKind::Analytics => {
             let scope = raw.scope();
-            let events = raw.flat_map(|item: RawItem| match item {
-                RawItem::Point(p) if p.delivery.contains(SinkId::WINDOWS) && !p.late => match p.row
-                {
-                    RawRow::Analytics(r) => Some(r.event),
-                    _ => None,
-                },
-                _ => None,
+            let events = handoff.split(raw, |item, out| {
+                if let Some(RawRow::Analytics(r)) = windowed(item) {
+                    out.push(r.event.clone());
+                }
             });
             // The join's state from the last commit goes in first (at the dataflow's first
             // time), then the replay: events already kept are recognised and skipped.
@@ -243,15 +263,21 @@ pub fn build(scope: Scope<'_, EventTime>, spec: DataflowSpec, drained: &Drained)
         }
         _ => raw,
     };
-    let aggregates = windows(
+    let handoff = RawHandoff {
+        tx: raw_tx,
+        flush: raw_flush,
+        control: control.clone(),
+        drained: drained.raw.clone(),
+    };
+    let aggregates = sink_and_window(
         kind,
-        raw.clone(),
+        raw,
+        handoff,
         committed,
         lateness,
         out_of_orderness,
         restored_tasks,
     );
-    raw.raw_sink(raw_tx, raw_flush, &control, drained.raw.clone());
     aggregates.commit_aggregates(
         marks,
         tracker,

@@ -4,7 +4,8 @@
 //! Both hand off with `try_send`: a full channel keeps the batch in the operator and raises the
 //! worker's pressure flag, which pauses the source. A slow sink therefore slows reading instead
 //! of growing memory.
-//! - [`RawSink::raw_sink`]: buffers raw items and hands a worker's batches to its raw sinks.
+//! - [`RawSink::raw_sink`]: buffers raw items and hands a worker's batches to its raw sinks;
+//!   [`RawSink::raw_sink_split`] also emits the windows' inputs in the same pass.
 //! - [`CommitAggregates::commit_aggregates`]: on worker 0, closed windows and the checkpoint
 //!   that makes them final, to the aggregate sinks.
 
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use primespark_schemas::flow::{AggCommit, RawBatch, RawItem};
 use primespark_schemas::rows::AggRow;
+use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::{Exchange, Pipeline};
 use timely::dataflow::operators::generic::Operator;
 use timely::dataflow::StreamVec;
@@ -27,7 +29,7 @@ use crate::record::SourceMark;
 use crate::EventTime;
 
 /// The output of operators that emit nothing.
-type UnitBuilder = timely::container::CapacityContainerBuilder<Vec<()>>;
+type UnitBuilder = CapacityContainerBuilder<Vec<()>>;
 
 /// When a buffer is handed off: by size or by age.
 #[derive(Debug, Clone, Copy)]
@@ -39,7 +41,7 @@ pub struct FlushPolicy {
 }
 
 /// The raw sink operator, on a stream of raw items.
-pub trait RawSink {
+pub trait RawSink<'s> {
     /// Buffers raw items and hands batches to this worker's raw sinks through `tx`.
     /// `drained` becomes true once shutdown was requested (or the input finished) and
     /// everything buffered was handed off.
@@ -71,9 +73,50 @@ pub trait RawSink {
         control: &Control,
         drained: Rc<Cell<bool>>,
     );
+
+    /// [`RawSink::raw_sink`], which also emits what `split` takes from each item by reference
+    /// (the windows' inputs) before the item moves into the batch. A second consumer of the raw
+    /// stream would have timely clone every batch of items for it (its fan-out clones the
+    /// container for all but the last consumer); this reads the stream once.
+    ///
+    /// ```
+    /// use primespark_operators::control::Control;
+    /// use primespark_operators::sink::{FlushPolicy, RawSink};
+    /// use primespark_schemas::flow::{DeadLetter, RawItem, SinkSet};
+    /// use primespark_schemas::rows::DeadLetterRow;
+    /// use timely::dataflow::operators::capture::{Capture, Extract};
+    /// use timely::dataflow::operators::ToStream;
+    ///
+    /// let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    /// let (out_tx, out_rx) = std::sync::mpsc::channel();
+    /// timely::example(move |scope| {
+    ///     let letter = |offset| RawItem::Dead(DeadLetter { delivery: SinkSet::EMPTY,
+    ///         row: DeadLetterRow { partition: 0, offset, reason: "malformed_json".into(),
+    ///             error: "oops".into(), payload: b"oops".to_vec() } });
+    ///     let policy = FlushPolicy { rows: 2, interval: std::time::Duration::from_secs(60) };
+    ///     vec![letter(7), letter(8)].to_stream(scope).container::<Vec<_>>()
+    ///         .raw_sink_split(tx, policy, &Control::default(), Default::default(),
+    ///             |item, out| out.push(item.position().1))
+    ///         .capture_into(out_tx);
+    /// });
+    /// assert_eq!(rx.try_recv().unwrap().items.len(), 2);
+    /// let offsets: Vec<i64> = out_rx.extract().into_iter().flat_map(|(_, o)| o).collect();
+    /// assert_eq!(offsets, [7, 8]);
+    /// ```
+    fn raw_sink_split<W, F>(
+        self,
+        tx: Sender<RawBatch>,
+        policy: FlushPolicy,
+        control: &Control,
+        drained: Rc<Cell<bool>>,
+        split: F,
+    ) -> StreamVec<'s, EventTime, W>
+    where
+        W: Clone + 'static,
+        F: FnMut(&RawItem, &mut Vec<W>) + 'static;
 }
 
-impl RawSink for StreamVec<'_, EventTime, RawItem> {
+impl<'s> RawSink<'s> for StreamVec<'s, EventTime, RawItem> {
     fn raw_sink(
         self,
         tx: Sender<RawBatch>,
@@ -81,16 +124,41 @@ impl RawSink for StreamVec<'_, EventTime, RawItem> {
         control: &Control,
         drained: Rc<Cell<bool>>,
     ) {
+        let _: StreamVec<'s, EventTime, ()> =
+            self.raw_sink_split(tx, policy, control, drained, |_, _| {});
+    }
+
+    fn raw_sink_split<W, F>(
+        self,
+        tx: Sender<RawBatch>,
+        policy: FlushPolicy,
+        control: &Control,
+        drained: Rc<Cell<bool>>,
+        mut split: F,
+    ) -> StreamVec<'s, EventTime, W>
+    where
+        W: Clone + 'static,
+        F: FnMut(&RawItem, &mut Vec<W>) + 'static,
+    {
         let scope = self.scope();
         let control = control.clone();
-        let _: StreamVec<'_, EventTime, ()> =
-            self.unary_frontier::<UnitBuilder, _, _, _>(Pipeline, "RawSink", move |_cap, info| {
+        self.unary_frontier::<CapacityContainerBuilder<Vec<W>>, _, _, _>(
+            Pipeline,
+            "RawSink",
+            move |_cap, info| {
                 let activator = scope.activator_for(info.address);
                 let mut buffer = RawBatch::default();
+                let mut split_out = Vec::new();
                 let mut last_flush = Instant::now();
                 let mut runtime_gone = false;
-                move |(input, frontier), _output| {
-                    input.for_each(|_cap, data| {
+                move |(input, frontier), output| {
+                    input.for_each(|cap, data| {
+                        for item in data.iter() {
+                            split(item, &mut split_out);
+                        }
+                        if !split_out.is_empty() {
+                            output.session(&cap).give_iterator(split_out.drain(..));
+                        }
                         if runtime_gone {
                             data.clear();
                             return;
@@ -136,7 +204,8 @@ impl RawSink for StreamVec<'_, EventTime, RawItem> {
                     };
                     activator.activate_after(wait.max(Duration::from_millis(1)));
                 }
-            });
+            },
+        )
     }
 }
 
