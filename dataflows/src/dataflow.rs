@@ -102,7 +102,7 @@ fn sink_and_window<'s>(
                 // Scores join the device's metrics: `anomalies` sums to the count.
                 Some(RawRow::Score(s)) => {
                     let anomaly = f64::from(u8::from(s.is_anomaly()));
-                    let device = intern::name(&s.device_id);
+                    let device = s.device_id.clone();
                     out.push((
                         (device.clone(), intern::name(SCORE_METRIC)),
                         s.time_us,

@@ -148,7 +148,7 @@ pub struct ScoringSpec {
 struct SampleMeta {
     segment: u64,
     model: Arc<ModelEntry>,
-    device_id: String,
+    device_id: Arc<str>,
     time_us: i64,
     partition: i32,
     offset: i64,
@@ -292,7 +292,7 @@ impl<'s> ScoreTelemetry<'s> for StreamVec<'s, EventTime, RawItem> {
                                 meta: SampleMeta {
                                     segment: id,
                                     model: entry.clone(),
-                                    device_id: rows[0].device_id.to_string(),
+                                    device_id: rows[0].device_id.clone(),
                                     time_us: rows[0].time_us,
                                     partition: rows[0].partition,
                                     offset: rows[0].offset,
@@ -459,7 +459,7 @@ fn score_point(meta: SampleMeta, score: f32, backend: &'static str) -> Point {
         crate::recent::record_anomaly(crate::recent::RecentAnomaly {
             at_us: crate::recent::now_us(),
             event_time_us: meta.time_us,
-            device_id: meta.device_id.clone(),
+            device_id: meta.device_id.to_string(),
             model: meta.model.spec.name.to_string(),
             score,
             threshold,
@@ -488,10 +488,10 @@ fn score_point(meta: SampleMeta, score: f32, backend: &'static str) -> Point {
         row: RawRow::Score(ScoreRow {
             time_us: meta.time_us,
             device_id: meta.device_id,
-            model: meta.model.spec.name.to_string(),
+            model: primespark_schemas::intern::name(&meta.model.spec.name),
             score,
             threshold,
-            backend: backend.to_owned(),
+            backend: primespark_schemas::intern::name(backend),
             features,
             partition: meta.partition,
             offset: meta.offset,
@@ -689,7 +689,7 @@ mod tests {
                 "both metrics of the record, in one sample"
             );
         }
-        let backends: Vec<&str> = scores.iter().map(|s| s.backend.as_str()).collect();
+        let backends: Vec<&str> = scores.iter().map(|s| &*s.backend).collect();
         assert_eq!(
             &backends[..6],
             &["hailo"; 6],

@@ -33,16 +33,19 @@ pub struct TelemetryRow {
 pub struct ScoreRow {
     /// The sample's event time, microseconds since the epoch.
     pub time_us: i64,
-    /// The sample's device.
-    pub device_id: String,
-    /// The model that scored it.
-    pub model: String,
+    /// The sample's device (the sample's shared name: [`crate::intern`]).
+    #[serde(with = "crate::intern::serde_name")]
+    pub device_id: Arc<str>,
+    /// The model that scored it (shared by the model's scores).
+    #[serde(with = "crate::intern::serde_name")]
+    pub model: Arc<str>,
     /// The score (the shipped model: `0..=1`, anomaly probability).
     pub score: f32,
     /// The model's threshold: the sample is an anomaly when `score >= threshold`.
     pub threshold: f32,
-    /// The backend that ran the model (`cpu`, `hailo`).
-    pub backend: String,
+    /// The backend that ran the model (`cpu`, `hailo`; shared likewise).
+    #[serde(with = "crate::intern::serde_name")]
+    pub backend: Arc<str>,
     /// The model's input metrics as the sample carried them (missing ones absent); kept for
     /// anomalies only, for the `anomalies` table.
     pub features: Vec<crate::telemetry::Metric>,

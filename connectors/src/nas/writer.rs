@@ -197,7 +197,7 @@ pub fn inference_stats_batch(rows: &[&InferenceStatsRow]) -> Result<RecordBatch,
         vec![
             times(rows.iter().map(|r| r.bucket_us)),
             Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|r| r.model.as_str()),
+                rows.iter().map(|r| &*r.model),
             )),
             Arc::new(StringArray::from_iter_values(
                 rows.iter().map(|r| r.source.as_str()),
@@ -391,17 +391,17 @@ pub fn score_batch(rows: &[&ScoreRow]) -> Result<RecordBatch, NasError> {
         vec![
             times(rows.iter().map(|r| r.time_us)),
             Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|r| r.device_id.as_str()),
+                rows.iter().map(|r| &*r.device_id),
             )),
             Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|r| r.model.as_str()),
+                rows.iter().map(|r| &*r.model),
             )),
             Arc::new(Float32Array::from_iter_values(rows.iter().map(|r| r.score))),
             Arc::new(BooleanArray::from_iter(
                 rows.iter().map(|r| Some(r.is_anomaly())),
             )),
             Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|r| r.backend.as_str()),
+                rows.iter().map(|r| &*r.backend),
             )),
             Arc::new(Int32Array::from_iter_values(
                 rows.iter().map(|r| r.partition),

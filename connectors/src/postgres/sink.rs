@@ -478,11 +478,11 @@ async fn copy_scores(
             .as_mut()
             .write(&[
                 &time(r.time_us),
-                &r.device_id,
-                &r.model,
+                &&*r.device_id,
+                &&*r.model,
                 &r.score,
                 &r.is_anomaly(),
-                &r.backend,
+                &&*r.backend,
             ])
             .await
             .map_err(stmt("copying into anomaly_scores"))?;
@@ -524,8 +524,8 @@ async fn copy_scores(
             .as_mut()
             .write(&[
                 &time(r.time_us),
-                &r.device_id,
-                &r.model,
+                &&*r.device_id,
+                &&*r.model,
                 &r.score,
                 &r.threshold,
                 &features,
