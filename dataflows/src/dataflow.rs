@@ -19,10 +19,10 @@
 //!   windows -> `api_events_1m` (`primespark_operators::tasks`); the join's state goes to
 //!   `task_state` with the windows it feeds.
 
-use primespark_operators::checkpoint::CheckpointTracker;
 use std::cell::Cell;
 use std::rc::Rc;
 
+use primespark_operators::checkpoint::CheckpointTracker;
 use primespark_operators::control::{Control, Drained};
 use primespark_operators::decode::StreamKind;
 use primespark_operators::record::{RawItem, SinkId};

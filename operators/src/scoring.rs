@@ -367,6 +367,8 @@ impl<'s> ScoreTelemetry<'s> for StreamVec<'s, EventTime, RawItem> {
                         // An error was logged and counted by the scorer: the samples pass on
                         // unscored.
                         let scores = done.scores.ok();
+                        // One shared name for the batch's scores.
+                        let backend = primespark_schemas::intern::name(done.backend);
                         let mut anomalies = 0u64;
                         for (i, meta) in done.tag.into_iter().enumerate() {
                             let Some(front) = segments.front() else { break };
@@ -380,11 +382,8 @@ impl<'s> ScoreTelemetry<'s> for StreamVec<'s, EventTime, RawItem> {
                             seg.pending -= 1;
                             if let Some(&score) = scores.as_ref().and_then(|s| s.get(i)) {
                                 anomalies += u64::from(score >= meta.model.threshold);
-                                seg.items.push(RawItem::Point(score_point(
-                                    meta,
-                                    score,
-                                    done.backend,
-                                )));
+                                seg.items
+                                    .push(RawItem::Point(score_point(meta, score, &backend)));
                             }
                         }
                         if anomalies > 0 {
@@ -451,7 +450,7 @@ fn for_each_sample(items: &[RawItem], mut f: impl FnMut(&[&TelemetryRow], &Point
 }
 
 /// The score of one sample, with the sample's delivery, for the raw sink and the windows.
-fn score_point(meta: SampleMeta, score: f32, backend: &'static str) -> Point {
+fn score_point(meta: SampleMeta, score: f32, backend: &Arc<str>) -> Point {
     let threshold = meta.model.threshold;
     // Only anomalies keep their inputs (`anomalies.features`).
     let anomalous = score >= threshold;
@@ -463,7 +462,7 @@ fn score_point(meta: SampleMeta, score: f32, backend: &'static str) -> Point {
             model: meta.model.spec.name.to_string(),
             score,
             threshold,
-            backend: backend.to_owned(),
+            backend: backend.to_string(),
             partition: meta.partition,
             offset: meta.offset,
         });
@@ -488,10 +487,10 @@ fn score_point(meta: SampleMeta, score: f32, backend: &'static str) -> Point {
         row: RawRow::Score(ScoreRow {
             time_us: meta.time_us,
             device_id: meta.device_id,
-            model: primespark_schemas::intern::name(&meta.model.spec.name),
+            model: meta.model.spec.name.clone(),
             score,
             threshold,
-            backend: primespark_schemas::intern::name(backend),
+            backend: backend.clone(),
             features,
             partition: meta.partition,
             offset: meta.offset,

@@ -197,7 +197,7 @@ pub fn inference_stats_batch(rows: &[&InferenceStatsRow]) -> Result<RecordBatch,
         vec![
             times(rows.iter().map(|r| r.bucket_us)),
             Arc::new(StringArray::from_iter_values(
-                rows.iter().map(|r| &*r.model),
+                rows.iter().map(|r| r.model.as_str()),
             )),
             Arc::new(StringArray::from_iter_values(
                 rows.iter().map(|r| r.source.as_str()),
