@@ -93,7 +93,10 @@ fn sink_and_window<'s>(
     let mut outputs = Vec::new();
     match kind {
         StreamKind::Telemetry => {
-            let points = handoff.split(raw, |item, out| match windowed(item) {
+            // Looked up once: the closure runs for every raw item.
+            let (score_metric, anomaly_metric) =
+                (intern::name(SCORE_METRIC), intern::name(ANOMALY_METRIC));
+            let points = handoff.split(raw, move |item, out| match windowed(item) {
                 Some(RawRow::Telemetry(r)) => out.push((
                     (r.device_id.clone(), r.metric_name.clone()),
                     r.time_us,
@@ -104,11 +107,11 @@ fn sink_and_window<'s>(
                     let anomaly = f64::from(u8::from(s.is_anomaly()));
                     let device = s.device_id.clone();
                     out.push((
-                        (device.clone(), intern::name(SCORE_METRIC)),
+                        (device.clone(), score_metric.clone()),
                         s.time_us,
                         f64::from(s.score),
                     ));
-                    out.push(((device, intern::name(ANOMALY_METRIC)), s.time_us, anomaly));
+                    out.push(((device, anomaly_metric.clone()), s.time_us, anomaly));
                 }
                 Some(RawRow::Inference(_) | RawRow::Analytics(_)) | None => {}
             });
