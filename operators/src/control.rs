@@ -16,6 +16,10 @@ pub struct Control {
     pub paused: Arc<AtomicBool>,
     /// Set by this worker's raw sink when its writer cannot take more: stop reading.
     pub pressure: Rc<Cell<bool>>,
+    /// Set by this worker's source while its last read found nothing more to read (it is at
+    /// the end of what the broker holds, or it has no partitions): the sinks then hand off
+    /// what they hold without waiting out their flush interval.
+    pub caught_up: Rc<Cell<bool>>,
 }
 
 impl Control {
@@ -25,6 +29,7 @@ impl Control {
             shutdown,
             paused,
             pressure: Rc::default(),
+            caught_up: Rc::default(),
         }
     }
 
@@ -41,6 +46,11 @@ impl Control {
     /// Whether the raw sink asked the source to wait.
     pub fn under_pressure(&self) -> bool {
         self.pressure.get()
+    }
+
+    /// Whether this worker's source read everything there was at its last read.
+    pub fn is_caught_up(&self) -> bool {
+        self.caught_up.get()
     }
 }
 

@@ -31,13 +31,35 @@ use crate::EventTime;
 /// The output of operators that emit nothing.
 type UnitBuilder = CapacityContainerBuilder<Vec<()>>;
 
-/// When a buffer is handed off: by size or by age.
+/// When a buffer is handed off: by size or by age, and early once the source is caught up.
+///
+/// Once the worker's source has read everything the broker holds ([`Control::is_caught_up`]),
+/// waiting out `interval` only delays rows that will not be joined by more: the buffer is
+/// handed off as soon as [`FlushPolicy::caught_up_floor`] has passed since the last hand-off.
+/// The floor keeps a trickle of events (each one catching the source up) from becoming one
+/// COPY per event.
 #[derive(Debug, Clone, Copy)]
 pub struct FlushPolicy {
     /// Hand off when this many items (raw items, final windows) wait.
     pub rows: usize,
     /// Hand off at least this often.
     pub interval: Duration,
+}
+
+/// The least time between two hand-offs made early because the source is caught up.
+pub const CAUGHT_UP_FLOOR: Duration = Duration::from_millis(100);
+
+impl FlushPolicy {
+    /// How long after the last hand-off a caught-up source's buffer is handed off: the
+    /// [`CAUGHT_UP_FLOOR`], or the interval when that is shorter.
+    pub fn caught_up_floor(&self) -> Duration {
+        self.interval.min(CAUGHT_UP_FLOOR)
+    }
+
+    /// Whether a non-empty buffer whose last hand-off was `since` ago is due by age.
+    fn aged(&self, since: Duration, caught_up: bool) -> bool {
+        since >= self.interval || (caught_up && since >= self.caught_up_floor())
+    }
 }
 
 /// The raw sink operator, on a stream of raw items.
@@ -169,9 +191,10 @@ impl<'s> RawSink<'s> for StreamVec<'s, EventTime, RawItem> {
                     });
                     // A finished input (a backfill read everything) flushes like a shutdown.
                     let stopping = control.is_shutting_down() || frontier.frontier().is_empty();
+                    let caught_up = control.is_caught_up();
                     let due = buffer.items.len() >= policy.rows
                         || (!buffer.is_empty()
-                            && (last_flush.elapsed() >= policy.interval || stopping));
+                            && (policy.aged(last_flush.elapsed(), caught_up) || stopping));
                     if due {
                         match tx.try_send(std::mem::take(&mut buffer)) {
                             Ok(()) => last_flush = Instant::now(),
@@ -197,9 +220,12 @@ impl<'s> RawSink<'s> for StreamVec<'s, EventTime, RawItem> {
                     let wait = if buffer.is_empty() {
                         Duration::from_millis(100)
                     } else {
-                        policy
-                            .interval
-                            .saturating_sub(last_flush.elapsed())
+                        let age = if caught_up {
+                            policy.caught_up_floor()
+                        } else {
+                            policy.interval
+                        };
+                        age.saturating_sub(last_flush.elapsed())
                             .min(Duration::from_millis(20))
                     };
                     activator.activate_after(wait.max(Duration::from_millis(1)));
@@ -301,7 +327,8 @@ impl<'s> CommitAggregates<'s> for StreamVec<'s, EventTime, AggRow> {
                     .min()
                     .unwrap_or(EventTime::MAX);
                     let stopping = control.is_shutting_down() || frontier == EventTime::MAX;
-                    if let Some(wait) = committer.advance(frontier, stopping, policy) {
+                    let caught_up = control.is_caught_up();
+                    if let Some(wait) = committer.advance(frontier, stopping, caught_up, policy) {
                         activator.activate_after(wait);
                     }
                     if let Some(commit) = committer.outbox.take() {
@@ -338,6 +365,7 @@ impl Committer {
         &mut self,
         frontier: EventTime,
         stopping: bool,
+        caught_up: bool,
         policy: FlushPolicy,
     ) -> Option<Duration> {
         if frontier <= self.last_frontier {
@@ -350,8 +378,13 @@ impl Committer {
                 .map(|(_, rows)| rows.len())
                 .sum::<usize>()
         };
-        if !(since >= policy.interval || stopping || ready() >= policy.rows) {
-            return Some(policy.interval - since);
+        if !(policy.aged(since, caught_up) || stopping || ready() >= policy.rows) {
+            let age = if caught_up {
+                policy.caught_up_floor()
+            } else {
+                policy.interval
+            };
+            return Some(age.saturating_sub(since));
         }
         let later = self.pending.split_off(&frontier);
         let rows: Vec<AggRow> = std::mem::replace(&mut self.pending, later)
@@ -394,10 +427,25 @@ mod tests {
         }
     }
 
+    /// Steps `worker` for `d` of wall-clock time (the operators' age checks need it to pass).
+    fn step_for(worker: &mut timely::worker::Worker, d: Duration) {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            worker.step_or_park(Some(Duration::from_millis(5)));
+        }
+    }
+
     /// Runs the commit operator with a one-hour interval: only the size can make it commit.
     fn commits_within_the_interval(max_rows: usize, windows: i64) -> usize {
+        commits_with(max_rows, windows, false)
+    }
+
+    /// [`commits_within_the_interval`], with the worker's source caught up or not.
+    fn commits_with(max_rows: usize, windows: i64, caught_up: bool) -> usize {
         let (tx, mut rx) = tokio::sync::mpsc::channel(16);
         timely::execute_directly(move |worker| {
+            let control = Control::default();
+            control.caught_up.set(caught_up);
             let mut aggs: InputHandleVec<EventTime, AggRow> = InputHandleVec::new();
             let mut marks: InputHandleVec<EventTime, SourceMark> = InputHandleVec::new();
             let probe = ProbeHandle::new();
@@ -412,7 +460,7 @@ mod tests {
                         rows: max_rows,
                         interval: Duration::from_secs(3600),
                     },
-                    &Control::default(),
+                    &control,
                     Rc::default(),
                 );
                 a.probe_with(&probe);
@@ -425,17 +473,13 @@ mod tests {
             while probe.less_than(&1) {
                 worker.step();
             }
-            for _ in 0..50 {
-                worker.step();
-            }
+            step_for(worker, 3 * CAUGHT_UP_FLOOR);
             for i in 0..windows {
                 aggs.send(window(i));
             }
             aggs.advance_to(2);
             marks.advance_to(2);
-            for _ in 0..200 {
-                worker.step();
-            }
+            step_for(worker, 3 * CAUGHT_UP_FLOOR);
             // Not closing the inputs (that flushes, as at the end of a backfill): the dataflow
             // is dropped instead.
             for id in worker.installed_dataflows() {
@@ -456,5 +500,67 @@ mod tests {
         // the size limit is 5, never when it is 1000.
         assert_eq!(commits_within_the_interval(5, 5), 2);
         assert_eq!(commits_within_the_interval(1000, 5), 0);
+    }
+
+    #[test]
+    fn aggregates_commit_after_the_floor_once_the_source_is_caught_up() {
+        // Neither the hour nor the size is reached: a caught-up source commits each advance
+        // after the floor; a source still reading waits for the interval.
+        assert_eq!(commits_with(1000, 5, true), 2);
+        assert_eq!(commits_with(1000, 5, false), 0);
+    }
+
+    /// Raw batches handed off within an hour-long interval, 3 floors after two letters arrive
+    /// (the input stays open, so nothing is flushed as at the end of a backfill).
+    fn raw_batches_within_the_interval(caught_up: bool) -> usize {
+        use primespark_schemas::flow::{DeadLetter, SinkSet};
+        use primespark_schemas::rows::DeadLetterRow;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        timely::execute_directly(move |worker| {
+            let control = Control::default();
+            control.caught_up.set(caught_up);
+            let mut input: InputHandleVec<EventTime, RawItem> = InputHandleVec::new();
+            worker.dataflow::<EventTime, _, _>(|scope| {
+                scope.input_from(&mut input).raw_sink(
+                    tx,
+                    FlushPolicy {
+                        rows: 1000,
+                        interval: Duration::from_secs(3600),
+                    },
+                    &control,
+                    Rc::default(),
+                );
+            });
+            for offset in [7, 8] {
+                input.send(RawItem::Dead(DeadLetter {
+                    delivery: SinkSet::EMPTY,
+                    row: DeadLetterRow {
+                        partition: 0,
+                        offset,
+                        reason: "malformed_json".into(),
+                        error: "oops".into(),
+                        payload: b"oops".to_vec(),
+                    },
+                }));
+            }
+            input.advance_to(1);
+            step_for(worker, 3 * CAUGHT_UP_FLOOR);
+            for id in worker.installed_dataflows() {
+                worker.drop_dataflow(id);
+            }
+            drop(input);
+        });
+        let mut batches = 0;
+        while let Ok(b) = rx.try_recv() {
+            assert_eq!(b.items.len(), 2);
+            batches += 1;
+        }
+        batches
+    }
+
+    #[test]
+    fn raw_items_are_handed_off_after_the_floor_once_the_source_is_caught_up() {
+        assert_eq!(raw_batches_within_the_interval(true), 1);
+        assert_eq!(raw_batches_within_the_interval(false), 0);
     }
 }

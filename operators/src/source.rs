@@ -226,10 +226,12 @@ impl<'s> FeedSource<'s> for Scope<'s, EventTime> {
             let mut state = SourceState::new(spec, scope.index());
             let mut cap = feed.as_ref().map(|_| capability);
             move |output| {
+                let control = &state.spec.control;
                 let (Some(cap_ref), Some(feed)) = (cap.as_mut(), feed.as_mut()) else {
+                    // Nothing to read (no partitions, or the archive is read).
+                    control.caught_up.set(true);
                     return;
                 };
-                let control = &state.spec.control;
                 if control.is_shutting_down() {
                     // Holding the capability keeps open windows open: they are recomputed by
                     // the next run from the committed resume offsets instead of being emitted
@@ -249,6 +251,12 @@ impl<'s> FeedSource<'s> for Scope<'s, EventTime> {
                     state.read(feed.as_mut(), |item| session.give(item))
                 };
                 state.advance(cap_ref);
+                // A read that stopped short of the cap found the feed empty.
+                state
+                    .spec
+                    .control
+                    .caught_up
+                    .set(read < MAX_RECORDS_PER_ACTIVATION);
                 if state.finished() {
                     // The archive is read (or unreadable): every window may close now.
                     tracing::info!(topic = %state.spec.topic, worker = state.worker, failed = state.failed, "archive source finished");

@@ -19,6 +19,7 @@ use futures::FutureExt;
 use primespark_schemas::flow::{RawBatch, RawItem, SinkId};
 use primespark_schemas::rows::{DeadLetterRow, PartitionOffset, RawRow};
 
+use super::writer::{hour_of, RollRows, TelemetryColumns};
 use super::{NasConfig, NasError, ParquetArchive, Recovered};
 use crate::metrics::SinkRowsWritten;
 use crate::postgres::OffsetStore;
@@ -194,8 +195,13 @@ impl RollLimits {
 /// The open roll of one partition.
 #[derive(Debug, Default)]
 struct PartitionRoll {
+    /// Rows of the other streams, and scores.
     rows: Vec<RawRow>,
-    /// [`RawRow::approx_bytes`] of `rows`.
+    /// Telemetry rows as columns, by hour of event time.
+    telemetry: BTreeMap<i64, TelemetryColumns>,
+    /// Rows in `rows` and `telemetry`.
+    count: usize,
+    /// [`RawRow::approx_bytes`] of the roll's rows.
     bytes: usize,
     first: Option<i64>,
     next: i64,
@@ -209,7 +215,7 @@ struct Due {
     partition: i32,
     first: i64,
     next: i64,
-    rows: Arc<Vec<RawRow>>,
+    rows: Arc<RollRows>,
 }
 
 /// The raw archive of one worker.
@@ -234,25 +240,33 @@ pub struct RollSink<P: Publish> {
 
 impl<P: Publish> RollSink<P> {
     /// Cuts the rolls that are due (or all).
-    fn cut(&mut self, all: bool) {
+    fn cut(&mut self, all: bool) -> Result<(), NasError> {
         for (p, roll) in &mut self.rolls {
             let Some(first) = roll.first else { continue };
             let aged = roll
                 .opened
                 .is_some_and(|o| o.elapsed() >= self.limits.interval);
-            if all || aged || roll.rows.len() >= self.limits.rows || roll.bytes >= self.limits.bytes
-            {
+            if all || aged || roll.count >= self.limits.rows || roll.bytes >= self.limits.bytes {
+                let telemetry = std::mem::take(&mut roll.telemetry)
+                    .into_iter()
+                    .map(|(hour, columns)| Ok((hour, columns.finish()?)))
+                    .collect::<Result<_, NasError>>()?;
                 self.pending.push(Due {
                     partition: *p,
                     first,
                     next: roll.next,
-                    rows: Arc::new(std::mem::take(&mut roll.rows)),
+                    rows: Arc::new(RollRows {
+                        rows: std::mem::take(&mut roll.rows),
+                        telemetry,
+                    }),
                 });
                 roll.first = None;
                 roll.opened = None;
                 roll.bytes = 0;
+                roll.count = 0;
             }
         }
+        Ok(())
     }
 
     /// Writes and publishes the first pending roll.
@@ -263,11 +277,12 @@ impl<P: Publish> RollSink<P> {
         let started = Instant::now();
         let (archive, rows) = (self.archive.clone(), due.rows.clone());
         let (partition, first, last) = (due.partition, due.first, due.next - 1);
-        let files =
-            tokio::task::spawn_blocking(move || archive.write_roll(partition, first, last, &rows))
-                .await
-                .map_err(|e| SinkError::fatal(Domain::Internal, e))?
-                .map_err(Classify::into_sink_error)?;
+        let files = tokio::task::spawn_blocking(move || {
+            archive.write_roll_rows(partition, first, last, &rows)
+        })
+        .await
+        .map_err(|e| SinkError::fatal(Domain::Internal, e))?
+        .map_err(Classify::into_sink_error)?;
         self.publish.publish(&files).await.map_err(|e| {
             e.at(Target {
                 sink: self.publish.label(),
@@ -304,7 +319,15 @@ impl<P: Publish> RollSink<P> {
             if let RawItem::Point(p) = item {
                 if p.delivery.contains(self.id) {
                     roll.bytes += p.row.approx_bytes();
-                    roll.rows.push(p.row.clone());
+                    roll.count += 1;
+                    match &p.row {
+                        RawRow::Telemetry(t) => roll
+                            .telemetry
+                            .entry(hour_of(t.time_us))
+                            .or_default()
+                            .push(t),
+                        row => roll.rows.push(row.clone()),
+                    }
                 }
             }
         }
@@ -392,7 +415,8 @@ impl<P: Publish> Sink for RollSink<P> {
     }
 
     async fn commit(&mut self, flush: Flush) -> Result<(), SinkError> {
-        self.cut(flush == Flush::All);
+        self.cut(flush == Flush::All)
+            .map_err(Classify::into_sink_error)?;
         while let Some(due) = self.pending.first() {
             let due = Due {
                 partition: due.partition,
@@ -553,25 +577,122 @@ mod tests {
         batch
     }
 
+    /// Every row of every Parquet file under `dir`, as text, sorted (file name included).
+    fn archived(dir: &std::path::Path) -> Vec<String> {
+        use arrow::util::display::{ArrayFormatter, FormatOptions};
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_owned()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let path = e.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let rel = path.strip_prefix(dir).unwrap().display().to_string();
+                let file = std::fs::File::open(&path).unwrap();
+                let reader =
+                    parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+                        .unwrap()
+                        .build()
+                        .unwrap();
+                for batch in reader {
+                    let batch = batch.unwrap();
+                    let options = FormatOptions::default();
+                    let columns: Vec<_> = batch
+                        .columns()
+                        .iter()
+                        .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).unwrap())
+                        .collect();
+                    for i in 0..batch.num_rows() {
+                        let cells: Vec<String> =
+                            columns.iter().map(|c| c.value(i).to_string()).collect();
+                        out.push(format!("{rel}: {}", cells.join(",")));
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_roll_kept_as_columns_writes_what_its_rows_would() {
+        use primespark_schemas::rows::ScoreRow;
+        let hour = 3_600_000_000i64;
+        let mut rows = Vec::new();
+        for i in 0..40i64 {
+            // Three hours of event time, out of order, and a score per fourth sample.
+            let time_us = 1_762_351_387_000_000 + (i % 3) * hour + i;
+            rows.push(RawRow::Telemetry(TelemetryRow {
+                time_us,
+                device_id: format!("pi-{}", i % 5).into(),
+                metric_name: if i % 2 == 0 { "cpu_percent" } else { "temp_c" }.into(),
+                value: i as f64 / 4.0,
+                partition: 0,
+                offset: i,
+            }));
+            if i % 4 == 0 {
+                rows.push(RawRow::Score(ScoreRow {
+                    time_us,
+                    device_id: format!("pi-{}", i % 5).into(),
+                    model: "iforest".into(),
+                    score: 0.25,
+                    threshold: 0.5,
+                    backend: "cpu".into(),
+                    features: Vec::new(),
+                    partition: 0,
+                    offset: i,
+                }));
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = sink(&dir.path().join("columns"), 1 << 20, 1 << 30);
+        s.archive = s.archive.clone().with_scores();
+        let mut batch = RawBatch::default();
+        for row in &rows {
+            batch.push(RawItem::Point(Point {
+                row: row.clone(),
+                delivery: SinkSet::of([SinkId::raw(0).unwrap()]),
+                late: false,
+                late_by_us: 0,
+            }));
+        }
+        s.append(&batch);
+        s.cut(true).unwrap();
+        assert_eq!(s.pending.len(), 1);
+        let due = &s.pending[0];
+        assert_eq!(due.rows.len(), rows.len());
+        assert_eq!(due.rows.telemetry.len(), 3, "three hours of telemetry");
+        s.archive
+            .write_roll_rows(0, due.first, due.next - 1, &due.rows)
+            .unwrap();
+        let by_rows = ParquetArchive::new(&dir.path().join("rows"), "edge.telemetry", 1024);
+        by_rows.write_roll(0, 0, 39, &rows).unwrap();
+        let columns = archived(&dir.path().join("columns"));
+        assert_eq!(columns.len(), rows.len());
+        assert_eq!(columns, archived(&dir.path().join("rows")));
+    }
+
     #[test]
     fn rolls_are_cut_by_rows_or_bytes_whichever_comes_first() {
         let dir = tempfile::tempdir().unwrap();
         // 10 small rows: under both limits, not due.
         let mut s = sink(dir.path(), 100, 10_000);
         s.append(&batch(10, "pi"));
-        s.cut(false);
+        s.cut(false).unwrap();
         assert!(s.pending.is_empty());
         // The same rows with long device ids pass the byte limit first.
         let mut s = sink(dir.path(), 100, 10_000);
         s.append(&batch(10, &"d".repeat(1000)));
-        s.cut(false);
+        s.cut(false).unwrap();
         assert_eq!(s.pending.len(), 1);
         assert_eq!(s.pending[0].rows.len(), 10);
         assert_eq!(s.rolls[&0].bytes, 0, "a cut roll starts empty");
         // The row limit still applies.
         let mut s = sink(dir.path(), 5, 1 << 30);
         s.append(&batch(10, "pi"));
-        s.cut(false);
+        s.cut(false).unwrap();
         assert_eq!(s.pending.len(), 1);
     }
 }

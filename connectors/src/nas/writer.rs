@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use arrow::array::{
     ArrayRef, BooleanArray, Float32Array, Float64Array, Int32Array, Int64Array, RecordBatch,
-    StringArray, TimestampMicrosecondArray,
+    StringArray, StringBuilder, TimestampMicrosecondArray,
 };
 use chrono::{DateTime, Utc};
 use parquet::arrow::ArrowWriter;
@@ -435,6 +435,79 @@ pub fn telemetry_batch(rows: &[&TelemetryRow]) -> Result<RecordBatch, NasError> 
     .map_err(|e| NasError::Encode(e.to_string()))
 }
 
+/// A telemetry roll's columns for one hour of event time, appended from each batch as it
+/// arrives: the roll keeps no row (no clone, no shared-name reference count per row), and cutting
+/// it moves the buffers into an Arrow batch without copying them.
+#[derive(Debug, Default)]
+pub struct TelemetryColumns {
+    time: Vec<i64>,
+    device: StringBuilder,
+    metric: StringBuilder,
+    value: Vec<f64>,
+    partition: Vec<i32>,
+    offset: Vec<i64>,
+}
+
+impl TelemetryColumns {
+    /// Appends one row.
+    pub fn push(&mut self, r: &TelemetryRow) {
+        self.time.push(r.time_us);
+        self.device.append_value(&*r.device_id);
+        self.metric.append_value(&*r.metric_name);
+        self.value.push(r.value);
+        self.partition.push(r.partition);
+        self.offset.push(r.offset);
+    }
+
+    /// The rows as one batch of [`columnar::telemetry_raw`].
+    pub fn finish(mut self) -> Result<RecordBatch, NasError> {
+        RecordBatch::try_new(
+            columnar::telemetry_raw(),
+            vec![
+                Arc::new(TimestampMicrosecondArray::from(self.time).with_timezone("UTC")),
+                Arc::new(self.device.finish()),
+                Arc::new(self.metric.finish()),
+                Arc::new(Float64Array::from(self.value)),
+                Arc::new(Int32Array::from(self.partition)),
+                Arc::new(Int64Array::from(self.offset)),
+            ],
+        )
+        .map_err(encode)
+    }
+}
+
+/// The rows of one cut roll: telemetry as Arrow batches by hour ([`TelemetryColumns`]), the
+/// other streams' rows (and scores) as they came.
+#[derive(Debug, Default, Clone)]
+pub struct RollRows {
+    /// Rows not kept as columns.
+    pub rows: Vec<RawRow>,
+    /// Telemetry batches by hour of event time (hours since the epoch).
+    pub telemetry: Vec<(i64, RecordBatch)>,
+}
+
+impl RollRows {
+    /// Rows in the roll.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+            + self
+                .telemetry
+                .iter()
+                .map(|(_, b)| b.num_rows())
+                .sum::<usize>()
+    }
+
+    /// Whether the roll holds no row.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The hour of event time (hours since the epoch) a row's file is under.
+pub fn hour_of(time_us: i64) -> i64 {
+    time_us.div_euclid(3_600_000_000)
+}
+
 /// Builds the Arrow batch of 1-minute aggregate rows.
 pub fn aggregate_batch(rows: &[&MetricAggRow]) -> Result<RecordBatch, NasError> {
     let bucket = TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.bucket_us))
@@ -541,6 +614,23 @@ fn write_batch_file(
     batch: &RecordBatch,
     row_group_rows: usize,
 ) -> Result<(), NasError> {
+    write_batches_file(path, std::slice::from_ref(batch), row_group_rows)
+}
+
+/// Writes `batches` (one schema) into one Parquet file at `path`, synced.
+fn write_batches_file(
+    path: &Path,
+    batches: &[RecordBatch],
+    row_group_rows: usize,
+) -> Result<(), NasError> {
+    let Some(batch) = batches.first() else {
+        return Err(NasError::Encode("a file of no batch".into()));
+    };
+    if batches.iter().any(|b| b.schema() != batch.schema()) {
+        return Err(NasError::Encode(
+            "a roll mixes rows of different streams (telemetry, inference, analytics)".into(),
+        ));
+    }
     let file = fs::File::create(path).map_err(io(path))?;
     let mut props = WriterProperties::builder()
         // zstd level 1: most of level 3's size at a fraction of its time, on a Pi too.
@@ -567,9 +657,11 @@ fn write_batch_file(
     let props = props.build();
     let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(props))
         .map_err(|e| NasError::Encode(e.to_string()))?;
-    writer
-        .write(batch)
-        .map_err(|e| NasError::Encode(e.to_string()))?;
+    for batch in batches {
+        writer
+            .write(batch)
+            .map_err(|e| NasError::Encode(e.to_string()))?;
+    }
     let file = writer
         .into_inner()
         .map_err(|e| NasError::Encode(e.to_string()))?;
@@ -613,6 +705,30 @@ pub fn parse_roll_range(name: &str) -> Option<(i32, i64, i64)> {
 pub fn extend_end(ends: &mut HashMap<i32, i64>, partition: i32, last: i64) {
     let end = ends.entry(partition).or_insert(i64::MIN);
     *end = (*end).max(last.saturating_add(1));
+}
+
+/// Groups rows by (scores or not, hour) into one batch per group, appended to `grouped`.
+/// Scores go to their own table, in files named after the same roll: both are renamed into
+/// place before the roll's offsets are committed. Rows are grouped by reference: copying them
+/// (two strings each) cost more than the Parquet encoding.
+fn group_rows(
+    grouped: &mut BTreeMap<(bool, i64), Vec<RecordBatch>>,
+    rows: &[RawRow],
+) -> Result<(), NasError> {
+    let mut by_hour: BTreeMap<(bool, i64), Vec<&RawRow>> = BTreeMap::new();
+    for r in rows {
+        by_hour
+            .entry((matches!(r, RawRow::Score(_)), hour_of(r.time_us())))
+            .or_default()
+            .push(r);
+    }
+    for (key, rows) in by_hour {
+        grouped
+            .entry(key)
+            .or_default()
+            .push(raw_batch_of(rows.iter().copied())?);
+    }
+    Ok(())
 }
 
 /// The file name of a roll.
@@ -808,18 +924,38 @@ impl ParquetArchive {
         last: i64,
         rows: &[RawRow],
     ) -> Result<Vec<PathBuf>, NasError> {
-        // Scores go to their own table, in files named after the same roll: both are renamed
-        // into place before the roll's offsets are committed.
-        // Rows are grouped by reference: copying them (two strings each) cost more than the
-        // Parquet encoding.
-        let mut by_hour: BTreeMap<(bool, i64), Vec<&RawRow>> = BTreeMap::new();
-        for r in rows {
-            let hour = r.time_us().div_euclid(3_600_000_000);
-            by_hour
-                .entry((matches!(r, RawRow::Score(_)), hour))
-                .or_default()
-                .push(r);
+        let mut grouped = BTreeMap::new();
+        group_rows(&mut grouped, rows)?;
+        self.write_grouped(partition, first, last, grouped)
+    }
+
+    /// [`ParquetArchive::write_roll`] of a roll kept partly as columns.
+    pub fn write_roll_rows(
+        &self,
+        partition: i32,
+        first: i64,
+        last: i64,
+        roll: &RollRows,
+    ) -> Result<Vec<PathBuf>, NasError> {
+        let mut grouped = BTreeMap::new();
+        group_rows(&mut grouped, &roll.rows)?;
+        for (hour, batch) in &roll.telemetry {
+            grouped
+                .entry((false, *hour))
+                .or_insert_with(Vec::new)
+                .push(batch.clone());
         }
+        self.write_grouped(partition, first, last, grouped)
+    }
+
+    /// Writes a roll's batches, one file per (scores or not, hour).
+    fn write_grouped(
+        &self,
+        partition: i32,
+        first: i64,
+        last: i64,
+        by_hour: BTreeMap<(bool, i64), Vec<RecordBatch>>,
+    ) -> Result<Vec<PathBuf>, NasError> {
         let name = roll_name(partition, first, last);
         let temp = temp_name(&name, &self.instance);
         // Every file of the roll is complete and durable under its temporary name before the
@@ -838,9 +974,8 @@ impl ParquetArchive {
                 .join(format!("date={}", start.format("%Y-%m-%d")))
                 .join(format!("hour={}", start.format("%H")));
             fs::create_dir_all(&dir).map_err(io(&dir))?;
-            let batch = raw_batch_of(rows.iter().copied())?;
             let temp_path = dir.join(&temp);
-            write_batch_file(&temp_path, &batch, self.row_group_rows)?;
+            write_batches_file(&temp_path, &rows, self.row_group_rows)?;
             staged.push((temp_path, dir.join(&name), dir));
         }
         // A writer whose lease was taken over must not make anything visible.
