@@ -56,9 +56,13 @@ impl FlushPolicy {
         self.interval.min(CAUGHT_UP_FLOOR)
     }
 
-    /// Whether a non-empty buffer whose last hand-off was `since` ago is due by age.
-    fn aged(&self, since: Duration, caught_up: bool) -> bool {
-        since >= self.interval || (caught_up && since >= self.caught_up_floor())
+    /// How old, since the last hand-off, a non-empty buffer may grow before it is due.
+    fn max_age(&self, caught_up: bool) -> Duration {
+        if caught_up {
+            self.caught_up_floor()
+        } else {
+            self.interval
+        }
     }
 }
 
@@ -194,7 +198,7 @@ impl<'s> RawSink<'s> for StreamVec<'s, EventTime, RawItem> {
                     let caught_up = control.is_caught_up();
                     let due = buffer.items.len() >= policy.rows
                         || (!buffer.is_empty()
-                            && (policy.aged(last_flush.elapsed(), caught_up) || stopping));
+                            && (last_flush.elapsed() >= policy.max_age(caught_up) || stopping));
                     if due {
                         match tx.try_send(std::mem::take(&mut buffer)) {
                             Ok(()) => last_flush = Instant::now(),
@@ -220,12 +224,9 @@ impl<'s> RawSink<'s> for StreamVec<'s, EventTime, RawItem> {
                     let wait = if buffer.is_empty() {
                         Duration::from_millis(100)
                     } else {
-                        let age = if caught_up {
-                            policy.caught_up_floor()
-                        } else {
-                            policy.interval
-                        };
-                        age.saturating_sub(last_flush.elapsed())
+                        policy
+                            .max_age(caught_up)
+                            .saturating_sub(last_flush.elapsed())
                             .min(Duration::from_millis(20))
                     };
                     activator.activate_after(wait.max(Duration::from_millis(1)));
@@ -378,13 +379,9 @@ impl Committer {
                 .map(|(_, rows)| rows.len())
                 .sum::<usize>()
         };
-        if !(policy.aged(since, caught_up) || stopping || ready() >= policy.rows) {
-            let age = if caught_up {
-                policy.caught_up_floor()
-            } else {
-                policy.interval
-            };
-            return Some(age.saturating_sub(since));
+        let max_age = policy.max_age(caught_up);
+        if !(since >= max_age || stopping || ready() >= policy.rows) {
+            return Some(max_age.saturating_sub(since));
         }
         let later = self.pending.split_off(&frontier);
         let rows: Vec<AggRow> = std::mem::replace(&mut self.pending, later)

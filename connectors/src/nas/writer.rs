@@ -414,25 +414,11 @@ pub fn score_batch(rows: &[&ScoreRow]) -> Result<RecordBatch, NasError> {
 
 /// Builds the Arrow batch of raw telemetry rows.
 pub fn telemetry_batch(rows: &[&TelemetryRow]) -> Result<RecordBatch, NasError> {
-    let time = TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.time_us))
-        .with_timezone("UTC");
-    let device = StringArray::from_iter_values(rows.iter().map(|r| &*r.device_id));
-    let metric = StringArray::from_iter_values(rows.iter().map(|r| &*r.metric_name));
-    let value = Float64Array::from_iter_values(rows.iter().map(|r| r.value));
-    let partition = Int32Array::from_iter_values(rows.iter().map(|r| r.partition));
-    let offset = Int64Array::from_iter_values(rows.iter().map(|r| r.offset));
-    RecordBatch::try_new(
-        columnar::telemetry_raw(),
-        vec![
-            Arc::new(time),
-            Arc::new(device),
-            Arc::new(metric),
-            Arc::new(value),
-            Arc::new(partition),
-            Arc::new(offset),
-        ],
-    )
-    .map_err(|e| NasError::Encode(e.to_string()))
+    let mut columns = TelemetryColumns::default();
+    for r in rows {
+        columns.push(r);
+    }
+    columns.finish()
 }
 
 /// A telemetry roll's columns for one hour of event time, appended from each batch as it
@@ -942,7 +928,7 @@ impl ParquetArchive {
         for (hour, batch) in &roll.telemetry {
             grouped
                 .entry((false, *hour))
-                .or_insert_with(Vec::new)
+                .or_default()
                 .push(batch.clone());
         }
         self.write_grouped(partition, first, last, grouped)
