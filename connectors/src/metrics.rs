@@ -43,6 +43,7 @@ struct Metrics {
     sink_errors: Family<SinkLabels, Counter>,
     dead_letters: Family<PartitionLabels, Counter>,
     queries: Family<QueryLabels, Counter>,
+    query_retries: Counter,
     query_seconds: Family<QueryLabels, Histogram>,
     sink_degraded: Family<SinkLabels, Gauge>,
     source_degraded: Family<TableLabels, Gauge>,
@@ -61,6 +62,7 @@ struct Metrics {
     wire_client_gone: Counter,
     http_refused: Family<ReasonLabels, Counter>,
     compacted_files: Family<TableLabels, Counter>,
+    compacted_waiting: Gauge,
     archive_tier_reads: Family<TierLabels, Counter>,
     writer_lease: Family<LeaseLabels, Gauge>,
     writer_lease_epoch: Gauge,
@@ -131,6 +133,7 @@ fn metrics() -> &'static Metrics {
         sink_errors: Family::default(),
         dead_letters: Family::default(),
         queries: Family::default(),
+        query_retries: Counter::default(),
         query_seconds: Family::new_with_constructor(seconds_histogram),
         sink_degraded: Family::default(),
         source_degraded: Family::default(),
@@ -149,6 +152,7 @@ fn metrics() -> &'static Metrics {
         wire_client_gone: Counter::default(),
         http_refused: Family::default(),
         compacted_files: Family::default(),
+        compacted_waiting: Gauge::default(),
         archive_tier_reads: Family::default(),
         writer_lease: Family::default(),
         writer_lease_epoch: Gauge::default(),
@@ -211,6 +215,11 @@ pub fn register(registry: &mut Registry) {
         m.queries.clone(),
     );
     registry.register(
+        "primespark_query_retries",
+        "SQL queries run a second time because reading the stored files failed the first (a file listed by the plan changed or went away before it was read)",
+        m.query_retries.clone(),
+    );
+    registry.register(
         "primespark_query_duration_seconds",
         "SQL query duration",
         m.query_seconds.clone(),
@@ -259,6 +268,11 @@ pub fn register(registry: &mut Registry) {
         "primespark_aggregate_files_compacted",
         "1-minute aggregate files merged into their hour's file (NAS), per table",
         m.compacted_files.clone(),
+    );
+    registry.register(
+        "primespark_aggregate_files_awaiting_removal",
+        "Merged 1-minute aggregate files still on the NAS, hidden by their hour file, until nas.compaction_grace has passed",
+        m.compacted_waiting.clone(),
     );
     registry.register(
         "primespark_wire_logins_refused",
@@ -548,6 +562,20 @@ impl QueryExecuted<'_> {
             .query_seconds
             .get_or_create(&labels)
             .observe(self.duration.as_secs_f64());
+    }
+}
+
+/// A query is run once more after reading the stored files failed.
+pub struct QueryRetried<'a> {
+    /// The first run's failure.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl QueryRetried<'_> {
+    /// Logs at warn level and counts.
+    pub fn emit(&self) {
+        tracing::warn!(error = %self.error, "reading the stored files failed; the query runs again");
+        metrics().query_retries.inc();
     }
 }
 
@@ -974,7 +1002,7 @@ pub struct AggregatesCompacted<'a> {
     pub table: &'a str,
     /// Hour start, microseconds since the epoch.
     pub hour_us: i64,
-    /// Minute files merged and removed.
+    /// Minute files merged (removed after `nas.compaction_grace`).
     pub minute_files: u64,
     /// Rows in the hour file.
     pub rows: u64,
@@ -999,6 +1027,32 @@ impl AggregatesCompacted<'_> {
                 table: self.table.to_owned(),
             })
             .inc_by(self.minute_files);
+    }
+}
+
+/// Merged minute files queued to wait out `nas.compaction_grace`, or released from the wait
+/// (removed, or found gone) once it had passed.
+pub struct MergedFilesWaiting {
+    /// Files that started waiting.
+    pub queued: u64,
+    /// Files that stopped waiting.
+    pub released: u64,
+    /// Of those, files this call removed.
+    pub removed: u64,
+}
+
+impl MergedFilesWaiting {
+    /// Logs at debug level and moves the waiting gauge (shared by every stream's sink).
+    pub fn emit(&self) {
+        tracing::debug!(
+            queued = self.queued,
+            released = self.released,
+            removed = self.removed,
+            "merged minute files"
+        );
+        let gauge = &metrics().compacted_waiting;
+        gauge.inc_by(i64::try_from(self.queued).unwrap_or(i64::MAX));
+        gauge.dec_by(i64::try_from(self.released).unwrap_or(i64::MAX));
     }
 }
 

@@ -557,6 +557,12 @@ impl Config {
                 "tiering moves NAS files: it needs nas.enabled = true",
             ));
         }
+        if self.nas.enabled && self.nas.compaction_grace < self.query.timeout {
+            return Err(InvalidConfig::new(
+                "nas.compaction_grace",
+                "must be at least query.timeout (a query that listed merged minute files must still find them)",
+            ));
+        }
         if self.s3.enabled && self.tier.after <= self.windows.allowed_lateness {
             return Err(InvalidConfig::new(
                 "tier.after",
@@ -923,6 +929,11 @@ mod tests {
                 "dataflows.telemetry = false",
             ),
             ("[routes.telemetry]\nsinks = []", "sinks", "unknown field"),
+            (
+                "[nas]\ncompaction_grace = \"10s\"\n[query]\ntimeout = \"30s\"",
+                "nas.compaction_grace",
+                "query.timeout",
+            ),
         ] {
             let e = Config::from_toml(toml, "f.toml", [])
                 .unwrap_err()

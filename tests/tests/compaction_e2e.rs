@@ -45,6 +45,9 @@ async fn final_hours_are_compacted_tiered_and_read_once() -> Result<()> {
         "compact",
         2,
         Sections {
+            // Merged minute files wait out a short grace (a query's timeout) before removal.
+            nas: "compaction_grace = \"3s\"",
+            query: "timeout = \"3s\"",
             extra: &format!(
             "[s3]\nenabled = true\nbucket = \"{bucket}\"\nprefix = \"archive\"\nendpoint = \"{}\"\n\
              allow_http = true\n[tier]\nafter = \"1s\"\ninterval = \"1s\"\n[inference]\nenabled = false\n",
@@ -63,6 +66,28 @@ async fn final_hours_are_compacted_tiered_and_read_once() -> Result<()> {
     ];
     let mut pipeline = run.start(&env)?;
     let client = connect(&run.url).await?;
+    // A reader querying the archive over and over while the hour is compacted and tiered
+    // under it: no query may fail because a file it listed went away.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (stop, http) = (stop.clone(), http.clone());
+        std::thread::spawn(move || {
+            let mut failures = Vec::new();
+            let mut answered = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let body =
+                    json!({ "sql": "SELECT count(*), sum(sum) FROM archive.device_metrics_1m" })
+                        .to_string();
+                match http_post(&http, "/v1/sql", &body) {
+                    Ok((200, _)) => answered += 1,
+                    // Not up yet.
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                    Ok((status, body)) => failures.push(format!("{status} {body}")),
+                }
+            }
+            (answered, failures)
+        })
+    };
 
     // Hour 14 as one file in the bucket, none of its minute files left anywhere.
     let minute_dir = nas.join("table=device_metrics_1m");
@@ -87,9 +112,19 @@ async fn final_hours_are_compacted_tiered_and_read_once() -> Result<()> {
         },
     )
     .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (answered, failures) = reader.join().expect("the reader thread ends");
     if let Err(e) = compacted {
         bail!("{e}\n{}", run.log_text());
     }
+    assert!(answered > 0, "the reader got no answer");
+    assert!(
+        failures.is_empty(),
+        "{} of {} queries failed while the hour was compacted, first: {}",
+        failures.len(),
+        failures.len() as u32 + answered,
+        failures[0]
+    );
     let keys = bucket_keys(stack, &bucket, prefix)?;
     assert!(
         keys.iter().all(|k| !k.contains("/part-b")),

@@ -6,12 +6,13 @@
 //! bucket's rows until the bucket is final (its end plus `allowed_lateness` at or below the
 //! committed watermark) and rewrites the whole file from them. The files are written before the
 //! PostgreSQL transaction whose watermark makes them final (registry order), and compaction
-//! runs at commit, after it.
+//! runs at commit, after it. The minute files a compaction merged stay (hidden by their hour
+//! file) until `nas.compaction_grace` has passed, then a later commit removes them.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures::FutureExt;
@@ -20,7 +21,7 @@ use primespark_schemas::rows::{Agg, AggRow, PartitionOffset};
 
 use super::compact;
 use super::write_aggregate_files;
-use crate::metrics::SinkRowsWritten;
+use crate::metrics::{MergedFilesWaiting, SinkRowsWritten};
 use crate::sink::fence::Fence;
 use crate::sink::registry::{AggSinkKind, Built, SinkContext, SinkSettings};
 use crate::sink::{BoxAggSink, Classify, Domain, Flush, Sink, SinkError, Target};
@@ -54,6 +55,9 @@ fn build(settings: &SinkSettings, ctx: &SinkContext) -> Result<Built<BoxAggSink>
         recent: BTreeMap::new(),
         committed: i64::MIN,
         compacted_before: None,
+        grace: nas.compaction_grace,
+        waiting: BTreeSet::new(),
+        removals: VecDeque::new(),
         minute_tables: ctx.stream.aggregates.iter().map(|f| f.minute).collect(),
         fence: ctx.fence.clone(),
     };
@@ -75,6 +79,12 @@ pub struct AggregateFilesSink {
     /// Hours before this were compacted by this sink (none yet after a start: the first
     /// commit finishes whatever an earlier run left).
     compacted_before: Option<i64>,
+    /// How long merged minute files stay before they are removed (`nas.compaction_grace`).
+    grace: Duration,
+    /// Merged minute files not removed yet: compaction skips them.
+    waiting: BTreeSet<PathBuf>,
+    /// The same files by when they may go, oldest first.
+    removals: VecDeque<(Instant, Vec<PathBuf>)>,
     /// This stream's 1-minute tables: the only ones its watermark may compact.
     minute_tables: Vec<&'static str>,
     /// The writer lease, checked before files are written or compacted.
@@ -104,6 +114,49 @@ impl AggregateFilesSink {
             .collect()
     }
 
+    /// Removes the merged minute files whose grace has passed. A failure leaves them waiting
+    /// another grace (they are hidden meanwhile; a restart's pass merges and queues them again).
+    async fn remove_due(&mut self) -> Result<(), SinkError> {
+        let now = Instant::now();
+        let mut due = Vec::new();
+        while self.removals.front().is_some_and(|(at, _)| *at <= now) {
+            if let Some((_, paths)) = self.removals.pop_front() {
+                due.extend(paths);
+            }
+        }
+        if due.is_empty() {
+            return Ok(());
+        }
+        self.fence.check()?;
+        let paths = Arc::new(due);
+        let files = paths.clone();
+        let done = tokio::task::spawn_blocking(move || compact::remove_merged(&files)).await;
+        match done {
+            Ok(Ok(removed)) => {
+                for p in paths.iter() {
+                    self.waiting.remove(p);
+                }
+                MergedFilesWaiting {
+                    queued: 0,
+                    released: paths.len() as u64,
+                    removed,
+                }
+                .emit();
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, files = paths.len(), "removing merged minute files failed");
+                self.removals
+                    .push_back((now + self.grace, paths.as_ref().clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, files = paths.len(), "removing merged minute files failed");
+                self.removals
+                    .push_back((now + self.grace, paths.as_ref().clone()));
+            }
+        }
+        Ok(())
+    }
+
     /// Forgets buckets that can no longer change.
     fn forget_final(&mut self) {
         let (committed, lateness) = (self.committed, self.allowed_lateness_us);
@@ -111,6 +164,20 @@ impl AggregateFilesSink {
             let width = rows.values().next().map_or(0, |r| r.rollup.width_us());
             bucket.saturating_add(width).saturating_add(lateness) > committed
         });
+    }
+}
+
+impl Drop for AggregateFilesSink {
+    fn drop(&mut self) {
+        // Files still waiting are this sink's no more (a restart's pass queues them again).
+        if !self.waiting.is_empty() {
+            MergedFilesWaiting {
+                queued: 0,
+                released: self.waiting.len() as u64,
+                removed: 0,
+            }
+            .emit();
+        }
     }
 }
 
@@ -172,6 +239,11 @@ impl Sink for AggregateFilesSink {
     }
 
     async fn commit(&mut self, _flush: Flush) -> Result<(), SinkError> {
+        self.remove_due().await?;
+        if self.committed == i64::MIN {
+            // No commit written yet (a tick before the first windows): nothing is final.
+            return Ok(());
+        }
         // Hours of 1-minute windows that are final now (committed, beyond the allowed
         // lateness) become one file each; once per hour of watermark progress.
         let final_before = self.committed.saturating_sub(self.allowed_lateness_us);
@@ -180,17 +252,29 @@ impl Sink for AggregateFilesSink {
             return Ok(());
         }
         self.fence.check()?;
-        let (root, rg, tables) = (
+        let (root, rg, tables, waiting) = (
             self.root.clone(),
             self.row_group_rows,
             self.minute_tables.clone(),
+            self.waiting.clone(),
         );
         let done = tokio::task::spawn_blocking(move || {
-            compact::compact_tables(&root, Some(&tables), final_before, rg)
+            compact::compact_tables(&root, Some(&tables), final_before, rg, &waiting)
         })
         .await;
         match done {
             Ok(Ok(report)) => {
+                if !report.merged.is_empty() {
+                    MergedFilesWaiting {
+                        queued: report.merged.len() as u64,
+                        released: 0,
+                        removed: 0,
+                    }
+                    .emit();
+                    self.waiting.extend(report.merged.iter().cloned());
+                    self.removals
+                        .push_back((Instant::now() + self.grace, report.merged.clone()));
+                }
                 if report.hours > 0 {
                     tracing::info!(
                         hours = report.hours,

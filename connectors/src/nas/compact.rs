@@ -8,9 +8,14 @@
 //! hour from every listing ([`hidden_by_hour_files`], applied by the archive's
 //! [`crate::archive::TieredStore`]), so between the rename of the hour file and the removal of
 //! the minute files nothing is counted twice, and before the rename the minute files are
-//! whole. A crash in between leaves minute files beside their hour file; the next pass merges
-//! them again (a minute file's rows replace its window's rows in the hour file, so the pass is
-//! idempotent) and removes them.
+//! whole. A query that listed the minute files just before the rename still reads them: a
+//! running pipeline removes merged minute files only `nas.compaction_grace` later (at least
+//! `query.timeout`, so no query that could have listed them is still running; the pass returns
+//! them in [`CompactReport::merged`] and skips them while they wait). Offline, [`compact`]
+//! removes them at once. A crash before the removal leaves minute files beside their hour
+//! file; the next pass merges them again (a minute file's rows replace its window's rows in
+//! the hour file, so the pass is idempotent) and returns them for removal. An hour file with
+//! minute files beside it stays on the NAS (the tierer skips it), so that pass always finds it.
 //!
 //! Only final hours are compacted: every window of the hour ends at least
 //! `windows.allowed_lateness` before the committed watermark, so no late event or replay
@@ -42,6 +47,9 @@ pub struct CompactReport {
     pub minute_files: u64,
     /// Rows in the hour files written.
     pub rows: u64,
+    /// The minute files merged, still in place: the caller removes them with
+    /// [`remove_merged`] once no reader can still be reading them.
+    pub merged: Vec<PathBuf>,
 }
 
 /// The window start of a minute file name `part-b<bucket>.parquet`.
@@ -156,22 +164,34 @@ struct Hour {
 }
 
 /// Compacts every hour of every 1-minute table under `root` that ends at or before
-/// `final_before_us` and still has minute files (see the module docs).
+/// `final_before_us` and still has minute files, and removes the merged minute files at once:
+/// for an archive no query reads meanwhile (a backfill, a bench). See the module docs.
 pub fn compact(
     root: &Path,
     final_before_us: i64,
     row_group_rows: usize,
 ) -> Result<CompactReport, NasError> {
-    compact_tables(root, None, final_before_us, row_group_rows)
+    let report = compact_tables(
+        root,
+        None,
+        final_before_us,
+        row_group_rows,
+        &BTreeSet::new(),
+    )?;
+    remove_merged(&report.merged)?;
+    Ok(report)
 }
 
-/// [`compact`] of the 1-minute tables named in `tables` only (`None`: all): a stream compacts
-/// its own tables with its own watermark, never another stream's hours before they are final.
+/// One pass over the 1-minute tables named in `only` (`None`: all): a stream compacts its own
+/// tables with its own watermark, never another stream's hours before they are final. Minute
+/// files in `waiting` (merged by an earlier pass, not yet removed) are skipped; the files this
+/// pass merges are left in place and returned in [`CompactReport::merged`].
 pub fn compact_tables(
     root: &Path,
     only: Option<&[&str]>,
     final_before_us: i64,
     row_group_rows: usize,
+    waiting: &BTreeSet<PathBuf>,
 ) -> Result<CompactReport, NasError> {
     let mut report = CompactReport::default();
     let Ok(tables) = fs::read_dir(root) else {
@@ -198,6 +218,9 @@ pub fn compact_tables(
             for f in fs::read_dir(&dir).map_err(io(&dir))?.flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
                 if let Some(b) = minute_file_bucket(&name) {
+                    if waiting.contains(&f.path()) {
+                        continue;
+                    }
                     hours
                         .entry(hour_start(b))
                         .or_default()
@@ -224,6 +247,7 @@ pub fn compact_tables(
                 report.hours += 1;
                 report.minute_files += hour.minutes.len() as u64;
                 report.rows += rows;
+                report.merged.extend(hour.minutes.into_values());
             }
         }
     }
@@ -231,7 +255,7 @@ pub fn compact_tables(
 }
 
 /// Writes the hour file of `hour` from its minute files (and the windows of an earlier hour
-/// file that no minute file replaces), then removes the minute files. Returns its rows.
+/// file that no minute file replaces). Returns its rows; the minute files stay.
 fn compact_hour(
     dir: &Path,
     hour_us: i64,
@@ -261,20 +285,49 @@ fn compact_hour(
     if crate::failpoint::hit("compact.published").is_err() {
         return Err(NasError::Encode("failpoint compact.published".into()));
     }
-    // From here the hour file hides the minute files; removing them is tidying up.
-    for path in hour.minutes.values() {
+    Ok(rows)
+}
+
+/// Removes minute files a pass merged (their hour file hides them already, so this is tidying
+/// up) and makes the removals durable. Files already gone are fine. Returns how many it removed.
+pub fn remove_merged(paths: &[PathBuf]) -> Result<u64, NasError> {
+    let mut removed = 0;
+    let mut dirs = BTreeSet::new();
+    for path in paths {
         match fs::remove_file(path) {
-            Ok(()) => {}
+            Ok(()) => removed += 1,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(path)(e)),
         }
+        if let Some(dir) = path.parent() {
+            dirs.insert(dir.to_owned());
+        }
     }
-    sync_dir(dir)?;
-    Ok(rows)
+    for dir in &dirs {
+        sync_dir(dir)?;
+    }
+    Ok(removed)
+}
+
+/// For each hour file name in `names` (one folder's entries), whether minute files of its hour
+/// are still beside it: its compaction is not finished, and a restarted pass must find the
+/// hour file here to merge into, so it does not tier yet.
+pub fn hour_files_with_minutes<'a>(names: impl IntoIterator<Item = &'a str> + Clone) -> Vec<bool> {
+    let minute_hours: BTreeSet<i64> = names
+        .clone()
+        .into_iter()
+        .filter_map(|n| minute_file_bucket(n).map(hour_start))
+        .collect();
+    names
+        .into_iter()
+        .map(|n| hour_file_start(n).is_some_and(|h| minute_hours.contains(&h)))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use primespark_schemas::rows::{Agg, AggRow, MetricAggRow, Rollup};
 
     use super::*;
@@ -356,13 +409,10 @@ mod tests {
         assert_eq!(not_yet, CompactReport::default());
         let report = compact(root, H14 + 60 * MINUTE + 30 * MINUTE, 1024).unwrap();
         assert_eq!(
-            report,
-            CompactReport {
-                hours: 1,
-                minute_files: 60,
-                rows: 120
-            }
+            (report.hours, report.minute_files, report.rows),
+            (1, 60, 120)
         );
+        assert_eq!(report.merged.len(), 60);
         let (after, files) = contents(root, "device_metrics_1m");
         assert_eq!(
             files,
@@ -434,6 +484,95 @@ mod tests {
         assert_eq!(
             rows.iter().map(|r| r.2).collect::<Vec<_>>(),
             [1.0, 7.0, 1.0]
+        );
+    }
+
+    /// The race a query runs with a running pipeline: it lists the archive, a compaction pass
+    /// merges the hour, then the query reads what it listed.
+    #[tokio::test]
+    async fn a_listing_taken_before_a_pass_reads_whole_until_the_merged_files_are_removed() {
+        use futures::TryStreamExt;
+        use object_store::local::LocalFileSystem;
+        use object_store::{ObjectStore, ObjectStoreExt};
+
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let windows: Vec<AggRow> = (0..5)
+            .map(|m| window(H14 + m * MINUTE, "pi-1", m as f64, Rollup::Minute))
+            .collect();
+        write_aggregate_files(root, &windows, 1024).unwrap();
+        let nas: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new_with_prefix(root).unwrap());
+        let store = crate::archive::TieredStore::from_tiers(vec![("nas", nas)]);
+        let list = |store: &crate::archive::TieredStore| {
+            let listed = store.list(Some(&object_store::path::Path::from(
+                "table=device_metrics_1m",
+            )));
+            async move { listed.try_collect::<Vec<_>>().await.unwrap() }
+        };
+        let before = list(&store).await;
+        assert_eq!(before.len(), 5);
+
+        let pass =
+            compact_tables(root, None, H14 + 2 * 60 * MINUTE, 1024, &BTreeSet::new()).unwrap();
+        assert_eq!((pass.hours, pass.merged.len()), (1, 5));
+        // Every file the earlier listing named still reads, as it was.
+        for meta in &before {
+            let bytes = store
+                .get(&meta.location)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            assert_eq!(bytes.len() as u64, meta.size, "{}", meta.location);
+        }
+        // A new listing names the hour file only.
+        let after = list(&store).await;
+        let names: Vec<String> = after.iter().map(|m| m.location.to_string()).collect();
+        assert_eq!(
+            names,
+            [format!(
+                "table=device_metrics_1m/date=2025-11-05/{}",
+                hour_file_name(H14)
+            )]
+        );
+        // A pass while they wait merges nothing again (the hour file is not rewritten).
+        let hour_path = root.join(format!(
+            "table=device_metrics_1m/date=2025-11-05/{}",
+            hour_file_name(H14)
+        ));
+        let written = fs::metadata(&hour_path).unwrap().modified().unwrap();
+        let waiting: BTreeSet<PathBuf> = pass.merged.iter().cloned().collect();
+        let again = compact_tables(root, None, H14 + 2 * 60 * MINUTE, 1024, &waiting).unwrap();
+        assert_eq!(again, CompactReport::default());
+        assert_eq!(
+            fs::metadata(&hour_path).unwrap().modified().unwrap(),
+            written
+        );
+        // After the grace: removed, and the files are gone for good.
+        assert_eq!(remove_merged(&pass.merged).unwrap(), 5);
+        assert_eq!(remove_merged(&pass.merged).unwrap(), 0);
+        let (rows, files) = contents(root, "device_metrics_1m");
+        assert_eq!(files, [hour_file_name(H14)]);
+        assert_eq!(
+            rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+            [0.0, 1.0, 2.0, 3.0, 4.0]
+        );
+        // Without the wait a reader of the old listing would have failed.
+        assert!(store.get(&before[0].location).await.is_err());
+    }
+
+    #[test]
+    fn hour_files_with_minute_files_beside_them_are_unsettled() {
+        let names = [
+            hour_file_name(H14),
+            minute_file_name(H14 + MINUTE),
+            hour_file_name(H14 + 60 * MINUTE),
+            "part-p000-o1-2.parquet".to_owned(),
+        ];
+        assert_eq!(
+            hour_files_with_minutes(names.iter().map(String::as_str)),
+            [true, false, false, false]
         );
     }
 

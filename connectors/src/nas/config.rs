@@ -32,6 +32,11 @@ pub struct NasConfig {
     /// Rows per Parquet row group (sized for scans). Default 131072.
     #[serde(default = "default_row_group_rows")]
     pub row_group_rows: usize,
+    /// How long 1-minute aggregate files stay on the NAS after compaction merged them into
+    /// their hour's file (hidden from every listing meanwhile), so a query that listed them
+    /// just before still reads them. Default `5m`; at least `query.timeout`.
+    #[serde(default = "default_compaction_grace", with = "crate::config::duration")]
+    pub compaction_grace: Duration,
 }
 
 fn default_path() -> PathBuf {
@@ -52,6 +57,9 @@ fn default_roll_interval() -> Duration {
 fn default_row_group_rows() -> usize {
     128 * 1024
 }
+fn default_compaction_grace() -> Duration {
+    Duration::from_secs(300)
+}
 
 impl Default for NasConfig {
     fn default() -> Self {
@@ -62,6 +70,7 @@ impl Default for NasConfig {
             roll_bytes: default_roll_bytes(),
             roll_interval: default_roll_interval(),
             row_group_rows: default_row_group_rows(),
+            compaction_grace: default_compaction_grace(),
         }
     }
 }
@@ -86,6 +95,12 @@ impl NasConfig {
         }
         if self.row_group_rows == 0 {
             return Err(InvalidConfig::new("nas.row_group_rows", "must be positive"));
+        }
+        if self.compaction_grace > Duration::from_secs(24 * 3600) {
+            return Err(InvalidConfig::new(
+                "nas.compaction_grace",
+                "must be at most 24h (merged minute files wait this long on the NAS)",
+            ));
         }
         Ok(())
     }

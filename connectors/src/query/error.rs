@@ -41,9 +41,46 @@ pub enum QueryError {
     },
 }
 
+/// Whether `e` is a failure to read the stored files (the archive's object store, a local
+/// file, a Parquet file that would not decode) rather than a fault of the statement.
+fn storage_failure(e: &DataFusionError) -> bool {
+    match e {
+        DataFusionError::ObjectStore(_)
+        | DataFusionError::IoError(_)
+        | DataFusionError::ParquetError(_) => true,
+        DataFusionError::Context(_, inner) | DataFusionError::Diagnostic(_, inner) => {
+            storage_failure(inner)
+        }
+        DataFusionError::Shared(inner) => storage_failure(inner),
+        DataFusionError::Collection(all) => all.iter().any(storage_failure),
+        DataFusionError::External(inner) => {
+            inner.downcast_ref::<object_store::Error>().is_some()
+                || inner
+                    .downcast_ref::<parquet::errors::ParquetError>()
+                    .is_some()
+                || inner.downcast_ref::<std::io::Error>().is_some()
+                || inner
+                    .downcast_ref::<DataFusionError>()
+                    .is_some_and(storage_failure)
+        }
+        _ => false,
+    }
+}
+
 impl QueryError {
+    /// Whether reading the stored files failed (the query itself was fine): a file listed by
+    /// the plan changed or went away before it was read, or the store failed. Such a query is
+    /// planned and run once more (a new listing sees the archive as it is now), and a second
+    /// failure is the server's error (HTTP 500, SQLSTATE 58030), not the caller's.
+    pub fn is_storage(&self) -> bool {
+        matches!(self, QueryError::DataFusion(e) if storage_failure(e))
+    }
+
     /// The audit/metric outcome of an error.
     pub fn outcome(&self) -> &'static str {
+        if self.is_storage() {
+            return "storage";
+        }
         match self {
             QueryError::Unauthenticated(_) => "unauthenticated",
             QueryError::Forbidden(_) => "forbidden",
@@ -57,6 +94,10 @@ impl QueryError {
 
     /// The PostgreSQL SQLSTATE of an error (wire endpoint).
     pub fn sqlstate(&self) -> &'static str {
+        if self.is_storage() {
+            // io_error
+            return "58030";
+        }
         match self {
             QueryError::Unauthenticated(_) => "28P01",
             QueryError::Forbidden(_) => "42501",

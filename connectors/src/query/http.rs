@@ -39,6 +39,7 @@ impl IntoResponse for QueryError {
             QueryError::Forbidden(_) => StatusCode::FORBIDDEN,
             QueryError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             QueryError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            e @ QueryError::DataFusion(_) if e.is_storage() => StatusCode::INTERNAL_SERVER_ERROR,
             QueryError::DataFusion(_) => StatusCode::BAD_REQUEST,
             QueryError::Encode(_) | QueryError::Serve { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };

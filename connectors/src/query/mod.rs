@@ -5,7 +5,9 @@
 //! (or CSV, or an Arrow IPC stream, by `Accept`); `GET /v1/tables` lists the catalog. Errors:
 //! 400 (DataFusion's message), 401 (no or unknown key), 403 (not allowed for the role, or for
 //! anyone: DDL, DML, COPY, external tables, file readers), 408 (cancelled at `query.timeout`),
-//! 413 (body over `query.max_body_bytes`), 429 (rate limit; `Retry-After`).
+//! 413 (body over `query.max_body_bytes`), 429 (rate limit; `Retry-After`), 500 (reading the
+//! stored files failed twice: a query whose file changed or went away under it is planned and
+//! run once more first, counted in `primespark_query_retries_total`).
 //!
 //! The files: `service.rs` (who may run what, within which limits, audited: both doors go
 //! through it), `context.rs` (the DataFusion session and the archive's tables), `catalog.rs`

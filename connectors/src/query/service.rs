@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use super::config::{QueryConfig, Role};
 use super::pgwire::ScramVerifier;
 use super::QueryError;
-use crate::metrics::QueryExecuted;
+use crate::metrics::{QueryExecuted, QueryRetried};
 
 /// An authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -484,10 +484,18 @@ impl QueryService {
                 // Its own task: the timer fires on another worker even while the query keeps
                 // one busy, and aborting the task drops (cancels) the plan's streams.
                 let (service, caller, text) = (self.clone(), who.clone(), sql.to_owned());
-                let task = self
-                    .executor
-                    .handle
-                    .spawn(async move { service.run(&caller, &text, params, &settings).await });
+                let task = self.executor.handle.spawn(async move {
+                    match service.run(&caller, &text, params.clone(), &settings).await {
+                        // Planned again, the query lists the archive as it is now: a file
+                        // compacted, tiered or rewritten since the first listing is no
+                        // longer named. Within the same timeout.
+                        Err(e) if e.is_storage() => {
+                            QueryRetried { error: &e }.emit();
+                            service.run(&caller, &text, params, &settings).await
+                        }
+                        done => done,
+                    }
+                });
                 // A caller that goes away (a client disconnect drops this future) cancels
                 // the query too.
                 let abort = AbortOnDrop(task.abort_handle());
@@ -985,6 +993,88 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((out.rows, out.truncated), (100, false));
+    }
+
+    /// A table whose first `fails` scans fail as a file gone from the store does.
+    #[derive(Debug)]
+    struct Vanishing {
+        inner: Arc<dyn datafusion::datasource::TableProvider>,
+        scans: std::sync::atomic::AtomicU32,
+        fails: u32,
+    }
+
+    #[async_trait::async_trait]
+    impl datafusion::datasource::TableProvider for Vanishing {
+        fn schema(&self) -> SchemaRef {
+            self.inner.schema()
+        }
+        fn table_type(&self) -> datafusion::datasource::TableType {
+            datafusion::datasource::TableType::Base
+        }
+        async fn scan(
+            &self,
+            state: &dyn datafusion::catalog::Session,
+            projection: Option<&Vec<usize>>,
+            filters: &[datafusion::prelude::Expr],
+            limit: Option<usize>,
+        ) -> datafusion::error::Result<Arc<dyn datafusion::physical_plan::ExecutionPlan>> {
+            let n = self.scans.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if n < self.fails {
+                return Err(datafusion::error::DataFusionError::ObjectStore(Box::new(
+                    object_store::Error::NotFound {
+                        path: "table=x/part-b1.parquet".into(),
+                        source: "in no tier of the archive".into(),
+                    },
+                )));
+            }
+            self.inner.scan(state, projection, filters, limit).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_query_whose_file_went_away_runs_again_and_a_second_failure_is_the_servers() {
+        let mut c = cfg();
+        c.rate_limit_burst = 10;
+        let s = service(&c);
+        let numbers = s.context().table_provider("numbers").await.unwrap();
+        let mut tables = Vec::new();
+        for (name, fails) in [("once", 1), ("always", u32::MAX)] {
+            let table = Arc::new(Vanishing {
+                inner: numbers.clone(),
+                scans: Default::default(),
+                fails,
+            });
+            s.context().register_table(name, table.clone()).unwrap();
+            tables.push(table);
+        }
+        let reader = s.authenticate_token(Some("reader-token")).unwrap();
+        let out = s
+            .execute(&reader, "test", "SELECT n FROM once WHERE n < 2")
+            .await
+            .unwrap();
+        assert_eq!(out.rows, 2);
+        let e = s
+            .execute(&reader, "test", "SELECT n FROM always")
+            .await
+            .unwrap_err();
+        assert!(e.is_storage(), "{e}");
+        assert_eq!((e.outcome(), e.sqlstate()), ("storage", "58030"));
+        let status = axum::response::IntoResponse::into_response(e).status();
+        assert_eq!(status, axum::http::StatusCode::INTERNAL_SERVER_ERROR);
+        // The caller's mistakes stay the caller's, and are not run twice.
+        let e = s
+            .execute(&reader, "test", "SELECT nope FROM numbers")
+            .await
+            .unwrap_err();
+        assert!(!e.is_storage(), "{e}");
+        assert_eq!(
+            axum::response::IntoResponse::into_response(e).status(),
+            axum::http::StatusCode::BAD_REQUEST
+        );
+        // One scan failed and one answered; two failed, then the error.
+        for table in tables {
+            assert_eq!(table.scans.load(std::sync::atomic::Ordering::SeqCst), 2);
+        }
     }
 
     #[tokio::test]

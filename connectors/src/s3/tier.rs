@@ -104,7 +104,8 @@ fn read_credentials(path: &Path) -> Result<(String, String), S3Error> {
 
 /// Finished Parquet files under `root` older than `after` at `now` (in-progress files are
 /// hidden, `.name.inprogress`, and never picked; nor are 1-minute aggregate files, which
-/// [`crate::nas::compact`] merges into hour files first).
+/// [`crate::nas::compact`] merges into hour files first, nor an hour file whose merged minute
+/// files are still beside it, waiting for their removal).
 fn candidates(root: &Path, after: Duration, now: SystemTime) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut dirs = vec![root.to_owned()];
@@ -112,7 +113,17 @@ fn candidates(root: &Path, after: Duration, now: SystemTime) -> Vec<PathBuf> {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
-        for entry in entries.flatten() {
+        let entries: Vec<_> = entries.flatten().collect();
+        let names: Vec<String> = entries
+            .iter()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let unsettled =
+            crate::nas::compact::hour_files_with_minutes(names.iter().map(String::as_str));
+        for (entry, unsettled) in entries.into_iter().zip(unsettled) {
+            if unsettled {
+                continue;
+            }
             let path = entry.path();
             let Ok(meta) = entry.metadata() else { continue };
             let name = entry.file_name();
@@ -448,6 +459,35 @@ mod tests {
             tier.tier_once(SystemTime::now()).await,
             TierReport::default()
         );
+    }
+
+    #[tokio::test]
+    async fn an_hour_file_waits_on_the_nas_while_its_merged_minute_files_remain() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let day = root.join("table=device_metrics_1m/date=2025-11-05");
+        std::fs::create_dir_all(&day).unwrap();
+        let h14 = 1_762_351_200_000_000i64;
+        let hour = day.join(crate::nas::compact::hour_file_name(h14));
+        let minute = day.join(crate::nas::compact::minute_file_name(h14 + 60_000_000));
+        // A minute file of the next hour does not hold hour 14 back.
+        let next_hour = day.join(crate::nas::compact::hour_file_name(h14 + 3_600_000_000));
+        let other = day.join(crate::nas::compact::minute_file_name(h14 + 7_260_000_000));
+        for f in [&hour, &minute, &next_hour, &other] {
+            std::fs::write(f, b"bytes").unwrap();
+            touch_old(f, Duration::from_secs(3600));
+        }
+        let store = Arc::new(InMemory::new());
+        let tier = Tierer::with_store(store.clone(), "archive", root, Duration::from_secs(600));
+        let report = tier.tier_once(SystemTime::now()).await;
+        assert_eq!((report.moved, report.failed), (1, 0));
+        assert!(hour.exists() && minute.exists() && other.exists());
+        assert!(!next_hour.exists());
+        // Once the minute file is removed, the hour file moves.
+        std::fs::remove_file(&minute).unwrap();
+        let report = tier.tier_once(SystemTime::now()).await;
+        assert_eq!((report.moved, report.failed), (1, 0));
+        assert!(!hour.exists());
     }
 
     #[tokio::test]

@@ -163,15 +163,28 @@ impl AggRuntime {
         &self.sinks
     }
 
-    /// Runs until `rx` closes. `Err` is fatal: the pipeline stops.
+    /// Runs until `rx` closes. `Err` is fatal: the pipeline stops. Between commits a tick lets
+    /// the sinks do what is due by time alone (removing merged minute files once their grace
+    /// has passed, also when no more windows come).
     pub async fn run(mut self, mut rx: Receiver<super::AggCommit>) -> Result<(), SinkError> {
-        while let Some(commit) = rx.recv().await {
-            for sink in &mut self.sinks {
-                let target = sink.target();
-                // A window cannot be dead-lettered (it is no record): a refusal is fatal.
-                retrying!(target, sink.write(&commit)).map_err(unexpected)?;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                commit = rx.recv() => match commit {
+                    Some(commit) => {
+                        for sink in &mut self.sinks {
+                            let target = sink.target();
+                            // A window cannot be dead-lettered (it is no record): a refusal
+                            // is fatal.
+                            retrying!(target, sink.write(&commit)).map_err(unexpected)?;
+                        }
+                        commit_all(&mut self.sinks, Flush::Due).await?;
+                    }
+                    None => break,
+                },
+                _ = tick.tick() => commit_all(&mut self.sinks, Flush::Due).await?,
             }
-            commit_all(&mut self.sinks, Flush::Due).await?;
         }
         commit_all(&mut self.sinks, Flush::All).await
     }
