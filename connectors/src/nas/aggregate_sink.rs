@@ -130,9 +130,12 @@ impl AggregateFilesSink {
         self.fence.check()?;
         let paths = Arc::new(due);
         let files = paths.clone();
-        let done = tokio::task::spawn_blocking(move || compact::remove_merged(&files)).await;
+        let done = tokio::task::spawn_blocking(move || compact::remove_merged(&files))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
         match done {
-            Ok(Ok(removed)) => {
+            Ok(removed) => {
                 for p in paths.iter() {
                     self.waiting.remove(p);
                 }
@@ -142,11 +145,6 @@ impl AggregateFilesSink {
                     removed,
                 }
                 .emit();
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, files = paths.len(), "removing merged minute files failed");
-                self.removals
-                    .push_back((now + self.grace, paths.as_ref().clone()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, files = paths.len(), "removing merged minute files failed");
