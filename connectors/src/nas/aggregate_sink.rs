@@ -56,7 +56,6 @@ fn build(settings: &SinkSettings, ctx: &SinkContext) -> Result<Built<BoxAggSink>
         committed: i64::MIN,
         compacted_before: None,
         grace: nas.compaction_grace,
-        waiting: BTreeSet::new(),
         removals: VecDeque::new(),
         minute_tables: ctx.stream.aggregates.iter().map(|f| f.minute).collect(),
         fence: ctx.fence.clone(),
@@ -81,9 +80,8 @@ pub struct AggregateFilesSink {
     compacted_before: Option<i64>,
     /// How long merged minute files stay before they are removed (`nas.compaction_grace`).
     grace: Duration,
-    /// Merged minute files not removed yet: compaction skips them.
-    waiting: BTreeSet<PathBuf>,
-    /// The same files by when they may go, oldest first.
+    /// Merged minute files not removed yet (compaction skips them), by when they may go,
+    /// oldest first.
     removals: VecDeque<(Instant, Vec<PathBuf>)>,
     /// This stream's 1-minute tables: the only ones its watermark may compact.
     minute_tables: Vec<&'static str>,
@@ -135,17 +133,12 @@ impl AggregateFilesSink {
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
         match done {
-            Ok(removed) => {
-                for p in paths.iter() {
-                    self.waiting.remove(p);
-                }
-                MergedFilesWaiting {
-                    queued: 0,
-                    released: paths.len() as u64,
-                    removed,
-                }
-                .emit();
+            Ok(removed) => MergedFilesWaiting {
+                queued: 0,
+                released: paths.len() as u64,
+                removed,
             }
+            .emit(),
             Err(e) => {
                 tracing::warn!(error = %e, files = paths.len(), "removing merged minute files failed");
                 self.removals
@@ -168,10 +161,11 @@ impl AggregateFilesSink {
 impl Drop for AggregateFilesSink {
     fn drop(&mut self) {
         // Files still waiting are this sink's no more (a restart's pass queues them again).
-        if !self.waiting.is_empty() {
+        let waiting: usize = self.removals.iter().map(|(_, paths)| paths.len()).sum();
+        if waiting > 0 {
             MergedFilesWaiting {
                 queued: 0,
-                released: self.waiting.len() as u64,
+                released: waiting as u64,
                 removed: 0,
             }
             .emit();
@@ -254,7 +248,10 @@ impl Sink for AggregateFilesSink {
             self.root.clone(),
             self.row_group_rows,
             self.minute_tables.clone(),
-            self.waiting.clone(),
+            self.removals
+                .iter()
+                .flat_map(|(_, paths)| paths.iter().cloned())
+                .collect::<BTreeSet<PathBuf>>(),
         );
         let done = tokio::task::spawn_blocking(move || {
             compact::compact_tables(&root, Some(&tables), final_before, rg, &waiting)
@@ -269,9 +266,8 @@ impl Sink for AggregateFilesSink {
                         removed: 0,
                     }
                     .emit();
-                    self.waiting.extend(report.merged.iter().cloned());
                     self.removals
-                        .push_back((Instant::now() + self.grace, report.merged.clone()));
+                        .push_back((Instant::now() + self.grace, report.merged));
                 }
                 if report.hours > 0 {
                     tracing::info!(

@@ -120,14 +120,12 @@ fn candidates(root: &Path, after: Duration, now: SystemTime) -> Vec<PathBuf> {
             .collect();
         let unsettled =
             crate::nas::compact::hour_files_with_minutes(names.iter().map(String::as_str));
-        for (entry, unsettled) in entries.into_iter().zip(unsettled) {
+        for ((entry, name), unsettled) in entries.into_iter().zip(&names).zip(unsettled) {
             if unsettled {
                 continue;
             }
             let path = entry.path();
             let Ok(meta) = entry.metadata() else { continue };
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
             if meta.is_dir() {
                 dirs.push(path);
             } else if meta.is_file()
