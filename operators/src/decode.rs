@@ -24,6 +24,16 @@ pub trait DecodeRecord {
         limits: &DecodeLimits,
         record: SourceRecord,
     ) -> Result<Vec<Point>, DeadLetter>;
+
+    /// [`DecodeRecord::decode`] without the points: the record's rows are appended to `rows`
+    /// (a buffer the caller reuses) and its event time returned.
+    fn decode_rows(
+        self,
+        topic: &str,
+        limits: &DecodeLimits,
+        record: SourceRecord,
+        rows: &mut Vec<RawRow>,
+    ) -> Result<i64, DeadLetter>;
 }
 
 impl DecodeRecord for StreamKind {
@@ -33,16 +43,37 @@ impl DecodeRecord for StreamKind {
         limits: &DecodeLimits,
         record: SourceRecord,
     ) -> Result<Vec<Point>, DeadLetter> {
-        match (self.def().decode)(&record.payload, limits, record.partition, record.offset) {
-            Ok((time_us, rows)) => Ok(points_of(
-                rows,
-                time_us,
-                record.delivery,
-                record.watermark_us,
-                record.allowed_lateness_us,
-            )),
-            Err(e) => Err(dead_letter(topic, record, &e)),
-        }
+        let (delivery, watermark_us, lateness_us) = (
+            record.delivery,
+            record.watermark_us,
+            record.allowed_lateness_us,
+        );
+        let mut rows = Vec::new();
+        let time_us = self.decode_rows(topic, limits, record, &mut rows)?;
+        Ok(points_of(
+            rows,
+            time_us,
+            delivery,
+            watermark_us,
+            lateness_us,
+        ))
+    }
+
+    fn decode_rows(
+        self,
+        topic: &str,
+        limits: &DecodeLimits,
+        record: SourceRecord,
+        rows: &mut Vec<RawRow>,
+    ) -> Result<i64, DeadLetter> {
+        (self.def().decode)(
+            &record.payload,
+            limits,
+            record.partition,
+            record.offset,
+            rows,
+        )
+        .map_err(|e| dead_letter(topic, record, &e))
     }
 }
 

@@ -484,7 +484,7 @@ fn score_point(meta: SampleMeta, score: f32, backend: &Arc<str>) -> Point {
         Vec::new()
     };
     Point {
-        row: RawRow::Score(ScoreRow {
+        row: RawRow::Score(Box::new(ScoreRow {
             time_us: meta.time_us,
             device_id: meta.device_id,
             model: meta.model.spec.name.clone(),
@@ -494,7 +494,7 @@ fn score_point(meta: SampleMeta, score: f32, backend: &Arc<str>) -> Point {
             features,
             partition: meta.partition,
             offset: meta.offset,
-        }),
+        })),
         delivery: meta.delivery,
         late: meta.late,
         late_by_us: meta.late_by_us,
@@ -667,7 +667,7 @@ mod tests {
                 RawItem::Point(Point {
                     row: RawRow::Score(s),
                     ..
-                }) => Some(s),
+                }) => Some(*s),
                 _ => None,
             })
             .collect();

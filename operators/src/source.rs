@@ -24,9 +24,9 @@ use timely::dataflow::operators::generic::operator::source;
 use timely::dataflow::{Scope, StreamVec};
 
 use crate::control::Control;
-use crate::decode::{points_of, DecodeRecord, StreamKind};
+use crate::decode::{DecodeRecord, StreamKind};
 use crate::metrics::{LateEvents, PartitionWatermark, RecordsRead, WatermarkAdvanced};
-use crate::record::{SourceMark, SourceRecord};
+use crate::record::{Point, SourceMark, SourceRecord};
 use crate::watermark::Watermarks;
 use crate::EventTime;
 
@@ -289,6 +289,8 @@ struct SourceState {
     failed: bool,
     /// Every raw sink of the dataflow (what an archived record inside the range goes to).
     raw_sinks: SinkSet,
+    /// The rows of the record being decoded (kept between records for its capacity).
+    rows: Vec<primespark_schemas::rows::RawRow>,
 }
 
 /// What one activation read of a partition: records, bytes, next offset.
@@ -320,6 +322,7 @@ impl SourceState {
             exhausted: BTreeSet::new(),
             failed: false,
             raw_sinks,
+            rows: Vec::new(),
         }
     }
 
@@ -404,17 +407,27 @@ impl SourceState {
             .saturating_sub(spec.time.out_of_orderness_us);
         let resume = spec.partitions.get(&partition);
         let archived = input.is_err();
-        let decoded = match input {
+        let (time_us, delivery) = match input {
             Ok(payload) => {
+                let delivery = resume.map_or(SinkSet::EMPTY, |r| r.delivery(offset));
                 let record = SourceRecord {
                     partition,
                     offset,
                     payload,
-                    delivery: resume.map_or(SinkSet::EMPTY, |r| r.delivery(offset)),
+                    delivery,
                     watermark_us,
                     allowed_lateness_us: spec.time.allowed_lateness_us,
                 };
-                spec.kind.decode(&spec.topic, &spec.limits, record)
+                match spec
+                    .kind
+                    .decode_rows(&spec.topic, &spec.limits, record, &mut self.rows)
+                {
+                    Ok(time_us) => (time_us, delivery),
+                    Err(dead) => {
+                        give(Ok(RawItem::Dead(dead)));
+                        return 0;
+                    }
+                }
             }
             Err((time_us, rows)) => {
                 let inside = spec.backfill.as_ref().is_none_or(|b| b.contains(time_us));
@@ -423,45 +436,42 @@ impl SourceState {
                 } else {
                     SinkSet::EMPTY
                 };
-                Ok(points_of(
-                    rows,
-                    time_us,
-                    delivery,
-                    watermark_us,
-                    spec.time.allowed_lateness_us,
-                ))
+                self.rows.extend(rows);
+                (time_us, delivery)
             }
         };
-        match decoded {
-            Ok(points) => {
-                let Some(first) = points.first() else {
-                    return 0;
-                };
-                // Archived records outside the backfill's range only move the watermark.
-                let delivered = !archived || !first.delivery.is_empty();
-                let late = u64::from(delivered && first.late);
-                let obs = self.watermarks.observe(
-                    partition,
-                    offset,
-                    first.row.time_us(),
-                    first.delivery.contains(SinkId::WINDOWS),
-                    now,
-                );
-                if let Some(mark) = obs.opened {
-                    give(Err(mark));
-                }
-                if delivered {
-                    for p in points {
-                        give(Ok(RawItem::Point(p)));
-                    }
-                }
-                late
-            }
-            Err(dead) => {
-                give(Ok(RawItem::Dead(dead)));
-                0
-            }
+        if self.rows.is_empty() {
+            return 0;
         }
+        let late_by_us = watermark_us.saturating_sub(time_us).max(0);
+        let late = late_by_us > spec.time.allowed_lateness_us;
+        // Archived records outside the backfill's range only move the watermark.
+        let delivered = !archived || !delivery.is_empty();
+        let obs = self.watermarks.observe(
+            partition,
+            offset,
+            time_us,
+            delivery.contains(SinkId::WINDOWS),
+            now,
+        );
+        if let Some(mark) = obs.opened {
+            give(Err(mark));
+        }
+        if delivered {
+            // Rows go out one by one into the output's buffers; the decode buffer keeps its
+            // capacity for the next record.
+            for row in self.rows.drain(..) {
+                give(Ok(RawItem::Point(Point {
+                    row,
+                    delivery,
+                    late,
+                    late_by_us,
+                })));
+            }
+        } else {
+            self.rows.clear();
+        }
+        u64::from(delivered && late)
     }
 
     /// Reports how far a partition was read, for the checkpoint and the metrics.

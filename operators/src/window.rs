@@ -335,33 +335,51 @@ pub type MetricWindow = WindowResult<MetricKey, Stats>;
 /// The `device_metrics_*` windows: count, sum, min and max per (device, metric) for every
 /// [`Rollup`], each a two-phase aggregation ([`PreAggregate`] then [`TumblingWindow`]).
 /// The dataflow and the benchmarks build them here, so both run the same operators.
+///
+/// Only the narrowest rollup pre-aggregates the points; each wider one pre-aggregates the
+/// partials of the one before it (a minute lies in one hour and an hour in one UTC day: all are
+/// aligned to the epoch). Each point is therefore folded once, not once per rollup, and the
+/// points are not cloned for three consumers. Partials keep their records' timely time, so
+/// every rollup decides lateness exactly as from the points; counts, minima and maxima are
+/// the same, sums are added in another order.
 pub fn metric_windows<'scope>(
     points: StreamVec<'scope, EventTime, (MetricKey, i64, f64)>,
     dataflow: &str,
     committed_watermark_us: EventTime,
     allowed_lateness_us: u64,
 ) -> StreamVec<'scope, EventTime, (Rollup, MetricWindow)> {
-    let mut outputs = Rollup::ALL.into_iter().map(|rollup| {
-        let name = format!("device_metrics_{}", rollup.suffix());
-        points
-            .clone()
-            .pre_aggregate(&name, rollup.width_us(), |stats: &mut Stats, value: f64| {
-                stats.add(value)
-            })
-            .tumbling_window(
-                WindowSpec {
-                    name,
-                    dataflow: dataflow.to_owned(),
-                    width_us: rollup.width_us(),
-                    committed_watermark_us,
-                    allowed_lateness_us,
-                },
-                |stats: &mut Stats, partial: Stats| stats.merge(partial),
-            )
-            .map(move |w| (rollup, w))
-    });
-    let first = outputs.next().expect("Rollup::ALL is not empty");
-    outputs.fold(first, |all, next| all.concat(next))
+    let window =
+        |rollup: Rollup, partials: StreamVec<'scope, EventTime, (MetricKey, i64, Stats)>| {
+            let name = format!("device_metrics_{}", rollup.suffix());
+            partials
+                .tumbling_window(
+                    WindowSpec {
+                        name,
+                        dataflow: dataflow.to_owned(),
+                        width_us: rollup.width_us(),
+                        committed_watermark_us,
+                        allowed_lateness_us,
+                    },
+                    |stats: &mut Stats, partial: Stats| stats.merge(partial),
+                )
+                .map(move |w| (rollup, w))
+        };
+    let [narrowest, wider @ ..] = Rollup::ALL;
+    let mut partials = points.pre_aggregate(
+        &format!("device_metrics_{}", narrowest.suffix()),
+        narrowest.width_us(),
+        |stats: &mut Stats, value: f64| stats.add(value),
+    );
+    let mut all = window(narrowest, partials.clone());
+    for rollup in wider {
+        partials = partials.pre_aggregate(
+            &format!("device_metrics_{}", rollup.suffix()),
+            rollup.width_us(),
+            |stats: &mut Stats, partial: Stats| stats.merge(partial),
+        );
+        all = all.concat(window(rollup, partials.clone()));
+    }
+    all
 }
 
 /// count, sum, min and max of a window's values: the `device_metrics_1m` aggregate.
@@ -478,5 +496,116 @@ mod tests {
     fn without_lateness_late_records_are_dropped() {
         let rows = run(0, vec![(0, "a", 1, 1), (12, "a", 3, 2), (13, "a", 15, 7)]);
         assert_eq!(rows, vec![(0, 1), (10, 7)]);
+    }
+
+    type Emitted = Vec<(Rollup, String, i64, Stats)>;
+    type Build = for<'s> fn(
+        StreamVec<'s, EventTime, (MetricKey, i64, f64)>,
+    ) -> StreamVec<'s, EventTime, (Rollup, MetricWindow)>;
+
+    /// Runs `build` over `(send_at, device, event time, value)` records and returns each
+    /// window's last emitted aggregate, sorted.
+    fn windows_of(records: Vec<(u64, &'static str, i64, f64)>, build: Build) -> Emitted {
+        let (tx, rx) = std::sync::mpsc::channel();
+        timely::execute_directly(move |worker| {
+            let mut input: InputHandleVec<u64, (MetricKey, i64, f64)> = InputHandleVec::new();
+            let captured = worker.dataflow(|scope| build(scope.input_from(&mut input)).capture());
+            for (at, device, time, value) in records {
+                input.advance_to(at);
+                input.send(((device.into(), "cpu".into()), time, value));
+                for _ in 0..5 {
+                    worker.step();
+                }
+            }
+            input.close();
+            while worker.step() {}
+            let rows: Emitted = captured
+                .try_iter()
+                .flat_map(|e| match e {
+                    Event::Messages(_, rows) => rows,
+                    Event::Progress(_) => Vec::new(),
+                })
+                .map(|(r, w)| (r, w.key.0.to_string(), w.window_start_us, w.agg))
+                .collect();
+            tx.send(rows).expect("receiver alive");
+        });
+        let mut last: BTreeMap<(Rollup, String, i64), Stats> = BTreeMap::new();
+        for (rollup, key, start, agg) in rx.try_iter().flatten() {
+            last.insert((rollup, key, start), agg);
+        }
+        last.into_iter()
+            .map(|((r, k, s), a)| (r, k, s, a))
+            .collect()
+    }
+
+    #[test]
+    fn wider_rollups_folded_from_narrower_partials_equal_rollups_folded_from_the_points() {
+        const MIN: i64 = 60_000_000;
+        const HOUR: i64 = 60 * MIN;
+        let lateness = 2 * MIN as u64;
+        // Each record is sent once the watermark (the input's time) is at `send_at`: some on
+        // time, some late but within the lateness (they update emitted windows), some beyond it
+        // for the minute but not for the hour or day, and some beyond it for every rollup.
+        let mut records = Vec::new();
+        for i in 0..400i64 {
+            let time = HOUR * 10 + i * 17_000_000;
+            let watermark = match i % 7 {
+                0 => time + MIN + MIN / 2,
+                1 => time + 4 * MIN,
+                2 => time + 2 * HOUR,
+                _ => time,
+            };
+            let device = if i % 3 == 0 { "pi-a" } else { "pi-b" };
+            records.push((watermark.max(0) as u64, device, time, (i % 11) as f64 * 0.1));
+        }
+        records.sort_by_key(|r| r.0);
+        let chained = windows_of(records.clone(), |points| {
+            metric_windows(points, "d", 0, 2 * 60_000_000)
+        });
+        let chained2 = windows_of(records.clone(), |points| {
+            metric_windows(points, "d", 0, 2 * 60_000_000)
+        });
+        for (a, b) in chained.iter().zip(&chained2) {
+            assert_eq!(a, b, "self");
+        }
+        let from_points = windows_of(records, |points| {
+            let mut all = Vec::new();
+            for rollup in Rollup::ALL {
+                let name = format!("device_metrics_{}", rollup.suffix());
+                all.push(
+                    points
+                        .clone()
+                        .pre_aggregate(&name, rollup.width_us(), |s: &mut Stats, v: f64| s.add(v))
+                        .tumbling_window(
+                            WindowSpec {
+                                name,
+                                dataflow: "d".into(),
+                                width_us: rollup.width_us(),
+                                committed_watermark_us: 0,
+                                allowed_lateness_us: 2 * 60_000_000,
+                            },
+                            |s: &mut Stats, p: Stats| s.merge(p),
+                        )
+                        .map(move |w| (rollup, w)),
+                );
+            }
+            let first = all.remove(0);
+            all.into_iter().fold(first, |a, b| a.concat(b))
+        });
+        assert!(lateness > 0);
+        assert_eq!(chained.len(), from_points.len());
+        assert!(chained.iter().any(|w| w.0 == Rollup::Day));
+        for (a, b) in chained.iter().zip(&from_points) {
+            assert_eq!((a.0, &a.1, a.2), (b.0, &b.1, b.2));
+            assert_eq!(
+                (a.3.count, a.3.min, a.3.max),
+                (b.3.count, b.3.min, b.3.max),
+                "{a:?}"
+            );
+            assert!(
+                (a.3.sum - b.3.sum).abs() <= 1e-9 * b.3.sum.abs().max(1.0),
+                "{a:?} {b:?}"
+            );
+        }
     }
 }

@@ -15,7 +15,11 @@ use std::sync::Arc;
 pub const MAX_NAMES: usize = 1 << 16;
 
 thread_local! {
-    static NAMES: RefCell<HashSet<Arc<str>>> = RefCell::new(HashSet::new());
+    // foldhash rather than SipHash: a lookup per device id and metric name of every event. Its
+    // seed is random per process, and the table is bounded, so chosen names cannot degrade it
+    // for long.
+    static NAMES: RefCell<HashSet<Arc<str>, foldhash::fast::RandomState>> =
+        RefCell::new(HashSet::default());
 }
 
 /// The shared `Arc<str>` of `name` on this thread.

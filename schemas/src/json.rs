@@ -71,6 +71,12 @@ pub(crate) fn ident(v: &Value, field: &str) -> Result<String, DecodeError> {
 
 /// [`ident`] of a string already known to be one.
 pub(crate) fn ident_str(s: &str, field: &str) -> Result<String, DecodeError> {
+    check_ident(s, field)?;
+    Ok(s.to_owned())
+}
+
+/// The checks of [`ident_str`], without taking a copy.
+pub(crate) fn check_ident(s: &str, field: &str) -> Result<(), DecodeError> {
     if s.trim().is_empty() {
         return Err(DecodeError::field(
             ErrorKind::InvalidValue,
@@ -93,7 +99,7 @@ pub(crate) fn ident_str(s: &str, field: &str) -> Result<String, DecodeError> {
             format!("is {} bytes, longer than {MAX_IDENT_LEN}", s.len()),
         ));
     }
-    Ok(s.to_owned())
+    Ok(())
 }
 
 pub(crate) fn required_ident(obj: &Map<String, Value>, field: &str) -> Result<String, DecodeError> {

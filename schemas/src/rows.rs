@@ -86,16 +86,20 @@ pub struct AnalyticsRow {
 }
 
 /// A raw row of any stream, on its way to the raw sinks.
+///
+/// Telemetry rows, five or so per event, are the many: they are kept inline, and the larger
+/// rows are boxed so that every row (and every item holding one) moves as a telemetry row's
+/// size through the dataflow's buffers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum RawRow {
     /// `edge.telemetry` -> `device_metrics`.
     Telemetry(TelemetryRow),
     /// `edge.ai.inference` -> `ai_inference_results`.
-    Inference(InferenceRow),
+    Inference(Box<InferenceRow>),
     /// `analytics.events` -> `analytics_events`.
-    Analytics(AnalyticsRow),
+    Analytics(Box<AnalyticsRow>),
     /// A telemetry sample's anomaly score -> `anomaly_scores` (and `anomalies`).
-    Score(ScoreRow),
+    Score(Box<ScoreRow>),
 }
 
 impl RawRow {

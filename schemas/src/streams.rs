@@ -6,6 +6,8 @@
 //! the dashboards' tests read their table names from here instead of writing lists of their own;
 //! a new stream is one more entry in [`STREAMS`] (plus its decoder and windows).
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use crate::analytics::AnalyticsEvent;
@@ -90,9 +92,10 @@ impl AggregateFamily {
     }
 }
 
-/// How a stream's records become raw rows: the event time and the rows of one record at
-/// `partition`/`offset`, or why the record is invalid.
-pub type Decoder = fn(&[u8], &DecodeLimits, i32, i64) -> Result<(i64, Vec<RawRow>), DecodeError>;
+/// How a stream's records become raw rows: the rows of one record at `partition`/`offset`
+/// appended to the caller's buffer (reused from record to record) and the event time, or why
+/// the record is invalid (nothing appended then).
+pub type Decoder = fn(&[u8], &DecodeLimits, i32, i64, &mut Vec<RawRow>) -> Result<i64, DecodeError>;
 
 /// Everything that is fixed about a stream.
 #[derive(Debug, Clone, Copy)]
@@ -319,24 +322,40 @@ fn decode_telemetry(
     limits: &DecodeLimits,
     partition: i32,
     offset: i64,
-) -> Result<(i64, Vec<RawRow>), DecodeError> {
-    let event = TelemetryEvent::decode(payload, limits)?;
-    let device_id = crate::intern::name(&event.device_id);
-    let rows = event
-        .metrics
-        .iter()
-        .map(|m| {
-            RawRow::Telemetry(TelemetryRow {
-                time_us: event.time_us,
-                device_id: device_id.clone(),
-                metric_name: crate::intern::name(&m.name),
-                value: m.value,
-                partition,
-                offset,
-            })
+    rows: &mut Vec<RawRow>,
+) -> Result<i64, DecodeError> {
+    limits.check(payload)?;
+    let row = |device_id: &Arc<str>, time_us, name: &str, value| {
+        RawRow::Telemetry(TelemetryRow {
+            time_us,
+            device_id: device_id.clone(),
+            metric_name: crate::intern::name(name),
+            value,
+            partition,
+            offset,
         })
-        .collect();
-    Ok((event.time_us, rows))
+    };
+    // Well-formed events go from the payload's borrowed strings to the shared names, owning
+    // nothing in between; the rest take the checked path, which names every error.
+    if let Some(event) = TelemetryEvent::decode_borrowed(payload, limits) {
+        let device_id = crate::intern::name(&event.device_id);
+        rows.extend(
+            event
+                .metrics
+                .iter()
+                .map(|(name, value)| row(&device_id, event.time_us, name, *value)),
+        );
+        return Ok(event.time_us);
+    }
+    let event = TelemetryEvent::decode_checked(payload, limits)?;
+    let device_id = crate::intern::name(&event.device_id);
+    rows.extend(
+        event
+            .metrics
+            .iter()
+            .map(|m| row(&device_id, event.time_us, &m.name, m.value)),
+    );
+    Ok(event.time_us)
 }
 
 fn decode_inference(
@@ -344,16 +363,16 @@ fn decode_inference(
     limits: &DecodeLimits,
     partition: i32,
     offset: i64,
-) -> Result<(i64, Vec<RawRow>), DecodeError> {
+    rows: &mut Vec<RawRow>,
+) -> Result<i64, DecodeError> {
     let event = InferenceEvent::decode(payload, limits)?;
-    Ok((
-        event.time_us,
-        vec![RawRow::Inference(InferenceRow {
-            event,
-            partition,
-            offset,
-        })],
-    ))
+    let time_us = event.time_us;
+    rows.push(RawRow::Inference(Box::new(InferenceRow {
+        event,
+        partition,
+        offset,
+    })));
+    Ok(time_us)
 }
 
 fn decode_analytics(
@@ -361,16 +380,16 @@ fn decode_analytics(
     limits: &DecodeLimits,
     partition: i32,
     offset: i64,
-) -> Result<(i64, Vec<RawRow>), DecodeError> {
+    rows: &mut Vec<RawRow>,
+) -> Result<i64, DecodeError> {
     let event = AnalyticsEvent::decode(payload, limits)?;
-    Ok((
-        event.time_us(),
-        vec![RawRow::Analytics(AnalyticsRow {
-            event,
-            partition,
-            offset,
-        })],
-    ))
+    let time_us = event.time_us();
+    rows.push(RawRow::Analytics(Box::new(AnalyticsRow {
+        event,
+        partition,
+        offset,
+    })));
+    Ok(time_us)
 }
 
 #[cfg(test)]
@@ -385,6 +404,49 @@ mod tests {
         assert_eq!(StreamKind::Telemetry.def().archive_table(), "telemetry_raw");
         assert!(StreamKind::Telemetry.def().writes_scores());
         assert!(!StreamKind::Inference.def().writes_scores());
+    }
+
+    #[test]
+    fn decoders_append_to_the_buffer_and_leave_it_alone_on_a_bad_record() {
+        let limits = DecodeLimits::default();
+        let decode = StreamKind::Telemetry.def().decode;
+        let mut rows = Vec::new();
+        let good = br#"{"device_id":"pi-1","metrics":{"load_avg":2,"cpu_percent":1.5},"timestamp":1762351387123}"#;
+        let time_us = decode(good, &limits, 2, 7, &mut rows).unwrap();
+        assert_eq!(time_us, 1_762_351_387_123_000);
+        assert!(decode(b"{oops", &limits, 2, 8, &mut rows).is_err());
+        assert!(decode(
+            br#"{"device_id":"pi-1","metrics":{"cpu_percent":101},"timestamp":1}"#,
+            &limits,
+            2,
+            9,
+            &mut rows
+        )
+        .is_err());
+        decode(good, &limits, 2, 10, &mut rows).unwrap();
+        let seen: Vec<(i64, &str)> = rows
+            .iter()
+            .map(|r| match r {
+                RawRow::Telemetry(t) => (t.offset, &*t.metric_name),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (7, "cpu_percent"),
+                (7, "load_avg"),
+                (10, "cpu_percent"),
+                (10, "load_avg")
+            ]
+        );
+        // Rows of one event share their device's name.
+        match (&rows[0], &rows[1]) {
+            (RawRow::Telemetry(a), RawRow::Telemetry(b)) => {
+                assert!(Arc::ptr_eq(&a.device_id, &b.device_id));
+            }
+            _ => unreachable!(),
+        }
     }
 
     #[test]

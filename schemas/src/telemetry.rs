@@ -10,7 +10,6 @@
 //! null on hosts without a sensor). Metrics named `*_percent` must lie in `0..=100`.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -48,13 +47,43 @@ pub struct Metric {
 /// The fast path's shape: the three fields typed, borrowed where serde can.
 struct FastEvent<'a> {
     device_id: Cow<'a, str>,
-    metrics: BTreeMap<Cow<'a, str>, Option<f64>>,
+    metrics: FastMetrics<'a>,
     timestamp: serde_json::Value,
 }
+
+/// The metrics object in payload order, names borrowed where they have no escapes (a map type
+/// would allocate a node per event and, through `Cow`'s own `Deserialize`, a `String` per name).
+struct FastMetrics<'a>(Vec<(Cow<'a, str>, Option<f64>)>);
 
 /// A string borrowed from the payload when it has no escapes.
 #[derive(Deserialize)]
 struct Borrowed<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for FastMetrics<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> Visitor<'de> for Entries {
+            type Value = FastMetrics<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a metrics object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(8).min(16));
+                while let Some(Borrowed(name)) = map.next_key()? {
+                    if entries.len() == MAX_METRICS_PER_EVENT {
+                        // The checked path names the error.
+                        return Err(de::Error::custom("too many metrics"));
+                    }
+                    entries.push((name, map.next_value()?));
+                }
+                Ok(FastMetrics(entries))
+            }
+        }
+        deserializer.deserialize_map(Entries)
+    }
+}
 
 impl<'de> Deserialize<'de> for FastEvent<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -100,6 +129,18 @@ impl<'de> Deserialize<'de> for FastEvent<'de> {
     }
 }
 
+/// A well-formed event as the fast path reads it, borrowed from its payload: what
+/// [`TelemetryEvent::decode`] would give, without owning its strings.
+#[derive(Debug)]
+pub struct BorrowedEvent<'a> {
+    /// The reporting device, checked like [`TelemetryEvent::device_id`].
+    pub device_id: Cow<'a, str>,
+    /// Event time, microseconds since the epoch (UTC).
+    pub time_us: Micros,
+    /// Numeric metrics sorted by name, nulls skipped, each checked.
+    pub metrics: Vec<(Cow<'a, str>, f64)>,
+}
+
 impl TelemetryEvent {
     /// Decodes and validates one message.
     pub fn decode(payload: &[u8], limits: &DecodeLimits) -> Result<Self, DecodeError> {
@@ -129,14 +170,43 @@ impl TelemetryEvent {
     /// Straight into typed fields (borrowed strings, no intermediate `serde_json::Value` map):
     /// `Some` only for an event the checked path accepts, with the same result.
     fn decode_fast(payload: &[u8], limits: &DecodeLimits) -> Option<Self> {
-        let fast: FastEvent<'_> = serde_json::from_slice(payload).ok()?;
-        let device_id = json::ident_str(&fast.device_id, "device_id").ok()?;
-        if fast.timestamp.is_null() || fast.metrics.len() > MAX_METRICS_PER_EVENT {
+        let event = Self::decode_borrowed(payload, limits)?;
+        Some(Self {
+            device_id: event.device_id.into_owned(),
+            time_us: event.time_us,
+            metrics: event
+                .metrics
+                .into_iter()
+                .map(|(name, value)| Metric {
+                    name: name.into_owned(),
+                    value,
+                })
+                .collect(),
+        })
+    }
+
+    /// The fast path without owning anything: `Some` only for an event the checked path
+    /// ([`TelemetryEvent::decode`] after the size check) accepts, with the same fields. Events it
+    /// does not take (a repeated metric, anything invalid) are left to the checked path, which
+    /// names the error.
+    pub fn decode_borrowed<'a>(
+        payload: &'a [u8],
+        limits: &DecodeLimits,
+    ) -> Option<BorrowedEvent<'a>> {
+        let fast: FastEvent<'a> = serde_json::from_slice(payload).ok()?;
+        json::check_ident(&fast.device_id, "device_id").ok()?;
+        if fast.timestamp.is_null() {
             return None;
         }
         let time_us = limits.event_time(&fast.timestamp, "timestamp").ok()?;
-        let mut metrics = Vec::with_capacity(fast.metrics.len());
-        for (name, value) in fast.metrics {
+        let mut entries = fast.metrics.0;
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        if entries.windows(2).any(|w| w[0].0 == w[1].0) {
+            // JSON leaves a repeated name's meaning open; the checked path decides it.
+            return None;
+        }
+        let mut metrics = Vec::with_capacity(entries.len());
+        for (name, value) in entries {
             let Some(value) = value else { continue };
             if !value.is_finite()
                 || validate_metric_name(&name, "").is_err()
@@ -144,23 +214,23 @@ impl TelemetryEvent {
             {
                 return None;
             }
-            metrics.push(Metric {
-                name: name.into_owned(),
-                value,
-            });
+            metrics.push((name, value));
         }
         if metrics.is_empty() {
             return None;
         }
-        Some(Self {
-            device_id,
+        Some(BorrowedEvent {
+            device_id: fast.device_id,
             time_us,
             metrics,
         })
     }
 
     /// The generic path: a JSON value checked field by field, every failure a named error.
-    fn decode_checked(payload: &[u8], limits: &DecodeLimits) -> Result<Self, DecodeError> {
+    pub(crate) fn decode_checked(
+        payload: &[u8],
+        limits: &DecodeLimits,
+    ) -> Result<Self, DecodeError> {
         let obj = json::parse_object(payload, limits)?;
         let device_id = json::required_ident(&obj, "device_id")?;
         let time_us = limits.event_time(json::required(&obj, "timestamp")?, "timestamp")?;
@@ -411,6 +481,44 @@ mod tests {
             &DecodeLimits::default()
         )
         .is_none());
+    }
+
+    #[test]
+    fn the_borrowed_path_owns_nothing_and_leaves_repeated_metrics_to_the_checked_path() {
+        let limits = DecodeLimits::default();
+        let p = br#"{"device_id":"pi-1","metrics":{"temperature":55.5,"cpu_percent":1.5},"timestamp":1762351387123}"#;
+        let event = TelemetryEvent::decode_borrowed(p, &limits).unwrap();
+        assert!(matches!(event.device_id, Cow::Borrowed("pi-1")));
+        let names: Vec<&str> = event.metrics.iter().map(|(n, _)| n.as_ref()).collect();
+        assert_eq!(names, ["cpu_percent", "temperature"]);
+        assert!(event
+            .metrics
+            .iter()
+            .all(|(n, _)| matches!(n, Cow::Borrowed(_))));
+        // A name with an escape is still read, as an owned string.
+        let escaped =
+            br#"{"device_id":"pi-1","metrics":{"cpu_percent":1.5},"timestamp":1762351387123}"#;
+        let event = TelemetryEvent::decode_borrowed(escaped, &limits).unwrap();
+        assert_eq!(event.metrics[0].0, "cpu_percent");
+        // JSON leaves a repeated name open: the checked path decides, and both paths of
+        // `decode` agree with it.
+        let repeated = br#"{"device_id":"pi-1","metrics":{"cpu_percent":1.5,"cpu_percent":2.5},"timestamp":1762351387123}"#;
+        assert!(TelemetryEvent::decode_borrowed(repeated, &limits).is_none());
+        assert_eq!(
+            TelemetryEvent::decode(repeated, &limits),
+            TelemetryEvent::decode_checked(repeated, &limits)
+        );
+        // More metrics than an event may carry are refused by name, not read past.
+        let many: Vec<String> = (0..=MAX_METRICS_PER_EVENT)
+            .map(|i| format!(r#""m{i}":1"#))
+            .collect();
+        let too_many = format!(
+            r#"{{"device_id":"pi-1","metrics":{{{}}},"timestamp":1762351387123}}"#,
+            many.join(",")
+        );
+        assert!(TelemetryEvent::decode_borrowed(too_many.as_bytes(), &limits).is_none());
+        let (kind, _) = kind_and_message(&too_many);
+        assert_eq!(kind, ErrorKind::OutOfRange);
     }
 
     /// Payload fragments, valid and not, that the fast and the checked path must agree on.

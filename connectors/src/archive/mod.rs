@@ -213,7 +213,7 @@ pub fn rows_from_batch(batch: &RecordBatch, location: &str) -> Result<Vec<RawRow
                 None => None,
             };
             let tokens = |a: &Int64Array| u32::try_from(a.value(i)).unwrap_or(u32::MAX);
-            rows.push(RawRow::Inference(InferenceRow {
+            rows.push(RawRow::Inference(Box::new(InferenceRow {
                 event: InferenceEvent {
                     model: model.value(i).to_owned(),
                     prompt_length: tokens(input),
@@ -229,7 +229,7 @@ pub fn rows_from_batch(batch: &RecordBatch, location: &str) -> Result<Vec<RawRow
                 },
                 partition: partition.value(i),
                 offset: offset.value(i),
-            }));
+            })));
         }
     } else if schema.column_with_name("event_type").is_some() {
         let event_type = column::<StringArray>(batch, "event_type", location)?;
@@ -259,11 +259,11 @@ pub fn rows_from_batch(batch: &RecordBatch, location: &str) -> Result<Vec<RawRow
                     time_us: time.value(i),
                 }),
             };
-            rows.push(RawRow::Analytics(AnalyticsRow {
+            rows.push(RawRow::Analytics(Box::new(AnalyticsRow {
                 event,
                 partition: partition.value(i),
                 offset: offset.value(i),
-            }));
+            })));
         }
     } else {
         return Err(ArchiveError::Schema {
@@ -451,7 +451,7 @@ mod tests {
     }
 
     fn inference(offset: i64) -> RawRow {
-        RawRow::Inference(InferenceRow {
+        RawRow::Inference(Box::new(InferenceRow {
             event: InferenceEvent {
                 model: "llama".into(),
                 prompt_length: 12,
@@ -467,13 +467,13 @@ mod tests {
             },
             partition: 0,
             offset,
-        })
+        }))
     }
 
     fn analytics(offset: i64) -> Vec<RawRow> {
         let t = 1_762_351_387_000_000;
         vec![
-            RawRow::Analytics(AnalyticsRow {
+            RawRow::Analytics(Box::new(AnalyticsRow {
                 event: AnalyticsEvent::Task(TaskEvent {
                     kind: TaskEventKind::Assigned,
                     task_id: "t-9".into(),
@@ -484,8 +484,8 @@ mod tests {
                 }),
                 partition: 1,
                 offset,
-            }),
-            RawRow::Analytics(AnalyticsRow {
+            })),
+            RawRow::Analytics(Box::new(AnalyticsRow {
                 event: AnalyticsEvent::Api(ApiEvent {
                     event_type: "api_request".into(),
                     endpoint: "/v1/x".into(),
@@ -495,7 +495,7 @@ mod tests {
                 }),
                 partition: 1,
                 offset: offset + 1,
-            }),
+            })),
         ]
     }
 

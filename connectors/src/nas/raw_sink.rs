@@ -633,7 +633,7 @@ mod tests {
                 offset: i,
             }));
             if i % 4 == 0 {
-                rows.push(RawRow::Score(ScoreRow {
+                rows.push(RawRow::Score(Box::new(ScoreRow {
                     time_us,
                     device_id: format!("pi-{}", i % 5).into(),
                     model: "iforest".into(),
@@ -643,7 +643,7 @@ mod tests {
                     features: Vec::new(),
                     partition: 0,
                     offset: i,
-                }));
+                })));
             }
         }
         let dir = tempfile::tempdir().unwrap();

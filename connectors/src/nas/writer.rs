@@ -72,9 +72,9 @@ fn raw_batch_of<'r>(rows: impl IntoIterator<Item = &'r RawRow>) -> Result<Record
     for r in rows {
         match r {
             RawRow::Telemetry(t) => telemetry.push(t),
-            RawRow::Inference(i) => inference.push(i),
-            RawRow::Analytics(a) => analytics.push(a),
-            RawRow::Score(s) => scores.push(s),
+            RawRow::Inference(i) => inference.push(&**i),
+            RawRow::Analytics(a) => analytics.push(&**a),
+            RawRow::Score(s) => scores.push(&**s),
         }
     }
     if !scores.is_empty() {
@@ -1100,7 +1100,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let telemetry = ParquetArchive::new(dir.path(), "edge.telemetry", 1024).with_scores();
         let t0 = 1_762_351_387_000_000;
-        let score = RawRow::Score(ScoreRow {
+        let score = RawRow::Score(Box::new(ScoreRow {
             time_us: t0,
             device_id: "pi-1".into(),
             model: "m".into(),
@@ -1110,7 +1110,7 @@ mod tests {
             features: Vec::new(),
             partition: 1,
             offset: 500,
-        });
+        }));
         let files = telemetry.write_roll(1, 500, 500, &[score]).unwrap();
         assert!(files[0].to_string_lossy().contains(SCORES_TABLE_DIR));
         // The inference topic has committed far less on partition 1; the telemetry topic's
@@ -1128,7 +1128,7 @@ mod tests {
     fn analytics_rows(t0: i64) -> Vec<RawRow> {
         use primespark_schemas::analytics::TaskEventKind;
         vec![
-            RawRow::Analytics(AnalyticsRow {
+            RawRow::Analytics(Box::new(AnalyticsRow {
                 event: AnalyticsEvent::Task(TaskEvent {
                     kind: TaskEventKind::Created,
                     task_id: "t-1".into(),
@@ -1139,8 +1139,8 @@ mod tests {
                 }),
                 partition: 0,
                 offset: 7,
-            }),
-            RawRow::Analytics(AnalyticsRow {
+            })),
+            RawRow::Analytics(Box::new(AnalyticsRow {
                 event: AnalyticsEvent::Api(ApiEvent {
                     event_type: "llm_generate".into(),
                     endpoint: "/api/llm/generate".into(),
@@ -1150,7 +1150,7 @@ mod tests {
                 }),
                 partition: 0,
                 offset: 8,
-            }),
+            })),
         ]
     }
 

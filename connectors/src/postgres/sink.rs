@@ -562,17 +562,17 @@ async fn copy_raw<R: Borrow<RawRow> + Sync>(
         _ => None,
     });
     let inference = rows.iter().filter_map(|r| match r.borrow() {
-        RawRow::Inference(i) => Some(i),
+        RawRow::Inference(i) => Some(&**i),
         _ => None,
     });
     let analytics = rows.iter().filter_map(|r| match r.borrow() {
-        RawRow::Analytics(a) => Some(a),
+        RawRow::Analytics(a) => Some(&**a),
         _ => None,
     });
     let scores: Vec<&ScoreRow> = rows
         .iter()
         .filter_map(|r| match r.borrow() {
-            RawRow::Score(s) => Some(s),
+            RawRow::Score(s) => Some(&**s),
             _ => None,
         })
         .collect();

@@ -193,12 +193,12 @@ mod tests {
             time_us: t0,
         };
         let rows = vec![
-            RawRow::Analytics(AnalyticsRow {
+            RawRow::Analytics(Box::new(AnalyticsRow {
                 event: AnalyticsEvent::Task(task.clone()),
                 partition: 0,
                 offset: 0,
-            }),
-            RawRow::Analytics(AnalyticsRow {
+            })),
+            RawRow::Analytics(Box::new(AnalyticsRow {
                 event: AnalyticsEvent::Api(ApiEvent {
                     event_type: "llm_generate".into(),
                     endpoint: "/api/llm/generate".into(),
@@ -208,7 +208,7 @@ mod tests {
                 }),
                 partition: 0,
                 offset: 1,
-            }),
+            })),
         ];
         ParquetArchive::new(dir.path(), "analytics.events", 1024)
             .write_roll(0, 0, 1, &rows)
