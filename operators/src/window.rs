@@ -46,7 +46,8 @@ pub struct WindowSpec {
     /// run: records for them are replays and are skipped.
     pub committed_watermark_us: EventTime,
     /// How long past its end a window still takes records (`windows.allowed_lateness`),
-    /// microseconds. Each late record re-emits its key's updated aggregate (sinks upsert).
+    /// microseconds. Late records re-emit their keys' updated aggregates at their timely time,
+    /// once the frontier has passed it (sinks upsert; a later time's aggregate holds more).
     pub allowed_lateness_us: u64,
 }
 
@@ -55,7 +56,10 @@ pub trait TumblingWindow<'scope, K, V> {
     /// Folds each record into its (key, window) aggregate and emits closed windows.
     ///
     /// Records whose window already closed (its end is at or below the time they arrive at) are
-    /// late: they are counted and left out.
+    /// late: within `allowed_lateness_us` they update the emitted window, at their time and
+    /// once that time is complete, so for each (key, window) the aggregate emitted at the
+    /// greatest time is the final one whatever order workers' records arrive in; beyond it
+    /// they are counted and left out.
     ///
     /// ```
     /// use timely::dataflow::operators::{ToStream, Capture, capture::Event};
@@ -112,14 +116,19 @@ where
                     BTreeMap::new();
                 // Emitted windows still within the allowed lateness, by end time.
                 let mut closed: BTreeMap<EventTime, FastMap<K, A>> = BTreeMap::new();
+                // Late records of emitted windows by their timely time, until the frontier
+                // passes that time. Applying them at once would let records of two workers,
+                // arriving in either order, emit a fuller aggregate at an earlier time than a
+                // partial one: downstream (the commit operator orders by time) the partial one
+                // would be the last word. Applied in time order once their time is complete,
+                // each update holds every record up to its time and later times hold more.
+                let mut waiting: BTreeMap<EventTime, LateBatch<K, V>> = BTreeMap::new();
                 move |(input, frontier), output| {
                     let mut late = 0u64;
                     input.for_each(|cap, data| {
                         let Some(&now) = cap.least() else {
                             return;
                         };
-                        // Each updated (window, key) is re-emitted once per batch.
-                        let mut updated: FastSet<(EventTime, K)> = FastSet::default();
                         for (key, time_us, value) in data.drain(..) {
                             let start = window_start(time_us, width);
                             let Ok(end) = EventTime::try_from(start.saturating_add(width)) else {
@@ -135,34 +144,23 @@ where
                                 late += 1;
                                 continue;
                             }
-                            // One window's state lives in exactly one place: still open,
-                            // or emitted and updatable.
                             if let Some((_, aggs)) = open.get_mut(&end) {
+                                // Not emitted yet (late or not): the emission will hold it.
                                 fold(aggs.entry(key).or_default(), value);
                             } else if end <= now || closed.contains_key(&end) {
-                                // Late but allowed: update the emitted window and re-emit the
-                                // key's aggregate. (After a restart the replay rebuilds the
-                                // state of such windows here, record by record.)
-                                let aggs = closed.entry(end).or_default();
-                                fold(aggs.entry(key.clone()).or_default(), value);
-                                updated.insert((end, key));
+                                // Late but allowed: it updates the emitted window once the
+                                // frontier passes `now`. (After a restart the replay rebuilds
+                                // the state of such windows this way, record by record.)
+                                waiting
+                                    .entry(now)
+                                    .or_insert_with(|| (cap.delayed(&now, 0), Vec::new()))
+                                    .1
+                                    .push((key, end, value));
                             } else {
                                 let (_, aggs) = open
                                     .entry(end)
                                     .or_insert_with(|| (cap.delayed(&end, 0), FastMap::default()));
                                 fold(aggs.entry(key).or_default(), value);
-                            }
-                        }
-                        if !updated.is_empty() {
-                            let mut session = output.session(&cap);
-                            for (end, key) in updated {
-                                if let Some(agg) = closed.get(&end).and_then(|a| a.get(&key)) {
-                                    session.give(WindowResult {
-                                        key,
-                                        window_start_us: end as i64 - width,
-                                        agg: agg.clone(),
-                                    });
-                                }
                             }
                         }
                     });
@@ -208,6 +206,32 @@ where
                             closed.insert(end, aggs);
                         }
                     }
+                    // Late records whose time the frontier has passed: every record of that
+                    // time (and of every earlier one) is in, and their windows were emitted
+                    // above, so each updated aggregate is emitted once, at that time, and holds
+                    // everything up to it.
+                    while let Some(entry) = waiting.first_entry() {
+                        if frontier.frontier().less_equal(entry.key()) {
+                            break;
+                        }
+                        let (cap, records) = entry.remove();
+                        let mut updated: FastSet<(EventTime, K)> = FastSet::default();
+                        for (key, end, value) in records {
+                            let aggs = closed.entry(end).or_default();
+                            fold(aggs.entry(key.clone()).or_default(), value);
+                            updated.insert((end, key));
+                        }
+                        let mut session = output.session(&cap);
+                        for (end, key) in updated {
+                            if let Some(agg) = closed.get(&end).and_then(|a| a.get(&key)) {
+                                session.give(WindowResult {
+                                    key,
+                                    window_start_us: end as i64 - width,
+                                    agg: agg.clone(),
+                                });
+                            }
+                        }
+                    }
                     // Windows past their lateness are final: drop their state.
                     while let Some(entry) = closed.first_entry() {
                         if frontier
@@ -223,6 +247,10 @@ where
         )
     }
 }
+
+/// Late records of one timely time, `(key, window end, value)`, with the capability to emit
+/// their windows' updates.
+type LateBatch<K, V> = (Capability<EventTime>, Vec<(K, EventTime, V)>);
 
 /// Partials of one timely time, with the capability to emit them.
 type Held<K, A> = (Capability<EventTime>, FastMap<(K, i64), A>);
@@ -496,6 +524,172 @@ mod tests {
     fn without_lateness_late_records_are_dropped() {
         let rows = run(0, vec![(0, "a", 1, 1), (12, "a", 3, 2), (13, "a", 15, 7)]);
         assert_eq!(rows, vec![(0, 1), (10, 7)]);
+    }
+
+    /// Each `(key, window start)`'s aggregate emitted at the greatest timely time (among equal
+    /// times, the last emitted): what the commit operator, which orders by time, hands off last.
+    fn last_by_time(mut rows: Vec<(u64, String, i64, u64)>) -> BTreeMap<(String, i64), u64> {
+        rows.sort_by_key(|r| r.0);
+        rows.into_iter().map(|(_, k, s, a)| ((k, s), a)).collect()
+    }
+
+    /// The time of a captured batch (captured messages carry one time).
+    fn stamp_time(stamp: &timely::progress::Stamp<u64>) -> u64 {
+        stamp
+            .as_singleton()
+            .copied()
+            .expect("one time per captured batch")
+    }
+
+    fn sum_spec(lateness: u64) -> WindowSpec {
+        WindowSpec {
+            name: "w".into(),
+            dataflow: "d".into(),
+            width_us: 10,
+            committed_watermark_us: 0,
+            allowed_lateness_us: lateness,
+        }
+    }
+
+    #[test]
+    fn a_late_update_is_not_overtaken_by_an_earlier_time_arriving_after_it() {
+        // Two inputs stand for two workers: the one at watermark 12 sends a late record of
+        // window [0, 10) before the one still at 0 sends an on-time record of it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        timely::execute_directly(move |worker| {
+            let mut behind: InputHandleVec<u64, (String, i64, u64)> = InputHandleVec::new();
+            let mut ahead: InputHandleVec<u64, (String, i64, u64)> = InputHandleVec::new();
+            let captured = worker.dataflow(|scope| {
+                scope
+                    .input_from(&mut behind)
+                    .concat(scope.input_from(&mut ahead))
+                    .tumbling_window(sum_spec(5), |sum: &mut u64, v| *sum += v)
+                    .capture()
+            });
+            ahead.advance_to(12);
+            ahead.send(("a".to_owned(), 3, 2));
+            ahead.flush();
+            for _ in 0..10 {
+                worker.step();
+            }
+            behind.send(("a".to_owned(), 1, 1));
+            behind.flush();
+            for _ in 0..10 {
+                worker.step();
+            }
+            behind.close();
+            ahead.close();
+            while worker.step() {}
+            let rows: Vec<(u64, String, i64, u64)> = captured
+                .try_iter()
+                .flat_map(|e| match e {
+                    Event::Messages(t, rows) => rows
+                        .into_iter()
+                        .map(|r| (stamp_time(&t), r.key, r.window_start_us, r.agg))
+                        .collect(),
+                    Event::Progress(_) => Vec::new(),
+                })
+                .collect();
+            tx.send(rows).expect("receiver alive");
+        });
+        let rows = rx.recv().expect("rows");
+        // Emitted at 10 with the on-time record, then updated at 12 with both.
+        assert_eq!(
+            rows,
+            vec![(10, "a".to_owned(), 0, 1), (12, "a".to_owned(), 0, 3)]
+        );
+    }
+
+    /// A record `(worker, send_at, key, time, value)` for [`final_sums`].
+    type Sent = (usize, u64, String, i64, u64);
+
+    /// Runs a summing `tumbling_window` on `workers` workers; each record is sent by worker
+    /// `worker % workers` once that worker's input is at `send_at`. Worker 1 starts late and
+    /// pauses now and then, so that worker 0's late records tend to reach a window's worker
+    /// before worker 1's on-time ones (the outcome must not depend on it).
+    fn final_sums(
+        workers: usize,
+        lateness: u64,
+        records: &std::sync::Arc<Vec<Sent>>,
+    ) -> BTreeMap<(String, i64), u64> {
+        let records = std::sync::Arc::clone(records);
+        let guards = timely::execute(timely::Config::process(workers), move |worker| {
+            let (index, peers) = (worker.index(), worker.peers());
+            let mut input: InputHandleVec<u64, (String, i64, u64)> = InputHandleVec::new();
+            let captured = worker.dataflow(|scope| {
+                scope
+                    .input_from(&mut input)
+                    .tumbling_window(sum_spec(lateness), |sum: &mut u64, v| *sum += v)
+                    .capture()
+            });
+            let mine = records.iter().filter(|r| r.0 % peers == index);
+            for (n, (_, at, key, time, value)) in mine.enumerate() {
+                if index == 1 && n % 40 == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                input.advance_to(*at);
+                input.send((key.clone(), *time, *value));
+                input.flush();
+                worker.step();
+            }
+            input.close();
+            while worker.step() {}
+            captured
+                .try_iter()
+                .flat_map(|e| match e {
+                    Event::Messages(t, rows) => rows
+                        .into_iter()
+                        .map(|r| (stamp_time(&t), r.key, r.window_start_us, r.agg))
+                        .collect(),
+                    Event::Progress(_) => Vec::new(),
+                })
+                .collect::<Vec<_>>()
+        })
+        .expect("timely starts");
+        let rows = guards
+            .join()
+            .into_iter()
+            .flat_map(|rows| rows.expect("worker ran"))
+            .collect();
+        last_by_time(rows)
+    }
+
+    #[test]
+    fn on_two_workers_the_last_aggregate_by_time_is_exact_whatever_the_arrival_order() {
+        let (width, lateness) = (10i64, 15u64);
+        let mut records: Vec<Sent> = Vec::new();
+        for i in 0..400i64 {
+            let worker = (i % 2) as usize;
+            let at = match (worker, i % 8) {
+                // Late but within the lateness: updates an emitted window.
+                (0, 0 | 2 | 4) => i + 12,
+                // Beyond it: dropped.
+                (0, 6) => i + 40,
+                (1, 7) => i + 13,
+                _ => i,
+            };
+            records.push((
+                worker,
+                at as u64,
+                format!("k{}", i % 3),
+                i,
+                (i % 7 + 1) as u64,
+            ));
+        }
+        // Each worker's input only moves forward.
+        records.sort_by_key(|r| r.1);
+        let mut expected: BTreeMap<(String, i64), u64> = BTreeMap::new();
+        for (_, at, key, time, value) in &records {
+            let start = window_start(*time, width);
+            if (start + width) as u64 + lateness > *at {
+                *expected.entry((key.clone(), start)).or_default() += value;
+            }
+        }
+        let records = std::sync::Arc::new(records);
+        assert_eq!(final_sums(1, lateness, &records), expected, "one worker");
+        for run in 0..10 {
+            assert_eq!(final_sums(2, lateness, &records), expected, "run {run}");
+        }
     }
 
     type Emitted = Vec<(Rollup, String, i64, Stats)>;
