@@ -172,3 +172,162 @@ async fn late_events_update_windows_within_the_lateness_and_are_listed_beyond_it
     assert_eq!(late_by, 95_000.0);
     Ok(())
 }
+
+/// Two workers, one partition each. Worker A's partition is far ahead and sends a late event of
+/// a window none of its on-time events fell in; worker B's partition, behind (its silence holds
+/// the watermark back), sends an on-time event of that window. Both count, in the window as
+/// committed past the late event's time and after a restart. (In this pipeline the on-time
+/// partial reached the window first; the opposite order, which the window operator must also
+/// survive, is forced in `operators::window`'s tests.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_update_from_a_worker_ahead_and_an_on_time_event_from_one_behind_both_count(
+) -> Result<()> {
+    let stack = stack();
+    let db = unique("lateness2w");
+    let url = fresh_database(stack, &db).await?;
+    let topic = format!("edge.telemetry.{db}");
+    create_topic(stack, &topic, 2).await?;
+    let work = tempfile::tempdir()?;
+    let config = work.path().join("pipeline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbrokers = \"{}\"\n[kafka.topics]\ntelemetry = \"{topic}\"\n\
+             [postgres]\nurl = \"{url}\"\nflush_rows = 100\nflush_interval = \"100ms\"\n\
+             [nas]\npath = \"{}\"\nroll_interval = \"1s\"\n[query]\nhttp_addr = \"127.0.0.1:{}\"\n\
+             [runtime]\nworkers = 2\n\
+             [windows]\nmax_out_of_orderness = \"5s\"\nallowed_lateness = \"120s\"\nidle_timeout = \"10m\"\n\
+             [dataflows]\ninference = false\nanalytics = false\n[inference]\nenabled = false\n",
+            stack.brokers,
+            work.path().join("nas").display(),
+            free_port()
+        ),
+    )?;
+    let log = work.path().join("pipeline.log");
+    let fail = |e: anyhow::Error| {
+        anyhow::anyhow!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+    };
+    let mut expected: BTreeMap<i64, (i64, f64)> = BTreeMap::new();
+    let mut add = |t: i64, v: f64| {
+        let e = expected.entry(t.div_euclid(60_000) * 60_000).or_default();
+        e.0 += 1;
+        e.1 += v;
+    };
+    // Partition 1 (worker B): one event at T0, then silence.
+    // Partition 0 (worker A): every 500 ms up to T0+200s, none in [T0+60s, T0+120s).
+    let mut records = vec![(1, sample(T0_MS, 1.0))];
+    add(T0_MS, 1.0);
+    for i in 0..=400 {
+        let t = T0_MS + i * 500;
+        if (T0_MS + 60_000..T0_MS + 120_000).contains(&t) {
+            continue;
+        }
+        let v = (i % 100) as f64;
+        records.push((0, sample(t, v)));
+        add(t, v);
+    }
+    produce(stack, &topic, &records)?;
+    let mut pipeline = Pipeline::start(&config, &[], &log)?;
+    let client = connect(&url).await?;
+    let raw = |n: usize| {
+        let client = &client;
+        async move { Ok(one(client, "SELECT count(*) FROM device_metrics").await? == n as i64) }
+    };
+    let mut sent = records.len();
+    wait_until(Duration::from_secs(120), "the first raw rows", || raw(sent))
+        .await
+        .map_err(fail)?;
+
+    // A's watermark is at T0+195s: T0+100s is late (within the 120 s) for window
+    // [T0+60s, T0+120s), which nothing of A's opened. The next event moves A's watermark past
+    // the late one's time, so A's combiner hands its partial on to the window at once.
+    produce(
+        stack,
+        &topic,
+        &[
+            (0, sample(T0_MS + 100_000, 99.25)),
+            (0, sample(T0_MS + 206_000, 10.0)),
+        ],
+    )?;
+    add(T0_MS + 100_000, 99.25);
+    add(T0_MS + 206_000, 10.0);
+    sent += 2;
+    wait_until(Duration::from_secs(60), "the late raw row", || raw(sent))
+        .await
+        .map_err(fail)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // B, still at T0-5s, sends an on-time event of that window.
+    produce(stack, &topic, &[(1, sample(T0_MS + 90_000, 7.0))])?;
+    add(T0_MS + 90_000, 7.0);
+    sent += 1;
+    wait_until(Duration::from_secs(60), "the on-time raw row", || raw(sent))
+        .await
+        .map_err(fail)?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // B moves on: the window closes and the update's time passes.
+    produce(stack, &topic, &[(1, sample(T0_MS + 300_000, 1.0))])?;
+    add(T0_MS + 300_000, 1.0);
+    let bucket = T0_MS + 60_000;
+    let want = expected[&bucket];
+    assert_eq!(want.0, 2);
+    // The commit that covers the update's time (T0+195s) writes every window row before it in
+    // one transaction with the committed watermark: wait for that, then read the window (an
+    // earlier commit may have shown the right count for a while).
+    let committed = format!(
+        "SELECT coalesce(max(committed_watermark_us), 0) FROM dataflow_state \
+         WHERE committed_watermark_us >= {}",
+        (T0_MS + 200_000) * 1000
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the commit past T0+200s",
+        || async { Ok(one(&client, &committed).await? > 0) },
+    )
+    .await
+    .map_err(fail)?;
+    let got = minute_windows(&client, "").await?;
+    assert_eq!(
+        got.get(&bucket),
+        Some(&want),
+        "window [T0+60s, T0+120s): the late update and the on-time event"
+    );
+
+    // Close everything with a sentinel two hours ahead on both partitions, after a restart.
+    pipeline.kill()?;
+    produce(
+        stack,
+        &topic,
+        &[
+            (0, sample(T0_MS + 7_200_000, 1.0)),
+            (1, sample(T0_MS + 7_200_000, 1.0)),
+        ],
+    )?;
+    pipeline = Pipeline::start(&config, &[], &log)?;
+    let expected_1m = expected.len() as i64;
+    wait_until(Duration::from_secs(120), "every window", || async {
+        Ok(
+            one(&client, "SELECT count(*) FROM device_metrics_1m").await? >= expected_1m
+                && one(&client, "SELECT count(*) FROM device_metrics_1h").await? >= 1,
+        )
+    })
+    .await
+    .map_err(fail)?;
+    assert!(pipeline.is_running());
+    assert_eq!(
+        minute_windows(&client, "").await?,
+        expected,
+        "1-minute windows: the late update and the on-time event both in"
+    );
+    let hour: (i64, f64) = client
+        .query_one(
+            "SELECT count, sum FROM device_metrics_1h WHERE bucket = to_timestamp($1::float8 / 1000.0)",
+            &[&(T0_MS as f64)],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))?;
+    let (count, sum) = expected
+        .values()
+        .fold((0, 0.0), |a, v| (a.0 + v.0, a.1 + v.1));
+    assert_eq!(hour, (count, sum), "1-hour window");
+    Ok(())
+}
