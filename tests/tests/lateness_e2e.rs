@@ -176,9 +176,10 @@ async fn late_events_update_windows_within_the_lateness_and_are_listed_beyond_it
 /// Two workers, one partition each. Worker A's partition is far ahead and sends a late event of
 /// a window none of its on-time events fell in; worker B's partition, behind (its silence holds
 /// the watermark back), sends an on-time event of that window. Both count, in the window as
-/// committed past the late event's time and after a restart. (In this pipeline the on-time
-/// partial reached the window first; the opposite order, which the window operator must also
-/// survive, is forced in `operators::window`'s tests.)
+/// committed past the late event's time and after a restart. (Here the combiner in front of
+/// the window holds each partial until the frontier of every worker passes its time, so the
+/// on-time partial reached the window first. Partials still in flight, between processes of a
+/// cluster say, can arrive the other way round; `operators::window`'s tests force that order.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_update_from_a_worker_ahead_and_an_on_time_event_from_one_behind_both_count(
 ) -> Result<()> {
