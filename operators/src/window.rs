@@ -533,12 +533,23 @@ mod tests {
         rows.into_iter().map(|(_, k, s, a)| ((k, s), a)).collect()
     }
 
-    /// The time of a captured batch (captured messages carry one time).
-    fn stamp_time(stamp: &timely::progress::Stamp<u64>) -> u64 {
-        stamp
-            .as_singleton()
-            .copied()
-            .expect("one time per captured batch")
+    /// Every captured `(time, key, window start, sum)`, in the order emitted.
+    fn timed_sums(
+        captured: &std::sync::mpsc::Receiver<Event<u64, Vec<WindowResult<String, u64>>>>,
+    ) -> Vec<(u64, String, i64, u64)> {
+        captured
+            .try_iter()
+            .flat_map(|e| match e {
+                Event::Messages(t, rows) => {
+                    // Captured messages carry one time.
+                    let t = t.as_singleton().copied().expect("one time per batch");
+                    rows.into_iter()
+                        .map(|r| (t, r.key, r.window_start_us, r.agg))
+                        .collect()
+                }
+                Event::Progress(_) => Vec::new(),
+            })
+            .collect()
     }
 
     fn sum_spec(lateness: u64) -> WindowSpec {
@@ -580,17 +591,7 @@ mod tests {
             behind.close();
             ahead.close();
             while worker.step() {}
-            let rows: Vec<(u64, String, i64, u64)> = captured
-                .try_iter()
-                .flat_map(|e| match e {
-                    Event::Messages(t, rows) => rows
-                        .into_iter()
-                        .map(|r| (stamp_time(&t), r.key, r.window_start_us, r.agg))
-                        .collect(),
-                    Event::Progress(_) => Vec::new(),
-                })
-                .collect();
-            tx.send(rows).expect("receiver alive");
+            tx.send(timed_sums(&captured)).expect("receiver alive");
         });
         let rows = rx.recv().expect("rows");
         // Emitted at 10 with the on-time record, then updated at 12 with both.
@@ -634,16 +635,7 @@ mod tests {
             }
             input.close();
             while worker.step() {}
-            captured
-                .try_iter()
-                .flat_map(|e| match e {
-                    Event::Messages(t, rows) => rows
-                        .into_iter()
-                        .map(|r| (stamp_time(&t), r.key, r.window_start_us, r.agg))
-                        .collect(),
-                    Event::Progress(_) => Vec::new(),
-                })
-                .collect::<Vec<_>>()
+            timed_sums(&captured)
         })
         .expect("timely starts");
         let rows = guards

@@ -29,6 +29,51 @@ async fn one(client: &tokio_postgres::Client, sql: &str) -> Result<i64> {
         .unwrap_or(0))
 }
 
+/// Writes the pipeline's configuration into `dir`: telemetry only, 5 s out-of-orderness,
+/// `lateness` allowed, on `workers` workers.
+fn write_config(
+    dir: &std::path::Path,
+    topic: &str,
+    url: &str,
+    lateness: &str,
+    workers: usize,
+) -> Result<std::path::PathBuf> {
+    let config = dir.join("pipeline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbrokers = \"{}\"\n[kafka.topics]\ntelemetry = \"{topic}\"\n\
+             [postgres]\nurl = \"{url}\"\nflush_rows = 100\nflush_interval = \"100ms\"\n\
+             [nas]\npath = \"{}\"\nroll_interval = \"1s\"\n[query]\nhttp_addr = \"127.0.0.1:{}\"\n\
+             [runtime]\nworkers = {workers}\n\
+             [windows]\nmax_out_of_orderness = \"5s\"\nallowed_lateness = \"{lateness}\"\nidle_timeout = \"10m\"\n\
+             [dataflows]\ninference = false\nanalytics = false\n[inference]\nenabled = false\n",
+            stack().brokers,
+            dir.join("nas").display(),
+            free_port()
+        ),
+    )?;
+    Ok(config)
+}
+
+/// The hour window from T0 as `(count, sum)`, and the same summed over `expected`'s minutes.
+async fn hour_and_minutes(
+    client: &tokio_postgres::Client,
+    expected: &BTreeMap<i64, (i64, f64)>,
+) -> Result<((i64, f64), (i64, f64))> {
+    let hour: (i64, f64) = client
+        .query_one(
+            "SELECT count, sum FROM device_metrics_1h WHERE bucket = to_timestamp($1::float8 / 1000.0)",
+            &[&(T0_MS as f64)],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))?;
+    let minutes = expected
+        .values()
+        .fold((0, 0.0), |a, v| (a.0 + v.0, a.1 + v.1));
+    Ok((hour, minutes))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_events_update_windows_within_the_lateness_and_are_listed_beyond_it() -> Result<()> {
     let stack = stack();
@@ -37,20 +82,7 @@ async fn late_events_update_windows_within_the_lateness_and_are_listed_beyond_it
     let topic = format!("edge.telemetry.{db}");
     create_topic(stack, &topic, 1).await?;
     let work = tempfile::tempdir()?;
-    let config = work.path().join("pipeline.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[kafka]\nbrokers = \"{}\"\n[kafka.topics]\ntelemetry = \"{topic}\"\n\
-             [postgres]\nurl = \"{url}\"\nflush_rows = 100\nflush_interval = \"100ms\"\n\
-             [nas]\npath = \"{}\"\nroll_interval = \"1s\"\n[query]\nhttp_addr = \"127.0.0.1:{}\"\n\
-             [windows]\nmax_out_of_orderness = \"5s\"\nallowed_lateness = \"30s\"\nidle_timeout = \"10m\"\n\
-             [dataflows]\ninference = false\nanalytics = false\n[inference]\nenabled = false\n",
-            stack.brokers,
-            work.path().join("nas").display(),
-            free_port()
-        ),
-    )?;
+    let config = write_config(work.path(), &topic, &url, "30s", 1)?;
     let log = work.path().join("pipeline.log");
 
     // On-time samples every 500 ms up to T0+200s: the watermark reaches T0+195s, so the
@@ -142,17 +174,8 @@ async fn late_events_update_windows_within_the_lateness_and_are_listed_beyond_it
         got, expected,
         "1-minute windows: the allowed-late event in, the too-late one out"
     );
-    let hour: (i64, f64) = client
-        .query_one(
-            "SELECT count, sum FROM device_metrics_1h WHERE bucket = to_timestamp($1::float8 / 1000.0)",
-            &[&(T0_MS as f64)],
-        )
-        .await
-        .map(|r| (r.get(0), r.get(1)))?;
-    let (count, sum) = expected
-        .values()
-        .fold((0, 0.0), |a, v| (a.0 + v.0, a.1 + v.1));
-    assert_eq!(hour, (count, sum), "1-hour window");
+    let (hour, minutes) = hour_and_minutes(&client, &expected).await?;
+    assert_eq!(hour, minutes, "1-hour window");
 
     // Raw rows: every event once, late ones included.
     assert_eq!(
@@ -189,21 +212,7 @@ async fn a_late_update_from_a_worker_ahead_and_an_on_time_event_from_one_behind_
     let topic = format!("edge.telemetry.{db}");
     create_topic(stack, &topic, 2).await?;
     let work = tempfile::tempdir()?;
-    let config = work.path().join("pipeline.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[kafka]\nbrokers = \"{}\"\n[kafka.topics]\ntelemetry = \"{topic}\"\n\
-             [postgres]\nurl = \"{url}\"\nflush_rows = 100\nflush_interval = \"100ms\"\n\
-             [nas]\npath = \"{}\"\nroll_interval = \"1s\"\n[query]\nhttp_addr = \"127.0.0.1:{}\"\n\
-             [runtime]\nworkers = 2\n\
-             [windows]\nmax_out_of_orderness = \"5s\"\nallowed_lateness = \"120s\"\nidle_timeout = \"10m\"\n\
-             [dataflows]\ninference = false\nanalytics = false\n[inference]\nenabled = false\n",
-            stack.brokers,
-            work.path().join("nas").display(),
-            free_port()
-        ),
-    )?;
+    let config = write_config(work.path(), &topic, &url, "120s", 2)?;
     let log = work.path().join("pipeline.log");
     let fail = |e: anyhow::Error| {
         anyhow::anyhow!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default())
@@ -319,16 +328,7 @@ async fn a_late_update_from_a_worker_ahead_and_an_on_time_event_from_one_behind_
         expected,
         "1-minute windows: the late update and the on-time event both in"
     );
-    let hour: (i64, f64) = client
-        .query_one(
-            "SELECT count, sum FROM device_metrics_1h WHERE bucket = to_timestamp($1::float8 / 1000.0)",
-            &[&(T0_MS as f64)],
-        )
-        .await
-        .map(|r| (r.get(0), r.get(1)))?;
-    let (count, sum) = expected
-        .values()
-        .fold((0, 0.0), |a, v| (a.0 + v.0, a.1 + v.1));
-    assert_eq!(hour, (count, sum), "1-hour window");
+    let (hour, minutes) = hour_and_minutes(&client, &expected).await?;
+    assert_eq!(hour, minutes, "1-hour window");
     Ok(())
 }
