@@ -241,16 +241,35 @@ async fn sum(client: &tokio_postgres::Client, sql: &str) -> i64 {
         .unwrap_or(0)
 }
 
-/// `primespark backfill --config <config> <args>`; its exit status and log.
+/// `primespark backfill --config <config> <args>`; its exit status and log. A backfill still
+/// running after four minutes is ended with SIGINT (it stops as interrupted and says so in its
+/// log) so that a stuck one fails the test instead of hanging the suite.
 fn backfill(config: &Path, args: &[&str]) -> Result<(bool, String)> {
-    let out = pipeline_command()?
+    let child = pipeline_command()?
         .arg("backfill")
         .arg("--config")
         .arg(config)
         .args(args)
         .env("AWS_ACCESS_KEY_ID", "testing")
         .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .output()?;
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        // Disconnected means it exited: only a timeout sends the signal.
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+            done_rx.recv_timeout(Duration::from_secs(240))
+        {
+            let _ = std::process::Command::new("kill")
+                .args(["-INT", &pid.to_string()])
+                .status();
+        }
+    });
+    let out = child.wait_with_output()?;
+    drop(done_tx);
+    let _ = watchdog.join();
     Ok((
         out.status.success(),
         format!(
