@@ -147,10 +147,12 @@ where
                             if let Some((_, aggs)) = open.get_mut(&end) {
                                 // Not emitted yet (late or not): the emission will hold it.
                                 fold(aggs.entry(key).or_default(), value);
-                            } else if end <= now || closed.contains_key(&end) {
+                            } else if end <= now {
                                 // Late but allowed: it updates the emitted window once the
                                 // frontier passes `now`. (After a restart the replay rebuilds
-                                // the state of such windows this way, record by record.)
+                                // the state of such windows this way, record by record.) A
+                                // window is in `closed` only once the frontier reached its end,
+                                // so no record of it can arrive at a time before its end.
                                 waiting
                                     .entry(now)
                                     .or_insert_with(|| (cap.delayed(&now, 0), Vec::new()))
@@ -471,16 +473,9 @@ mod tests {
         timely::execute_directly(move |worker| {
             let mut input: InputHandleVec<u64, (String, i64, u64)> = InputHandleVec::new();
             let captured = worker.dataflow(|scope| {
-                let spec = WindowSpec {
-                    name: "w".into(),
-                    dataflow: "d".into(),
-                    width_us: 10,
-                    committed_watermark_us: 0,
-                    allowed_lateness_us: lateness,
-                };
                 scope
                     .input_from(&mut input)
-                    .tumbling_window(spec, |sum: &mut u64, v| *sum += v)
+                    .tumbling_window(sum_spec(lateness), |sum: &mut u64, v| *sum += v)
                     .capture()
             });
             for (at, key, time, value) in batches {
@@ -552,6 +547,7 @@ mod tests {
             .collect()
     }
 
+    /// The tests' window: width 10, nothing committed, `lateness` allowed.
     fn sum_spec(lateness: u64) -> WindowSpec {
         WindowSpec {
             name: "w".into(),
